@@ -1,0 +1,34 @@
+# One entry point for people and CI. `make demo` and `make test` work on a fresh machine with Python 3.11.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch 2.13 is what the build machines carry; pinning it first keeps pip from
+# pulling a multi-GB CUDA build to satisfy the range in pyproject.toml.
+TORCH  ?= torch==2.13.0
+DATA   ?= .dpo-data
+
+.PHONY: install test test-fast demo serve clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: install
+	$(PY) -m pytest -q --timeout=900
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(PY) -m api.demo --data-dir $(DATA)/demo
+
+serve: install
+	$(VENV)/bin/dpo-service up --data-dir $(DATA)
+
+clean:
+	rm -rf $(VENV) $(DATA) .pytest_cache

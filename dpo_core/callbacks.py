@@ -1,0 +1,59 @@
+"""The hooks a caller (the CLI, the service's worker) gets from a training run.
+
+Subclass `Callbacks` and override what you need; every hook has a no-op default.
+The trainer keeps no module-level state: all state lives on the objects passed in.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class Callbacks:
+    def on_start(self, info: dict[str, Any]) -> None:
+        """Called once before the first step: total_steps, num_train_rows, skipped_rows, resumed_from_step."""
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        """Called every `logging_steps` with the record written to metrics.jsonl."""
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        """Called after each evaluation with the `eval_`-prefixed record."""
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        """Called after checkpoint-<step>/ was written (atomically) and is complete."""
+
+    def on_warning(self, message: str) -> None:
+        """Called for problems the run survives, such as rows skipped as too long."""
+
+    def should_stop(self) -> bool:
+        """Checked before every optimizer step; returning True stops the run cleanly (cancellation)."""
+        return False
+
+
+class CallbackList(Callbacks):
+    """Fans every hook out to several callbacks; stops when any of them asks to."""
+
+    def __init__(self, callbacks: list[Callbacks]):
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def on_start(self, info):
+        for c in self.callbacks:
+            c.on_start(info)
+
+    def on_log(self, metrics):
+        for c in self.callbacks:
+            c.on_log(metrics)
+
+    def on_eval(self, metrics):
+        for c in self.callbacks:
+            c.on_eval(metrics)
+
+    def on_checkpoint(self, step, path):
+        for c in self.callbacks:
+            c.on_checkpoint(step, path)
+
+    def on_warning(self, message):
+        for c in self.callbacks:
+            c.on_warning(message)
+
+    def should_stop(self):
+        return any(c.should_stop() for c in self.callbacks)
