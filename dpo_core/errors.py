@@ -1,0 +1,23 @@
+"""Errors a user can act on. Each message says what is wrong and how to fix it, in one line.
+
+The CLI turns them into exit code 2; the service's worker turns them into a job's `error`.
+SpecError (dpo_core.spec) and DataError (dpo_core.data) are ValueErrors of the same kind.
+"""
+
+
+class TrainingError(RuntimeError):
+    """A run cannot start or go on for a reason the user can fix."""
+
+    code = "training_error"
+
+
+class ModelLoadError(TrainingError):
+    """The model, reference model or tokenizer could not be loaded."""
+
+    code = "model_not_found"
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint could not be written or read back."""
+
+    code = "checkpoint_error"
