@@ -12,6 +12,9 @@ class Callbacks:
     def on_start(self, info: dict[str, Any]) -> None:
         """Called once before the first step: total_steps, num_train_rows, skipped_rows, resumed_from_step."""
 
+    def on_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step; cheap, for progress bars."""
+
     def on_log(self, metrics: dict[str, Any]) -> None:
         """Called every `logging_steps` with the record written to metrics.jsonl."""
 
@@ -38,6 +41,10 @@ class CallbackList(Callbacks):
     def on_start(self, info):
         for c in self.callbacks:
             c.on_start(info)
+
+    def on_step(self, step, total_steps):
+        for c in self.callbacks:
+            c.on_step(step, total_steps)
 
     def on_log(self, metrics):
         for c in self.callbacks:

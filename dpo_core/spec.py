@@ -137,6 +137,7 @@ class TrainingSpec(_Strict):
     # Logging, evaluation, checkpoints.
     logging_steps: int = Field(10, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="default: evaluate only at the end")
+    eval_on_start: bool = Field(False, description="also evaluate before the first step (a 'before' baseline)")
     eval_batch_size: int | None = Field(None, gt=0)
     save_steps: int | None = Field(None, gt=0, description="default: only the final model")
     save_total_limit: int | None = Field(None, gt=0)

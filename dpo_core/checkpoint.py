@@ -1,0 +1,127 @@
+"""Checkpoints: written atomically, found again for `resume_from: auto`, pruned to a limit.
+
+A checkpoint directory holds the model (or LoRA adapter) and tokenizer, `trainer_state.pt`
+(optimizer, scheduler, RNG) and `state.json` (step, data position, counters). It is written under a
+temporary name and renamed into place only when complete, so a crash mid-write never leaves
+something a resume would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dpo_core.errors import CheckpointError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "state.json"
+TRAINER_FILE = "trainer_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where a run stands; everything resume needs besides weights, optimizer and RNG."""
+
+    step: int = 0
+    epoch: int = 0  # current epoch index
+    batch_in_epoch: int = 0  # optimizer steps already taken in that epoch
+    num_tokens: int = 0
+    elapsed_s: float = 0.0
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_dir(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write {target}: {err.strerror or err}") from err
+
+
+def save_checkpoint(output_dir: str, model, tokenizer, optimizer, scheduler, progress: Progress) -> str:
+    target = Path(output_dir) / f"checkpoint-{progress.step}"
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            tmp / TRAINER_FILE,
+        )
+        # Written last: its presence marks a complete checkpoint.
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
+
+    atomic_dir(target, write)
+    return str(target)
+
+
+def save_model_dir(target: str | Path, model, tokenizer) -> str:
+    """Save a model directory that `from_pretrained` loads, atomically."""
+    target = Path(target)
+    atomic_dir(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    return str(target)
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _NAME.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def resolve_resume(resume_from: str | None, output_dir: str) -> str | None:
+    """The checkpoint directory to resume from: explicit, 'auto' (latest, if any), or None."""
+    if resume_from is None:
+        return None
+    if resume_from == "auto":
+        found = list_checkpoints(output_dir)
+        return str(found[-1][1]) if found else None
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"resume_from {resume_from!r} is not a complete checkpoint directory (no {STATE_FILE})")
+    return str(path)
+
+
+def load_progress(checkpoint_dir: str) -> tuple[Progress, dict]:
+    path = Path(checkpoint_dir)
+    progress = Progress(**json.loads((path / STATE_FILE).read_text()))
+    trainer_state = torch.load(path / TRAINER_FILE, weights_only=False)
+    return progress, trainer_state
+
+
+def prune(output_dir: str, keep: int | None) -> None:
+    """Delete the oldest checkpoints beyond `keep`."""
+    if not keep:
+        return
+    for _, path in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)

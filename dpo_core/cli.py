@@ -1,0 +1,44 @@
+"""`dpo-train CONFIG [--set key=value ...]`: train (or evaluate) from a YAML or JSON config."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from dpo_core.spec import SpecError, load_spec
+
+EXIT_USAGE = 2  # the user's input is wrong: fix the config or the data
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpo-train", description="Train a causal LM on preference data with DPO and its variants.")
+    p.add_argument("config", help="YAML or JSON file with TrainingSpec keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set loss.beta=0.2 --set lora.r=16 (repeatable)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        spec = load_spec(args.config, args.overrides)
+    except SpecError as err:
+        print(f"dpo-train: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    # Heavy imports only once the config is known to be good, so a typo fails fast.
+    from dpo_core.data import DataError
+    from dpo_core.errors import TrainingError
+    from dpo_core.progress import ConsoleCallbacks
+    from dpo_core.trainer import train
+
+    console = ConsoleCallbacks()
+    try:
+        result = train(spec, console)
+    except (DataError, TrainingError, SpecError) as err:
+        print(f"dpo-train: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    console.close(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Loading the policy, the reference and the tokenizer: any transformers causal LM, by local
+directory or hub id, with LoRA through PEFT."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from dpo_core.errors import ModelLoadError
+from dpo_core.spec import LoraSpec, TrainingSpec
+
+
+def pick_device(spec: TrainingSpec) -> torch.device:
+    if spec.device:
+        return torch.device(spec.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
+    hint = "a local directory with config.json" if not Path(name).exists() else "a directory saved by save_pretrained"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"could not load {what} {name!r}: {first} (give {hint}, or a hub id this machine can reach)")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error("tokenizer of", name, err) from None
+    if tok.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer of {name!r} has no EOS token; completions must end with one")
+    if tok.pad_token_id is None:
+        # Padding positions are masked out everywhere, so any id works; EOS is the usual choice.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(name: str, what: str = "model"):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        # Master weights stay fp32; bf16/fp16 come from autocast, so optimizer updates are not lost.
+        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as err:
+        raise _load_error(what, name, err) from None
+
+
+def add_lora(model, lora: LoraSpec):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def load_policy(spec: TrainingSpec, resume_dir: str | None):
+    """The trainable model: fresh from `spec.model`, or the policy saved in a checkpoint."""
+    if spec.lora is None:
+        return load_causal_lm(resume_dir or spec.model)
+    base = load_causal_lm(spec.model)
+    if resume_dir is None:
+        return add_lora(base, spec.lora)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
+
+
+def frozen_copy(model):
+    """A frozen copy of the policy's initial weights: the default reference without LoRA."""
+    ref = copy.deepcopy(model)
+    return ref.eval().requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    # Non-reentrant checkpointing works with inputs that need no grad (frozen embeddings under LoRA).
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
