@@ -81,6 +81,7 @@ def frozen_copy(model):
 
 def enable_gradient_checkpointing(model) -> None:
     # Non-reentrant checkpointing works with inputs that need no grad (frozen embeddings under LoRA).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
