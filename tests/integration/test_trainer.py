@@ -202,3 +202,15 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model, synthetic, tmp_
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-4)
     assert whole.trained_tokens == split.trained_tokens
+
+
+@pytest.mark.parametrize("fmt", ["conversational", "openai"])
+def test_chat_formats_train_through_the_chat_template(tiny_model, tmp_path, fmt):
+    train_file, held_out = make_synthetic_task(tmp_path / "data", n_train=32, n_eval=8, fmt=fmt)
+    result = train(_spec(tiny_model, (str(train_file), str(held_out)), tmp_path / "out", max_steps=3, max_length=96, max_prompt_length=64))
+    assert result.global_step == 3 and result.eval_metrics["eval_loss"] > 0
+
+
+def test_fp16_autocast_with_grad_scaling_runs(tiny_model, synthetic, tmp_path):
+    result = train(_spec(tiny_model, synthetic, tmp_path, max_steps=2, validation_file=None, precision="fp16"))
+    assert result.global_step == 2
