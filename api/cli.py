@@ -1,0 +1,140 @@
+"""`dpo-service`: run the service.
+
+    dpo-service up      [--host H] [--port P] [--data-dir D]   API + one worker, embedded defaults
+    dpo-service api     [--host H] [--port P] [--data-dir D]   the API alone (production)
+    dpo-service worker  [--data-dir D]                         one worker alone (one per GPU)
+    dpo-service migrate [--data-dir D]                         bring the database to the newest schema
+
+Settings come from DPO_* environment variables (api.settings.Settings); flags override them.
+The worker runs as `python -m worker` in its own process, so this module never imports worker/.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from api.auth import admin_key
+from api.settings import Settings, get_settings
+from api.store.migrate import upgrade
+
+STOP_GRACE_S = 15
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = get_settings(data_dir=args.data_dir)
+    if args.command == "worker":
+        os.execv(sys.executable, [sys.executable, "-m", "worker", "--data-dir", str(settings.data_dir),
+                                  "--loglevel", args.loglevel])
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade(settings.db_url)
+    if args.command == "migrate":
+        print(f"database at the newest schema: {_safe_url(settings.db_url)}")
+        return 0
+    if args.command == "api":
+        return _api(settings, args.host, args.port)
+    return _up(settings, args.host, args.port)
+
+
+def _api(settings: Settings, host: str, port: int) -> int:
+    import uvicorn
+
+    from api.main import create_app
+
+    key, created = admin_key(settings)
+    if created:
+        print(f"Generated the admin API key (shown once; kept in {settings.data_dir / 'api_key'}):\n  {key}",
+              flush=True)
+    print(f"dpo-service API on http://{host}:{port} (docs at /docs), data in {settings.data_dir}", flush=True)
+    uvicorn.run(create_app(settings, migrate=False), host=host, port=port, log_level="info")
+    return 0
+
+
+def _up(settings: Settings, host: str, port: int) -> int:
+    """API and one worker as child processes; Ctrl-C (or SIGTERM) stops both."""
+    key, _ = admin_key(settings)
+    env = {**os.environ, "DPO_DATA_DIR": str(settings.data_dir)}
+    api = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--host", host, "--port", str(port)], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "worker", "--loglevel", "WARNING"], env=env)
+    children = [api, worker]
+    stop = _install_stop_handlers()
+    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    if _wait_healthy(url, api):
+        print(f"\ndpo-service is up\n  URL:     {url}  (API docs: {url}/docs)\n  API key: {key}\n"
+              f"  data:    {settings.data_dir}\nCtrl-C stops it.\n", flush=True)
+    while not stop["requested"] and all(c.poll() is None for c in children):
+        time.sleep(0.5)
+    failed = [c for c in children if c.poll() not in (None, 0)]
+    _stop(children)
+    return 1 if failed and not stop["requested"] else 0
+
+
+def _install_stop_handlers() -> dict:
+    stop = {"requested": False}
+
+    def handler(signum, _frame):
+        stop["requested"] = True
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+def _wait_healthy(url: str, api: subprocess.Popen, timeout_s: float = 60) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and api.poll() is None:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    print(f"the API did not answer on {url} within {timeout_s:.0f}s", file=sys.stderr)
+    return False
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    """SIGTERM (the API stops; a worker stops after its current task), then SIGKILL after a grace period."""
+    for child in children:
+        if child.poll() is None:
+            child.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpo-service", description="Self-hosted DPO training service.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_, host in (("up", "API and one worker together (embedded defaults)", "127.0.0.1"),
+                              ("api", "the REST API alone", "0.0.0.0")):
+        cmd = commands.add_parser(name, help=help_)
+        cmd.add_argument("--host", default=host)
+        cmd.add_argument("--port", type=int, default=8000)
+        cmd.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
+    worker = commands.add_parser("worker", help="one job worker (run one per GPU)")
+    worker.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
+    worker.add_argument("--loglevel", default="INFO")
+    migrate = commands.add_parser("migrate", help="bring the database to the newest schema")
+    migrate.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

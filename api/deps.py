@@ -1,0 +1,83 @@
+"""FastAPI dependencies: settings, database session, storage, queue, the caller, and objects from the
+path loaded as the caller may see them. The one place authentication and (later) team scoping live."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.auth import Principal, authenticate
+from api.errors import NotFound, Unauthenticated
+from api.settings import Settings
+from api.storage import Storage
+from api.store.models import File, Job
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with request.app.state.sessionmaker() as session:
+        yield session
+
+
+def get_storage(request: Request) -> Storage:
+    return request.app.state.storage
+
+
+def get_queue(request: Request) -> Celery:
+    return request.app.state.celery
+
+
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <DPO_API_KEY or a team key>")
+
+
+def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    """The caller, from `Authorization: Bearer <key>`; 401 without a valid key."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    principal = authenticate(credentials.credentials, request.app.state.admin_key)
+    if principal is None:
+        raise Unauthenticated("incorrect API key provided")
+    return principal
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[Storage, Depends(get_storage)]
+QueueDep = Annotated[Celery, Depends(get_queue)]
+CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+
+
+def load_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job if it exists and the caller may see it; otherwise 404 (never 403: no leak of what exists)."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
+    return job
+
+
+def load_file(session: Session, principal: Principal, file_id: str, param: str = "file_id") -> File:
+    file = session.get(File, file_id)
+    if file is None:
+        raise NotFound(f"no file {file_id!r}", param=param)
+    return file
+
+
+def job_from_path(fine_tuning_job_id: str, session: SessionDep, principal: CurrentPrincipal) -> Job:
+    return load_job(session, principal, fine_tuning_job_id)
+
+
+def file_from_path(file_id: str, session: SessionDep, principal: CurrentPrincipal) -> File:
+    return load_file(session, principal, file_id)
+
+
+JobDep = Annotated[Job, Depends(job_from_path)]
+FileDep = Annotated[File, Depends(file_from_path)]

@@ -1,0 +1,116 @@
+"""From an OpenAI-shaped job request to a dpo_core TrainingSpec, and back to a runnable one in the worker.
+
+Precedence: `training` holds any TrainingSpec field; the OpenAI hyperparameters map onto four of them
+(beta -> loss.beta, batch_size, n_epochs -> num_epochs, learning_rate_multiplier scales learning_rate).
+Setting the same thing in both places with different values is an error, never a silent choice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from api.errors import InvalidInput
+from api.schemas.jobs import DpoHyperparameters, JobCreate
+from dpo_core.spec import SERVER_PATH_FIELDS, SpecError, TrainingSpec, parse_spec
+
+HP = "method.dpo.hyperparameters"
+# OpenAI hyperparameter -> TrainingSpec field path it sets.
+_HP_FIELDS = {"beta": "loss.beta", "batch_size": "batch_size", "n_epochs": "num_epochs"}
+
+
+@dataclass
+class BuiltSpec:
+    spec: TrainingSpec
+    stored: dict[str, Any]  # the spec without server paths: what the job row keeps
+    hyperparameters: dict[str, Any]  # resolved OpenAI hyperparameters
+
+
+def build(req: JobCreate, train_path: str, validation_path: str | None, output_dir: str) -> BuiltSpec:
+    """Validate a job request into a TrainingSpec; raise InvalidInput naming every bad parameter."""
+    training = dict(req.training or {})
+    _refuse_server_fields(training)
+    hp = _hyperparameters(req)
+    data, origin = _merge(training, hp, req)
+    data.update(train_file=train_path, validation_file=validation_path, output_dir=output_dir, resume_from=None)
+    try:
+        spec = parse_spec(data)
+    except SpecError as err:
+        problems = [(origin.get(loc, _training_param(loc)), msg) for loc, msg in err.problems]
+        raise InvalidInput("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0]) from None
+    resolved = {
+        "beta": spec.loss.beta,
+        "batch_size": spec.batch_size,
+        "n_epochs": spec.num_epochs,
+        "learning_rate_multiplier": _number(hp.learning_rate_multiplier) or 1.0,
+    }
+    return BuiltSpec(spec=spec, stored=stored_spec(spec), hyperparameters=resolved)
+
+
+def stored_spec(spec: TrainingSpec) -> dict[str, Any]:
+    return spec.model_dump(mode="json", exclude=set(SERVER_PATH_FIELDS))
+
+
+def runnable(stored: dict[str, Any], train_path: str, validation_path: str | None, output_dir: str) -> TrainingSpec:
+    """The worker's side: the stored spec plus this machine's paths."""
+    data = {**stored, "train_file": train_path, "validation_file": validation_path, "output_dir": output_dir}
+    return parse_spec(data)
+
+
+def _refuse_server_fields(training: dict[str, Any]) -> None:
+    for name in (*SERVER_PATH_FIELDS, "model"):
+        if name in training:
+            where = "the top-level model" if name == "model" else "the service (from file ids and the job id)"
+            raise InvalidInput(f"training.{name} is set by {where}; remove it from training", param=f"training.{name}")
+
+
+def _hyperparameters(req: JobCreate) -> DpoHyperparameters:
+    in_method = req.method.dpo.hyperparameters if req.method and req.method.dpo else None
+    if in_method and req.hyperparameters:
+        raise InvalidInput("give hyperparameters in method.dpo.hyperparameters only", param="hyperparameters")
+    return in_method or req.hyperparameters or DpoHyperparameters()
+
+
+def _merge(training: dict[str, Any], hp: DpoHyperparameters, req: JobCreate) -> tuple[dict, dict[str, str]]:
+    """Fold hyperparameters, seed and model into the training dict; remember which param set each field."""
+    data = {**training, "model": req.model}
+    data["loss"] = dict(data["loss"]) if isinstance(data.get("loss"), dict) else data.get("loss", {})  # copy
+    origin = {"model": "model"}
+    for name, path in _HP_FIELDS.items():
+        value = _number(getattr(hp, name))
+        if value is not None:
+            _set_once(data, path, value, f"{HP}.{name}")
+            origin[path] = f"{HP}.{name}"
+    if req.seed is not None:
+        _set_once(data, "seed", req.seed, "seed")
+        origin["seed"] = "seed"
+    multiplier = _number(hp.learning_rate_multiplier)
+    if multiplier is not None:
+        if not multiplier > 0:
+            raise InvalidInput("learning_rate_multiplier must be above 0", param=f"{HP}.learning_rate_multiplier")
+        base = data.get("learning_rate", TrainingSpec.model_fields["learning_rate"].default)
+        if isinstance(base, int | float):
+            data["learning_rate"] = base * multiplier
+            origin["learning_rate"] = f"{HP}.learning_rate_multiplier"
+    return data, origin
+
+
+def _set_once(data: dict[str, Any], path: str, value: Any, param: str) -> None:
+    *parents, leaf = path.split(".")
+    node = data
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            return  # e.g. training.loss is not a mapping: the spec check reports that
+        node = node[part]
+    if leaf in node and node[leaf] != value:
+        raise InvalidInput(
+            f"{param}={value} disagrees with training.{path}={node[leaf]}; set it in one place", param=param
+        )
+    node[leaf] = value
+
+
+def _number(value: Any) -> Any:
+    return None if value in (None, "auto") else value
+
+
+def _training_param(loc: str) -> str:
+    return "training" if loc == "spec" else f"training.{loc}"

@@ -1,0 +1,108 @@
+"""The FastAPI app: `create_app(settings)`; run it with `dpo-service api` or
+`uvicorn --factory api.main:create_app`."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import errors
+from api.auth import admin_key
+from api.deps import get_principal
+from api.queue import make_celery
+from api.routes import checkpoints, events, files, health, jobs
+from api.settings import Settings, get_settings
+from api.storage import LocalStorage
+from api.store.db import make_engine, make_sessionmaker
+from api.store.migrate import upgrade
+
+log = logging.getLogger("dpo.api")
+
+# Domain error -> (HTTP status, OpenAI error type). The only place errors become HTTP.
+HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
+    errors.InvalidInput: (400, "invalid_request_error"),
+    errors.Unauthenticated: (401, "invalid_request_error"),
+    errors.NotFound: (404, "invalid_request_error"),
+    errors.Conflict: (409, "invalid_request_error"),
+    errors.TooLarge: (413, "invalid_request_error"),
+    errors.Unavailable: (503, "server_error"),
+}
+
+
+def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
+    """Build the app. With `migrate`, the database is brought to the newest schema at start-up."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            upgrade(settings.db_url)
+        engine = make_engine(settings.db_url)
+        app.state.settings, app.state.engine = settings, engine
+        app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.storage = LocalStorage(settings.storage_dir)
+        app.state.celery = make_celery(settings)
+        app.state.admin_key, _ = admin_key(settings)
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="dpo-service",
+        version="0.1.0",
+        description="Direct Preference Optimization as a service, shaped like the OpenAI fine-tuning API.",
+        lifespan=lifespan,
+    )
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)])
+    for module in (files, jobs, events, checkpoints):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _error(status: int, type_: str, message: str, param=None, code=None, **extra) -> JSONResponse:
+    body = {"message": message, "type": type_, "param": param, "code": code, **extra}
+    return JSONResponse({"error": body}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.ServiceError)
+    async def service_error(_: Request, err: errors.ServiceError) -> JSONResponse:
+        status, type_ = next((v for k, v in HTTP_ERRORS.items() if isinstance(err, k)), (500, "server_error"))
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        response = _error(status, type_, err.message, err.param, err.code, **err.extra)
+        response.headers.update(headers or {})
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems: dict[str | None, list[str]] = {}
+        for e in err.errors():  # a union gives one error per member: merge them per parameter
+            problems.setdefault(_param(e["loc"]), []).append(e["msg"].removeprefix("Value error, "))
+        message = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in problems.items())
+        return _error(400, "invalid_request_error", message, next(iter(problems), None), "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, "invalid_request_error", str(err.detail), code=None)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error(500, "server_error", f"internal error ({type(err).__name__}); see the service log")
+
+
+_TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python"}
+
+
+def _param(loc) -> str | None:
+    # FastAPI locations start with where the value came from: ("body", "method", "type"), ("query", "limit");
+    # union members add a type tag ("float", "literal['auto']") that is no parameter name.
+    parts = [str(p) for p in loc[1:]] if loc and loc[0] in ("body", "query", "path", "header", "form") else []
+    return ".".join(p for p in parts if p not in _TYPE_TAGS and "[" not in p) or None

@@ -1,0 +1,50 @@
+"""The Celery app both sides share: the API sends tasks by name with it, the worker adds its tasks to it.
+
+Building it imports no task module, so the API never loads worker/ (nor torch through it).
+Only job ids travel through the broker; everything else is read from the database.
+"""
+from __future__ import annotations
+
+from celery import Celery
+from kombu.utils.url import url_to_parts
+
+from api.settings import REDIS_VISIBILITY_TIMEOUT_S, Settings
+
+RUN_JOB_TASK = "worker.tasks.run_job"
+
+
+def transport_options(broker_url: str) -> dict:
+    scheme = url_to_parts(broker_url).scheme or ""
+    if scheme in ("redis", "rediss", "sentinel"):
+        return {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
+    if scheme.startswith(("sqla+", "sqlalchemy+")):
+        # kombu passes these straight to create_engine: wait on SQLite's lock instead of failing.
+        return {"connect_args": {"timeout": 30}}
+    return {}
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app configured for hours-long jobs, one per GPU."""
+    app = Celery("dpo", broker=settings.broker, set_as_current=False)
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # results live in the job store, not in a result backend
+        task_acks_late=True,  # ack when the job ends, so a lost worker's job is not silently dropped
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,  # never hold a second job while one trains
+        worker_concurrency=1,  # one job per GPU
+        worker_max_tasks_per_child=1,  # a fresh process per job returns all GPU memory
+        broker_transport_options=transport_options(settings.broker),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=5,
+        task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def enqueue_job(app: Celery, job_id: str) -> None:
+    """Hand a job to the workers. Only its id goes through the broker."""
+    app.send_task(RUN_JOB_TASK, args=[job_id])

@@ -1,0 +1,58 @@
+"""/v1/fine_tuning/jobs/{id}/checkpoints: a job's checkpoints and final model, downloadable as tar."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+from sqlalchemy import select
+
+from api.deps import JobDep, SessionDep, StorageDep
+from api.errors import InvalidInput, NotFound
+from api.pagination import After, Limit, page
+from api.schemas.common import ListPublic
+from api.schemas.jobs import CheckpointPublic
+from api.storage import iter_tar
+from api.store.models import Checkpoint
+
+router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
+
+
+@router.get("", response_model=ListPublic[CheckpointPublic])
+def list_checkpoints(job: JobDep, session: SessionDep, after: After = None,
+                     limit: Limit = 10) -> ListPublic[CheckpointPublic]:
+    """A job's checkpoints, latest step first; the final model is the one with `final: true`."""
+    anchor = None
+    if after:
+        last = session.get(Checkpoint, after)
+        if last is None or last.job_id != job.id:
+            raise InvalidInput(f"no checkpoint {after!r} of job {job.id} to page after", param="after")
+        anchor = (last.step_number, last.id)
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job.id)
+    rows = page(session, stmt, (Checkpoint.step_number, Checkpoint.id), anchor, limit)
+    return ListPublic[CheckpointPublic].page([CheckpointPublic.of(c) for c in rows], limit)
+
+
+@router.get("/{checkpoint_id}", response_model=CheckpointPublic)
+def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) -> CheckpointPublic:
+    """One checkpoint."""
+    return CheckpointPublic.of(_checkpoint(session, job.id, checkpoint_id))
+
+
+@router.get("/{checkpoint_id}/content", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-tar": {}}}})
+def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
+                       storage: StorageDep) -> StreamingResponse:
+    """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained."""
+    ckpt = _checkpoint(session, job.id, checkpoint_id)
+    directory = storage.path(ckpt.storage_key)
+    if not directory.is_dir():
+        raise NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit or by hand)",
+                       param="checkpoint_id", code="artifact_missing")
+    return StreamingResponse(iter_tar(directory, ckpt.id), media_type="application/x-tar",
+                             headers={"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
+
+
+def _checkpoint(session, job_id: str, checkpoint_id: str) -> Checkpoint:
+    ckpt = session.get(Checkpoint, checkpoint_id)
+    if ckpt is None or ckpt.job_id != job_id:
+        raise NotFound(f"no checkpoint {checkpoint_id!r} of job {job_id}", param="checkpoint_id")
+    return ckpt

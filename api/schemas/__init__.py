@@ -1,0 +1,1 @@
+"""Request (…Create) and response (…Public) schemas, one module per resource."""

@@ -1,0 +1,90 @@
+"""Job state changes and the records a job leaves (events, checkpoints), shared by API and worker.
+
+Status changes are conditional updates (`... WHERE status IN (expected)`), so an API cancel and a
+worker's start or finish can race without either overwriting the other.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from api.store.models import Checkpoint, Event, Job, JobStatus, now
+
+ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+
+
+def add_event(
+    session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message", data=None
+) -> Event:
+    event = Event(job_id=job_id, message=message, level=level, type=type, data=data, created_at=now())
+    session.add(event)
+    return event
+
+
+def transition(
+    session: Session, job_id: str, new: JobStatus, expected: tuple[JobStatus, ...], **fields: Any
+) -> bool:
+    """Move a job to `new` if it is in one of `expected`; record a status event. False if it was not."""
+    if new in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        fields.setdefault("finished_at", now())
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_([s.value for s in expected]))
+        .values(status=new.value, **fields)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return False
+    level = "error" if new == JobStatus.FAILED else "info"
+    add_event(session, job_id, _STATUS_MESSAGES[new], level=level, data={"status": new.value})
+    return True
+
+
+_STATUS_MESSAGES = {
+    JobStatus.VALIDATING_FILES: "Validating training file",
+    JobStatus.QUEUED: "Job queued",
+    JobStatus.RUNNING: "Job started",
+    JobStatus.SUCCEEDED: "The job has successfully completed",
+    JobStatus.FAILED: "The job failed",
+    JobStatus.CANCELLED: "The job was cancelled",
+}
+
+
+def request_cancel(session: Session, job_id: str) -> JobStatus | None:
+    """Cancel a job that has not started, or flag a running one for its worker. Returns the new status,
+    or None when the job had already finished."""
+    if transition(session, job_id, JobStatus.CANCELLED, (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)):
+        return JobStatus.CANCELLED
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount == 1:
+        add_event(session, job_id, "Cancellation requested; the job stops at its next step")
+        return JobStatus.RUNNING
+    return None
+
+
+def cancel_requested(session: Session, job_id: str) -> bool:
+    row = session.execute(select(Job.cancel_requested, Job.status).where(Job.id == job_id)).one_or_none()
+    return row is None or bool(row.cancel_requested) or row.status == JobStatus.CANCELLED.value
+
+
+def update_job(session: Session, job_id: str, **fields: Any) -> None:
+    session.execute(
+        update(Job).where(Job.id == job_id).values(**fields).execution_options(synchronize_session=False)
+    )
+
+
+def add_checkpoint(
+    session: Session, job_id: str, step: int, storage_key: str, metrics: dict | None, final: bool = False
+) -> Checkpoint:
+    checkpoint = Checkpoint(
+        job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final, created_at=now()
+    )
+    session.add(checkpoint)
+    return checkpoint

@@ -1,0 +1,1 @@
+"""Alembic migrations: the only way dpo-service's schema is made (see api.store.migrate)."""

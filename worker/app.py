@@ -1,0 +1,32 @@
+"""The worker's Celery app: the shared configuration (api.queue) plus the task module."""
+from __future__ import annotations
+
+import os
+import socket
+
+from celery import Celery
+
+from api.queue import make_celery
+from api.settings import Settings
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    app = make_celery(settings)
+    app.dpo_settings = settings  # the task reads its settings from its app, not from globals
+    app.conf.include = ["worker.tasks"]
+    import worker.tasks  # noqa: F401  - registers run_job (a shared task) with this app
+
+    return app
+
+
+def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
+    """Command-line arguments for `app.worker_main`: one job at a time, on our queue."""
+    return [
+        "worker",
+        f"--loglevel={loglevel}",
+        "--queues", settings.queue,
+        "--concurrency", "1",
+        "--hostname", f"dpo-{os.getpid()}@{socket.gethostname()}",
+        # Cluster chatter this service does not use (and the embedded broker cannot fan out).
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+    ]

@@ -1,0 +1,125 @@
+"""JobRecorder: dpo_core callbacks that write a running job's progress into the job store.
+
+Every write is its own short transaction (SQLite has one writer at a time). Metrics events are
+throttled to one per `metrics_event_interval_s`; the job row's progress to one write per second.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.storage import LocalStorage
+from api.store import jobs as store
+from api.store.models import Checkpoint
+from dpo_core.callbacks import Callbacks
+
+PROGRESS_INTERVAL_S = 1.0
+SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
+SHOWN_EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+
+
+class JobRecorder(Callbacks):
+    def __init__(self, sessions: sessionmaker[Session], storage: LocalStorage, job_id: str,
+                 metrics_interval_s: float, cancel_poll_s: float):
+        self.sessions, self.storage, self.job_id = sessions, storage, job_id
+        self.metrics_interval_s, self.cancel_poll_s = metrics_interval_s, cancel_poll_s
+        self.started = time.time()
+        self.total_steps: int | None = None
+        self.first_step = 0  # steps already done when this run started (a resumed job)
+        self._last_event = self._last_progress = self._last_poll = float("-inf")
+        self._pending: dict | None = None  # a metrics record not yet written as an event
+        self._stop = False
+
+    def on_start(self, info: dict[str, Any]) -> None:
+        self.started, self.total_steps = time.time(), info.get("total_steps")
+        self.first_step = info.get("resumed_from_step") or 0
+        resumed = f", resumed from step {info['resumed_from_step']}" if info.get("resumed_from_step") else ""
+        message = f"Training started: {info.get('num_train_rows')} rows, {self.total_steps} steps{resumed}"
+        with self.sessions.begin() as s:
+            store.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
+            store.add_event(s, self.job_id, message, data=_jsonable(info))
+
+    def on_step(self, step: int, total_steps: int) -> None:
+        now = time.monotonic()
+        if now - self._last_progress < PROGRESS_INTERVAL_S:
+            return
+        self._last_progress = now
+        with self.sessions.begin() as s:
+            store.update_job(s, self.job_id, step=step, total_steps=total_steps,
+                             estimated_finish=self._eta(step, total_steps))
+
+    def on_log(self, metrics: dict[str, Any]) -> None:
+        step, total = metrics.get("step"), metrics.get("total_steps") or self.total_steps
+        fields = dict(metrics=metrics, step=step, total_steps=total, epoch=metrics.get("epoch"),
+                      tokens_per_s=metrics.get("tokens_per_s"), trained_tokens=metrics.get("num_tokens"),
+                      estimated_finish=self._eta(step, total))
+        self._pending = metrics
+        due = time.monotonic() - self._last_event >= self.metrics_interval_s
+        with self.sessions.begin() as s:
+            store.update_job(s, self.job_id, **fields)
+            if due:
+                self._write_metrics(s)
+
+    def on_eval(self, metrics: dict[str, Any]) -> None:
+        shown = ", ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_EVAL_METRICS if k in metrics)
+        with self.sessions.begin() as s:
+            store.update_job(s, self.job_id, eval_metrics=metrics)
+            store.add_event(s, self.job_id, f"Evaluation at step {metrics.get('step')}: {shown}",
+                            type="metrics", data=metrics)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        with self.sessions.begin() as s:
+            self._forget_pruned(s)
+            ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), self._pending)
+            s.flush()
+            store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
+
+    def on_warning(self, message: str) -> None:
+        with self.sessions.begin() as s:
+            store.add_event(s, self.job_id, message, level="warn")
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if not self._stop and now - self._last_poll >= self.cancel_poll_s:
+            self._last_poll = now
+            with self.sessions() as s:
+                self._stop = store.cancel_requested(s, self.job_id)
+        return self._stop
+
+    def flush(self) -> None:
+        """Write the last metrics record if throttling held it back."""
+        with self.sessions.begin() as s:
+            self._write_metrics(s)
+
+    def _write_metrics(self, s: Session) -> None:
+        if self._pending is None:
+            return
+        m, self._pending = self._pending, None
+        self._last_event = time.monotonic()
+        shown = ", ".join(f"{k}={_fmt(m[k])}" for k in SHOWN_METRICS if k in m)
+        store.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
+                        type="metrics", data=m)
+
+    def _forget_pruned(self, s: Session) -> None:
+        # save_total_limit deletes old checkpoint directories; drop their rows so lists stay true.
+        for ckpt in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, ~Checkpoint.final)):
+            if not self.storage.exists(ckpt.storage_key):
+                s.delete(ckpt)
+
+    def _eta(self, step: int | None, total: int | None) -> int | None:
+        done = (step or 0) - self.first_step
+        if done <= 0 or not total or step > total:
+            return None
+        elapsed = time.time() - self.started
+        return int(time.time() + elapsed / done * (total - step))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in info.items()}

@@ -1,0 +1,14 @@
+"""The worker's only task. Thin: everything it does lives in worker.runner."""
+from __future__ import annotations
+
+from celery import shared_task
+
+from api.queue import RUN_JOB_TASK
+
+
+@shared_task(name=RUN_JOB_TASK, bind=True)
+def run_job(self, job_id: str) -> str:
+    """Run the stored job `job_id` with dpo_core and record what happens; returns its final status."""
+    from worker.runner import JobRunner
+
+    return JobRunner(self.app.dpo_settings).run(job_id)
