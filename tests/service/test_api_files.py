@@ -1,0 +1,71 @@
+"""Integration: /v1/files and auth through the real app on SQLite (no worker needed)."""
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from api.main import create_app
+from tests.service.support import make_settings, upload
+
+
+def test_every_v1_route_needs_the_key(client):
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        r = client.get("/v1/files", headers=headers)
+        assert r.status_code == 401
+        assert r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/healthz", headers={"Authorization": ""}).status_code == 200
+
+
+def test_upload_validates_and_stores(client, task_files, settings):
+    train, _ = task_files
+    f = upload(client, train)
+    assert f["id"].startswith("file-") and f["object"] == "file"
+    assert (f["rows"], f["format"], f["bytes"], f["filename"], f["status"]) == (
+        128, "text", train.stat().st_size, "train.jsonl", "processed")
+    assert client.get(f"/v1/files/{f['id']}").json() == f
+    assert client.get(f"/v1/files/{f['id']}/content").content == train.read_bytes()
+
+
+def test_bad_lines_are_named_in_a_400(client):
+    data = b'{"prompt": "p", "chosen": " a", "rejected": " b"}\nnot json\n{"prompt": "p", "chosen": " a"}\n'
+    r = client.post("/v1/files", files={"file": ("bad.jsonl", data)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 400
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == "file" and err["code"] == "invalid_file"
+    assert "line 2" in err["message"] and "line 3" in err["message"] and "rejected" in err["message"]
+    assert [p["line"] for p in err["problems"]] == [2, 3]
+    assert client.get("/v1/files").json()["data"] == []  # nothing half-stored
+
+
+def test_wrong_purpose_and_missing_file_part(client, task_files):
+    r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "batch"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
+    r = client.post("/v1/files", data={"purpose": "fine-tune"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "file"
+
+
+def test_upload_over_the_size_limit_is_413(tmp_path, task_files):
+    settings = make_settings(tmp_path / "data", max_upload_bytes=100)
+    with TestClient(create_app(settings), headers={"Authorization": "Bearer test-admin-key"}) as c:
+        r = c.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "fine-tune"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "file_too_large"
+
+
+def test_list_pages_with_a_cursor(client, task_files):
+    ids = [upload(client, task_files[1])["id"] for _ in range(5)]
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/files", params={"limit": 2, **({"after": after} if after else {})}).json()
+        seen += [f["id"] for f in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert sorted(seen) == sorted(ids) and len(seen) == 5
+    assert client.get("/v1/files", params={"after": "file-nope"}).status_code == 404
+
+
+def test_delete(client, task_files, settings):
+    f = upload(client, task_files[1])
+    r = client.delete(f"/v1/files/{f['id']}")
+    assert r.json() == {"id": f["id"], "object": "file", "deleted": True}
+    assert client.get(f"/v1/files/{f['id']}").status_code == 404
+    assert not list((settings.data_dir / "files").iterdir())

@@ -1,0 +1,128 @@
+"""Integration: /v1/fine_tuning/jobs through the real app on SQLite; the broker is the embedded one,
+read back here to check that only the job id travels."""
+from __future__ import annotations
+
+import pytest
+
+from api.queue import RUN_JOB_TASK, make_celery
+from tests.service.support import upload
+
+TRAINING = {"max_length": 64, "max_prompt_length": 32}
+
+
+@pytest.fixture
+def train_id(client, task_files) -> str:
+    return upload(client, task_files[0])["id"]
+
+
+def create(client, train_id, **extra):
+    body = {"model": "/models/tiny", "training_file": train_id, "training": TRAINING,
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}}, **extra}
+    return client.post("/v1/fine_tuning/jobs", json=body)
+
+
+def test_create_returns_a_queued_job_and_sends_only_its_id(client, train_id, settings):
+    r = create(client, train_id, suffix="demo", metadata={"team": "a"}, seed=3)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    assert job["id"].startswith("ftjob-") and job["object"] == "fine_tuning.job" and job["status"] == "queued"
+    assert job["hyperparameters"] == {"beta": 0.2, "batch_size": 4, "n_epochs": 1.0, "learning_rate_multiplier": 1.0}
+    assert job["method"]["dpo"]["hyperparameters"] == job["hyperparameters"]
+    assert (job["seed"], job["user_provided_suffix"], job["metadata"]) == (3, "demo", {"team": "a"})
+    assert job["training"]["loss"]["beta"] == 0.2 and "output_dir" not in job["training"]
+    assert job["progress"] == {"step": None, "total_steps": None, "epoch": None, "tokens_per_s": None}
+    assert job["error"] is None and job["fine_tuned_model"] is None
+    with make_celery(settings).connection_for_read() as conn:
+        message = conn.SimpleQueue(settings.queue).get(timeout=5)
+    assert message.headers["task"] == RUN_JOB_TASK
+    assert message.payload[0] == [job["id"]] and message.payload[1] == {}
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"method": {"type": "supervised"}}, "method.type"),
+    ({"training_file": "file-missing"}, "training_file"),
+    ({"validation_file": "file-missing"}, "validation_file"),
+    ({"training": {"output_dir": "/etc"}}, "training.output_dir"),
+    ({"training": {**TRAINING, "loss": {"type": "nope"}}}, "training.loss"),
+    ({"training": {**TRAINING, "lora": {"r": 0}}}, "training.lora.r"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
+    ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "high"}}}}, "method.dpo.hyperparameters.beta"),
+    ({"model": ""}, "model"),
+    ({"unknown_field": 1}, "unknown_field"),
+])
+def test_invalid_requests_are_400_naming_the_parameter(client, train_id, change, param):
+    r = create(client, train_id, **change)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and err["message"]
+
+
+def test_list_retrieve_and_cursor_pagination(client, train_id):
+    ids = [create(client, train_id).json()["id"] for _ in range(5)]
+    first = client.get("/v1/fine_tuning/jobs", params={"limit": 3}).json()
+    assert first["object"] == "list" and len(first["data"]) == 3 and first["has_more"]
+    rest = client.get("/v1/fine_tuning/jobs", params={"limit": 3, "after": first["last_id"]}).json()
+    assert len(rest["data"]) == 2 and not rest["has_more"]
+    assert sorted(j["id"] for j in first["data"] + rest["data"]) == sorted(ids)
+    assert client.get(f"/v1/fine_tuning/jobs/{ids[0]}").json()["id"] == ids[0]
+    assert client.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
+    assert client.get("/v1/fine_tuning/jobs", params={"limit": 0}).status_code == 400
+
+
+def test_cancel_a_queued_job_then_again(client, train_id):
+    job = create(client, train_id).json()
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
+    r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_events_page_both_ways(client, train_id):
+    job = create(client, train_id).json()
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+    assert [e["message"] for e in events] == [
+        "The job was cancelled", "Job queued", f"Created fine-tuning job: {job['id']}"]
+    assert events[0]["data"] == {"status": "cancelled"} and events[0]["object"] == "fine_tuning.job.event"
+    page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1, "after": events[0]["id"]}).json()
+    assert [e["id"] for e in page["data"]] == [events[1]["id"]] and page["has_more"]
+    forward = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events",
+                         params={"order": "asc", "after": events[2]["id"]}).json()
+    assert [e["id"] for e in forward["data"]] == [events[1]["id"], events[0]["id"]]
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"after": "x"}).status_code == 400
+
+
+def test_checkpoints_of_a_new_job_and_unknown_ones(client, train_id):
+    job = create(client, train_id).json()
+    assert client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"] == []
+    r = client.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints/ftckpt-nope/content")
+    assert r.status_code == 404 and r.json()["error"]["param"] == "checkpoint_id"
+
+
+def test_a_file_in_use_cannot_be_deleted(client, train_id):
+    job = create(client, train_id).json()
+    assert client.delete(f"/v1/files/{train_id}").status_code == 409
+    client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+    assert client.delete(f"/v1/files/{train_id}").status_code == 200
+
+
+def test_health_ready_and_docs(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+    assert client.get("/docs").status_code == 200
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content" in paths
+
+
+def test_readyz_reports_an_unreachable_broker(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.service.support import make_settings
+
+    settings = make_settings(tmp_path / "data", broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/readyz")
+    assert r.status_code == 503 and r.json()["checks"]["database"] == "ok"
+    assert r.json()["checks"]["broker"].startswith("error")

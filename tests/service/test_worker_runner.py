@@ -1,0 +1,126 @@
+"""Integration: the worker's JobRunner trains the tiny local model for jobs created through the API,
+on a real SQLite store, in this process (the end-to-end tier runs it as a Celery worker)."""
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+import time
+
+import pytest
+
+from tests.service.support import upload
+from worker.runner import JobRunner
+
+FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32}
+
+
+def create(client, model, train_id, val_id=None, **training):
+    body = {"model": model, "training_file": train_id, "training": {**FAST, **training},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8, "beta": 0.1}}}}
+    if val_id:
+        body["validation_file"] = val_id
+    r = client.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def events(client, job_id) -> list[dict]:
+    return client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100}).json()["data"]
+
+
+def test_a_job_trains_and_everything_is_recorded(client, settings, task_files, tiny_model, tmp_path):
+    train_id, val_id = (upload(client, p)["id"] for p in task_files)
+    job_id = create(client, tiny_model, train_id, val_id, max_steps=12, logging_steps=2, eval_steps=6,
+                    eval_on_start=True, save_steps=6)
+    assert JobRunner(settings).run(job_id) == "succeeded"
+
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "succeeded" and job["error"] is None and job["finished_at"] >= job["started_at"]
+    assert job["progress"]["step"] == 12 and job["progress"]["total_steps"] == 12 and job["progress"]["epoch"] > 0
+    assert job["trained_tokens"] > 0 and job["metrics"]["step"] == 12 and job["eval_metrics"]["step"] == 12
+    assert job["eval_metrics"]["eval_rewards/accuracies"] > 0.5
+
+    log = events(client, job_id)
+    statuses = [e["data"]["status"] for e in log if e["data"] and "status" in e["data"]]
+    assert statuses == ["queued", "running", "succeeded"]
+    evals = [e["data"]["step"] for e in log if e["type"] == "metrics" and "eval_loss" in e["data"]]
+    assert evals == [0, 6, 12]
+    assert [e["data"]["step"] for e in log if e["type"] == "metrics" and "loss" in e["data"]] == [2, 4, 6, 8, 10, 12]
+
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert [(c["step_number"], c["final"]) for c in ckpts][-1] == (6, False)
+    final = next(c for c in ckpts if c["final"])
+    assert final["id"] == job["fine_tuned_model"] and final["metrics"]["eval_loss"] is not None
+    blob = client.get(final["download_url"]).content
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        tar.extractall(tmp_path / "dl", filter="data")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "dl" / final["id"])
+
+    (results,) = job["result_files"]
+    lines = client.get(f"/v1/files/{results}/content").text.splitlines()
+    assert len(lines) == 6 + 3  # train records every 2 steps, plus 3 evaluations
+
+
+def test_a_model_that_does_not_exist_fails_with_a_clear_one_line_error(client, settings, task_files, tmp_path):
+    job_id = create(client, str(tmp_path / "no-such-model"), upload(client, task_files[0])["id"], max_steps=2)
+    assert JobRunner(settings).run(job_id) == "failed"
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
+    assert "no-such-model" in job["error"]["message"] and "\n" not in job["error"]["message"]
+    assert events(client, job_id)[-1]["data"] == {"status": "failed"}
+
+
+def test_an_internal_error_keeps_its_traceback_in_an_event(client, settings, task_files, tiny_model, monkeypatch):
+    import dpo_core
+
+    def broken(spec, callbacks):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(dpo_core, "train", broken)
+    job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
+    assert JobRunner(settings).run(job_id) == "failed"
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["error"]["code"] == "internal_error" and "KeyError" in job["error"]["message"]
+    trace = next(e for e in events(client, job_id) if e["data"] and "traceback" in e["data"])
+    assert "broken" in trace["data"]["traceback"] and trace["level"] == "error"
+
+
+def test_a_cancel_stops_a_running_job_within_seconds(client, settings, task_files, tiny_model):
+    job_id = create(client, tiny_model, upload(client, task_files[0])["id"], max_steps=100_000, logging_steps=5)
+    outcome = {}
+    runner = threading.Thread(target=lambda: outcome.update(status=JobRunner(settings).run(job_id)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while (client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["step"] or 0) < 1:
+        assert time.monotonic() < deadline and runner.is_alive(), "the job never started stepping"
+        time.sleep(0.2)
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"]
+    asked = time.monotonic()
+    runner.join(timeout=30)
+    assert not runner.is_alive() and outcome["status"] == "cancelled"
+    assert time.monotonic() - asked < 10
+    job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
+    assert job["status"] == "cancelled" and job["fine_tuned_model"] is None and job["progress"]["step"] < 100_000
+    assert events(client, job_id)[-1]["message"] == "The job was cancelled"
+
+
+def test_a_job_cancelled_while_queued_is_skipped(client, settings, task_files, tiny_model):
+    job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
+    assert JobRunner(settings).run(job_id) == "skipped"
+    assert JobRunner(settings).run("ftjob-unknown") == "skipped"
+
+
+@pytest.mark.parametrize("limit", [1])
+def test_pruned_checkpoints_disappear_from_the_list(client, settings, task_files, tiny_model, limit):
+    job_id = create(client, tiny_model, upload(client, task_files[0])["id"], max_steps=6, save_steps=2,
+                    save_total_limit=limit)
+    assert JobRunner(settings).run(job_id) == "succeeded"
+    ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    assert sorted((c["step_number"], c["final"]) for c in ckpts) == [(6, False), (6, True)]
+    for c in ckpts:
+        assert client.get(c["download_url"]).status_code == 200
