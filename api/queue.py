@@ -41,6 +41,7 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_timeout=5,
         task_publish_retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
         worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,  # model-loading progress bars are not warnings
     )
     return app
 

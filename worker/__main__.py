@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from api.settings import get_settings
 from api.store.migrate import upgrade
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the worker log readable
     settings = get_settings(data_dir=args.data_dir)
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
