@@ -63,14 +63,25 @@ def atomic_dir(target: Path, write) -> None:
         raise CheckpointError(f"could not write {target}: {err.strerror or err}") from err
 
 
-def save_checkpoint(output_dir: str, model, tokenizer, optimizer, scheduler, progress: Progress) -> str:
+def _save_model(model, path: Path, state_dict: dict | None) -> None:
+    # `state_dict` carries the gathered weights when the live ones are sharded (FSDP).
+    if state_dict is None:
+        model.save_pretrained(path)
+    else:
+        model.save_pretrained(path, state_dict=state_dict)
+
+
+def save_checkpoint(output_dir: str, model, tokenizer, optimizer_state: dict, scheduler, progress: Progress,
+                    model_state: dict | None = None) -> str:
+    """Write checkpoint-<step>/ atomically. `optimizer_state` is keyed by parameter name, so it loads
+    into any world size (dpo_core.distributed.optimizer_state)."""
     target = Path(output_dir) / f"checkpoint-{progress.step}"
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        _save_model(model, tmp, model_state)
         tokenizer.save_pretrained(tmp)
         torch.save(
-            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+            {"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
             tmp / TRAINER_FILE,
         )
         # Written last: its presence marks a complete checkpoint.
@@ -80,10 +91,10 @@ def save_checkpoint(output_dir: str, model, tokenizer, optimizer, scheduler, pro
     return str(target)
 
 
-def save_model_dir(target: str | Path, model, tokenizer) -> str:
+def save_model_dir(target: str | Path, model, tokenizer, model_state: dict | None = None) -> str:
     """Save a model directory that `from_pretrained` loads, atomically."""
     target = Path(target)
-    atomic_dir(target, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)))
+    atomic_dir(target, lambda tmp: (_save_model(model, tmp, model_state), tokenizer.save_pretrained(tmp)))
     return str(target)
 
 

@@ -52,28 +52,48 @@ def _chunked_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _full_forward_logps(model, batch: Batch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+def _full_forward_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    per_token = logps.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (per_token * batch.loss_mask[:, 1:]).sum(-1)
+    per_token = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return (per_token * loss_mask[:, 1:]).sum(-1)
 
 
-def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(model, input_ids, attention_mask, loss_mask, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs [N] (fp32) and completion token counts [N] for every sequence.
 
     Position t-1's hidden state predicts token t, so targets are input_ids shifted left by one.
     """
-    target_mask = batch.loss_mask[:, 1:]  # [N, L-1]
+    target_mask = loss_mask[:, 1:]  # [N, L-1]
     counts = target_mask.sum(-1).to(torch.float32)
     parts = _body_and_head(model)
     if parts is None:
-        return _full_forward_logps(model, batch), counts
+        return _full_forward_logps(model, input_ids, attention_mask, loss_mask), counts
     body, head = parts
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     picked = hidden[:, :-1][target_mask]  # [T, H]: only positions that predict a completion token
-    targets = batch.input_ids[:, 1:][target_mask]  # [T]
+    targets = input_ids[:, 1:][target_mask]  # [T]
     token_logps = _chunked_logps(head, picked, targets, chunk_size)
     rows = torch.arange(target_mask.shape[0], device=target_mask.device).unsqueeze(1).expand_as(target_mask)[target_mask]
     summed = torch.zeros(target_mask.shape[0], dtype=torch.float32, device=hidden.device)
     return summed.index_add(0, rows, token_logps), counts
+
+
+def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """`completion_logps` of a packed Batch."""
+    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunk_size)
+
+
+class LogProbModel(torch.nn.Module):
+    """A causal LM whose forward returns completion log-probs.
+
+    Going through one module's forward is what DistributedDataParallel and FSDP hook into (gradient
+    sync, parameter unsharding); calling the body and head directly would bypass them.
+    """
+
+    def __init__(self, model, chunk_size: int = 1024):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask, loss_mask):
+        return completion_logps(self.model, input_ids, attention_mask, loss_mask, self.chunk_size)

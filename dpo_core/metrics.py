@@ -27,6 +27,16 @@ class MetricSums:
         if values.numel():
             self.add(name, values.detach().float().sum().item(), values.numel())
 
+    def state(self) -> dict[str, tuple[float, float]]:
+        return {k: (s, n) for k, (s, n) in self._sums.items()}
+
+    def merge(self, states: list[dict[str, tuple[float, float]]]) -> None:
+        """Replace these sums by the total of every rank's (this rank's included)."""
+        self._sums.clear()
+        for state in states:
+            for name, (total, count) in state.items():
+                self.add(name, total, count)
+
     def means(self, prefix: str = "") -> dict[str, float]:
         return {prefix + k: s / n for k, (s, n) in self._sums.items() if n}
 

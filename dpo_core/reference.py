@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from dpo_core.batching import Batch
-from dpo_core.logprobs import sequence_logps
+from dpo_core.logprobs import LogProbModel, sequence_logps
 
 
 class Reference(Protocol):
@@ -23,14 +23,16 @@ class Reference(Protocol):
 class ModelReference:
     """A separate frozen model: the user's `reference_model`, or a copy of the initial policy."""
 
-    def __init__(self, model, autocast: Callable[[], contextlib.AbstractContextManager], chunk_size: int):
-        self.model = model.eval().requires_grad_(False)
-        self.autocast, self.chunk_size = autocast, chunk_size
+    def __init__(self, model, autocast: Callable[[], contextlib.AbstractContextManager], chunk_size: int, wrap=None):
+        # `wrap` shards the frozen model like the policy under FSDP, so it costs 1/world of the memory.
+        module = LogProbModel(model.eval().requires_grad_(False), chunk_size)
+        self.model = wrap(module) if wrap else module
+        self.autocast = autocast
 
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return sequence_logps(self.model, batch, self.chunk_size)[0]
+            return self.model(batch.input_ids, batch.attention_mask, batch.loss_mask)[0]
 
 
 class AdapterReference:
@@ -54,17 +56,26 @@ class PrecomputedReference:
     """Reference log-probs looked up by (dataset row, side); filled in one pass before training."""
 
     def __init__(self, tables: dict[str, torch.Tensor]):
-        self.tables = tables  # split name -> [num_rows, 2] float32, NaN where not computed
+        self.tables = tables  # split name -> [num_rows, 2] float32: (row, side) -> summed log-prob
         self.split = "train"
 
     @classmethod
-    def compute(cls, reference: Reference, splits: dict[str, tuple[int, Iterable[Batch]]], device) -> PrecomputedReference:
+    def compute(cls, reference: Reference, splits: dict[str, tuple[int, list]], filler: Batch, d) -> PrecomputedReference:
+        """Tabulate `reference` over each split's batches (None: a filler batch whose result is dropped).
+
+        Under several processes each rank computes its own rows; a sum over ranks assembles the table,
+        so every rank ends with all of it and the reference model is run once per row overall.
+        """
+        from dpo_core import distributed
+
         tables = {}
         for name, (num_rows, batches) in splits.items():
-            table = torch.full((num_rows, 2), float("nan"))
+            table = torch.zeros((num_rows, 2), dtype=torch.float64)
             for batch in batches:
-                table[batch.row_index, batch.side] = reference.logps(batch.to(device)).float().cpu()
-            tables[name] = table
+                values = reference.logps(batch or filler).double().cpu()
+                if batch is not None:
+                    table[batch.row_index, batch.side] = values
+            tables[name] = distributed.all_sum_tensor(table, d).float()
         return cls(tables)
 
     def use(self, split: str) -> PrecomputedReference:

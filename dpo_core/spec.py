@@ -132,6 +132,9 @@ class TrainingSpec(_Strict):
     device: str | None = Field(None, description="default: cuda if available, else cpu")
     logprob_chunk_size: int = Field(1024, gt=0, description="completion positions per LM-head chunk")
     lora: LoraSpec | None = None
+    distributed: Literal["ddp", "fsdp"] | None = Field(
+        None, description="how several processes share the work (dpo-train --nproc N): ddp, or fsdp (FSDP2)"
+    )
     reference_mode: Literal["model", "precomputed"] = "model"
 
     # Logging, evaluation, checkpoints.
@@ -154,6 +157,10 @@ class TrainingSpec(_Strict):
             problems.append("max_steps: 0 evaluates only, and needs a validation_file")
         if self.reference_mode == "precomputed" and not self.loss.needs_reference:
             problems.append(f"loss {self.loss.type!r} uses no reference model; drop reference_mode: precomputed")
+        if self.distributed == "fsdp" and self.lora is not None:
+            problems.append("fsdp shards full-model training; LoRA adapters are small, use distributed: ddp")
+        if self.distributed == "fsdp" and self.precision == "fp16":
+            problems.append("fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16")
         if problems:
             raise ValueError("; ".join(problems))
         return self

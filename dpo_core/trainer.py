@@ -1,7 +1,8 @@
 """The training loop: set up, step, evaluate, checkpoint, report through callbacks.
 
 `train(spec, callbacks)` is the whole public surface. State lives on a `Run` object, never at
-module level, so one process can run jobs back to back (the service's worker does).
+module level, so one process can run jobs back to back (the service's worker does). Under several
+processes (dpo_core.distributed) only rank 0 reports and writes files.
 """
 from __future__ import annotations
 
@@ -15,23 +16,17 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core.batching import collate, epoch_order, micro_batches, row_length, steps_per_epoch
-from dpo_core.callbacks import CallbackList, Callbacks
+from dpo_core import distributed
+from dpo_core.batching import epoch_order, row_length, steps_per_epoch
+from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, split_pairs
 from dpo_core.errors import TrainingError
-from dpo_core.logprobs import sequence_logps
-from dpo_core.losses import LossInputs, get_loss, sft_nll
-from dpo_core.metrics import MetricSums, MetricsFile, add_loss_metrics
-from dpo_core.models import (
-    enable_gradient_checkpointing,
-    frozen_copy,
-    load_causal_lm,
-    load_policy,
-    load_tokenizer,
-    pick_device,
-)
+from dpo_core.logprobs import LogProbModel
+from dpo_core.metrics import MetricSums, MetricsFile
+from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
 from dpo_core.spec import TrainingSpec
+from dpo_core.step import aligned_batches, evaluate, filler, train_step
 from dpo_core.tokenize import tokenize
 
 
@@ -50,9 +45,11 @@ class TrainResult:
 class Run:
     spec: TrainingSpec
     callbacks: Callbacks
+    dist: distributed.Dist
     device: torch.device
     tokenizer: object
-    model: torch.nn.Module
+    model: torch.nn.Module  # the transformers (or PEFT) model: what gets saved
+    policy: torch.nn.Module  # LogProbModel around `model`, wrapped in DDP/FSDP when distributed
     train_rows: list
     eval_rows: list | None
     reference: object | None = None
@@ -98,8 +95,8 @@ def _total_steps(spec: TrainingSpec, num_rows: int) -> int:
     return math.ceil(spec.num_epochs * steps_per_epoch(num_rows, spec.batch_size))
 
 
-def _make_optimizer(spec: TrainingSpec, model) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def _make_optimizer(spec: TrainingSpec, module) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
     # As in most LM recipes: no weight decay on biases and norm weights (the 1-D parameters).
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
@@ -120,30 +117,31 @@ def _make_scheduler(spec: TrainingSpec, optimizer, total_steps: int):
     return get_scheduler(name, optimizer, num_warmup_steps=spec.warmup_steps, num_training_steps=max(total_steps, 1))
 
 
-def _batches_of(rows: list, size: int, pad_id: int):
-    for part in micro_batches(rows, size):
-        yield collate(part, pad_id)
+def _live_reference(run: Run, initial_copy):
+    spec = run.spec
+    # Under FSDP the frozen reference is sharded too; under DDP each rank keeps a full copy.
+    wrap = distributed.shard_fsdp if run.dist.enabled and spec.distributed == "fsdp" else None
+    if spec.reference_model:
+        model = load_causal_lm(spec.reference_model, "reference model").to(run.device)
+        return ModelReference(model, run.autocast, spec.logprob_chunk_size, wrap)
+    if spec.lora is not None:
+        return AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
+    return ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size, wrap)
 
 
 def _make_reference(run: Run, initial_copy) -> None:
     spec = run.spec
     if not spec.loss.needs_reference:
         return
-    size = spec.eval_batch_size or spec.micro_batch
-    if spec.reference_model:
-        ref = ModelReference(load_causal_lm(spec.reference_model, "reference model").to(run.device), run.autocast, spec.logprob_chunk_size)
-    elif spec.lora is not None:
-        ref = AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
-    else:
-        ref = ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size)
+    ref = _live_reference(run, initial_copy)
     if spec.reference_mode == "model":
         run.reference = ref
         return
-    pad = run.tokenizer.pad_token_id
-    splits = {"train": (_num_rows(run.train_rows), _batches_of(run.train_rows, size, pad))}
+    size = spec.eval_batch_size or spec.micro_batch
+    splits = {"train": (_num_rows(run.train_rows), aligned_batches(run, distributed.shard(run.train_rows, run.dist), size))}
     if run.eval_rows:
-        splits["eval"] = (_num_rows(run.eval_rows), _batches_of(run.eval_rows, size, pad))
-    run.reference = PrecomputedReference.compute(ref, splits, run.device)
+        splits["eval"] = (_num_rows(run.eval_rows), aligned_batches(run, distributed.shard(run.eval_rows, run.dist), size))
+    run.reference = PrecomputedReference.compute(ref, splits, filler(run), run.dist)
     if isinstance(ref, ModelReference):
         release(ref)  # its work is done: free the memory for the policy
 
@@ -152,26 +150,36 @@ def _num_rows(rows: list) -> int:
     return max(r.index for r in rows) + 1
 
 
+def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
+    """(model, wrapped policy, frozen initial copy or None)."""
+    model = load_policy(spec, resume_dir).to(device)
+    # The default reference is the policy's initial weights: copy before the first update.
+    needs_copy = spec.loss.needs_reference and not spec.reference_model and spec.lora is None
+    initial = None
+    if needs_copy:
+        initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model)
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
+    return model, policy, initial
+
+
 def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, str | None]:
     callbacks = callbacks or Callbacks()
+    d = distributed.init(spec.device)
     resume_dir = ckpt.resolve_resume(spec.resume_from, spec.output_dir)
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(resume_dir or spec.model)
     train_rows = _load_rows(spec.train_file, spec, tokenizer, callbacks)
     eval_rows = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
-    device = pick_device(spec)
-    model = load_policy(spec, resume_dir).to(device)
-    # The default reference is the policy's initial weights: copy before the first update.
-    needs_copy = spec.loss.needs_reference and not spec.reference_model and spec.lora is None
-    initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model) if needs_copy else None
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    run = Run(spec, callbacks, device, tokenizer, model, train_rows, eval_rows)
+    device = distributed.device(d, spec.device)
+    model, policy, initial = _build_policy(spec, d, device, resume_dir)
+    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, eval_rows)
     run.total_steps = _total_steps(spec, len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     _make_reference(run, initial)
-    run.optimizer = _make_optimizer(spec, model)
+    run.optimizer = _make_optimizer(spec, policy)
     run.scheduler = _make_scheduler(spec, run.optimizer, run.total_steps)
     run.scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
     if resume_dir:
@@ -181,112 +189,12 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
 
 def _restore(run: Run, resume_dir: str) -> None:
     progress, state = ckpt.load_progress(resume_dir)
-    run.optimizer.load_state_dict(state["optimizer"])
+    distributed.load_optimizer_state(run.policy, run.optimizer, state["optimizer"], run.dist)
     run.scheduler.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     run.progress = progress
-    run.metrics_file.truncate_after(progress.step)
-
-
-# ---------------------------------------------------------------- one forward
-
-
-def _loss_inputs(run: Run, batch, policy_logps, counts) -> LossInputs:
-    c = batch.n_chosen
-    ref = run.reference.logps(batch) if run.reference is not None else None
-    betas = torch.tensor([run.spec.loss.group(g).beta for g in batch.groups], device=run.device)
-    return LossInputs(
-        policy_chosen=policy_logps[:c],
-        policy_rejected=policy_logps[c:],
-        ref_chosen=None if ref is None else ref[:c],
-        ref_rejected=None if ref is None else ref[c:],
-        chosen_tokens=counts[:c],
-        rejected_tokens=counts[c:],
-        beta_chosen=betas[:c],
-        beta_rejected=betas[c:],
-    )
-
-
-def _row_weights(run: Run, batch) -> torch.Tensor:
-    """Group weight of each loss row: one per pair, or one per sequence for unpaired losses."""
-    groups = batch.groups if run.spec.loss.unpaired else batch.groups[: batch.n_chosen]
-    return torch.tensor([run.spec.loss.group(g).weight for g in groups], device=run.device)
-
-
-def _chosen_weights(run: Run, batch) -> torch.Tensor:
-    return torch.tensor([run.spec.loss.group(g).weight for g in batch.groups[: batch.n_chosen]], device=run.device)
-
-
-def forward_loss(run: Run, batch, norm: float, sft_norm: float, sums: MetricSums) -> torch.Tensor:
-    """This micro-batch's share of the step loss: weighted row losses over the whole step's weight."""
-    spec = run.spec
-    with run.autocast():
-        policy_logps, counts = sequence_logps(run.model, batch, spec.logprob_chunk_size)
-    inputs = _loss_inputs(run, batch, policy_logps, counts)
-    out = get_loss(spec.loss.type)(inputs, spec.loss)
-    loss = (out.losses * _row_weights(run, batch)).sum() / norm
-    if spec.loss.sft_weight and batch.n_chosen:
-        nll = sft_nll(inputs)
-        loss = loss + spec.loss.sft_weight * (nll * _chosen_weights(run, batch)).sum() / sft_norm
-        sums.add_mean("nll_loss", nll)
-    add_loss_metrics(sums, out, inputs.policy_chosen, inputs.policy_rejected, batch.groups[: batch.n_chosen], not spec.loss.unpaired)
-    return loss
-
-
-def _norms(run: Run, batches) -> tuple[float, float]:
-    total = sum(_row_weights(run, b).sum().item() for b in batches)
-    chosen = sum(_chosen_weights(run, b).sum().item() for b in batches)
-    # A step whose rows all weigh 0 contributes nothing; avoid dividing by zero.
-    return total or 1.0, chosen or 1.0
-
-
-# ---------------------------------------------------------------- step, eval
-
-
-def train_step(run: Run, rows: list, sums: MetricSums) -> tuple[float, float, int]:
-    """One optimizer step over `rows`: (loss, grad norm, non-padding tokens)."""
-    spec, pad = run.spec, run.tokenizer.pad_token_id
-    batches = [collate(part, pad).to(run.device) for part in micro_batches(rows, spec.micro_batch)]
-    norm, sft_norm = _norms(run, batches)
-    run.model.train()
-    step_loss = 0.0
-    for batch in batches:
-        loss = forward_loss(run, batch, norm, sft_norm, sums)
-        run.scaler.scale(loss).backward()
-        step_loss += loss.item()
-    run.scaler.unscale_(run.optimizer)
-    params = [p for p in run.model.parameters() if p.requires_grad]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm or float("inf"))
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
-    # Free gradient memory now rather than at the start of the next step.
-    run.optimizer.zero_grad(set_to_none=True)
-    sums.add("loss", step_loss, 1)
-    return step_loss, float(grad_norm), sum(b.num_tokens for b in batches)
-
-
-@torch.no_grad()
-def evaluate(run: Run) -> dict:
-    """Metrics over every validation row, prefixed `eval_`."""
-    spec, pad = run.spec, run.tokenizer.pad_token_id
-    if isinstance(run.reference, PrecomputedReference):
-        run.reference.use("eval")
-    run.model.eval()
-    batches = [collate(part, pad).to(run.device) for part in micro_batches(run.eval_rows, spec.eval_batch_size or spec.micro_batch)]
-    norm, sft_norm = _norms(run, batches)
-    sums = MetricSums()
-    total = sum(forward_loss(run, b, norm, sft_norm, sums).item() for b in batches)
-    if isinstance(run.reference, PrecomputedReference):
-        run.reference.use("train")
-    record = {k: v for k, v in sums.means("eval_").items()}
-    record.update(eval_loss=total, step=run.progress.step, epoch=_epoch(run))
-    return record
-
-
-def _epoch(run: Run) -> float:
-    per_epoch = steps_per_epoch(len(run.train_rows), run.spec.batch_size)
-    return round(run.progress.epoch + run.progress.batch_in_epoch / per_epoch, 4)
+    if run.dist.main:
+        run.metrics_file.truncate_after(progress.step)
 
 
 # ---------------------------------------------------------------- the loop
@@ -302,7 +210,13 @@ class _Window:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _epoch(run: Run) -> float:
+    per_epoch = steps_per_epoch(len(run.train_rows), run.spec.batch_size)
+    return round(run.progress.epoch + run.progress.batch_in_epoch / per_epoch, 4)
+
+
 def _log(run: Run, window: _Window) -> dict:
+    window.sums.merge(distributed.gather_objects(window.sums.state(), run.dist))
     seconds = max(time.perf_counter() - window.started, 1e-9)
     record = {"step": run.progress.step, "epoch": _epoch(run), "total_steps": run.total_steps}
     record.update(window.sums.means())
@@ -313,22 +227,39 @@ def _log(run: Run, window: _Window) -> dict:
         elapsed_s=round(run.progress.elapsed_s, 3),
         tokens_per_s=round(window.tokens / seconds, 2),
     )
-    run.metrics_file.append(record)
-    run.callbacks.on_log(record)
+    if run.dist.main:
+        run.metrics_file.append(record)
+        run.callbacks.on_log(record)
     return record
 
 
 def _eval_and_report(run: Run) -> dict:
     record = evaluate(run)
-    run.metrics_file.append(record)
-    run.callbacks.on_eval(record)
+    record.update(step=run.progress.step, epoch=_epoch(run))
+    if run.dist.main:
+        run.metrics_file.append(record)
+        run.callbacks.on_eval(record)
     return record
 
 
+def _model_state(run: Run) -> dict | None:
+    """The full state dict to save under FSDP (a collective, run on every rank); None otherwise."""
+    state = distributed.full_model_state(run.policy, run.spec.distributed, run.dist)
+    if state is None:
+        return None
+    prefix = "model."  # the LogProbModel around the transformers model
+    return {k.removeprefix(prefix): v for k, v in state.items()}
+
+
 def _checkpoint(run: Run) -> None:
-    path = ckpt.save_checkpoint(run.spec.output_dir, run.model, run.tokenizer, run.optimizer, run.scheduler, run.progress)
-    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit)
-    run.callbacks.on_checkpoint(run.progress.step, path)
+    model_state = _model_state(run)
+    optimizer_state = distributed.optimizer_state(run.policy, run.optimizer)
+    if run.dist.main:
+        path = ckpt.save_checkpoint(run.spec.output_dir, run.model, run.tokenizer, optimizer_state, run.scheduler,
+                                    run.progress, model_state)
+        ckpt.prune(run.spec.output_dir, run.spec.save_total_limit)
+        run.callbacks.on_checkpoint(run.progress.step, path)
+    distributed.barrier(run.dist)
 
 
 def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
@@ -344,6 +275,20 @@ def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
     return window, last
 
 
+def _one_step(run: Run, rows: list, window: _Window) -> None:
+    progress = run.progress
+    started = time.perf_counter()
+    _, grad_norm, tokens = train_step(run, rows, window.sums)
+    progress.step += 1
+    progress.batch_in_epoch += 1
+    progress.num_tokens += tokens
+    progress.elapsed_s += time.perf_counter() - started
+    window.grad_norms.append(grad_norm)
+    window.tokens += tokens
+    if run.dist.main:
+        run.callbacks.on_step(progress.step, run.total_steps)
+
+
 def _loop(run: Run) -> tuple[dict, bool]:
     """Train until total_steps or should_stop(); returns (last records, stopped)."""
     spec, progress = run.spec, run.progress
@@ -352,17 +297,10 @@ def _loop(run: Run) -> tuple[dict, bool]:
     while progress.step < run.total_steps:
         order = epoch_order(lengths, spec.batch_size, spec.seed, progress.epoch, spec.group_by_length)
         for positions in order[progress.batch_in_epoch :]:
-            if run.callbacks.should_stop():
+            # Rank 0 holds the callbacks; every rank must stop at the same step.
+            if distributed.any_true(run.callbacks.should_stop(), run.dist):
                 return last, True
-            started = time.perf_counter()
-            _, grad_norm, tokens = train_step(run, [run.train_rows[i] for i in positions], window.sums)
-            progress.step += 1
-            progress.batch_in_epoch += 1
-            progress.num_tokens += tokens
-            progress.elapsed_s += time.perf_counter() - started
-            window.grad_norms.append(grad_norm)
-            window.tokens += tokens
-            run.callbacks.on_step(progress.step, run.total_steps)
+            _one_step(run, [run.train_rows[i] for i in positions], window)
             window, last = _after_step(run, window, last)
             if progress.step >= run.total_steps:
                 break
@@ -373,39 +311,53 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 def _save_final(run: Run) -> str:
     target = Path(run.spec.output_dir) / "final"
+    model_state = _model_state(run)
+    if not run.dist.main:
+        distributed.barrier(run.dist)
+        return str(target)
     if run.spec.lora is None:
-        return ckpt.save_model_dir(target, run.model, run.tokenizer)
+        ckpt.save_model_dir(target, run.model, run.tokenizer, model_state)
+    else:
 
-    def write(tmp: Path) -> None:
-        # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
-        run.model.save_pretrained(tmp / "adapter")
-        run.tokenizer.save_pretrained(tmp / "adapter")
-        run.model.merge_and_unload().save_pretrained(tmp)
-        run.tokenizer.save_pretrained(tmp)
+        def write(tmp: Path) -> None:
+            # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
+            run.model.save_pretrained(tmp / "adapter")
+            run.tokenizer.save_pretrained(tmp / "adapter")
+            run.model.merge_and_unload().save_pretrained(tmp)
+            run.tokenizer.save_pretrained(tmp)
 
-    ckpt.atomic_dir(target, write)
+        ckpt.atomic_dir(target, write)
+    distributed.barrier(run.dist)
     return str(target)
+
+
+def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResult:
+    p = run.progress
+    return TrainResult(run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), last.get("eval"))
 
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:
     """Run the training (or, with max_steps: 0, evaluation-only) job that `spec` describes."""
     callbacks = callbacks or Callbacks()
     run, resume_dir = setup(spec, callbacks)
-    callbacks.on_start(
+    if not run.dist.main:
+        run.callbacks = Callbacks()  # only rank 0 reports
+    run.callbacks.on_start(
         {
             "total_steps": run.total_steps,
             "num_train_rows": len(run.train_rows),
             "num_eval_rows": len(run.eval_rows or []),
             "resumed_from_step": run.progress.step if resume_dir else None,
             "resumed_from": resume_dir,
+            "world_size": run.dist.world,
         }
     )
     if run.eval_rows and spec.eval_on_start and run.progress.step == 0 and run.total_steps > 0:
         _eval_and_report(run)
     last, stopped = _loop(run)
     if stopped:
-        return TrainResult(spec.output_dir, None, run.progress.step, run.progress.num_tokens, True, last.get("train", {}), last.get("eval"))
+        return _result(run, last, True, None)
     if run.eval_rows:
         last["eval"] = _eval_and_report(run)
     final = _save_final(run) if run.total_steps > 0 else None
-    return TrainResult(spec.output_dir, final, run.progress.step, run.progress.num_tokens, False, last.get("train", {}), last.get("eval"))
+    return _result(run, last, False, final)

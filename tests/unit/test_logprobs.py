@@ -31,7 +31,7 @@ def test_collate_packs_prompt_and_completion_with_padding_only_at_the_end():
 def test_chunked_log_probs_equal_the_full_forward(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     batch = _batch()
-    full = _full_forward_logps(model, batch)
+    full = _full_forward_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
     full.sum().backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
