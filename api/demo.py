@@ -67,7 +67,7 @@ def _start_service(data_dir: Path, key: str, port: int) -> subprocess.Popen:
     log = data_dir / "service.log"
     print(f"Starting dpo-service (API + worker) on port {port}; its log: {log}")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
-    env.update(DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="2", HF_HUB_OFFLINE="1")
+    env.update(DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="1", HF_HUB_OFFLINE="1")
     with log.open("ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "api.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m api.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=".dpo-data/demo")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
-    parser.add_argument("--steps", type=int, default=128, help="optimizer steps of the demo job")
+    parser.add_argument("--steps", type=int, default=384, help="optimizer steps of the demo job (6 epochs)")
     return parser
 
 

@@ -126,3 +126,22 @@ def test_readyz_reports_an_unreachable_broker(tmp_path):
         r = c.get("/readyz")
     assert r.status_code == 503 and r.json()["checks"]["database"] == "ok"
     assert r.json()["checks"]["broker"].startswith("error")
+
+
+def test_an_unreachable_broker_fails_the_job_with_503_instead_of_stranding_it(tmp_path, task_files):
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.service.support import API_KEY, make_settings
+
+    settings = make_settings(tmp_path / "data", broker_url="redis://127.0.0.1:1/0")
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
+        train_id = upload(c, task_files[0])["id"]
+        started = time.monotonic()
+        r = create(c, train_id)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
+        assert time.monotonic() - started < 15
+        (job,) = c.get("/v1/fine_tuning/jobs").json()["data"]
+    assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"

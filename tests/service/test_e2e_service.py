@@ -39,10 +39,13 @@ def redis_env():
     url = service_url("DPO_TEST_BROKER_URL")
     queue = f"dpo-test-{secrets.token_hex(4)}"
     yield {"DPO_BROKER_URL": url, "DPO_QUEUE": queue}
-    redis.Redis.from_url(url).delete(queue)
+    client = redis.Redis.from_url(url)
+    leftovers = [queue, *client.scan_iter(match=f"*{queue}*")]
+    client.delete(*leftovers)
 
 
-@pytest.fixture(scope="module", params=["embedded", "postgres+redis"])
+@pytest.fixture(scope="module", params=[
+    "embedded", pytest.param("postgres+redis", marks=[pytest.mark.postgres, pytest.mark.redis])])
 def service(request, tmp_path_factory):
     env = {}
     if request.param == "postgres+redis":

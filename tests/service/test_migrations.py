@@ -1,0 +1,66 @@
+"""Integration: the Alembic migrations make exactly the schema the models describe, on SQLite and
+on PostgreSQL, and running them again (or from several processes) is harmless."""
+from __future__ import annotations
+
+import secrets
+from concurrent.futures import ProcessPoolExecutor
+
+import pytest
+from alembic import command
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.engine import make_url
+
+from api.store.db import make_engine
+from api.store.migrate import alembic_config, upgrade
+from tests.service.support import service_url
+
+TABLES = {"alembic_version", "files", "jobs", "events", "checkpoints"}
+
+
+def _check(url: str) -> None:
+    upgrade(url)
+    upgrade(url)  # idempotent
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert TABLES <= set(inspect(conn).get_table_names())
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.check(cfg)  # raises if the models and the migrations disagree
+        command.downgrade(cfg, "base")
+        conn.commit()
+        assert set(inspect(conn).get_table_names()) <= {"alembic_version"}
+    engine.dispose()
+    upgrade(url)
+
+
+def test_sqlite(tmp_path):
+    url = f"sqlite:///{tmp_path / 'dpo.sqlite'}"
+    _check(url)
+    with make_engine(url).connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_concurrent_start_ups_migrate_once(tmp_path):
+    url = f"sqlite:///{tmp_path / 'dpo.sqlite'}"
+    with ProcessPoolExecutor(4) as pool:
+        list(pool.map(upgrade, [url] * 4))
+    with make_engine(url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM alembic_version")).scalar() == 1
+
+
+@pytest.mark.postgres
+def test_postgresql():
+    base = make_url(service_url("DPO_TEST_DATABASE_URL"))
+    name = f"dpo_test_{secrets.token_hex(4)}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        url = base.set(database=name).render_as_string(hide_password=False)
+        _check(url)
+        with ProcessPoolExecutor(3) as pool:
+            list(pool.map(upgrade, [url] * 3))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
