@@ -14,7 +14,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML or JSON file with TrainingSpec keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set loss.beta=0.2 --set lora.r=16 (repeatable)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="processes (GPUs) to train on, launched with PyTorch's elastic launcher; "
+                        "`distributed` in the config picks ddp (default) or fsdp")
     return p
+
+
+def _check_data(spec) -> None:
+    """Read the data once up front: with several processes a bad line would otherwise fail every rank."""
+    from dpo_core.data import read_jsonl
+
+    for path in filter(None, (spec.train_file, spec.validation_file)):
+        read_jsonl(path)
+
+
+def _run(spec, nproc: int, console):
+    if nproc == 1:
+        from dpo_core.trainer import train
+
+        return train(spec, console)
+    from dpo_core.launch import launch
+
+    _check_data(spec)
+    return launch(spec, nproc, "dpo_core.progress:ConsoleCallbacks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,13 +48,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     # Heavy imports only once the config is known to be good, so a typo fails fast.
     from dpo_core.data import DataError
-    from dpo_core.errors import TrainingError
+    from dpo_core.errors import RankFailedError, TrainingError
     from dpo_core.progress import ConsoleCallbacks
-    from dpo_core.trainer import train
 
     console = ConsoleCallbacks()
     try:
-        result = train(spec, console)
+        result = _run(spec, args.nproc, console)
+    except RankFailedError as err:
+        print(f"dpo-train: {err}", file=sys.stderr)
+        return 1
     except (DataError, TrainingError, SpecError) as err:
         print(f"dpo-train: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -21,3 +21,9 @@ class CheckpointError(TrainingError):
     """A checkpoint could not be written or read back."""
 
     code = "checkpoint_error"
+
+
+class RankFailedError(TrainingError):
+    """A process of a multi-process run died or raised; the launcher stopped the others."""
+
+    code = "rank_failed"

@@ -1,0 +1,87 @@
+"""Run one training job on N local processes with PyTorch's elastic launcher (torchrun's machinery).
+
+The launching process becomes the elastic agent: it starts the ranks, watches them, and if one
+dies it stops the others and raises, so a failed rank never leaves processes behind. Callbacks
+can't cross a process boundary, so they are named as "module:factory" and built inside rank 0.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import uuid
+
+from dpo_core.errors import RankFailedError, TrainingError
+from dpo_core.spec import TrainingSpec
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_callbacks(factory: str | None, args: tuple):
+    if not factory:
+        return None
+    module, _, name = factory.partition(":")
+    return getattr(importlib.import_module(module), name)(*args)
+
+
+def _record(fn):
+    # Writes a rank's exception to the error file the agent reads, so the failure summary can name it.
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(fn)
+
+
+@_record
+def _rank_main(spec_data: dict, factory: str | None, args: tuple):
+    from dpo_core import distributed
+    from dpo_core.trainer import train
+
+    spec = TrainingSpec.model_validate(spec_data)
+    callbacks = _make_callbacks(factory, args) if os.environ.get("RANK", "0") == "0" else None
+    try:
+        return train(spec, callbacks)
+    finally:
+        distributed.shutdown(distributed.init(spec.device))
+
+
+def _failure_summary(err) -> str:
+    """One line naming the rank that failed first and why."""
+    failures = getattr(err, "failures", {}) or {}
+    if not failures:
+        return str(err).strip().splitlines()[0]
+    rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
+    reason = failure.message if isinstance(failure.message, str) else str(failure.message)
+    if failure.exitcode and failure.exitcode < 0:
+        reason = f"killed by signal {-failure.exitcode}"
+    return f"rank {rank} failed: {reason.strip().splitlines()[-1] if reason.strip() else 'exit ' + str(failure.exitcode)}"
+
+
+def launch(spec: TrainingSpec, nproc: int, callbacks_factory: str | None = None, factory_args: tuple = ()):
+    """Train `spec` on `nproc` processes (NCCL on GPUs, gloo on CPU); returns rank 0's TrainResult."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if nproc < 1:
+        raise TrainingError("--nproc must be at least 1")
+    if spec.distributed is None and nproc > 1:
+        spec = spec.model_copy(update={"distributed": "ddp"})
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"dpo-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=0,  # a dead rank fails the job; resuming is the caller's decision (resume_from)
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+    try:
+        results = elastic_launch(config, _rank_main)(spec.model_dump(), callbacks_factory, factory_args)
+    except ChildFailedError as err:
+        raise RankFailedError(f"distributed training failed: {_failure_summary(err)}") from None
+    return results[0]
