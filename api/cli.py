@@ -18,6 +18,7 @@ import sys
 import time
 
 import httpx
+from pydantic import ValidationError
 
 from api.auth import admin_key
 from api.settings import Settings, get_settings
@@ -28,7 +29,12 @@ STOP_GRACE_S = 15
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    settings = get_settings(data_dir=args.data_dir)
+    try:
+        settings = get_settings(data_dir=args.data_dir)
+    except ValidationError as err:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        print(f"dpo-service: invalid settings: {problems}", file=sys.stderr)
+        return 2
     if args.command == "worker":
         os.execv(sys.executable, [sys.executable, "-m", "worker", "--data-dir", str(settings.data_dir),
                                   "--loglevel", args.loglevel])

@@ -182,7 +182,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m api.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=".dpo-data/demo")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
-    parser.add_argument("--steps", type=int, default=384, help="optimizer steps of the demo job (6 epochs)")
+    parser.add_argument("--steps", type=int, default=256, help="optimizer steps of the demo job (4 epochs)")
     return parser
 
 

@@ -5,12 +5,18 @@ Only job ids travel through the broker; everything else is read from the databas
 """
 from __future__ import annotations
 
+import warnings
+
 from celery import Celery
 from kombu.utils.url import url_to_parts
 
 from api.settings import REDIS_VISIBILITY_TIMEOUT_S, Settings
 
 RUN_JOB_TASK = "worker.tasks.run_job"
+
+# kombu's SQLAlchemy transport (the embedded broker) still uses a loader option SQLAlchemy 2.1
+# deprecates; the warning is kombu's to fix and says nothing about this service.
+warnings.filterwarnings("ignore", message="The ``noload`` loader strategy", category=DeprecationWarning)
 
 
 def transport_options(broker_url: str) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Form, UploadFile
 from fastapi import File as FileField
@@ -78,7 +79,7 @@ def retrieve_file(file: FileDep) -> FilePublic:
 def file_content(file: FileDep, storage: StorageDep) -> StreamingResponse:
     """The file's bytes as uploaded."""
     return StreamingResponse(iter_file(storage.open(file.storage_key)), media_type="application/jsonl",
-                             headers={"Content-Disposition": f'attachment; filename="{file.filename}"'})
+                             headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
 
 
 @router.delete("/{file_id}", response_model=DeletedPublic)

@@ -10,6 +10,11 @@ from api.settings import Settings
 from tests.service.support import API_KEY, make_settings
 
 
+def pytest_configure(config):
+    # Raised inside kombu's embedded-broker transport (see api/queue.py); not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+
 @pytest.fixture
 def settings(tmp_path) -> Settings:
     return make_settings(tmp_path / "data")

@@ -69,3 +69,15 @@ def test_delete(client, task_files, settings):
     assert r.json() == {"id": f["id"], "object": "file", "deleted": True}
     assert client.get(f"/v1/files/{f['id']}").status_code == 404
     assert not list((settings.data_dir / "files").iterdir())
+
+
+def test_any_file_name_is_kept_for_display_only(client, task_files, settings):
+    name = 'données "x"\n.jsonl'
+    r = client.post("/v1/files", files={"file": (f"../../etc/{name}", task_files[1].read_bytes())},
+                    data={"purpose": "fine-tune"})
+    assert r.status_code == 200
+    f = r.json()
+    assert "/" not in f["filename"] and f["filename"].startswith("donn")
+    r = client.get(f"/v1/files/{f['id']}/content")
+    assert r.status_code == 200 and r.content == task_files[1].read_bytes()
+    assert [p.name for p in (settings.data_dir / "files").iterdir()] == [f"{f['id']}.jsonl"]
