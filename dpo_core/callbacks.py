@@ -31,6 +31,11 @@ class Callbacks:
         """Checked before every optimizer step; returning True stops the run cleanly (cancellation)."""
         return False
 
+    def checkpoint_on_stop(self) -> bool:
+        """Asked once should_stop() said True: write a checkpoint first? (yes for preemption, so the
+        job resumes where it stopped; no for a cancel)."""
+        return False
+
 
 class CallbackList(Callbacks):
     """Fans every hook out to several callbacks; stops when any of them asks to."""
@@ -64,3 +69,6 @@ class CallbackList(Callbacks):
 
     def should_stop(self):
         return any(c.should_stop() for c in self.callbacks)
+
+    def checkpoint_on_stop(self):
+        return any(c.checkpoint_on_stop() for c in self.callbacks)

@@ -289,6 +289,14 @@ def _one_step(run: Run, rows: list, window: _Window) -> None:
         run.callbacks.on_step(progress.step, run.total_steps)
 
 
+def _stop(run: Run) -> None:
+    """Leave a checkpoint at this step boundary if asked (preemption), unless one is already there."""
+    wanted = distributed.any_true(run.callbacks.checkpoint_on_stop(), run.dist)
+    already = run.spec.save_steps and run.progress.step % run.spec.save_steps == 0
+    if wanted and run.progress.step > 0 and not already:
+        _checkpoint(run)
+
+
 def _loop(run: Run) -> tuple[dict, bool]:
     """Train until total_steps or should_stop(); returns (last records, stopped)."""
     spec, progress = run.spec, run.progress
@@ -299,6 +307,7 @@ def _loop(run: Run) -> tuple[dict, bool]:
         for positions in order[progress.batch_in_epoch :]:
             # Rank 0 holds the callbacks; every rank must stop at the same step.
             if distributed.any_true(run.callbacks.should_stop(), run.dist):
+                _stop(run)
                 return last, True
             _one_step(run, [run.train_rows[i] for i in positions], window)
             window, last = _after_step(run, window, last)

@@ -214,3 +214,25 @@ def test_chat_formats_train_through_the_chat_template(tiny_model, tmp_path, fmt)
 def test_fp16_autocast_with_grad_scaling_runs(tiny_model, synthetic, tmp_path):
     result = train(_spec(tiny_model, synthetic, tmp_path, max_steps=2, validation_file=None, precision="fp16"))
     assert result.global_step == 2
+
+
+class _Preempted(_StopAfter):
+    def checkpoint_on_stop(self):
+        return True
+
+
+def test_a_preempted_run_checkpoints_where_it_stopped_and_resumes_from_there(tiny_model, synthetic, tmp_path):
+    seen = []
+
+    class Record(_Preempted):
+        def on_checkpoint(self, step, path):
+            seen.append(step)
+
+    common = dict(max_steps=8, logging_steps=1, validation_file=None)
+    straight = train(_spec(tiny_model, synthetic, tmp_path / "straight", **common))
+    stopped = train(_spec(tiny_model, synthetic, tmp_path / "split", **common), Record(5))
+    assert stopped.stopped and seen == [5]
+    train(_spec(tiny_model, synthetic, tmp_path / "split", resume_from="auto", **common))
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a)
+    assert straight.global_step == 8
