@@ -1,0 +1,335 @@
+"""Service latency against real processes: status polling under 200 clients, listing over 100k jobs
+in PostgreSQL, and how soon an idle worker starts a submitted job.
+
+    .venv/bin/python benchmarks/bench_service.py            # the issue-6 setting, about three minutes
+    .venv/bin/python benchmarks/bench_service.py --quick    # 50 clients, 10k jobs, 10 s of polling
+
+Needs PostgreSQL and Redis, as CI has them (.ci/run): --database-url names a server database this
+script may create databases from (it makes `dpo_bench_<random>` and drops it afterwards), --broker-url
+a Redis (a queue of this run's own is used and deleted). It starts `dpo-service api` (uvicorn) and one
+worker (`python -m worker`) as their own processes on loopback, as an operator would, and talks HTTP only.
+
+1. Listing: 100k jobs are inserted straight into the jobs table (the API would take an hour to create
+   them), then GET /v1/fine_tuning/jobs is timed one request at a time: the first page, and pages deep
+   in the table through the keyset cursor `after`.
+2. Polling: N clients, each on its own keep-alive connection, GET /v1/fine_tuning/jobs/{id} of a random
+   job every --interval seconds (random phase) for --duration seconds; latency is client-side, from send
+   to full body. Then the same clients poll back to back (no pause) for the service's ceiling.
+3. Submit -> start: with the worker idle, a tiny job is created over HTTP and polled every 20 ms until
+   its status is `running`; the next job is submitted only after the previous one has finished.
+The client runs on the same 2 cores as the server, so its own work is in the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def summary(ms: list[float]) -> str:
+    return (f"n={len(ms)}  p50 {pct(ms, 50):.1f} ms  p95 {pct(ms, 95):.1f} ms  p99 {pct(ms, 99):.1f} ms  "
+            f"max {max(ms):.1f} ms")
+
+
+# ---------------------------------------------------------------- database and processes
+
+
+def create_database(admin_url: str) -> str:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    name = f"dpo_bench_{secrets.token_hex(4)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(admin_url: str, url: str) -> None:
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+def seed_jobs(db_url: str, n: int) -> list[str]:
+    """Insert n finished jobs, one per millisecond of a made-up past; return their ids, oldest first."""
+    from sqlalchemy import create_engine, insert, text
+
+    from api.store.models import Job
+
+    start_ms = int(time.time() * 1000) - n * 1000
+    spec = {"model": "bench", "loss": {"type": "sigmoid", "beta": 0.1}, "batch_size": 8}
+    ids, engine = [], create_engine(db_url)
+    with engine.begin() as conn:
+        for lo in range(0, n, 5000):
+            rows = []
+            for i in range(lo, min(n, lo + 5000)):
+                ms = start_ms + i * 1000
+                job_id = f"ftjob-{ms:012x}{secrets.token_hex(6)}"
+                ids.append(job_id)
+                rows.append(dict(
+                    id=job_id, status=random.choice(["succeeded", "succeeded", "failed", "cancelled"]), model="bench",
+                    training_file="file-bench", method={"type": "dpo"}, hyperparameters={"beta": 0.1}, spec=spec,
+                    created_at=ms // 1000, cancel_requested=False, result_files=[], trained_tokens=1000, step=10,
+                    total_steps=10, metrics={"loss": 0.5},
+                ))
+            conn.execute(insert(Job), rows)
+        conn.execute(text("ANALYZE jobs"))
+    engine.dispose()
+    return ids
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """The API (uvicorn) and one worker, each in its own session so that stopping them stops their children."""
+
+    def __init__(self, root: Path, env: dict):
+        self.root, self.env, self.procs = root, env, {}
+
+    def start(self, name: str, args: list[str]) -> None:
+        log = (self.root / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, url: str, timeout_s: float = 90) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise SystemExit(f"{dead} exited early; see the logs in {self.root}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise SystemExit(f"the service was not ready within {timeout_s:.0f}s; see the logs in {self.root}")
+
+    def stop(self, grace_s: float = 20) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# ---------------------------------------------------------------- the measurements
+
+
+def bench_listing(client: httpx.Client, ids: list[str], requests: int) -> dict[str, list[float]]:
+    """Sequential list requests: the newest page, and pages after a random job (deep keyset pages)."""
+    cases = {
+        "retrieve one job (status), for reference": lambda: client.get(f"/v1/fine_tuning/jobs/{random.choice(ids)}"),
+        "first page, limit 20": lambda: client.get("/v1/fine_tuning/jobs", params={"limit": 20}),
+        "first page, limit 100": lambda: client.get("/v1/fine_tuning/jobs", params={"limit": 100}),
+        "page after a random job, limit 20": lambda: client.get(
+            "/v1/fine_tuning/jobs", params={"limit": 20, "after": random.choice(ids)}),
+        "oldest page (after the 21st oldest job)": lambda: client.get(
+            "/v1/fine_tuning/jobs", params={"limit": 20, "after": ids[20]}),
+    }
+    out = {}
+    for name, call in cases.items():
+        call()  # warm the connection and the query plan
+        times = []
+        for _ in range(requests):
+            t = time.perf_counter()
+            r = call()
+            times.append((time.perf_counter() - t) * 1000)
+            if r.status_code != 200:
+                raise SystemExit(f"listing failed: {r.status_code} {r.text[:200]}")
+        out[name] = times
+    return out
+
+
+async def _poller(client: httpx.AsyncClient, ids: list[str], interval: float, until: float, out: list, errors: list):
+    async with client:
+        await client.get(f"/v1/fine_tuning/jobs/{ids[0]}")  # open the connection before the clock matters
+        if interval:
+            await asyncio.sleep(random.uniform(0, interval))
+        while time.perf_counter() < until:
+            started = time.perf_counter()
+            try:
+                r = await client.get(f"/v1/fine_tuning/jobs/{random.choice(ids)}")
+                (out if r.status_code == 200 else errors).append((time.perf_counter() - started) * 1000)
+            except httpx.HTTPError:
+                errors.append((time.perf_counter() - started) * 1000)
+            if interval:
+                await asyncio.sleep(max(0.0, interval - (time.perf_counter() - started)))
+
+
+async def bench_polling(url: str, key: str, ids: list[str], clients: int, interval: float, duration: float):
+    out, errors = [], []
+    headers = {"Authorization": f"Bearer {key}"}
+    # One client (one keep-alive connection) per simulated user, made up front: building an httpx client
+    # costs milliseconds of CPU (its TLS context), which would otherwise stall the loop mid-measurement.
+    tls = ssl.create_default_context()
+    made = [httpx.AsyncClient(base_url=url, headers=headers, timeout=30, verify=tls,
+                              limits=httpx.Limits(max_connections=1, max_keepalive_connections=1))
+            for _ in range(clients)]
+    until = time.perf_counter() + duration
+    started = time.perf_counter()
+    await asyncio.gather(*(_poller(c, ids, interval, until, out, errors) for c in made))
+    return out, errors, time.perf_counter() - started
+
+
+def make_tiny_job_files(root: Path) -> tuple[str, Path]:
+    from dpo_core.toy import build_model, make_synthetic_task
+
+    model = build_model(root / "tiny-model", seed=0)
+    train, _ = make_synthetic_task(root / "task", n_train=64, n_eval=8)
+    return model, Path(train)
+
+
+def bench_submit(client: httpx.Client, model: str, train: Path, jobs: int) -> list[float]:
+    """POST a tiny job to an idle worker, poll every 20 ms until it runs; wait for its end before the next."""
+    r = client.post("/v1/files", files={"file": (train.name, train.read_bytes())}, data={"purpose": "fine-tune"})
+    if r.status_code != 200:
+        raise SystemExit(f"upload failed: {r.status_code} {r.text[:200]}")
+    file_id = r.json()["id"]
+    body = {"model": model, "training_file": file_id,
+            "training": {"max_steps": 2, "max_length": 64, "max_prompt_length": 32, "logging_steps": 1},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}}
+    latencies = []
+    for _ in range(jobs):
+        r = client.post("/v1/fine_tuning/jobs", json=body)
+        submitted = time.perf_counter()
+        if r.status_code != 200:
+            raise SystemExit(f"job creation failed: {r.status_code} {r.text[:200]}")
+        job_id, status = r.json()["id"], r.json()["status"]
+        while status in ("validating_files", "queued"):
+            time.sleep(0.02)
+            status = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+            if time.perf_counter() - submitted > 120:
+                raise SystemExit(f"job {job_id} did not start within 120 s")
+        latencies.append((time.perf_counter() - submitted) * 1000)
+        while status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.2)
+            status = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"]
+        if status != "succeeded":
+            print(f"  note: job {job_id} ended {status}")
+    return latencies
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--database-url", default=os.environ.get(
+        "DPO_TEST_DATABASE_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"))
+    p.add_argument("--broker-url", default=os.environ.get("DPO_TEST_BROKER_URL", "redis://127.0.0.1:6379/0"))
+    p.add_argument("--jobs", type=int, default=100_000, help="jobs in the table for the listing test")
+    p.add_argument("--clients", type=int, default=200)
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between one client's polls")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of paced polling")
+    p.add_argument("--list-requests", type=int, default=200)
+    p.add_argument("--submits", type=int, default=5)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.jobs, args.clients, args.duration, args.list_requests, args.submits = 10_000, 50, 10.0, 50, 2
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="dpo-bench-service-"))
+    db_url = create_database(args.database_url)
+    queue = f"dpo-bench-{secrets.token_hex(4)}"
+    key = "bench-" + secrets.token_hex(8)
+    procs = None
+    try:
+        from api.store.migrate import upgrade
+
+        upgrade(db_url)
+        t = time.perf_counter()
+        ids = seed_jobs(db_url, args.jobs)
+        print(f"seeded {len(ids):,} jobs in {time.perf_counter() - t:.0f} s; logs in {root}", flush=True)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
+        env.update(DPO_DATA_DIR=str(root / "data"), DPO_API_KEY=key, DPO_DATABASE_URL=db_url,
+                   DPO_BROKER_URL=args.broker_url, DPO_QUEUE=queue, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+        procs = Processes(root, env)
+        procs.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port)])
+        procs.start("worker", ["-m", "worker", "--loglevel", "INFO"])
+        procs.wait_ready(url)
+        results = run_all(args, url, key, ids, root)
+        print()
+        print(results)
+    finally:
+        if procs:
+            procs.stop()
+        drop_database(args.database_url, db_url)
+        _drop_queue(args.broker_url, queue)
+
+
+def run_all(args, url: str, key: str, ids: list[str], root: Path) -> str:
+    lines = [f"### Listing, {len(ids):,} jobs in PostgreSQL, one request at a time"]
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        for name, ms in bench_listing(client, ids, args.list_requests).items():
+            lines.append(f"  {name:<42} {summary(ms)}")
+        print("\n".join(lines), flush=True)
+        polls = []
+        for interval, label in ((args.interval, f"every {args.interval:g} s"), (0.0, "back to back")):
+            ok, errors, wall = asyncio.run(bench_polling(url, key, ids, args.clients, interval, args.duration))
+            polls.append(f"  {args.clients} clients, {label:<13} {len(ok) / wall:6.0f} req/s  errors {len(errors)}  "
+                         f"{summary(ok)}")
+            print(polls[-1], flush=True)
+        lines += [f"### Status polling, GET /v1/fine_tuning/jobs/{{id}}, {args.duration:g} s each", *polls]
+        model, train = make_tiny_job_files(root)
+        submit = bench_submit(client, model, train, args.submits)
+        lines += ["### Submit -> running, idle worker, tiny job", f"  {summary(submit)}"]
+    return "\n".join(lines)
+
+
+def _drop_queue(broker_url: str, queue: str) -> None:
+    try:
+        import redis
+
+        client = redis.Redis.from_url(broker_url)
+        leftovers = [queue, *client.scan_iter(match=f"*{queue}*")]
+        client.delete(*leftovers)
+    except Exception as err:  # noqa: BLE001 - clean-up is best effort; say what was left
+        print(f"could not delete Redis queue {queue}: {err}")
+
+
+if __name__ == "__main__":
+    main()

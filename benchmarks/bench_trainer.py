@@ -1,0 +1,271 @@
+"""dpo_core against TRL's DPOTrainer: tokens/s, peak memory and the loss curve, on one model and one data order.
+
+    .venv/bin/python benchmarks/bench_trainer.py --quick             # smoke test, about two minutes
+    .venv/bin/python benchmarks/bench_trainer.py                     # the issue-6 setting (see docs/performance.md)
+    .venv/bin/python benchmarks/bench_trainer.py --reference-mode precomputed --precision bf16
+
+Both contenders train the bench-20m Llama (32k vocabulary) on the same pairs, in the same order, with the
+same batch size (no accumulation), max_length, learning rate, beta, steps and precision; everything else
+is each trainer's default. Runs are interleaved (TRL, ours, ..., TRL, ours, ...) and each is a fresh
+process, so peak resident memory (ru_maxrss) belongs to one contender. Tokens are the non-padding tokens
+of the chosen and rejected sequences, counted from the data the same way for both; time runs from the end
+of the first step to the end of the last (model loading and the warm-up step left out). A reference model
+pass is part of every step in `model` mode; in `precomputed` mode its one-off pass is reported too.
+
+Throughput is given per wall-clock second and per CPU second of the process: the second is steadier on a
+shared machine. The ratio reported is the median over repeats of ours / TRL of the same repeat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+import workload  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from contenders import Job  # noqa: E402
+
+
+@dataclass
+class Contender:
+    label: str
+    contender: str  # "trl" | "dpo_core"
+    precision: str
+    reference_mode: str
+    ours: dict
+    trl: dict | None = None
+    pythonpath: str | None = None  # import dpo_core from this checkout instead of this repo (A/B of a patch)
+
+
+@dataclass
+class Workload:
+    model: str
+    original_file: str  # what dpo_core reads; it orders the rows itself
+    ordered_file: str  # the same rows in dpo_core's training order, for TRL to read front to back
+    step_tokens: list  # non-padding tokens of each step, counted from the data
+
+
+def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: int) -> Workload:
+    """Model, data, and the training order dpo_core will use, replayed for TRL."""
+    from dpo_core.batching import epoch_order, row_length
+    from dpo_core.data import read_jsonl
+    from dpo_core.models import load_tokenizer
+    from dpo_core.tokenize import tokenize
+
+    model = workload.build_model(work_dir / "bench-20m", max_length)
+    rows = workload.make_rows(steps * batch_size, max_length, seed=seed)
+    original = workload.write_jsonl(work_dir / f"pairs-{max_length}-{len(rows)}.jsonl", rows)
+    tokenized = tokenize(read_jsonl(original), load_tokenizer(model), max_length=max_length, max_prompt_length=None)
+    if len(tokenized.rows) != len(rows):
+        raise SystemExit(f"{len(rows) - len(tokenized.rows)} rows do not fit max_length={max_length}; fix the generator")
+    # dpo_core's defaults: seed 42, length-grouped batches. One epoch holds exactly `steps` batches.
+    order = epoch_order([row_length(r) for r in tokenized.rows], batch_size, 42, 0, True)
+    ordered_rows = [rows[i] for batch in order for i in batch]
+    ordered = workload.write_jsonl(work_dir / f"pairs-{max_length}-{len(rows)}-ordered.jsonl", ordered_rows)
+    step_tokens = [sum(workload.pair_tokens(rows[i], max_length) for i in batch) for batch in order]
+    return Workload(model, original, ordered, step_tokens)
+
+
+def run_one(c: Contender, w: Workload, args, work_dir: Path, tag: str) -> dict:
+    """Train one contender in a fresh process; return its RESULT record plus derived figures."""
+    out = work_dir / "runs" / tag
+    job = Job(
+        contender=c.contender,
+        model=w.model,
+        train_file=w.ordered_file if c.contender == "trl" else w.original_file,
+        output_dir=str(out),
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        beta=args.beta,
+        precision=c.precision,
+        reference_mode=c.reference_mode,
+        ours=c.ours,
+        trl=c.trl or {},
+    )
+    path = f"{c.pythonpath}:{REPO}" if c.pythonpath else str(REPO)
+    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    load_before = os.getloadavg()[0]
+    log = work_dir / "logs" / f"{tag}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        proc = subprocess.run(
+            [sys.executable, str(HERE / "contenders.py"), json.dumps(asdict(job))],
+            stdout=subprocess.PIPE, stderr=fh, text=True, env=env, cwd=c.pythonpath or REPO,
+        )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{c.label} failed (exit {proc.returncode}); see {log}")
+    r = json.loads(lines[-1].removeprefix("RESULT "))
+    r.update(label=c.label, load_before=load_before, load_after=os.getloadavg()[0])
+    r.update(_figures(r, w.step_tokens))
+    if c.contender == "dpo_core":
+        r["own_num_tokens"] = _own_tokens(out)
+    return r
+
+
+def _figures(r: dict, step_tokens: list) -> dict:
+    """tokens/s over steps 2..N (wall and CPU), and over all steps with any reference precompute added."""
+    if len(r["wall"]) != len(step_tokens):
+        raise SystemExit(f"{r['label']}: {len(r['wall'])} steps timed, expected {len(step_tokens)}")
+    steady = sum(step_tokens[1:])
+    wall, cpu = r["wall"][-1] - r["wall"][0], r["cpu"][-1] - r["cpu"][0]
+    return {
+        "tokens_per_s": steady / wall,
+        "tokens_per_cpu_s": steady / cpu,
+        "tokens_per_s_with_precompute": sum(step_tokens) / (r["wall"][-1] + r["precompute_s"]),
+        "step_s_median": statistics.median(b - a for a, b in zip(r["wall"], r["wall"][1:])),
+        # Robust to a neighbour's burst of work: the median over steps 2..N of that step's tokens/s.
+        "tokens_per_s_median_step": statistics.median(
+            n / (b - a) for n, a, b in zip(step_tokens[1:], r["wall"], r["wall"][1:])
+        ),
+    }
+
+
+def _own_tokens(out: Path) -> int | None:
+    """dpo_core's own num_tokens at the last step: a cross-check of the count made from the data."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return next((r["num_tokens"] for r in reversed(records) if "num_tokens" in r), None)
+
+
+def contenders(args) -> list[Contender]:
+    ours = {"logprob_chunk_size": args.chunk_size} if args.chunk_size else {}
+    main = [
+        Contender("TRL", "trl", args.precision, args.reference_mode, {}),
+        Contender("dpo_core", "dpo_core", args.precision, args.reference_mode, ours),
+    ]
+    if args.skip_trl:
+        main = main[1:]
+    for path in args.candidate or []:
+        main.append(Contender(f"dpo_core@{Path(path).name}", "dpo_core", args.precision, args.reference_mode, ours,
+                              pythonpath=str(Path(path).resolve())))
+    if args.checkpointing_rows:
+        # TRL's DPOConfig turns gradient checkpointing on by default, dpo_core's spec leaves it off:
+        # these rows compare each with the other's setting.
+        main += [
+            Contender("TRL no grad-ckpt", "trl", args.precision, args.reference_mode, {}, {"gradient_checkpointing": False}),
+            Contender("dpo_core grad-ckpt", "dpo_core", args.precision, args.reference_mode, {**ours, "gradient_checkpointing": True}),
+        ]
+    if args.no_extra_rows:
+        return main
+    extra = []
+    if args.reference_mode != "precomputed":
+        extra.append(Contender("dpo_core precomputed", "dpo_core", args.precision, "precomputed", ours))
+    if args.precision != "bf16":
+        extra.append(Contender("dpo_core bf16", "dpo_core", "bf16", args.reference_mode, ours))
+    return main + extra
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f}"
+
+
+def report(results: list[dict], order: list[str], args) -> str:
+    """The markdown table and the loss comparison."""
+    by = {label: [r for r in results if r["label"] == label] for label in order}
+    trl = by[order[0]]  # the baseline: TRL, or the first dpo_core row with --skip-trl
+    lines = [
+        "| contender | tokens/s (wall) | median-step tokens/s | tokens/CPU-s | incl. ref precompute | peak RSS MiB "
+        f"| × {order[0]} tokens/s | × median-step | × CPU | RSS / {order[0]} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, runs in by.items():
+        ratio = statistics.median(r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, trl))
+        step_ratio = statistics.median(
+            r["tokens_per_s_median_step"] / t["tokens_per_s_median_step"] for r, t in zip(runs, trl)
+        )
+        cpu_ratio = statistics.median(r["tokens_per_cpu_s"] / t["tokens_per_cpu_s"] for r, t in zip(runs, trl))
+        rss = statistics.median(r["peak_rss"] for r in runs)
+        rss_ratio = statistics.median(r["peak_rss"] / t["peak_rss"] for r, t in zip(runs, trl))
+        lines.append(
+            f"| {label} | {statistics.median(r['tokens_per_s'] for r in runs):,.0f} "
+            f"| {statistics.median(r['tokens_per_s_median_step'] for r in runs):,.0f} "
+            f"| {statistics.median(r['tokens_per_cpu_s'] for r in runs):,.0f} "
+            f"| {statistics.median(r['tokens_per_s_with_precompute'] for r in runs):,.0f} "
+            f"| {_mib(rss)} | {ratio:.2f} | {step_ratio:.2f} | {cpu_ratio:.2f} | {rss_ratio:.2f} |"
+        )
+    lines += ["", "Each run (wall tokens/s, median step s, peak RSS MiB, load average before/after):"]
+    for r in results:
+        lines.append(
+            f"  {r['label']:<22} {r['tokens_per_s']:8,.0f} tok/s  {r['step_s_median']:6.2f} s/step  "
+            f"{_mib(r['peak_rss']):>6} MiB  load {r['load_before']:.1f}/{r['load_after']:.1f}"
+            + (f"  own num_tokens {r['own_num_tokens']}" if "own_num_tokens" in r else "")
+        )
+    lines += ["", _loss_table(by, args)]
+    return "\n".join(lines)
+
+
+def _loss_table(by: dict, args) -> str:
+    n = min(20, args.steps)
+    base = next(iter(by))
+    trl = by[base][0]["losses"][:n]
+    out = [f"Loss over the first {n} steps, first repeat (max |diff| vs {base}):"]
+    for label, runs in by.items():
+        losses = runs[0]["losses"][:n]
+        diff = max(abs(a - b) for a, b in zip(losses, trl))
+        out.append(f"  {label:<22} max |Δ| = {diff:.2e}   " + " ".join(f"{x:.5f}" for x in losses))
+    return "\n".join(out)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (no accumulation)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--reference-mode", choices=["model", "precomputed"], default="model", help="for both contenders")
+    p.add_argument("--learning-rate", type=float, default=5e-6)
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of every contender")
+    p.add_argument("--chunk-size", type=int, default=None, help="dpo_core logprob_chunk_size (default: its own)")
+    p.add_argument("--no-extra-rows", action="store_true", help="skip dpo_core precomputed / bf16 rows")
+    p.add_argument("--checkpointing-rows", action="store_true",
+                   help="add TRL without gradient checkpointing (its default is on) and dpo_core with it (default off)")
+    p.add_argument("--skip-trl", action="store_true", help="dpo_core rows only; ratios are to the first of them")
+    p.add_argument("--candidate", action="append", metavar="PATH",
+                   help="also run dpo_core imported from PATH (a checkout with a patch), e.g. to A/B a change")
+    p.add_argument("--quick", action="store_true", help="smoke test: max_length 128, batch 4, 6 steps, 1 repeat")
+    p.add_argument("--work-dir", default=str(REPO / ".dpo-data" / "bench"))
+    p.add_argument("--json", default=None, help="also write every run's record here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.max_length, args.batch_size, args.steps, args.repeats = 128, 4, 6, 1
+    if args.steps < 2:
+        p.error("--steps must be at least 2: the first step is warm-up and is not timed")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work_dir = Path(args.work_dir)
+    w = prepare(work_dir, args.max_length, args.batch_size, args.steps, seed=0)
+    plan = contenders(args)
+    print(f"{len(plan)} contenders x {args.repeats} repeats; {sum(w.step_tokens):,} tokens in {args.steps} steps; "
+          f"max_length {args.max_length}, batch {args.batch_size} pairs, {args.precision}, reference {args.reference_mode}",
+          flush=True)
+    results = []
+    for rep in range(args.repeats):
+        for c in plan:
+            started = time.perf_counter()
+            r = run_one(c, w, args, work_dir, tag=f"{c.label.replace(' ', '-')}-{rep}")
+            results.append(r)
+            print(f"  [{rep}] {c.label:<22} {r['tokens_per_s']:8,.0f} tok/s  {_mib(r['peak_rss']):>6} MiB  "
+                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+    print()
+    print(report(results, [c.label for c in plan], args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "step_tokens": w.step_tokens, "runs": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""One benchmark contender, run in a fresh process so that its peak memory is its own.
+
+    python benchmarks/contenders.py '<json job>'     (bench_trainer.py starts it; not meant for people)
+
+The job names the contender ("trl" or "dpo_core"), the model, the data file (already in training
+order) and the shared hyperparameters. The process trains, then prints one line `RESULT <json>`:
+when each optimizer step ended (wall clock and process CPU time), the loss of each step, the
+seconds spent precomputing reference log-probs, and resident memory (ru_maxrss: the peak over the
+whole process, model loading included). Timing starts at the first step, so loading is left out;
+tokens are counted by the caller, from the data.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+
+@dataclass
+class Job:
+    contender: str  # "trl" | "dpo_core"
+    model: str
+    train_file: str
+    output_dir: str
+    max_length: int
+    batch_size: int
+    steps: int
+    learning_rate: float
+    beta: float
+    precision: str  # "fp32" | "bf16"
+    reference_mode: str  # "model" | "precomputed"
+    seed: int = 42
+    ours: dict = field(default_factory=dict)  # extra TrainingSpec fields for dpo_core (chunk size, ...)
+    trl: dict = field(default_factory=dict)  # extra DPOConfig fields for TRL (gradient_checkpointing, ...)
+
+
+@dataclass
+class Clock:
+    """Step end times, relative to the start of the first step; filled by the trainers' callbacks."""
+
+    started_wall: float = 0.0
+    started_cpu: float = 0.0
+    wall: list = field(default_factory=list)
+    cpu: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    rss_at_start: int = 0
+    precompute_s: float = 0.0
+
+    def start(self) -> None:
+        self.rss_at_start = psutil.Process().memory_info().rss
+        self.started_wall, self.started_cpu = time.perf_counter(), time.process_time()
+
+    def step_done(self) -> None:
+        self.wall.append(time.perf_counter() - self.started_wall)
+        self.cpu.append(time.process_time() - self.started_cpu)
+
+
+def _timed(fn, clock: Clock):
+    """Wrap `fn` so the seconds it takes are added to clock.precompute_s (instrumentation only)."""
+
+    def wrapper(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock.precompute_s += time.perf_counter() - t
+
+    return wrapper
+
+
+def run_trl(job: Job, clock: Clock) -> None:
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 0:
+                clock.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            clock.step_done()
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                clock.losses.append(float(logs["loss"]))
+
+    # Counted as reference work: TRL precomputes inside DPOTrainer.__init__.
+    DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, clock)
+    rows = [json.loads(line) for line in open(job.train_file)]
+    args = DPOConfig(
+        output_dir=job.output_dir,
+        per_device_train_batch_size=job.batch_size,
+        gradient_accumulation_steps=1,
+        max_length=job.max_length,
+        learning_rate=job.learning_rate,
+        beta=job.beta,
+        max_steps=job.steps,
+        bf16=job.precision == "bf16",
+        precompute_ref_log_probs=job.reference_mode == "precomputed",
+        use_cpu=True,
+        seed=job.seed,
+        # Same data order as dpo_core: the file is already in its order, so read it front to back.
+        train_sampling_strategy="sequential",
+        # Not hyperparameters: per-step losses for the comparison, no checkpoints, no progress bar.
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        **job.trl,
+    )
+    trainer = DPOTrainer(
+        model=job.model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(job.model),
+        callbacks=[Timer()],
+    )
+    trainer.train()
+
+
+def run_dpo_core(job: Job, clock: Clock) -> None:
+    from dpo_core import Callbacks, train
+    from dpo_core import reference
+    from dpo_core.spec import TrainingSpec
+
+    class Timer(Callbacks):
+        def on_start(self, info):
+            clock.start()
+
+        def on_step(self, step, total_steps):
+            clock.step_done()
+
+        def on_log(self, metrics):
+            clock.losses.append(float(metrics["loss"]))
+
+    reference.PrecomputedReference.compute = classmethod(_timed(reference.PrecomputedReference.compute.__func__, clock))
+    spec = TrainingSpec(
+        model=job.model,
+        train_file=job.train_file,
+        output_dir=job.output_dir,
+        max_length=job.max_length,
+        max_prompt_length=None,  # as TRL 1.16, which has none: the same tokens
+        batch_size=job.batch_size,
+        max_steps=job.steps,
+        learning_rate=job.learning_rate,
+        loss={"type": "sigmoid", "beta": job.beta},
+        precision=job.precision,
+        reference_mode=job.reference_mode,
+        seed=job.seed,
+        device="cpu",
+        logging_steps=1,
+        **job.ours,
+    )
+    train(spec, Timer())
+
+
+def main() -> None:
+    job = Job(**json.loads(sys.argv[1]))
+    import torch
+
+    clock = Clock()
+    rss_after_imports = psutil.Process().memory_info().rss
+    {"trl": run_trl, "dpo_core": run_dpo_core}[job.contender](job, clock)
+    result = asdict(clock)
+    result.update(
+        contender=job.contender,
+        threads=torch.get_num_threads(),
+        rss_after_imports=rss_after_imports,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        code=sys.modules["dpo_core"].__file__ if "dpo_core" in sys.modules else sys.modules["trl"].__file__,
+    )
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
