@@ -10,14 +10,15 @@ from sqlalchemy.orm import Session, sessionmaker
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`; SQLite files get WAL and a busy timeout because API and worker share them."""
+def make_engine(url: str, **options) -> Engine:
+    """An engine for `url`; SQLite files get WAL and a busy timeout because API and worker share them.
+    `options` go to create_engine (e.g. poolclass=NullPool for a thread that must hold no connection)."""
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, **options)
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **options)
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 

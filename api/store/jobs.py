@@ -5,14 +5,15 @@ worker's start or finish can race without either overwriting the other.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
-from api.store.models import Checkpoint, Event, Job, JobStatus, now
+from api.store.models import WAITING, Checkpoint, Event, Job, JobStatus, now
 
-ACTIVE = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.RUNNING)
+ACTIVE = (*WAITING, JobStatus.RUNNING)
 
 
 def add_event(
@@ -24,27 +25,32 @@ def add_event(
 
 
 def transition(
-    session: Session, job_id: str, new: JobStatus, expected: tuple[JobStatus, ...], **fields: Any
+    session: Session, job_id: str, new: JobStatus, expected: tuple[JobStatus, ...],
+    *, where: tuple[ColumnElement[bool], ...] = (), message: str | None = None, data: dict | None = None,
+    **fields: Any,
 ) -> bool:
-    """Move a job to `new` if it is in one of `expected`; record a status event. False if it was not."""
-    if new in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
-        fields.setdefault("finished_at", now())
+    """Move a job to `new` if it is in one of `expected` (and matches `where`); record an event.
+    False if it was not. Status changes other than to `dispatched` are status events (`data.status`)."""
+    if new.terminal:
+        fields.setdefault("finished_at", time.time())
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status.in_([s.value for s in expected]))
+        .where(Job.id == job_id, Job.status.in_([s.value for s in expected]), *where)
         .values(status=new.value, **fields)
         .execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:
         return False
     level = "error" if new == JobStatus.FAILED else "info"
-    add_event(session, job_id, _STATUS_MESSAGES[new], level=level, data={"status": new.value})
+    data = data if new == JobStatus.DISPATCHED else {"status": new.value, **(data or {})}
+    add_event(session, job_id, message or _STATUS_MESSAGES[new], level=level, data=data)
     return True
 
 
 _STATUS_MESSAGES = {
     JobStatus.VALIDATING_FILES: "Validating training file",
     JobStatus.QUEUED: "Job queued",
+    JobStatus.DISPATCHED: "Job handed to a worker",
     JobStatus.RUNNING: "Job started",
     JobStatus.SUCCEEDED: "The job has successfully completed",
     JobStatus.FAILED: "The job failed",
@@ -55,7 +61,7 @@ _STATUS_MESSAGES = {
 def request_cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel a job that has not started, or flag a running one for its worker. Returns the new status,
     or None when the job had already finished."""
-    if transition(session, job_id, JobStatus.CANCELLED, (JobStatus.VALIDATING_FILES, JobStatus.QUEUED)):
+    if transition(session, job_id, JobStatus.CANCELLED, WAITING):  # a dispatched job's worker then skips it
         return JobStatus.CANCELLED
     result = session.execute(
         update(Job)

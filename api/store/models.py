@@ -1,7 +1,8 @@
-"""SQLAlchemy models of the job store: files, jobs, events and checkpoints.
+"""SQLAlchemy models of the job store: teams and their keys, files, jobs, events, checkpoints, workers.
 
 The schema is made only by the Alembic migrations in migrations/; keep the two in step.
-Times are Unix seconds (the OpenAI API's convention).
+Times are Unix seconds (the OpenAI API's convention); the ones GPU-seconds are computed from
+(a job's start and end, worker heartbeats) keep their fraction.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
@@ -19,7 +20,8 @@ BigIntKey = BigInteger().with_variant(Integer, "sqlite")
 
 class JobStatus(StrEnum):
     VALIDATING_FILES = "validating_files"
-    QUEUED = "queued"
+    QUEUED = "queued"  # waiting for the dispatcher
+    DISPATCHED = "dispatched"  # given to one worker (jobs.worker_id), its id sent to that worker's queue
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -31,6 +33,9 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+WAITING = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.DISPATCHED)  # what users see as queued
+ON_WORKER = (JobStatus.DISPATCHED, JobStatus.RUNNING)  # what keeps a worker busy
+DEFAULT_TEAM_ID = "team-default"  # made by the migration; the admin key's own files and jobs go here
 
 
 def now() -> int:
@@ -46,11 +51,66 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON(none_as_null=True), list[Any]: JSON(none_as_null=True)}
 
 
+class Team(Base):
+    """A team sharing the pool: it owns files and jobs, has keys, and limits on its jobs (None: no limit)."""
+
+    __tablename__ = "teams"
+    __table_args__ = (
+        Index("ix_teams_created_at_id", "created_at", "id"),
+        # Names are unique among teams that exist; a deleted team's name may be used again.
+        Index("uq_teams_name_live", "name", unique=True, sqlite_where=text("deleted_at IS NULL"),
+              postgresql_where=text("deleted_at IS NULL")),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("team"))
+    name: Mapped[str] = mapped_column(String(128))
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ApiKey(Base):
+    """A team's key. Only its SHA-256 is stored: the key is 256 random bits, shown once at creation."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (Index("ix_api_keys_team_id", "team_id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("key"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    name: Mapped[str | None] = mapped_column(String(128))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    hint: Mapped[str] = mapped_column(String(32))  # the key's first characters, to tell keys apart in lists
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    revoked_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Worker(Base):
+    """A worker process in the pool: what it serves, the queue it listens on, when it last said it is alive."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("worker"))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    gpu_type: Mapped[str] = mapped_column(String(64))
+    gpus: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(300))
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    registered_at: Mapped[float] = mapped_column(Float)
+    last_heartbeat_at: Mapped[float] = mapped_column(Float)
+    stopped_at: Mapped[float | None] = mapped_column(Float)
+
+
 class File(Base):
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_files_created_at_id", "created_at", "id"),
+        Index("ix_files_team_id_created_at_id", "team_id", "created_at", "id"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("file"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
     filename: Mapped[str] = mapped_column(String(255))
     purpose: Mapped[str] = mapped_column(String(32))
     bytes: Mapped[int] = mapped_column(BigInteger)
@@ -63,10 +123,19 @@ class File(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_created_at_id", "created_at", "id"),)
+    __table_args__ = (
+        Index("ix_jobs_created_at_id", "created_at", "id"),
+        Index("ix_jobs_team_id_created_at_id", "team_id", "created_at", "id"),
+        Index("ix_jobs_team_id_status", "team_id", "status"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("ftjob"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
     status: Mapped[str] = mapped_column(String(32), index=True)
+    # What the job asks of the pool, and how it ranks among its team's waiting jobs (higher first).
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    gpu_type: Mapped[str | None] = mapped_column(String(64))
+    gpus: Mapped[int] = mapped_column(Integer, default=1)
     model: Mapped[str] = mapped_column(String(1024))
     training_file: Mapped[str] = mapped_column(String(64))
     validation_file: Mapped[str | None] = mapped_column(String(64))
@@ -79,10 +148,12 @@ class Job(Base):
     suffix: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
-    started_at: Mapped[int | None] = mapped_column(BigInteger)
-    finished_at: Mapped[int | None] = mapped_column(BigInteger)
+    dispatched_at: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[float | None] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    worker: Mapped[str | None] = mapped_column(String(255))
+    worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"), index=True)
+    worker: Mapped[str | None] = mapped_column(String(255))  # the worker's name, kept after it leaves
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     fine_tuned_model: Mapped[str | None] = mapped_column(String(64))

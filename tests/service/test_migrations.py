@@ -14,7 +14,7 @@ from api.store.db import make_engine
 from api.store.migrate import alembic_config, upgrade
 from tests.service.support import service_url
 
-TABLES = {"alembic_version", "files", "jobs", "events", "checkpoints"}
+TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints"}
 
 
 def _check(url: str) -> None:
@@ -64,3 +64,49 @@ def test_postgresql():
         with admin.connect() as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def _rows_before_teams(url: str) -> None:
+    """A file and a running job as the schema before teams (0001) holds them."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.execute(text("INSERT INTO files (id, filename, purpose, bytes, format, rows, status, storage_key, "
+                          "created_at) VALUES ('file-old', 'a.jsonl', 'fine-tune', 1, 'text', 1, 'processed', "
+                          "'files/file-old.jsonl', 100)"))
+        conn.execute(text("INSERT INTO jobs (id, status, model, training_file, method, hyperparameters, spec, "
+                          "created_at, started_at, cancel_requested, result_files) VALUES ('ftjob-old', 'running', "
+                          "'m', 'file-old', '{}', '{}', '{}', 100, 160, false, '[]')"))
+        conn.commit()
+    engine.dispose()
+
+
+def _check_existing_rows_join_the_default_team(url: str) -> None:
+    _rows_before_teams(url)
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT team_id FROM files")).scalar() == "team-default"
+        job = conn.execute(text("SELECT team_id, priority, gpus, gpu_type, started_at FROM jobs")).one()
+        assert tuple(job) == ("team-default", 0, 1, None, 160.0)
+        assert conn.execute(text("SELECT name FROM teams")).scalar() == "default"
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0001")
+        conn.commit()
+        assert conn.execute(text("SELECT started_at FROM jobs")).scalar() == 160
+    engine.dispose()
+
+
+def test_existing_rows_join_the_default_team_sqlite(tmp_path):
+    _check_existing_rows_join_the_default_team(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
+
+
+@pytest.mark.postgres
+def test_existing_rows_join_the_default_team_postgresql():
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        _check_existing_rows_join_the_default_team(url)

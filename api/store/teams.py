@@ -1,0 +1,111 @@
+"""Teams and their API keys.
+
+A key is `dpo-sk-` + 43 characters of `secrets.token_urlsafe(32)` (256 random bits). Only its SHA-256
+is stored: with that much entropy a fast hash is as safe as a slow one, and it lets a request find
+its key by an indexed lookup. A revoked key stops working on the next request: every request looks
+its key up, nothing is cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from api.errors import Conflict, NotFound
+from api.store.jobs import ACTIVE
+from api.store.locks import lock_team
+from api.store.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, new_id, now
+
+KEY_PREFIX = "dpo-sk-"
+HINT_CHARS = len(KEY_PREFIX) + 4
+
+
+@dataclass(frozen=True)
+class NewKey:
+    row: ApiKey
+    key: str  # the only time the plain key exists on the service side
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def team_for_key(session: Session, presented: str) -> tuple[str, str] | None:
+    """(key id, team id) of a live key, or None. The stored hash is compared in constant time."""
+    digest = hash_key(presented)
+    row = session.execute(
+        select(ApiKey.id, ApiKey.team_id, ApiKey.key_hash).join(Team, Team.id == ApiKey.team_id)
+        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None), Team.deleted_at.is_(None))
+    ).one_or_none()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return row.id, row.team_id
+
+
+def get_team(session: Session, team_id: str) -> Team:
+    team = session.get(Team, team_id)
+    if team is None or team.deleted_at is not None:
+        raise NotFound(f"no team {team_id!r}", param="team_id")
+    return team
+
+
+def create_team(session: Session, name: str, max_running_jobs: int | None, max_queued_jobs: int | None) -> Team:
+    _name_is_free(session, name)
+    team = Team(id=new_id("team"), name=name, max_running_jobs=max_running_jobs,
+                max_queued_jobs=max_queued_jobs, created_at=now())
+    session.add(team)
+    return team
+
+
+def update_team(session: Session, team: Team, changes: dict) -> Team:
+    if "name" in changes and changes["name"] != team.name:
+        _name_is_free(session, changes["name"])
+    for field, value in changes.items():
+        setattr(team, field, value)
+    return team
+
+
+def delete_team(session: Session, team: Team) -> None:
+    """Delete a team with no unfinished jobs: its keys stop working; its files, jobs and usage stay for the admin."""
+    if team.id == DEFAULT_TEAM_ID:
+        raise Conflict("the default team holds the admin key's own files and jobs; it cannot be deleted",
+                       param="team_id")
+    lock_team(session, team.id)  # no job of the team is created while we look
+    unfinished = session.scalar(select(func.count()).select_from(Job).where(
+        Job.team_id == team.id, Job.status.in_([s.value for s in ACTIVE])))
+    if unfinished:
+        raise Conflict(f"team {team.id} has {unfinished} unfinished jobs; cancel them first", param="team_id")
+    stamp = now()
+    session.execute(update(ApiKey).where(ApiKey.team_id == team.id, ApiKey.revoked_at.is_(None))
+                    .values(revoked_at=stamp).execution_options(synchronize_session=False))
+    team.deleted_at = stamp
+
+
+def create_key(session: Session, team: Team, name: str | None) -> NewKey:
+    key = KEY_PREFIX + secrets.token_urlsafe(32)
+    row = ApiKey(id=new_id("key"), team_id=team.id, name=name, key_hash=hash_key(key), hint=key[:HINT_CHARS],
+                 created_at=now())
+    session.add(row)
+    return NewKey(row=row, key=key)
+
+
+def get_key(session: Session, team: Team, key_id: str) -> ApiKey:
+    row = session.get(ApiKey, key_id)
+    if row is None or row.team_id != team.id:
+        raise NotFound(f"no key {key_id!r} of team {team.id}", param="key_id")
+    return row
+
+
+def revoke_key(session: Session, row: ApiKey) -> None:
+    if row.revoked_at is None:
+        row.revoked_at = now()
+
+
+def _name_is_free(session: Session, name: str) -> None:
+    taken = session.scalar(select(Team.id).where(Team.name == name, Team.deleted_at.is_(None)))
+    if taken:
+        raise Conflict(f"a team named {name!r} exists already ({taken})", param="name", code="name_taken")
