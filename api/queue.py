@@ -52,6 +52,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def enqueue_job(app: Celery, job_id: str) -> None:
-    """Hand a job to the workers. Only its id goes through the broker."""
-    app.send_task(RUN_JOB_TASK, args=[job_id])
+def enqueue_job(app: Celery, job_id: str, queue: str) -> None:
+    """Hand a job to the worker listening on `queue`. Only its id goes through the broker."""
+    app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)

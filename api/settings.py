@@ -26,12 +26,25 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest accepted upload")
     metrics_event_interval_s: float = Field(5.0, ge=0, description="at most one metrics event per interval")
     cancel_poll_interval_s: float = Field(1.0, gt=0, description="how often a running job checks for cancel")
+    # Scheduling (the dispatcher runs in every API process; the database keeps them from colliding).
+    dispatcher: bool = Field(True, description="run the dispatcher loop in this API process")
+    dispatch_interval_s: float = Field(1.0, gt=0, description="how often the dispatcher looks for free workers")
+    fair_share_window_s: float = Field(24 * 3600.0, gt=0, description="GPU-seconds used over this window rank teams")
+    # The pool: what a worker tells the service about itself, and when the service gives up on it.
+    worker_name: str | None = Field(None, max_length=200, description="default: <hostname>-<pid>")
+    worker_gpu_type: str | None = Field(None, max_length=64, description="default: detected (cpu without CUDA)")
+    worker_gpus: int | None = Field(None, gt=0, description="default: CUDA devices visible, 1 on CPU")
+    worker_heartbeat_interval_s: float = Field(5.0, gt=0, description="how often a worker says it is alive")
+    worker_lost_after_s: float = Field(30.0, gt=0, description="a worker silent this long is lost")
+    worker_forget_after_s: float = Field(24 * 3600.0, gt=0, description="lost or stopped workers leave the pool view")
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.env == "production" and self.api_key is None:
             raise ValueError("DPO_ENV=production needs DPO_API_KEY set to a secret of your own")
+        if self.worker_lost_after_s <= self.worker_heartbeat_interval_s:
+            raise ValueError("DPO_WORKER_LOST_AFTER_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S")
         return self
 
     @property

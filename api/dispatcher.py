@@ -1,0 +1,53 @@
+"""The dispatcher loop each API process runs: a daemon thread that runs a scheduling pass every
+`dispatch_interval_s`, and at once when woken (a job was created). Every pass re-reads the database,
+so the loop keeps no state worth losing and any number of API processes may run one."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.queue import enqueue_job
+from api.scheduler import Assignment, dispatch_pass
+from api.settings import Settings
+
+log = logging.getLogger("dpo.dispatcher")
+
+
+class Dispatcher:
+    def __init__(self, sessions: sessionmaker[Session], settings: Settings, celery: Celery):
+        self.sessions, self.settings, self.celery = sessions, settings, celery
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def send(self, assignment: Assignment) -> None:
+        enqueue_job(self.celery, assignment.job_id, assignment.queue)
+
+    def run_once(self) -> list[Assignment]:
+        return dispatch_pass(self.sessions, self.settings, self.send)
+
+    def wake(self) -> None:
+        """Run a pass soon, without waiting for the interval (a no-op when the loop is off)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dpo-dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for a in self.run_once():
+                    log.info("dispatched %s to %s", a.job_id, a.worker_name)
+            except Exception:  # noqa: BLE001 - a failed pass (database away, lock conflict) is retried next time
+                log.exception("dispatch pass failed; retrying in %.1fs", self.settings.dispatch_interval_s)
+            self._wake.wait(self.settings.dispatch_interval_s)
+            self._wake.clear()

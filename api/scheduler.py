@@ -1,0 +1,166 @@
+"""Fair-share scheduling: which queued job the next free worker runs.
+
+For each idle live worker: among the teams with a queued job that worker can serve (its `gpu_type`, if
+the job names one, and at least the job's `gpus`) and that are below their `max_running_jobs`, the
+team that used the fewest GPU-seconds over the last `fair_share_window_s` gets the worker (ties: the
+team whose waiting job is oldest); within that team the job with the highest `priority`, then the
+oldest. The job becomes `dispatched` to that worker in the database, and only then is its id sent to
+the worker's own queue.
+
+Several API processes may run this at once. Each decision is one transaction that locks, in this
+order, the worker's row (`FOR UPDATE SKIP LOCKED`: another process takes another worker), the chosen
+team's row (its running jobs are counted under the lock) and the job's row (a conditional update from
+`queued`). So no job is dispatched twice, no worker gets two jobs and no team exceeds its limit.
+On SQLite the database's single writer lock serializes the decisions instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Select, exists, func, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.settings import Settings
+from api.store import jobs as store
+from api.store.locks import lock_team, try_lock_worker
+from api.store.models import ON_WORKER, Job, JobStatus, Team, Worker
+from api.store.usage import gpu_seconds_by_team
+from api.store.workers import is_live
+
+log = logging.getLogger("dpo.scheduler")
+
+
+@dataclass(frozen=True)
+class Assignment:
+    job_id: str
+    worker_id: str
+    worker_name: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Candidate:
+    job_id: str
+    team_id: str
+    created_at: int
+
+
+def dispatch_pass(sessions: sessionmaker[Session], settings: Settings, send: Callable[[Assignment], None],
+                  at: float | None = None) -> list[Assignment]:
+    """Give every idle worker a job if one waits; returns what was sent. A send that fails puts its job
+    back to `queued` and ends the pass (the broker is down; the next pass tries again)."""
+    at = time.time() if at is None else at
+    requeue_from_gone_workers(sessions, settings, at)
+    with sessions() as s:
+        if not s.scalar(select(exists().where(Job.status == JobStatus.QUEUED.value))):
+            return []
+        idle = [w.id for w in s.scalars(_idle_workers(settings, at))]
+    sent = []
+    for worker_id in idle:
+        assignment = dispatch_to(sessions, settings, worker_id, at)
+        if assignment is None:
+            continue
+        try:
+            send(assignment)
+        except Exception as err:  # noqa: BLE001 - any failure to publish means "not sent": undo and retry later
+            log.warning("could not send job %s to %s: %s", assignment.job_id, assignment.queue, err)
+            _undo(sessions, assignment, f"The job could not be sent to worker {assignment.worker_name} "
+                  f"(broker unreachable: {type(err).__name__}); it waits for the next dispatch")
+            break
+        sent.append(assignment)
+    return sent
+
+
+def dispatch_to(sessions: sessionmaker[Session], settings: Settings, worker_id: str, at: float) -> Assignment | None:
+    """One decision, one transaction: the job this worker runs next, now `dispatched` to it (or None)."""
+    with sessions.begin() as s:
+        if not try_lock_worker(s, worker_id):
+            return None  # another API process is dispatching to it
+        worker = s.scalars(select(Worker).where(Worker.id == worker_id, is_live(settings.worker_lost_after_s, at),
+                                                ~_busy(Worker.id))).one_or_none()
+        if worker is None:
+            return None
+        for _ in range(3):  # a job another process took in the meantime: choose again
+            chosen = _choose(s, settings, worker, at)
+            if chosen is None:
+                return None
+            message = f"Dispatched to worker {worker.name} ({worker.gpu_type} x{worker.gpus})"
+            if store.transition(s, chosen.job_id, JobStatus.DISPATCHED, (JobStatus.QUEUED,), message=message,
+                                data={"worker": worker.name}, worker_id=worker.id, worker=worker.name,
+                                dispatched_at=at):
+                return Assignment(chosen.job_id, worker.id, worker.name, worker.queue)
+        return None
+
+
+def _choose(s: Session, settings: Settings, worker: Worker, at: float) -> Candidate | None:
+    """The fair-share pick for `worker`, with its team locked and below its running limit."""
+    candidates = best_per_team(s, worker.gpu_type, worker.gpus)
+    if not candidates:
+        return None
+    used = gpu_seconds_by_team(s, [c.team_id for c in candidates], at - settings.fair_share_window_s, at)
+    running = _running_by_team(s, [c.team_id for c in candidates])
+    limits = dict(s.execute(select(Team.id, Team.max_running_jobs).where(
+        Team.id.in_([c.team_id for c in candidates]))).all())
+    ranked = sorted(candidates, key=lambda c: (used.get(c.team_id, 0.0), c.created_at, c.job_id))
+    for c in ranked:
+        if limits.get(c.team_id) is not None and running.get(c.team_id, 0) >= limits[c.team_id]:
+            continue
+        team = lock_team(s, c.team_id)  # count again under the lock: another process may have just dispatched
+        if team is None:
+            return None
+        limit = team.max_running_jobs
+        if limit is not None and _running_by_team(s, [team.id]).get(team.id, 0) >= limit:
+            return None  # lost that race; keep one team lock per transaction and let the next pass retry
+        return c
+    return None
+
+
+def best_per_team(s: Session, gpu_type: str, gpus: int) -> list[Candidate]:
+    """Each team's next queued job (highest priority, then oldest) among those a worker like this can serve."""
+    rank = func.row_number().over(partition_by=Job.team_id,
+                                  order_by=(Job.priority.desc(), Job.created_at, Job.id)).label("rank")
+    fits = select(Job.id, Job.team_id, Job.created_at, rank).where(
+        Job.status == JobStatus.QUEUED.value, or_(Job.gpu_type.is_(None), Job.gpu_type == gpu_type),
+        Job.gpus <= gpus).subquery()
+    rows = s.execute(select(fits.c.id, fits.c.team_id, fits.c.created_at).where(fits.c.rank == 1))
+    return [Candidate(job_id, team_id, created_at) for job_id, team_id, created_at in rows]
+
+
+def _running_by_team(s: Session, team_ids: list[str]) -> dict[str, int]:
+    stmt = (select(Job.team_id, func.count()).where(Job.team_id.in_(team_ids),
+                                                    Job.status.in_([x.value for x in ON_WORKER]))
+            .group_by(Job.team_id))
+    return dict(s.execute(stmt).all())
+
+
+def _busy(worker_id):
+    return exists().where(Job.worker_id == worker_id, Job.status.in_([x.value for x in ON_WORKER]))
+
+
+def _idle_workers(settings: Settings, at: float) -> Select:
+    # Smallest first, so a job that fits anywhere leaves the big machines to the jobs that need them.
+    return (select(Worker).where(is_live(settings.worker_lost_after_s, at), ~_busy(Worker.id))
+            .order_by(Worker.gpus, Worker.registered_at, Worker.id))
+
+
+def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
+    """Jobs dispatched to a worker that was lost or stopped before it started them go back to `queued`.
+    (Their worker only ever starts a job that is still dispatched to it, so a late start is refused.)"""
+    with sessions() as s:
+        stranded = s.execute(select(Job.id, Worker.name).join(Worker, Worker.id == Job.worker_id).where(
+            Job.status == JobStatus.DISPATCHED.value, ~is_live(settings.worker_lost_after_s, at))).all()
+    for job_id, name in stranded:
+        with sessions.begin() as s:
+            store.transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
+                             message=f"Worker {name} left before it started the job; queued again",
+                             worker_id=None, worker=None, dispatched_at=None)
+    return len(stranded)
+
+
+def _undo(sessions: sessionmaker[Session], a: Assignment, message: str) -> None:
+    with sessions.begin() as s:
+        store.transition(s, a.job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.worker_id == a.worker_id,),
+                         message=message, worker_id=None, worker=None, dispatched_at=None)

@@ -1,0 +1,181 @@
+"""Integration: the fair-share dispatcher on a real database (SQLite, and PostgreSQL when configured),
+with workers registered as rows and jobs finished by hand, so each decision is checked exactly."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from sqlalchemy import select, update
+
+from api.scheduler import dispatch_pass
+from api.store import teams as teams_store
+from api.store import workers as workers_store
+from api.store.migrate import upgrade
+from api.store.models import Job, JobStatus, Worker, new_id
+from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request, tmp_path):
+    if request.param == "sqlite":
+        s = make_settings(tmp_path / "data")
+        upgrade(s.db_url)
+        yield s
+        return
+    with fresh_postgres() as url:
+        upgrade(url)
+        yield make_settings(tmp_path / "data", database_url=url)
+
+
+def team(settings, name, **limits) -> str:
+    with sessions_for(settings).begin() as s:
+        return teams_store.create_team(s, name, limits.get("max_running_jobs"), limits.get("max_queued_jobs")).id
+
+
+_created = iter(range(10**9))
+
+
+def submit(settings, team_id, n=1, priority=0, gpu_type=None, gpus=1) -> list[str]:
+    """Queued jobs as the API stores them, each created one second after the last (age order is certain)."""
+    ids = []
+    with sessions_for(settings).begin() as s:
+        for _ in range(n):
+            job = Job(id=new_id("ftjob"), team_id=team_id, status=JobStatus.QUEUED.value, model="m",
+                      training_file="file-x", method={}, hyperparameters={}, spec={}, created_at=next(_created),
+                      result_files=[], cancel_requested=False, priority=priority, gpu_type=gpu_type, gpus=gpus)
+            s.add(job)
+            ids.append(job.id)
+    return ids
+
+
+def run(settings, job_id, seconds: float) -> None:
+    """The job ran for `seconds`, ending now (as its worker would record it)."""
+    end = time.time()
+    with sessions_for(settings).begin() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.SUCCEEDED.value,
+                                                             started_at=end - seconds, finished_at=end))
+
+
+def dispatched(settings) -> list[str]:
+    return [a.job_id for a in dispatch_pass(sessions_for(settings), settings, lambda a: None)]
+
+
+def status(settings, job_id) -> tuple[str, str | None]:
+    with sessions_for(settings)() as s:
+        job = s.get(Job, job_id)
+        return job.status, job.worker
+
+
+def test_the_next_free_worker_goes_to_the_team_that_used_least(settings):
+    register_worker(settings)
+    a, b = team(settings, "a"), team(settings, "b")
+    a_jobs, b_jobs = submit(settings, a, 10), submit(settings, b, 2)
+    order = []
+    for seconds in (5.0, 3.0, 1.0, 1.0):
+        (job,) = dispatched(settings)
+        assert dispatched(settings) == []  # one worker, busy
+        order.append(job)
+        run(settings, job, seconds)
+    # A's first (oldest), then B's as soon as A's ends, then B's again (3 s used < A's 5 s), then A's.
+    assert order == [a_jobs[0], b_jobs[0], b_jobs[1], a_jobs[1]]
+
+
+def test_usage_older_than_the_window_does_not_count(settings):
+    register_worker(settings)
+    a, b = team(settings, "a"), team(settings, "b")
+    (old,) = submit(settings, a)
+    with sessions_for(settings).begin() as s:  # a big run of A's, two days ago
+        s.execute(update(Job).where(Job.id == old).values(status="succeeded", started_at=time.time() - 2 * 86400,
+                                                          finished_at=time.time() - 2 * 86400 + 7200))
+    (a1,) = submit(settings, a)
+    (b1,) = submit(settings, b)
+    assert dispatched(settings) == [a1]  # A's job is older; its old usage is outside the 24 h window
+
+
+def test_within_a_team_priority_then_age(settings):
+    register_worker(settings)
+    a = team(settings, "a")
+    low, high, low2, high2 = (submit(settings, a, priority=p)[0] for p in (0, 5, 0, 5))
+    order = []
+    for _ in range(4):
+        (job,) = dispatched(settings)
+        order.append(job)
+        run(settings, job, 1)
+    assert order == [high, high2, low, low2]
+
+
+def test_max_running_jobs_caps_a_team_and_leaves_workers_to_others(settings):
+    for i in range(3):
+        register_worker(settings, f"w{i}", pid=i)
+    a, b = team(settings, "a", max_running_jobs=1), team(settings, "b")
+    a_jobs, b_jobs = submit(settings, a, 3), submit(settings, b, 1)
+    assert sorted(dispatched(settings)) == sorted([a_jobs[0], b_jobs[0]])
+    assert dispatched(settings) == []  # a worker stays idle: A is at its limit, B has nothing left
+    run(settings, a_jobs[0], 1)
+    assert dispatched(settings) == [a_jobs[1]]
+
+
+def test_jobs_go_only_to_workers_that_can_serve_them(settings):
+    cpu = register_worker(settings, "cpu-1", gpu_type="cpu", gpus=1, pid=1)
+    big = register_worker(settings, "h100-8", gpu_type="h100", gpus=8, pid=2)
+    small = register_worker(settings, "h100-1", gpu_type="h100", gpus=1, pid=3)
+    a = team(settings, "a")
+    (wants_a100,) = submit(settings, a, gpu_type="a100")
+    (wants_4,) = submit(settings, a, gpu_type="h100", gpus=4)
+    (wants_h100,) = submit(settings, a, gpu_type="h100")
+    (anything,) = submit(settings, a)
+    assert sorted(dispatched(settings)) == sorted([wants_4, wants_h100, anything])
+    workers = {job: status(settings, job)[1] for job in (wants_4, wants_h100, anything)}
+    assert workers == {wants_4: "h100-8", wants_h100: "h100-1", anything: "cpu-1"}
+    assert status(settings, wants_a100) == ("queued", None)
+    assert {cpu, big, small}
+
+
+def test_lost_and_stopped_workers_get_nothing_and_give_back_what_they_did_not_start(settings):
+    lost = register_worker(settings, "lost", pid=1)
+    a = team(settings, "a")
+    (job,) = submit(settings, a)
+    assert dispatched(settings) == [job]
+    with sessions_for(settings).begin() as s:  # its heartbeats stopped long ago
+        s.execute(update(Worker).where(Worker.id == lost).values(last_heartbeat_at=time.time() - 3600))
+    assert dispatched(settings) == []
+    assert status(settings, job) == ("queued", None)
+    stopped = register_worker(settings, "stopped", pid=2)
+    assert dispatched(settings) == [job]
+    with sessions_for(settings).begin() as s:
+        workers_store.mark_stopped(s, stopped)
+    assert dispatched(settings) == []
+    assert status(settings, job) == ("queued", None)
+
+
+def test_concurrent_dispatchers_never_dispatch_twice_or_overfill(settings):
+    """Several API processes dispatch at once: each job at most once, each worker one job, limits kept."""
+    for i in range(4):
+        register_worker(settings, f"w{i}", pid=i)
+    a, b, c = team(settings, "a", max_running_jobs=1), team(settings, "b"), team(settings, "c")
+    for t in (a, b, c):
+        submit(settings, t, 4)
+    sent, errors = [], []
+    barrier = threading.Barrier(4)
+
+    def dispatcher():
+        barrier.wait()
+        try:
+            sent.extend(dispatch_pass(sessions_for(settings), settings, lambda _: time.sleep(0.01)))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=dispatcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    # A dispatcher that lost a race for a team's last running slot leaves that worker to the next pass.
+    sent += dispatch_pass(sessions_for(settings), settings, lambda _: None)
+    assert len(sent) == 4 and len({x.job_id for x in sent}) == 4 and len({x.worker_id for x in sent}) == 4
+    with sessions_for(settings)() as s:
+        rows = s.execute(select(Job.team_id, Job.worker_id).where(Job.status == "dispatched")).all()
+    assert len(rows) == 4 and Counter(team_id for team_id, _ in rows)[a] == 1
