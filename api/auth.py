@@ -1,5 +1,5 @@
-"""API keys. Today: the admin key (DPO_API_KEY, or generated into the data directory at first start).
-Per-team keys (stored hashed) will be looked up in `authenticate` too; nothing else changes."""
+"""Who is calling: the admin key (DPO_API_KEY, or generated into the data directory at first start) or
+a team's key (stored hashed in the database, see api.store.teams)."""
 from __future__ import annotations
 
 import hmac
@@ -8,21 +8,29 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from sqlalchemy.orm import Session
+
 from api.settings import Settings
+from api.store.models import DEFAULT_TEAM_ID
+from api.store.teams import team_for_key
 
 KEY_FILE = "api_key"
 
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling. The admin sees everything; team principals (later) see only their team's objects."""
+    """Who is calling. The admin sees every team's objects and creates its own in the default team;
+    a team's key sees only its team's objects."""
 
     key_id: str
-    team_id: str | None = None
+    team_id: str
     is_admin: bool = False
 
+    def may_see(self, team_id: str) -> bool:
+        return self.is_admin or team_id == self.team_id
 
-ADMIN = Principal(key_id="admin", is_admin=True)
+
+ADMIN = Principal(key_id="admin", team_id=DEFAULT_TEAM_ID, is_admin=True)
 
 
 def admin_key(settings: Settings) -> tuple[str, bool]:
@@ -48,8 +56,9 @@ def _generate(path: Path) -> tuple[str, bool]:
     return key, True
 
 
-def authenticate(presented: str, admin: str) -> Principal | None:
-    """The principal a presented key belongs to, or None. Constant-time comparison."""
+def authenticate(presented: str, admin: str, session: Session | None = None) -> Principal | None:
+    """The principal a presented key belongs to, or None. Keys are compared in constant time."""
     if hmac.compare_digest(presented.encode(), admin.encode()):
         return ADMIN
-    return None
+    found = team_for_key(session, presented) if session is not None else None
+    return Principal(key_id=found[0], team_id=found[1]) if found else None

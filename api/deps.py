@@ -1,5 +1,6 @@
-"""FastAPI dependencies: settings, database session, storage, queue, the caller, and objects from the
-path loaded as the caller may see them. The one place authentication and (later) team scoping live."""
+"""FastAPI dependencies: settings, database session, storage, the dispatcher, the caller, and objects
+from the path loaded as the caller may see them. The one place authentication and team scoping live:
+another team's object is "not found" (404, never 403: no leak of what exists)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.auth import Principal, authenticate
-from api.errors import NotFound, Unauthenticated
+from api.dispatcher import Dispatcher
+from api.errors import Forbidden, NotFound, Unauthenticated
 from api.settings import Settings
 from api.storage import Storage
 from api.store.models import File, Job
@@ -34,6 +36,10 @@ def get_queue(request: Request) -> Celery:
     return request.app.state.celery
 
 
+def get_dispatcher(request: Request) -> Dispatcher:
+    return request.app.state.dispatcher
+
+
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <DPO_API_KEY or a team key>")
 
 
@@ -43,9 +49,17 @@ def get_principal(
     """The caller, from `Authorization: Bearer <key>`; 401 without a valid key."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    principal = authenticate(credentials.credentials, request.app.state.admin_key)
+    with request.app.state.sessionmaker() as session:  # its own short session: no transaction left open
+        principal = authenticate(credentials.credentials, request.app.state.admin_key, session)
     if principal is None:
-        raise Unauthenticated("incorrect API key provided")
+        raise Unauthenticated("incorrect API key provided (or revoked)")
+    return principal
+
+
+def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+    """The caller, who must hold the admin key."""
+    if not principal.is_admin:
+        raise Forbidden("this route needs the admin key (DPO_API_KEY); team keys cannot use it")
     return principal
 
 
@@ -53,20 +67,22 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
+DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
+AdminPrincipal = Annotated[Principal, Depends(get_admin)]
 
 
 def load_job(session: Session, principal: Principal, job_id: str) -> Job:
     """The job if it exists and the caller may see it; otherwise 404 (never 403: no leak of what exists)."""
     job = session.get(Job, job_id)
-    if job is None:
+    if job is None or not principal.may_see(job.team_id):
         raise NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
     return job
 
 
 def load_file(session: Session, principal: Principal, file_id: str, param: str = "file_id") -> File:
     file = session.get(File, file_id)
-    if file is None:
+    if file is None or not principal.may_see(file.team_id):
         raise NotFound(f"no file {file_id!r}", param=param)
     return file
 

@@ -55,3 +55,15 @@ class Unavailable(ServiceError):
     """A backing service (database, broker) cannot be reached."""
 
     code = "service_unavailable"
+
+
+class Forbidden(ServiceError):
+    """The caller is known but the route is not theirs (a team key on an admin route)."""
+
+    code = "permission_denied"
+
+
+class QuotaExceeded(ServiceError):
+    """A team is at one of its limits (max_queued_jobs)."""
+
+    code = "quota_exceeded"

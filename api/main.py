@@ -13,8 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import errors
 from api.auth import admin_key
 from api.deps import get_principal
+from api.dispatcher import Dispatcher
 from api.queue import make_celery
-from api.routes import checkpoints, events, files, health, jobs
+from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
 from api.settings import Settings, get_settings
 from api.storage import LocalStorage
 from api.store.db import make_engine, make_sessionmaker
@@ -26,9 +27,11 @@ log = logging.getLogger("dpo.api")
 HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
     errors.InvalidInput: (400, "invalid_request_error"),
     errors.Unauthenticated: (401, "invalid_request_error"),
+    errors.Forbidden: (403, "invalid_request_error"),
     errors.NotFound: (404, "invalid_request_error"),
     errors.Conflict: (409, "invalid_request_error"),
     errors.TooLarge: (413, "invalid_request_error"),
+    errors.QuotaExceeded: (429, "insufficient_quota"),  # OpenAI's type for a quota, not a rate, limit
     errors.Unavailable: (503, "server_error"),
 }
 
@@ -48,7 +51,11 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.celery = make_celery(settings)
         app.state.admin_key, _ = admin_key(settings)
+        app.state.dispatcher = Dispatcher(app.state.sessionmaker, settings, app.state.celery)
+        if settings.dispatcher:
+            app.state.dispatcher.start()
         yield
+        app.state.dispatcher.stop()
         engine.dispose()
 
     app = FastAPI(
@@ -58,7 +65,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         lifespan=lifespan,
     )
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)])
-    for module in (files, jobs, events, checkpoints):
+    for module in (files, jobs, events, checkpoints, pool, usage, teams):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)

@@ -47,8 +47,8 @@ def upload_file(
     file_id = new_id("file")
     key = f"files/{file_id}.jsonl"
     storage.put(key, data)
-    row = File(id=file_id, filename=filename, purpose=purpose, bytes=len(data), format=parsed.format,
-               rows=len(parsed.rows), status="processed", storage_key=key, created_at=now())
+    row = File(id=file_id, team_id=principal.team_id, filename=filename, purpose=purpose, bytes=len(data),
+               format=parsed.format, rows=len(parsed.rows), status="processed", storage_key=key, created_at=now())
     session.add(row)
     session.commit()
     return FilePublic.of(row)
@@ -57,12 +57,12 @@ def upload_file(
 @router.get("", response_model=ListPublic[FilePublic])
 def list_files(session: SessionDep, principal: CurrentPrincipal, after: After = None, limit: Limit = 20,
                purpose: str | None = None) -> ListPublic[FilePublic]:
-    """List uploaded files, newest first."""
+    """List the team's files (the admin: every team's), newest first."""
     anchor = None
     if after:
         last = load_file(session, principal, after, param="after")
         anchor = (last.created_at, last.id)
-    stmt = select(File)
+    stmt = select(File) if principal.is_admin else select(File).where(File.team_id == principal.team_id)
     if purpose:
         stmt = stmt.where(File.purpose == purpose)
     rows = page(session, stmt, (File.created_at, File.id), anchor, limit)

@@ -1,12 +1,13 @@
 """Fine-tuning jobs, their events and checkpoints, shaped like the OpenAI API's, plus our extensions
-(`training`, `progress`, `metrics`, `eval_metrics`, `download_url`)."""
+(`training`, `progress`, `metrics`, `eval_metrics`, `download_url`, and what a job asks of the pool:
+`team`, `priority`, `gpu_type`, `gpus`, `queue_position`, `queue_reason`, `worker`)."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from api.store.models import Checkpoint, Event, Job
+from api.store.models import Checkpoint, Event, Job, JobStatus
 from dpo_core.spec import SERVER_PATH_FIELDS
 
 Auto = Literal["auto"]
@@ -52,6 +53,15 @@ class JobCreate(_Strict):
         description="dpo-service extension: TrainingSpec fields (loss, lora, max_length, learning_rate, "
         f"eval_steps, save_steps, precision, reference_mode, ...); not {', '.join(SERVER_PATH_FIELDS)}",
     )
+    priority: int = Field(0, ge=-100, le=100, description="extension: among the team's waiting jobs, higher first")
+    gpu_type: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
+                                 description="extension: run only on workers of this GPU type (e.g. h100, cpu)")
+    gpus: int = Field(1, ge=1, le=64, description="extension: GPUs the job needs on one worker")
+
+    @field_validator("gpu_type")
+    @classmethod
+    def _lower(cls, value: str | None) -> str | None:
+        return value.lower() if value else value
 
 
 class JobError(BaseModel):
@@ -70,7 +80,7 @@ class Progress(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    status: str
+    status: str = Field(description="validating_files | queued | running | succeeded | failed | cancelled")
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -87,20 +97,30 @@ class JobPublic(BaseModel):
     seed: int | None
     user_provided_suffix: str | None
     estimated_finish: int | None
-    organization_id: str = "org-local"
+    organization_id: str = Field(description="the team id")
     integrations: list[Any] = []
     progress: Progress
     metrics: dict[str, Any] | None = Field(description="latest training metrics from dpo_core")
     eval_metrics: dict[str, Any] | None = Field(description="latest held-out evaluation metrics")
     training: dict[str, Any] = Field(description="the resolved TrainingSpec, server paths left out")
     cancel_requested: bool
+    team: str = Field(description="id of the team the job belongs to (also its organization_id)")
+    priority: int
+    gpu_type: str | None
+    gpus: int
+    queue_position: int | None = Field(
+        description="while queued: its place in the team's queue (1: next); 0: handed to a worker, starting")
+    queue_reason: str | None = Field(description="while queued: why it waits")
+    worker: str | None = Field(description="the worker it was handed to")
 
     @classmethod
-    def of(cls, job: Job) -> JobPublic:
+    def of(cls, job: Job, position: int | None = None, reason: str | None = None) -> JobPublic:
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
+        # `dispatched` is ours: to OpenAI clients a job handed to a worker but not started is still queued.
+        status = JobStatus.QUEUED.value if job.status == JobStatus.DISPATCHED else job.status
         return cls(
-            id=job.id, status=job.status, created_at=job.created_at, started_at=job.started_at,
-            finished_at=job.finished_at, model=job.model, training_file=job.training_file,
+            id=job.id, status=status, created_at=job.created_at, started_at=_int(job.started_at),
+            finished_at=_int(job.finished_at), model=job.model, training_file=job.training_file,
             validation_file=job.validation_file, method=job.method, hyperparameters=job.hyperparameters,
             trained_tokens=job.trained_tokens, error=error, fine_tuned_model=job.fine_tuned_model,
             result_files=job.result_files or [], metadata=job.metadata_, seed=job.seed,
@@ -108,8 +128,14 @@ class JobPublic(BaseModel):
             progress=Progress(step=job.step, total_steps=job.total_steps, epoch=job.epoch,
                               tokens_per_s=job.tokens_per_s),
             metrics=job.metrics, eval_metrics=job.eval_metrics, training=job.spec,
-            cancel_requested=job.cancel_requested,
+            cancel_requested=job.cancel_requested, organization_id=job.team_id, team=job.team_id,
+            priority=job.priority, gpu_type=job.gpu_type, gpus=job.gpus, queue_position=position,
+            queue_reason=reason, worker=job.worker,
         )
+
+
+def _int(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds)
 
 
 class EventPublic(BaseModel):

@@ -2,12 +2,13 @@
 and small synthetic data files."""
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
 
 from api.settings import Settings
-from tests.service.support import API_KEY, make_settings
+from tests.service.support import API_KEY, fresh_postgres, make_settings, service_url
 
 
 def pytest_configure(config):
@@ -36,3 +37,23 @@ def task_files(tmp_path_factory) -> tuple[Path, Path]:
 
     train, held_out = make_synthetic_task(tmp_path_factory.mktemp("service-task"), n_train=128, n_eval=32, seed=0)
     return Path(train), Path(held_out)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A fresh database on the test PostgreSQL server, dropped afterwards."""
+    with fresh_postgres() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def redis_env():
+    """The test Redis, with a queue name of this run's own (so parallel runs never share messages)."""
+    import redis
+
+    url = service_url("DPO_TEST_BROKER_URL")
+    queue = f"dpo-test-{secrets.token_hex(4)}"
+    yield {"DPO_BROKER_URL": url, "DPO_QUEUE": queue}
+    client = redis.Redis.from_url(url)
+    leftovers = [queue, *client.scan_iter(match=f"*{queue}*")]
+    client.delete(*leftovers)

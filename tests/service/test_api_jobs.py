@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from api.queue import RUN_JOB_TASK, make_celery
-from tests.service.support import upload
+from tests.service.support import register_worker, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
 
@@ -32,10 +32,20 @@ def test_create_returns_a_queued_job_and_sends_only_its_id(client, train_id, set
     assert job["training"]["loss"]["beta"] == 0.2 and "output_dir" not in job["training"]
     assert job["progress"] == {"step": None, "total_steps": None, "epoch": None, "tokens_per_s": None}
     assert job["error"] is None and job["fine_tuned_model"] is None
+    assert (job["team"], job["organization_id"], job["priority"], job["gpu_type"], job["gpus"]) == (
+        "team-default", "team-default", 0, None, 1)
+    assert job["queue_position"] == 1 and "no live worker" in job["queue_reason"]
+    # Nothing travels until a worker is free; then the dispatcher sends the job id, and only it, to that
+    # worker's own queue.
+    worker_id = register_worker(settings)
+    (sent,) = client.app.state.dispatcher.run_once()
+    assert (sent.job_id, sent.worker_id, sent.queue) == (job["id"], worker_id, f"{settings.queue}.{worker_id}")
     with make_celery(settings).connection_for_read() as conn:
-        message = conn.SimpleQueue(settings.queue).get(timeout=5)
+        message = conn.SimpleQueue(sent.queue).get(timeout=5)
     assert message.headers["task"] == RUN_JOB_TASK
     assert message.payload[0] == [job["id"]] and message.payload[1] == {}
+    job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
+    assert (job["status"], job["queue_position"], job["worker"]) == ("queued", 0, "test-worker")
 
 
 @pytest.mark.parametrize("change, param", [
@@ -128,20 +138,25 @@ def test_readyz_reports_an_unreachable_broker(tmp_path):
     assert r.json()["checks"]["broker"].startswith("error")
 
 
-def test_an_unreachable_broker_fails_the_job_with_503_instead_of_stranding_it(tmp_path, task_files):
-    import time
-
+def test_an_unreachable_broker_neither_refuses_nor_strands_a_job(tmp_path, task_files):
+    """Creating a job does not touch the broker; a dispatch that cannot send puts the job back in the
+    queue, and the next pass with a broker that answers sends it."""
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from tests.service.support import API_KEY, make_settings
+    from api.scheduler import dispatch_pass
+    from tests.service.support import API_KEY, make_settings, sessions_for
 
     settings = make_settings(tmp_path / "data", broker_url="redis://127.0.0.1:1/0")
     with TestClient(create_app(settings), headers={"Authorization": f"Bearer {API_KEY}"}) as c:
         train_id = upload(c, task_files[0])["id"]
-        started = time.monotonic()
         r = create(c, train_id)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "service_unavailable"
-        assert time.monotonic() - started < 15
-        (job,) = c.get("/v1/fine_tuning/jobs").json()["data"]
-    assert job["status"] == "failed" and job["error"]["code"] == "broker_unavailable"
+        assert r.status_code == 200 and r.json()["status"] == "queued"
+        register_worker(settings)
+        assert c.app.state.dispatcher.run_once() == []  # the send failed
+        job = c.get(f"/v1/fine_tuning/jobs/{r.json()['id']}").json()
+        assert (job["status"], job["queue_position"], job["worker"]) == ("queued", 1, None)
+        events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
+        assert "broker unreachable" in events[0]["message"]
+        sent = []
+        assert [a.job_id for a in dispatch_pass(sessions_for(settings), settings, sent.append)] == [job["id"]]

@@ -1,0 +1,55 @@
+"""/v1/usage (the caller's team) and /v1/admin/usage (every team): GPU-seconds, jobs, trained tokens."""
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
+from sqlalchemy import select
+
+from api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_admin
+from api.errors import InvalidInput
+from api.schemas.pool import JobCounts, UsageListPublic, UsagePublic
+from api.store.models import JobStatus, Team
+from api.store.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
+
+router = APIRouter(tags=["usage"])
+Since = Annotated[float | None, Query(ge=0, description="Unix seconds; default: from the beginning")]
+Until = Annotated[float | None, Query(ge=0, description="Unix seconds; default: now")]
+
+
+@router.get("/usage", response_model=UsagePublic)
+def team_usage(session: SessionDep, settings: SettingsDep, principal: CurrentPrincipal, since: Since = None,
+               until: Until = None) -> UsagePublic:
+    """The caller's team's usage (the admin key's: the default team's)."""
+    team = session.get(Team, principal.team_id)
+    return _report(session, settings, [team], since, until)[0]
+
+
+@router.get("/admin/usage", response_model=UsageListPublic, dependencies=[Depends(get_admin)])
+def all_usage(session: SessionDep, settings: SettingsDep, since: Since = None, until: Until = None) -> UsageListPublic:
+    """Every team's usage, deleted teams included (their jobs still count)."""
+    teams = list(session.scalars(select(Team).order_by(Team.created_at, Team.id)))
+    return UsageListPublic(data=_report(session, settings, teams, since, until))
+
+
+def _report(session, settings, teams: list[Team], since: float | None, until: float | None) -> list[UsagePublic]:
+    at = time.time()
+    until = at if until is None else until
+    if since is not None and since > until:
+        raise InvalidInput("since must not be after until", param="since")
+    ids = [t.id for t in teams]
+    usage = usage_by_team(session, ids, since, until)
+    window = gpu_seconds_by_team(session, ids, at - settings.fair_share_window_s, at)
+    return [_public(t, usage.get(t.id, TeamUsage(t.id)), since, until, window.get(t.id, 0.0),
+                    settings.fair_share_window_s) for t in teams]
+
+
+def _public(team: Team, u: TeamUsage, since, until, window_seconds: float, window_s: float) -> UsagePublic:
+    jobs = dict(u.jobs)
+    jobs[JobStatus.QUEUED] = sum(jobs.pop(s, 0) for s in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED,
+                                                           JobStatus.DISPATCHED))
+    counts = JobCounts(total=sum(jobs.values()), **{str(k): v for k, v in jobs.items()})
+    return UsagePublic(team_id=team.id, team=team.name, since=since, until=until, gpu_seconds=round(u.gpu_seconds, 3),
+                       jobs=counts, trained_tokens=u.trained_tokens,
+                       fair_share_gpu_seconds=round(window_seconds, 3), fair_share_window_s=window_s)

@@ -1,0 +1,67 @@
+"""Teams and their API keys (admin routes). A key's secret appears once, in KeyCreatedPublic."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.store.models import ApiKey, Team
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"  # letters, digits, space, '.', '_' and '-'
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeamCreate(_Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=NAME)
+    max_running_jobs: int | None = Field(None, ge=0, le=1_000_000,
+                                         description="jobs of the team running at once; null: no limit")
+    max_queued_jobs: int | None = Field(None, ge=0, le=1_000_000,
+                                        description="jobs of the team waiting at once (more get 429); null: no limit")
+
+
+class TeamUpdate(_Strict):
+    """Only the fields given change; null removes a limit."""
+
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=NAME)
+    max_running_jobs: int | None = Field(None, ge=0, le=1_000_000)
+    max_queued_jobs: int | None = Field(None, ge=0, le=1_000_000)
+
+
+class TeamPublic(BaseModel):
+    id: str
+    object: Literal["team"] = "team"
+    name: str
+    max_running_jobs: int | None
+    max_queued_jobs: int | None
+    created_at: int
+
+    @classmethod
+    def of(cls, team: Team) -> TeamPublic:
+        return cls(id=team.id, name=team.name, max_running_jobs=team.max_running_jobs,
+                   max_queued_jobs=team.max_queued_jobs, created_at=team.created_at)
+
+
+class KeyCreate(_Strict):
+    name: str | None = Field(None, max_length=128, description="a label, e.g. who or what uses the key")
+
+
+class KeyPublic(BaseModel):
+    id: str
+    object: Literal["api_key"] = "api_key"
+    team_id: str
+    name: str | None
+    hint: str = Field(description="the key's first characters")
+    created_at: int
+    revoked_at: int | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyPublic:
+        return cls(id=key.id, team_id=key.team_id, name=key.name, hint=key.hint + "...", created_at=key.created_at,
+                   revoked_at=key.revoked_at)
+
+
+class KeyCreatedPublic(KeyPublic):
+    key: str = Field(description="the secret; shown only in this response, stored only as a hash")
