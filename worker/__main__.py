@@ -1,16 +1,25 @@
-"""`python -m worker [--data-dir D]`: run one Celery worker process (what `dpo-service worker` starts)."""
+"""`python -m worker [--data-dir D]`: run one Celery worker process (what `dpo-service worker` starts).
+
+It joins the pool (registers its name, GPU type and count; see worker.membership), sends heartbeats
+from a thread while it runs, listens on its own queue, and marks itself stopped when it shuts down.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
+import sys
+import threading
 
+from api.errors import Conflict
 from api.settings import get_settings
 from api.store.migrate import upgrade
 from worker.app import create_worker_app, worker_argv
+from worker.membership import Membership, identity
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo-service worker", description="Run one job worker (one GPU).")
     parser.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     parser.add_argument("--loglevel", default="INFO")
@@ -20,8 +29,36 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)  # harmless when the API already did it: migrations run under a lock
-    create_worker_app(settings).worker_main(worker_argv(settings, args.loglevel))
+    membership = Membership(settings, identity(settings))
+    try:
+        membership.join()
+    except Conflict as err:
+        print(f"dpo-service worker: {err.message}", file=sys.stderr)
+        return 2
+    try:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # from here on, a SIGTERM leaves the pool cleanly
+        membership.start_heartbeats()
+        app = create_worker_app(settings, membership.worker_id)
+        _hold_sigterm_until_celery_listens()
+        app.worker_main(worker_argv(settings, membership.queue, args.loglevel))
+    finally:
+        membership.leave()
+    return 0
+
+
+def _hold_sigterm_until_celery_listens() -> None:
+    """Celery turns SIGTERM into a warm shutdown once it is up; one that comes while it starts would be
+    lost in its start-up code, so it is kept and sent again when the worker is ready."""
+    from celery.signals import worker_ready
+
+    requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: requested.set())
+
+    @worker_ready.connect(weak=False)
+    def _ready(**_):
+        if requested.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

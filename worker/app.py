@@ -10,21 +10,22 @@ from api.queue import make_celery
 from api.settings import Settings
 
 
-def create_worker_app(settings: Settings) -> Celery:
+def create_worker_app(settings: Settings, worker_id: str) -> Celery:
     app = make_celery(settings)
-    app.dpo_settings = settings  # the task reads its settings from its app, not from globals
+    app.dpo_settings = settings  # the task reads its settings and identity from its app, not from globals
+    app.dpo_worker_id = worker_id
     app.conf.include = ["worker.tasks"]
     import worker.tasks  # noqa: F401  - registers run_job (a shared task) with this app
 
     return app
 
 
-def worker_argv(settings: Settings, loglevel: str = "INFO") -> list[str]:
-    """Command-line arguments for `app.worker_main`: one job at a time, on our queue."""
+def worker_argv(settings: Settings, queue: str, loglevel: str = "INFO") -> list[str]:
+    """Command-line arguments for `app.worker_main`: one job at a time, on this worker's own queue."""
     return [
         "worker",
         f"--loglevel={loglevel}",
-        "--queues", settings.queue,
+        "--queues", queue,
         "--concurrency", "1",
         "--hostname", f"dpo-{os.getpid()}@{socket.gethostname()}",
         # Cluster chatter this service does not use (and the embedded broker cannot fan out).

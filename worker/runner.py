@@ -6,7 +6,7 @@ message and a stable code; anything else is an internal error whose traceback go
 from __future__ import annotations
 
 import logging
-import socket
+import time
 import traceback
 
 from sqlalchemy import select
@@ -27,8 +27,10 @@ RUNNING = (JobStatus.RUNNING,)
 
 
 class JobRunner:
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    """Runs jobs dispatched to one worker (`worker_id`, its row in the pool)."""
+
+    def __init__(self, settings: Settings, worker_id: str):
+        self.settings, self.worker_id = settings, worker_id
         self.storage = LocalStorage(settings.storage_dir)
 
     def run(self, job_id: str) -> str:
@@ -46,11 +48,12 @@ class JobRunner:
             if s.get(Job, job_id) is None:
                 log.warning("job %s is not in the database; dropping its message", job_id)
                 return False
-            # Only a queued job starts: a cancelled one (or a duplicate message) is skipped.
-            started = store.transition(s, job_id, JobStatus.RUNNING, (JobStatus.QUEUED,), started_at=now(),
-                                       worker=socket.gethostname())
+            # Only a job dispatched to this worker starts: a cancelled one, one given back to the queue and
+            # dispatched elsewhere, or a duplicate message is skipped.
+            started = store.transition(s, job_id, JobStatus.RUNNING, (JobStatus.DISPATCHED,),
+                                       where=(Job.worker_id == self.worker_id,), started_at=time.time())
         if not started:
-            log.info("job %s is not queued; skipping it", job_id)
+            log.info("job %s is not dispatched to this worker; skipping it", job_id)
         return started
 
     def _train(self, job_id: str) -> str:
@@ -100,7 +103,8 @@ class JobRunner:
         if not self.storage.exists(key):
             return []
         path = self.storage.path(key)
-        file = File(id=new_id("file"), filename=f"{job_id}-metrics.jsonl", purpose="fine-tune-results",
+        team_id = s.scalar(select(Job.team_id).where(Job.id == job_id))
+        file = File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-metrics.jsonl", purpose="fine-tune-results",
                     bytes=path.stat().st_size, format="metrics", rows=sum(1 for _ in path.open("rb")),
                     status="processed", storage_key=key, created_at=now())
         s.add(file)

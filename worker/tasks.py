@@ -11,4 +11,4 @@ def run_job(self, job_id: str) -> str:
     """Run the stored job `job_id` with dpo_core and record what happens; returns its final status."""
     from worker.runner import JobRunner
 
-    return JobRunner(self.app.dpo_settings).run(job_id)
+    return JobRunner(self.app.dpo_settings, self.app.dpo_worker_id).run(job_id)

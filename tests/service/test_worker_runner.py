@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.service.support import upload
+from tests.service.support import dispatch, register_worker, run_on_worker, upload
 from worker.runner import JobRunner
 
 FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32}
@@ -33,7 +33,7 @@ def test_a_job_trains_and_everything_is_recorded(client, settings, task_files, t
     train_id, val_id = (upload(client, p)["id"] for p in task_files)
     job_id = create(client, tiny_model, train_id, val_id, max_steps=12, logging_steps=2, eval_steps=6,
                     eval_on_start=True, save_steps=6)
-    assert JobRunner(settings).run(job_id) == "succeeded"
+    assert run_on_worker(settings, job_id) == "succeeded"
 
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["error"] is None and job["finished_at"] >= job["started_at"]
@@ -44,6 +44,8 @@ def test_a_job_trains_and_everything_is_recorded(client, settings, task_files, t
     log = events(client, job_id)
     statuses = [e["data"]["status"] for e in log if e["data"] and "status" in e["data"]]
     assert statuses == ["queued", "running", "succeeded"]
+    assert any(e["message"].startswith("Dispatched to worker test-worker") for e in log)
+    assert job["worker"] == "test-worker" and job["queue_position"] is None and job["queue_reason"] is None
     evals = [e["data"]["step"] for e in log if e["type"] == "metrics" and "eval_loss" in e["data"]]
     assert evals == [0, 6, 12]
     assert [e["data"]["step"] for e in log if e["type"] == "metrics" and "loss" in e["data"]] == [2, 4, 6, 8, 10, 12]
@@ -66,7 +68,7 @@ def test_a_job_trains_and_everything_is_recorded(client, settings, task_files, t
 
 def test_a_model_that_does_not_exist_fails_with_a_clear_one_line_error(client, settings, task_files, tmp_path):
     job_id = create(client, str(tmp_path / "no-such-model"), upload(client, task_files[0])["id"], max_steps=2)
-    assert JobRunner(settings).run(job_id) == "failed"
+    assert run_on_worker(settings, job_id) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
     assert "no-such-model" in job["error"]["message"] and "\n" not in job["error"]["message"]
@@ -81,7 +83,7 @@ def test_an_internal_error_keeps_its_traceback_in_an_event(client, settings, tas
 
     monkeypatch.setattr(dpo_core, "train", broken)
     job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
-    assert JobRunner(settings).run(job_id) == "failed"
+    assert run_on_worker(settings, job_id) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["error"]["code"] == "internal_error" and "KeyError" in job["error"]["message"]
     trace = next(e for e in events(client, job_id) if e["data"] and "traceback" in e["data"])
@@ -91,7 +93,7 @@ def test_an_internal_error_keeps_its_traceback_in_an_event(client, settings, tas
 def test_a_cancel_stops_a_running_job_within_seconds(client, settings, task_files, tiny_model):
     job_id = create(client, tiny_model, upload(client, task_files[0])["id"], max_steps=100_000, logging_steps=5)
     outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(status=JobRunner(settings).run(job_id)))
+    runner = threading.Thread(target=lambda: outcome.update(status=run_on_worker(settings, job_id)))
     runner.start()
     deadline = time.monotonic() + 60
     while (client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["progress"]["step"] or 0) < 1:
@@ -109,17 +111,28 @@ def test_a_cancel_stops_a_running_job_within_seconds(client, settings, task_file
 
 
 def test_a_job_cancelled_while_queued_is_skipped(client, settings, task_files, tiny_model):
+    worker_id = register_worker(settings)
     job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
     client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-    assert JobRunner(settings).run(job_id) == "skipped"
-    assert JobRunner(settings).run("ftjob-unknown") == "skipped"
+    assert JobRunner(settings, worker_id).run(job_id) == "skipped"
+    assert JobRunner(settings, worker_id).run("ftjob-unknown") == "skipped"
+
+
+def test_a_worker_only_starts_jobs_dispatched_to_it(client, settings, task_files, tiny_model):
+    mine, other = register_worker(settings, "mine"), register_worker(settings, "other", pid=2)
+    job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
+    assert JobRunner(settings, mine).run(job_id) == "skipped"  # still queued: a stray message starts nothing
+    (assignment,) = dispatch(settings)
+    stranger = other if assignment.worker_id == mine else mine
+    assert JobRunner(settings, stranger).run(job_id) == "skipped"
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
 
 
 @pytest.mark.parametrize("limit", [1])
 def test_pruned_checkpoints_disappear_from_the_list(client, settings, task_files, tiny_model, limit):
     job_id = create(client, tiny_model, upload(client, task_files[0])["id"], max_steps=6, save_steps=2,
                     save_total_limit=limit)
-    assert JobRunner(settings).run(job_id) == "succeeded"
+    assert run_on_worker(settings, job_id) == "succeeded"
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted((c["step_number"], c["final"]) for c in ckpts) == [(6, False), (6, True)]
     for c in ckpts:

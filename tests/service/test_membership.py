@@ -1,0 +1,69 @@
+"""Unit and integration: how a worker names its GPUs, registers, sends heartbeats and leaves."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from api.errors import Conflict
+from api.store.migrate import upgrade
+from api.store.models import Worker
+from tests.service.support import make_settings, sessions_for
+from worker import membership
+from worker.membership import Identity, Membership, gpu_type_of, identity
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("NVIDIA H100 80GB HBM3", "h100"), ("NVIDIA A100-SXM4-80GB", "a100"), ("Tesla T4", "t4"),
+    ("NVIDIA GeForce RTX 4090", "rtx4090"), ("NVIDIA RTX A6000", "a6000"), ("NVIDIA L40S", "l40s"),
+    ("NVIDIA H200", "h200"), ("AMD Instinct MI300X", "mi300x"), ("Mystery", "mystery"), ("", "gpu"),
+])
+def test_gpu_types_from_device_names(name, kind):
+    assert gpu_type_of(name) == kind
+
+
+def test_identity_from_settings_or_detection(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(membership, "detect_gpus", lambda: seen.append(1) or ["NVIDIA H100 80GB HBM3"] * 2)
+    me = identity(make_settings(tmp_path, worker_name="w", worker_gpu_type="CPU", worker_gpus=3))
+    assert (me.name, me.gpu_type, me.gpus, seen) == ("w", "cpu", 3, [])  # configured: nothing detected
+    me = identity(make_settings(tmp_path))
+    assert (me.gpu_type, me.gpus, me.name.endswith(f"-{me.pid}")) == ("h100", 2, True)
+    monkeypatch.setattr(membership, "detect_gpus", lambda: [])
+    assert (identity(make_settings(tmp_path)).gpu_type, identity(make_settings(tmp_path)).gpus) == ("cpu", 1)
+
+
+def test_detection_without_cuda_finds_nothing():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert membership.detect_gpus() == []
+
+
+def test_join_beat_and_leave(tmp_path):
+    settings = make_settings(tmp_path / "data", worker_heartbeat_interval_s=0.1, worker_lost_after_s=1)
+    upgrade(settings.db_url)
+    me = Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=10)
+    member = Membership(settings, me)
+    member.join()
+    assert member.queue == f"{settings.queue}.{member.worker_id}"
+    first = _row(settings, member.worker_id).last_heartbeat_at
+    member.start_heartbeats()
+    time.sleep(0.5)
+    assert _row(settings, member.worker_id).last_heartbeat_at > first
+    # The name is taken while this worker lives.
+    with pytest.raises(Conflict, match="w1"):
+        Membership(settings, Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=11)).join()
+    member.leave()
+    assert _row(settings, member.worker_id).stopped_at is not None
+    again = Membership(settings, Identity(name="w1", gpu_type="cpu", gpus=2, hostname="h", pid=11))
+    again.join()  # a stopped worker's name is free: the same row, taken over
+    row = _row(settings, member.worker_id)
+    assert (again.worker_id, row.gpus, row.pid, row.stopped_at) == (member.worker_id, 2, 11, None)
+    again.leave()
+
+
+def _row(settings, worker_id: str) -> Worker:
+    with sessions_for(settings)() as s:
+        return s.get(Worker, worker_id)

@@ -1,0 +1,122 @@
+"""The worker's place in the pool: what it serves (detected or configured), its registration, a
+heartbeat thread, and a goodbye on a clean stop.
+
+The heartbeat runs in the worker's main process, which outlives the per-job child processes, so a
+worker busy with a long job still says it is alive. GPUs are detected in a subprocess: initializing
+CUDA in a process that later forks its job processes would break CUDA in them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy.pool import NullPool
+
+from api.settings import Settings
+from api.store import workers as store
+from api.store.db import make_engine, make_sessionmaker
+
+log = logging.getLogger("dpo.worker")
+CPU = "cpu"
+_PROBE = ("import json, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
+          "print(json.dumps([torch.cuda.get_device_name(i) for i in range(n)]))")
+_VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "graphics"}
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    gpu_type: str
+    gpus: int
+    hostname: str
+    pid: int
+
+
+def identity(settings: Settings) -> Identity:
+    """Who this worker is: DPO_WORKER_* settings first, the GPUs it sees for the rest."""
+    hostname, pid = socket.gethostname(), os.getpid()
+    gpu_type, gpus = settings.worker_gpu_type, settings.worker_gpus
+    if gpu_type is None or (gpus is None and gpu_type.lower() != CPU):
+        names = detect_gpus()
+        gpu_type = gpu_type or (gpu_type_of(names[0]) if names else CPU)
+        if len({gpu_type_of(n) for n in names}) > 1:
+            log.warning("this worker sees different GPUs (%s); it registers as %s", ", ".join(names), gpu_type)
+        gpus = gpus or max(len(names), 1)
+    return Identity(name=settings.worker_name or f"{hostname}-{pid}", gpu_type=gpu_type.lower(), gpus=gpus or 1,
+                    hostname=hostname, pid=pid)
+
+
+def detect_gpus() -> list[str]:
+    """The names of the CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies); [] without CUDA."""
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0:
+        log.warning("GPU detection failed (%s); registering as cpu", out.stderr.strip().splitlines()[-1:])
+        return []
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def gpu_type_of(device_name: str) -> str:
+    """A short GPU type from a device name: 'NVIDIA H100 80GB HBM3' -> 'h100', 'Tesla T4' -> 't4',
+    'NVIDIA GeForce RTX 4090' -> 'rtx4090'. Set DPO_WORKER_GPU_TYPE where this guesses wrong."""
+    words = [w for w in re.split(r"[^a-z0-9]+", device_name.lower()) if w and w not in _VENDOR_WORDS]
+    for i, word in enumerate(words):
+        if word == "rtx" and i + 1 < len(words) and words[i + 1].isdigit():
+            return word + words[i + 1]
+        if any(ch.isdigit() for ch in word):
+            return word
+    return words[0] if words else "gpu"
+
+
+class Membership:
+    """Registers the worker, keeps its heartbeat going from a daemon thread, and says goodbye."""
+
+    def __init__(self, settings: Settings, me: Identity):
+        self.settings, self.me = settings, me
+        # NullPool: no connection stays open in this process while it forks a job's process.
+        self.engine = make_engine(settings.db_url, poolclass=NullPool)
+        self.sessions = make_sessionmaker(self.engine)
+        self.worker_id: str | None = None
+        self.queue: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def join(self) -> None:
+        """Register (raises api.errors.Conflict while a live worker has this name)."""
+        with self.sessions.begin() as s:
+            row = store.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
+                                 queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
+                                 lost_after_s=self.settings.worker_lost_after_s)
+            self.worker_id, self.queue = row.id, row.queue
+        log.info("worker %s (%s) joined the pool: %s x%d, queue %s", self.me.name, self.worker_id,
+                 self.me.gpu_type, self.me.gpus, self.queue)
+
+    def start_heartbeats(self) -> None:
+        self._thread = threading.Thread(target=self._beat, name="dpo-heartbeat", daemon=True)
+        self._thread.start()
+
+    def leave(self) -> None:
+        """Stop the heartbeats and mark the worker stopped (a clean shutdown)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.worker_id is not None:
+            with self.sessions.begin() as s:
+                store.mark_stopped(s, self.worker_id)
+            log.info("worker %s left the pool", self.me.name)
+        self.engine.dispose()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_interval_s):
+            try:
+                with self.sessions.begin() as s:
+                    if not store.heartbeat(s, self.worker_id):
+                        log.warning("worker %s is no longer registered; heartbeats go nowhere", self.me.name)
+            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeats
+                log.exception("heartbeat failed; trying again in %.1fs", self.settings.worker_heartbeat_interval_s)
