@@ -4,6 +4,7 @@
     dpo-service api     [--host H] [--port P] [--data-dir D]   the API alone (production)
     dpo-service worker  [--data-dir D]                         one worker alone (one per GPU)
     dpo-service migrate [--data-dir D]                         bring the database to the newest schema
+    dpo-service admin   teams|keys|usage|pool ...              the admin API over HTTP (see api.admin_cli)
 
 Settings come from DPO_* environment variables (api.settings.Settings); flags override them.
 The worker runs as `python -m worker` in its own process, so this module never imports worker/.
@@ -20,6 +21,7 @@ import time
 import httpx
 from pydantic import ValidationError
 
+from api import admin_cli
 from api.auth import admin_key
 from api.settings import Settings, get_settings
 from api.store.migrate import upgrade
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
         print(f"dpo-service: invalid settings: {problems}", file=sys.stderr)
         return 2
+    if args.command == "admin":
+        return admin_cli.run(args, settings)
     if args.command == "worker":
         os.execv(sys.executable, [sys.executable, "-m", "worker", "--data-dir", str(settings.data_dir),
                                   "--loglevel", args.loglevel])
@@ -139,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="INFO")
     migrate = commands.add_parser("migrate", help="bring the database to the newest schema")
     migrate.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
+    admin_cli.add_parser(commands)
     return parser
 
 
