@@ -41,10 +41,30 @@ class Service:
             out.append(f"--- {name} log (tail) ---\n{path.read_text(errors='replace')[-chars:] if path.exists() else ''}")
         return "\n".join(out)
 
-    def start(self, name: str, args: list[str]) -> None:
+    def start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> None:
         log = (self.data_dir.parent / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env={**self.env, **(extra_env or {})},
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def add_worker(self, name: str, timeout_s: float = 60, **env: str) -> None:
+        """Start another worker process named `name` and wait until the pool shows it idle."""
+        self.start(name, ["-m", "worker", "--loglevel", "INFO"], {"DPO_WORKER_NAME": name, **env})
+        self.wait_for_worker(name, "idle", timeout_s)
+
+    def signal(self, name: str, sig: int) -> None:
+        """Send `sig` to one process (and its children: the worker's job process)."""
+        os.killpg(self.procs[name].pid, sig)
+
+    def wait_for_worker(self, name: str, state: str, timeout_s: float = 30) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.client() as c:
+            while True:
+                workers = {w["name"]: w for w in c.get("/v1/pool").json()["workers"]}
+                if name in workers and workers[name]["state"] == state:
+                    return workers[name]
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"worker {name} is {workers.get(name)}, not {state}\n{self.logs()}")
+                time.sleep(0.2)
 
     def wait_ready(self, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -85,18 +105,22 @@ class Service:
 
 
 def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
-    """API and worker as two processes sharing `root/data`; returns once /readyz answers 200."""
+    """API and worker as two processes sharing `root/data`; returns once /readyz answers 200 and the
+    worker has joined the pool."""
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
     env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="0",
-               DPO_CANCEL_POLL_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), **(extra_env or {}))
+               DPO_CANCEL_POLL_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               DPO_WORKER_NAME="worker", DPO_DISPATCH_INTERVAL_S="0.3", DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5",
+               DPO_WORKER_LOST_AFTER_S="3", **(extra_env or {}))
     service = Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env)
     service.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port)])
     service.start("worker", ["-m", "worker", "--loglevel", "INFO"])
     try:
         service.wait_ready()
+        service.wait_for_worker(env.get("DPO_WORKER_NAME", "worker"), "idle", timeout_s=60)
     except BaseException:
         service.stop()
         raise

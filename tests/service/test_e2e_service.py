@@ -7,41 +7,11 @@ import secrets
 import tarfile
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from tests.service.processes import start_service
-from tests.service.support import service_url
 
 pytestmark = pytest.mark.slow
 FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32, "logging_steps": 2}
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A fresh database on the test server, dropped afterwards."""
-    base = make_url(service_url("DPO_TEST_DATABASE_URL"))
-    name = f"dpo_test_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield base.set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture(scope="module")
-def redis_env():
-    """The test Redis, with a queue name of this run's own (so parallel runs never share messages)."""
-    import redis
-
-    url = service_url("DPO_TEST_BROKER_URL")
-    queue = f"dpo-test-{secrets.token_hex(4)}"
-    yield {"DPO_BROKER_URL": url, "DPO_QUEUE": queue}
-    client = redis.Redis.from_url(url)
-    leftovers = [queue, *client.scan_iter(match=f"*{queue}*")]
-    client.delete(*leftovers)
 
 
 @pytest.fixture(scope="module", params=[
