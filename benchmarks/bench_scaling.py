@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/bench_scaling.py --quick          # 128 vs 512, batch 2, 4 steps
 
 The data at each length are bench_trainer's, with prompt and completion lengths scaled with max_length,
-so a step at 2048 holds about four times the tokens of a step at 512. Runs alternate between lengths,
-each in a fresh process (see bench_trainer.py for how time, tokens and memory are measured). Memory is
+so a step at 2048 holds about four times the tokens of a step at 512. Each length trains in its own
+process and the processes take their steps in turn (see bench_trainer.py for how time, tokens and
+memory are measured). Memory is
 given as the whole process's peak (ru_maxrss) and as the part above the resident size at the first step
 (the model, its reference copy and the imports are there already; what is added is per-step working memory).
 """
@@ -30,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=None, help="dpo_core logprob_chunk_size (default: its own)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--sequential", action="store_true", help="one length after another instead of alternating steps")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--work-dir", default=str(bt.REPO / ".dpo-data" / "bench"))
     args = p.parse_args(argv)
@@ -51,12 +53,17 @@ def main(argv=None) -> None:
         settings[length] = (s, bt.prepare(work_dir, length, args.batch_size, args.steps, seed=0))
     results = {length: [] for length in args.lengths}
     for rep in range(args.repeats):
-        for length, (s, w) in settings.items():
-            started = time.perf_counter()
-            r = bt.run_one(contender, w, s, work_dir, tag=f"scaling-{length}-{rep}")
+        started = time.perf_counter()
+        entries = [(contender, w, s, f"scaling-{length}-{rep}") for length, (s, w) in settings.items()]
+        if args.sequential:
+            rows = [bt.run_one(c, w, s, work_dir, tag) for c, w, s, tag in entries]
+        else:
+            rows = bt.lockstep(entries, args.steps, work_dir)
+        for length, r in zip(settings, rows):
             results[length].append(r)
-            print(f"  [{rep}] max_length {length:5d}: {r['tokens_per_s']:7,.0f} tok/s  {bt._mib(r['peak_rss']):>6} MiB  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"  [{rep}] max_length {length:5d}: {r['tokens_per_s']:7,.0f} tok/s  {bt._mib(r['peak_rss']):>6} MiB",
+                  flush=True)
+        print(f"  round {rep} took {time.perf_counter() - started:.0f} s", flush=True)
     print()
     print(report(results, settings))
 

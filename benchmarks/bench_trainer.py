@@ -6,14 +6,17 @@
 
 Both contenders train the bench-20m Llama (32k vocabulary) on the same pairs, in the same order, with the
 same batch size (no accumulation), max_length, learning rate, beta, steps and precision; everything else
-is each trainer's default. Runs are interleaved (TRL, ours, ..., TRL, ours, ...) and each is a fresh
-process, so peak resident memory (ru_maxrss) belongs to one contender. Tokens are the non-padding tokens
-of the chosen and rejected sequences, counted from the data the same way for both; time runs from the end
-of the first step to the end of the last (model loading and the warm-up step left out). A reference model
-pass is part of every step in `model` mode; in `precomputed` mode its one-off pass is reported too.
+is each trainer's default (TRL's DPOConfig turns gradient checkpointing on; --checkpointing-rows adds
+each with the other's setting). Every contender is a fresh process, so peak resident memory (ru_maxrss)
+belongs to one contender. By default the processes of a round are alive together and take their steps
+in turn (TRL step 1, ours step 1, ..., TRL step 2, ...), so load from other users of the machine falls on
+all of them alike; --sequential runs them one after another instead. Tokens are the non-padding tokens of
+the chosen and rejected sequences, counted from the data the same way for both; only the steps are timed,
+and the first (warm-up) step is left out. A reference model pass is part of every step in `model` mode; in
+`precomputed` mode its one-off pass is reported too ("incl. ref precompute", over all steps).
 
-Throughput is given per wall-clock second and per CPU second of the process: the second is steadier on a
-shared machine. The ratio reported is the median over repeats of ours / TRL of the same repeat.
+Throughput is given per wall-clock second, as the median over steps of each step's tokens/s, and per CPU
+second of the process. Ratios are medians over repeats of ours / TRL within the same round.
 """
 from __future__ import annotations
 
@@ -75,43 +78,108 @@ def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: 
     return Workload(model, original, ordered, step_tokens)
 
 
-def run_one(c: Contender, w: Workload, args, work_dir: Path, tag: str) -> dict:
-    """Train one contender in a fresh process; return its RESULT record plus derived figures."""
-    out = work_dir / "runs" / tag
-    job = Job(
-        contender=c.contender,
-        model=w.model,
-        train_file=w.ordered_file if c.contender == "trl" else w.original_file,
-        output_dir=str(out),
-        max_length=args.max_length,
-        batch_size=args.batch_size,
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        beta=args.beta,
-        precision=c.precision,
-        reference_mode=c.reference_mode,
-        ours=c.ours,
-        trl=c.trl or {},
-    )
-    path = f"{c.pythonpath}:{REPO}" if c.pythonpath else str(REPO)
-    env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    load_before = os.getloadavg()[0]
-    log = work_dir / "logs" / f"{tag}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        proc = subprocess.run(
-            [sys.executable, str(HERE / "contenders.py"), json.dumps(asdict(job))],
-            stdout=subprocess.PIPE, stderr=fh, text=True, env=env, cwd=c.pythonpath or REPO,
+class Child:
+    """One contender's training process. With `baton`, it runs its steps only when handed turns."""
+
+    def __init__(self, c: Contender, w: Workload, args, work_dir: Path, tag: str, baton: bool):
+        self.c, self.w, self.tag = c, w, tag
+        self.out = work_dir / "runs" / tag
+        job = Job(
+            contender=c.contender,
+            model=w.model,
+            train_file=w.ordered_file if c.contender == "trl" else w.original_file,
+            output_dir=str(self.out),
+            max_length=args.max_length,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            beta=args.beta,
+            precision=c.precision,
+            reference_mode=c.reference_mode,
+            ours=c.ours,
+            trl=c.trl or {},
         )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{c.label} failed (exit {proc.returncode}); see {log}")
-    r = json.loads(lines[-1].removeprefix("RESULT "))
-    r.update(label=c.label, load_before=load_before, load_after=os.getloadavg()[0])
-    r.update(_figures(r, w.step_tokens))
-    if c.contender == "dpo_core":
-        r["own_num_tokens"] = _own_tokens(out)
-    return r
+        path = f"{c.pythonpath}:{REPO}" if c.pythonpath else str(REPO)
+        env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false")
+        self.log = work_dir / "logs" / f"{tag}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.stdout = self.log.with_suffix(".out")
+        fds = ()
+        if baton:
+            go_r, self.go = os.pipe()
+            self.done, done_w = os.pipe()
+            env["BENCH_BATON"], fds = f"{go_r},{done_w}", (go_r, done_w)
+        self.load_before = os.getloadavg()[0]
+        with self.log.open("w") as err, self.stdout.open("w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(HERE / "contenders.py"), json.dumps(asdict(job))],
+                stdout=out, stderr=err, env=env, cwd=c.pythonpath or REPO, pass_fds=fds,
+            )
+        for fd in fds:
+            os.close(fd)  # the child's ends
+
+    def expect(self, byte: bytes) -> None:
+        got = os.read(self.done, 1)
+        if got != byte:
+            self.proc.wait()
+            raise SystemExit(f"{self.c.label} failed (exit {self.proc.returncode}); see {self.log}")
+
+    def turn(self) -> None:
+        """Let the child run one step and wait until it has."""
+        os.write(self.go, b"g")
+        self.expect(b"d")
+
+    def finish(self) -> dict:
+        code = self.proc.wait()
+        lines = [line for line in self.stdout.read_text().splitlines() if line.startswith("RESULT ")]
+        if code or not lines:
+            raise SystemExit(f"{self.c.label} failed (exit {code}); see {self.log}")
+        r = json.loads(lines[-1].removeprefix("RESULT "))
+        r.update(label=self.c.label, load_before=self.load_before, load_after=os.getloadavg()[0])
+        r.update(_figures(r, self.w.step_tokens))
+        if self.c.contender == "dpo_core":
+            r["own_num_tokens"] = _own_tokens(self.out)
+        return r
+
+
+def run_one(c: Contender, w: Workload, args, work_dir: Path, tag: str) -> dict:
+    """Train one contender alone in a fresh process; return its RESULT record plus derived figures."""
+    return Child(c, w, args, work_dir, tag, baton=False).finish()
+
+
+def run_lockstep(plan: list[Contender], w: Workload, args, work_dir: Path, rep: int) -> list[dict]:
+    """Every contender in its own process, all alive at once, taking training steps in turn."""
+    entries = [(c, w, args, f"{c.label.replace(' ', '-')}-{rep}") for c in plan]
+    return lockstep(entries, args.steps, work_dir)
+
+
+def lockstep(entries: list[tuple], steps: int, work_dir: Path) -> list[dict]:
+    """Run (contender, workload, settings, tag) entries as processes that take their steps in turn.
+
+    Set-up runs one process at a time (a reference precompute is timed without a neighbour); then
+    step k of every process runs before step k+1 of any, so a burst of outside load hits all alike.
+    """
+    children = []
+    try:
+        for c, w, args, tag in entries:
+            children.append(Child(c, w, args, work_dir, tag, baton=True))
+            children[-1].expect(b"r")
+        for _ in range(steps):
+            for child in children:
+                child.turn()
+        return [child.finish() for child in children]
+    finally:
+        # After finish() every child has exited. On a failure, closing the pipes makes a waiting child quit.
+        for child in children:
+            os.close(child.go)
+            os.close(child.done)
+        for child in children:
+            try:
+                child.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.proc.terminate()
+                child.proc.wait()
 
 
 def _figures(r: dict, step_tokens: list) -> dict:
@@ -231,6 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--no-extra-rows", action="store_true", help="skip dpo_core precomputed / bf16 rows")
     p.add_argument("--checkpointing-rows", action="store_true",
                    help="add TRL without gradient checkpointing (its default is on) and dpo_core with it (default off)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run contenders one after another instead of alternating their steps (lockstep)")
     p.add_argument("--skip-trl", action="store_true", help="dpo_core rows only; ratios are to the first of them")
     p.add_argument("--candidate", action="append", metavar="PATH",
                    help="also run dpo_core imported from PATH (a checkout with a patch), e.g. to A/B a change")
@@ -255,12 +325,15 @@ def main(argv=None) -> None:
           flush=True)
     results = []
     for rep in range(args.repeats):
-        for c in plan:
-            started = time.perf_counter()
-            r = run_one(c, w, args, work_dir, tag=f"{c.label.replace(' ', '-')}-{rep}")
-            results.append(r)
-            print(f"  [{rep}] {c.label:<22} {r['tokens_per_s']:8,.0f} tok/s  {_mib(r['peak_rss']):>6} MiB  "
-                  f"({time.perf_counter() - started:.0f} s)", flush=True)
+        started = time.perf_counter()
+        if args.sequential:
+            rows = [run_one(c, w, args, work_dir, tag=f"{c.label.replace(' ', '-')}-{rep}") for c in plan]
+        else:
+            rows = run_lockstep(plan, w, args, work_dir, rep)
+        results += rows
+        for r in rows:
+            print(f"  [{rep}] {r['label']:<22} {r['tokens_per_s']:8,.0f} tok/s  {_mib(r['peak_rss']):>6} MiB", flush=True)
+        print(f"  round {rep} took {time.perf_counter() - started:.0f} s", flush=True)
     print()
     print(report(results, [c.label for c in plan], args))
     if args.json:

@@ -4,14 +4,20 @@
 
 The job names the contender ("trl" or "dpo_core"), the model, the data file (already in training
 order) and the shared hyperparameters. The process trains, then prints one line `RESULT <json>`:
-when each optimizer step ended (wall clock and process CPU time), the loss of each step, the
+how long each optimizer step took (wall clock and process CPU time), the loss of each step, the
 seconds spent precomputing reference log-probs, and resident memory (ru_maxrss: the peak over the
-whole process, model loading included). Timing starts at the first step, so loading is left out;
-tokens are counted by the caller, from the data.
+whole process, model loading included). Only the steps are timed, so loading is left out; tokens
+are counted by the caller, from the data.
+
+Lockstep: with BENCH_BATON="<go fd>,<done fd>" in the environment, the process writes "r" once it is
+ready to take its first step, then before every step waits for a byte on <go fd> and after it writes
+"d" to <done fd>. bench_trainer.py uses this to alternate contenders step by step, so that they share
+the same background load on a busy machine; time spent waiting is not counted.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -38,25 +44,52 @@ class Job:
     trl: dict = field(default_factory=dict)  # extra DPOConfig fields for TRL (gradient_checkpointing, ...)
 
 
+class Baton:
+    """Turn-taking with the parent (see the module docstring); does nothing without BENCH_BATON."""
+
+    def __init__(self):
+        fds = os.environ.get("BENCH_BATON")
+        self.go, self.done = (int(x) for x in fds.split(",")) if fds else (None, None)
+        self.ready = False
+
+    def wait(self) -> None:
+        if self.go is None:
+            return
+        if not self.ready:
+            os.write(self.done, b"r")
+            self.ready = True
+        if os.read(self.go, 1) != b"g":
+            raise SystemExit("the benchmark parent went away")
+
+    def release(self) -> None:
+        if self.done is not None:
+            os.write(self.done, b"d")
+
+
 @dataclass
 class Clock:
-    """Step end times, relative to the start of the first step; filled by the trainers' callbacks."""
+    """Cumulative step time (wall clock and CPU) at the end of each step; filled by the trainers' callbacks."""
 
-    started_wall: float = 0.0
-    started_cpu: float = 0.0
     wall: list = field(default_factory=list)
     cpu: list = field(default_factory=list)
     losses: list = field(default_factory=list)
     rss_at_start: int = 0
     precompute_s: float = 0.0
 
-    def start(self) -> None:
-        self.rss_at_start = psutil.Process().memory_info().rss
-        self.started_wall, self.started_cpu = time.perf_counter(), time.process_time()
+    def __post_init__(self):
+        self._baton, self._begin = Baton(), None
+
+    def step_begins(self) -> None:
+        self._baton.wait()
+        if not self.wall:
+            self.rss_at_start = psutil.Process().memory_info().rss
+        self._begin = (time.perf_counter(), time.process_time())
 
     def step_done(self) -> None:
-        self.wall.append(time.perf_counter() - self.started_wall)
-        self.cpu.append(time.process_time() - self.started_cpu)
+        wall, cpu = time.perf_counter() - self._begin[0], time.process_time() - self._begin[1]
+        self.wall.append((self.wall[-1] if self.wall else 0.0) + wall)
+        self.cpu.append((self.cpu[-1] if self.cpu else 0.0) + cpu)
+        self._baton.release()
 
 
 def _timed(fn, clock: Clock):
@@ -79,8 +112,7 @@ def run_trl(job: Job, clock: Clock) -> None:
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
-            if state.global_step == 0:
-                clock.start()
+            clock.step_begins()
 
         def on_step_end(self, args, state, control, **kw):
             clock.step_done()
@@ -129,8 +161,9 @@ def run_dpo_core(job: Job, clock: Clock) -> None:
     from dpo_core.spec import TrainingSpec
 
     class Timer(Callbacks):
-        def on_start(self, info):
-            clock.start()
+        def should_stop(self):  # dpo_core asks this once before every step
+            clock.step_begins()
+            return False
 
         def on_step(self, step, total_steps):
             clock.step_done()
@@ -166,7 +199,7 @@ def main() -> None:
     clock = Clock()
     rss_after_imports = psutil.Process().memory_info().rss
     {"trl": run_trl, "dpo_core": run_dpo_core}[job.contender](job, clock)
-    result = asdict(clock)
+    result = {k: v for k, v in asdict(clock).items() if not k.startswith("_")}
     result.update(
         contender=job.contender,
         threads=torch.get_num_threads(),
