@@ -27,6 +27,9 @@ class Callbacks:
     def on_warning(self, message: str) -> None:
         """Called for problems the run survives, such as rows skipped as too long."""
 
+    def on_end(self, result) -> None:
+        """Called once when the run returns (finished, or stopped on request) with its TrainResult."""
+
     def should_stop(self) -> bool:
         """Checked before every optimizer step; returning True stops the run cleanly (cancellation)."""
         return False
@@ -66,6 +69,10 @@ class CallbackList(Callbacks):
     def on_warning(self, message):
         for c in self.callbacks:
             c.on_warning(message)
+
+    def on_end(self, result):
+        for c in self.callbacks:
+            c.on_end(result)
 
     def should_stop(self):
         return any(c.should_stop() for c in self.callbacks)

@@ -20,14 +20,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_data(spec) -> None:
-    """Read the data once up front: with several processes a bad line would otherwise fail every rank."""
-    from dpo_core.data import read_jsonl
-
-    for path in filter(None, (spec.train_file, spec.validation_file)):
-        read_jsonl(path)
-
-
 def _run(spec, nproc: int, console):
     if nproc == 1:
         from dpo_core.trainer import train
@@ -35,7 +27,6 @@ def _run(spec, nproc: int, console):
         return train(spec, console)
     from dpo_core.launch import launch
 
-    _check_data(spec)
     return launch(spec, nproc, "dpo_core.progress:ConsoleCallbacks")
 
 

@@ -10,6 +10,11 @@ class TrainingError(RuntimeError):
 
     code = "training_error"
 
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code  # an error relayed from another process keeps its original code
+
 
 class ModelLoadError(TrainingError):
     """The model, reference model or tokenizer could not be loaded."""

@@ -60,6 +60,16 @@ def _failure_summary(err) -> str:
     return f"rank {rank} failed: {reason.strip().splitlines()[-1] if reason.strip() else 'exit ' + str(failure.exitcode)}"
 
 
+def preflight(spec: TrainingSpec) -> None:
+    """Fail here, with the precise error, on what would otherwise fail every rank: bad data, a missing model."""
+    from dpo_core.data import read_jsonl
+    from dpo_core.models import load_tokenizer
+
+    for path in filter(None, (spec.train_file, spec.validation_file)):
+        read_jsonl(path)
+    load_tokenizer(spec.model)
+
+
 def launch(spec: TrainingSpec, nproc: int, callbacks_factory: str | None = None, factory_args: tuple = ()):
     """Train `spec` on `nproc` processes (NCCL on GPUs, gloo on CPU); returns rank 0's TrainResult."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -67,6 +77,7 @@ def launch(spec: TrainingSpec, nproc: int, callbacks_factory: str | None = None,
 
     if nproc < 1:
         raise TrainingError("--nproc must be at least 1")
+    preflight(spec)
     if spec.distributed is None and nproc > 1:
         spec = spec.model_copy(update={"distributed": "ddp"})
     config = LaunchConfig(

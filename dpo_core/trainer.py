@@ -365,8 +365,11 @@ def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult
         _eval_and_report(run)
     last, stopped = _loop(run)
     if stopped:
-        return _result(run, last, True, None)
-    if run.eval_rows:
-        last["eval"] = _eval_and_report(run)
-    final = _save_final(run) if run.total_steps > 0 else None
-    return _result(run, last, False, final)
+        result = _result(run, last, True, None)
+    else:
+        if run.eval_rows:
+            last["eval"] = _eval_and_report(run)
+        final = _save_final(run) if run.total_steps > 0 else None
+        result = _result(run, last, False, final)
+    run.callbacks.on_end(result)
+    return result

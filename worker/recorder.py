@@ -89,6 +89,9 @@ class JobRecorder(Callbacks):
                 self._stop = store.cancel_requested(s, self.job_id)
         return self._stop
 
+    def on_end(self, result) -> None:
+        self.flush()
+
     def flush(self) -> None:
         """Write the last metrics record if throttling held it back."""
         with self.sessions.begin() as s:
@@ -123,3 +126,13 @@ def _fmt(value: Any) -> str:
 
 def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in info.items()}
+
+
+def recorder_for_job(settings, job_id: str) -> JobRecorder:
+    """A JobRecorder built inside rank 0 of a multi-process job (dpo_core.launch): callbacks cannot cross
+    the process boundary, so this process opens its own connection to the job store."""
+    from api.store.db import make_engine, make_sessionmaker
+
+    sessions = make_sessionmaker(make_engine(settings.db_url))
+    return JobRecorder(sessions, LocalStorage(settings.storage_dir), job_id, settings.metrics_event_interval_s,
+                       settings.cancel_poll_interval_s)

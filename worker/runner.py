@@ -5,9 +5,16 @@ message and a stable code; anything else is an internal error whose traceback go
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -18,7 +25,7 @@ from api.store import jobs as store
 from api.store.db import make_engine, make_sessionmaker
 from api.store.models import File, Job, JobStatus, new_id, now
 from dpo_core.data import DataError, Problem
-from dpo_core.errors import TrainingError
+from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
 from worker.recorder import JobRecorder
 
@@ -62,15 +69,36 @@ class JobRunner:
         recorder = JobRecorder(self.sessions, self.storage, job_id, self.settings.metrics_event_interval_s,
                                self.settings.cancel_poll_interval_s)
         try:
-            result = dpo_core.train(self._spec(job_id), recorder)
+            spec, gpus = self._spec(job_id), self._gpus(job_id)
+            result = self._launch(job_id, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
         except (SpecError, DataError, TrainingError) as err:
             return self._fail(job_id, _code(err), one_line(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
             log.exception("job %s failed", job_id)
             return self._fail(job_id, "internal_error", f"internal error: {type(err).__name__}: {one_line(err)}",
                               traceback.format_exc())
-        recorder.flush()
         return self._finish(job_id, result)
+
+    def _launch(self, job_id: str, spec: TrainingSpec, gpus: int):
+        """Run a multi-GPU job in a subprocess (worker.distributed_job) and return rank 0's TrainResult."""
+        from dpo_core.trainer import TrainResult
+
+        with tempfile.TemporaryDirectory(prefix="dpo-job-") as tmp:
+            spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+            spec_path.write_text(spec.model_dump_json())
+            env = {**os.environ, "DPO_DATA_DIR": str(self.settings.data_dir), "DPO_DATABASE_URL": self.settings.db_url}
+            args = [sys.executable, "-m", "worker.distributed_job", job_id, str(gpus), str(spec_path), str(result_path)]
+            proc = subprocess.run(args, env=env, preexec_fn=_die_with_parent)
+            if not result_path.exists():
+                raise RankFailedError(f"the job's launcher process exited with code {proc.returncode}")
+            outcome = json.loads(result_path.read_text())
+        if "error" in outcome:
+            raise TrainingError(outcome["error"]["message"], code=outcome["error"]["code"])
+        return TrainResult(**outcome["result"])
+
+    def _gpus(self, job_id: str) -> int:
+        with self.sessions() as s:
+            return s.scalar(select(Job.gpus).where(Job.id == job_id)) or 1
 
     def _spec(self, job_id: str) -> TrainingSpec:
         with self.sessions() as s:
@@ -137,6 +165,17 @@ def _code(err: Exception) -> str:
     if isinstance(err, DataError):
         return "invalid_training_file"
     return getattr(err, "code", "training_error")
+
+
+def _die_with_parent() -> None:
+    """In the launcher subprocess: get SIGTERM if the job process dies, so no rank outlives its job
+    (the elastic agent turns SIGTERM into stopping every rank)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: the agent still ends with its ranks when the job finishes normally
 
 
 def _missing_file(job: Job) -> Problem:

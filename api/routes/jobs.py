@@ -27,8 +27,6 @@ from api.store.locks import lock_team
 from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
-# Workers run one process per job today; jobs spanning several GPUs come with multi-GPU workers.
-MAX_GPUS_PER_JOB = 1
 
 
 @router.post("", response_model=JobPublic)
@@ -36,8 +34,6 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
                dispatcher: DispatcherDep, principal: CurrentPrincipal) -> JobPublic:
     """Validate a DPO job against its files and TrainingSpec, store it queued for the dispatcher.
     429 when the team is at its max_queued_jobs."""
-    if req.gpus > MAX_GPUS_PER_JOB:
-        raise InvalidInput(f"gpus: this service runs jobs on at most {MAX_GPUS_PER_JOB} GPU so far", param="gpus")
     train = _fine_tune_file(session, principal, req.training_file, "training_file")
     val = _fine_tune_file(session, principal, req.validation_file, "validation_file") if req.validation_file else None
     job_id = new_id("ftjob")
