@@ -3,8 +3,8 @@
 A full forward pass materialises logits of shape [batch, length, vocab]: with a 32k vocabulary and
 2k tokens that dwarfs the model itself. We run the transformer body once, keep the hidden states of
 the positions that predict a completion token, and apply the LM head and log-softmax to those in
-chunks. During training each chunk is recomputed in backward (activation checkpointing), so no more
-than one chunk of logits is alive at a time.
+chunks (dpo_core.headlogp: backward recomputes one chunk of logits at a time), so no more than one
+chunk of logits is alive at a time.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from dpo_core.batching import Batch
+from dpo_core.headlogp import head_logprobs
 
 
 def unwrap(model):
@@ -42,6 +43,9 @@ def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 
 
 def _chunked_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    if type(head) is torch.nn.Linear:
+        return head_logprobs(head, hidden, targets, chunk)
+    # Any other head (a LoRA-wrapped one, say): autograd over a checkpointed log-softmax per chunk.
     parts = []
     for s in range(0, hidden.shape[0], chunk):
         h, t = hidden[s : s + chunk], targets[s : s + chunk]

@@ -49,3 +49,26 @@ def test_epoch_order_is_deterministic_and_covers_every_row():
     assert a == epoch_order(lengths, 3, seed=1, epoch=0, group_by_length=True)
     assert sorted(i for batch in a for i in batch) == list(range(10))
     assert a != epoch_order(lengths, 3, seed=1, epoch=1, group_by_length=True)
+
+
+def test_fused_head_log_probs_match_autograd_with_bias_and_in_bf16():
+    from dpo_core.headlogp import head_logprobs
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=True)
+    hidden = torch.randn(13, 8, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    weights = torch.randn(13)
+    ours = head_logprobs(head, hidden, targets, chunk=5)
+    (ours * weights).sum().backward()
+    got = (hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone())
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    ref = torch.log_softmax(head(hidden), -1).gather(-1, targets[:, None]).squeeze(-1)
+    (ref * weights).sum().backward()
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for a, b in zip(got, (hidden.grad, head.weight.grad, head.bias.grad)):
+        assert torch.allclose(a, b, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = head_logprobs(head, hidden, targets, chunk=4)
+    low.sum().backward()
+    assert torch.allclose(low, ref, atol=0.1) and torch.isfinite(head.weight.grad).all()
