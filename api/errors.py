@@ -67,3 +67,16 @@ class QuotaExceeded(ServiceError):
     """A team is at one of its limits (max_queued_jobs)."""
 
     code = "quota_exceeded"
+
+
+class StorageFailed(ServiceError):
+    """Artifact storage could not write (a full disk, an I/O error); nothing was stored."""
+
+    code = "storage_error"
+
+
+class LeaseLost(ServiceError):
+    """A run's write names a lease its job no longer holds: another run owns the job now, or it ended.
+    Raised to the stale run (never to an HTTP client), which then stops without writing anything."""
+
+    code = "lease_lost"

@@ -6,6 +6,7 @@ Times are Unix seconds (the OpenAI API's convention); the ones GPU-seconds are c
 """
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from enum import StrEnum
@@ -45,6 +46,15 @@ def now() -> int:
 def new_id(prefix: str) -> str:
     """`prefix-` + 12 hex digits of milliseconds + 12 random ones: ids sort in creation order."""
     return f"{prefix}-{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+_ID = re.compile(r"[a-z]+-[A-Za-z0-9]{1,64}")
+
+
+def is_id(value: str, prefix: str) -> bool:
+    """Whether `value` could be an id of this kind. Anything else (`../x`, NUL bytes, a megabyte of text)
+    is unknown without asking the database."""
+    return value.startswith(f"{prefix}-") and _ID.fullmatch(value) is not None
 
 
 class Base(DeclarativeBase):
@@ -127,6 +137,7 @@ class Job(Base):
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_team_id_created_at_id", "team_id", "created_at", "id"),
         Index("ix_jobs_team_id_status", "team_id", "status"),
+        Index("uq_jobs_team_id_idempotency_key", "team_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("ftjob"))
@@ -152,6 +163,18 @@ class Job(Base):
     started_at: Mapped[float | None] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Set when the job's worker shuts down (SIGTERM): the run checkpoints at its next step and hands the job back.
+    handback_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Runs that started and did not end in a clean hand-back; at max_attempts a lost run fails the job.
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
+    # The lease on a running job (api.store.leases): the fencing token of the run that holds it, and
+    # until when. Every write of a run names its token; a stale run's writes find another and are refused.
+    lease_token: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    lease_expires_at: Mapped[float | None] = mapped_column(Float)
+    # Idempotency-Key of the request that created the job, unique per team, and a hash of that request.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
     worker_id: Mapped[str | None] = mapped_column(ForeignKey("workers.id", ondelete="SET NULL"), index=True)
     worker: Mapped[str | None] = mapped_column(String(255))  # the worker's name, kept after it leaves
     error_code: Mapped[str | None] = mapped_column(String(64))
