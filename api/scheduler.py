@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.reconciler import reconcile
 from api.settings import Settings
 from api.store import jobs as store
 from api.store.locks import lock_team, try_lock_worker
@@ -50,10 +51,11 @@ class Candidate:
 
 def dispatch_pass(sessions: sessionmaker[Session], settings: Settings, send: Callable[[Assignment], None],
                   at: float | None = None) -> list[Assignment]:
-    """Give every idle worker a job if one waits; returns what was sent. A send that fails puts its job
-    back to `queued` and ends the pass (the broker is down; the next pass tries again)."""
+    """Repair what faults left (api.reconciler), then give every idle worker a job if one waits; returns
+    what was sent. A send that fails puts its job back to `queued` and ends the pass (the broker is down;
+    the next pass tries again)."""
     at = time.time() if at is None else at
-    requeue_from_gone_workers(sessions, settings, at)
+    reconcile(sessions, settings, at)
     with sessions() as s:
         if not s.scalar(select(exists().where(Job.status == JobStatus.QUEUED.value))):
             return []
@@ -144,20 +146,6 @@ def _idle_workers(settings: Settings, at: float) -> Select:
     # Smallest first, so a job that fits anywhere leaves the big machines to the jobs that need them.
     return (select(Worker).where(is_live(settings.worker_lost_after_s, at), ~_busy(Worker.id))
             .order_by(Worker.gpus, Worker.registered_at, Worker.id))
-
-
-def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
-    """Jobs dispatched to a worker that was lost or stopped before it started them go back to `queued`.
-    (Their worker only ever starts a job that is still dispatched to it, so a late start is refused.)"""
-    with sessions() as s:
-        stranded = s.execute(select(Job.id, Worker.name).join(Worker, Worker.id == Job.worker_id).where(
-            Job.status == JobStatus.DISPATCHED.value, ~is_live(settings.worker_lost_after_s, at))).all()
-    for job_id, name in stranded:
-        with sessions.begin() as s:
-            store.transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
-                             message=f"Worker {name} left before it started the job; queued again",
-                             worker_id=None, worker=None, dispatched_at=None)
-    return len(stranded)
 
 
 def _undo(sessions: sessionmaker[Session], a: Assignment, message: str) -> None:

@@ -1,0 +1,102 @@
+"""The reconciler: puts the database right where a process or a message went away. It runs at the start
+of every dispatch pass (api.scheduler), in every API process; each repair is one conditional update,
+so several processes running it at once repair each thing once.
+
+- A `running` job whose lease ran out (its worker was killed, lost its machine, or cannot reach the
+  database) goes back to `queued` and resumes from its latest checkpoint on the next free worker; after
+  `max_attempts` lost runs it fails with `worker_lost`; a job being cancelled is cancelled.
+- A `dispatched` job whose worker was lost or stopped before starting it goes back to `queued`.
+- A `dispatched` job its worker has not started within `dispatch_timeout_s` goes back to `queued`: its
+  message was lost (a broker restarted without its data, an API process died between recording a
+  dispatch and sending it). The next pass sends it again. A late copy of the old message is harmless:
+  a worker starts only a job dispatched to it (api.store.leases.acquire).
+"""
+from __future__ import annotations
+
+import logging
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from api.settings import Settings
+from api.store.jobs import transition
+from api.store.models import Job, JobStatus, Worker
+from api.store.workers import is_live
+
+log = logging.getLogger("dpo.reconciler")
+REQUEUED = dict(worker_id=None, worker=None, dispatched_at=None)
+
+
+def reconcile(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
+    """Run every repair once; returns how many jobs changed."""
+    return (reclaim_expired_leases(sessions, settings, at) + requeue_from_gone_workers(sessions, settings, at)
+            + requeue_stale_dispatches(sessions, settings, at))
+
+
+def _expired(at: float):
+    # No lease at all on a running job: a job from before leases existed; its run cannot renew one.
+    return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < at)
+
+
+def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
+    """Running jobs whose run stopped renewing its lease: queued again, failed, or cancelled."""
+    with sessions() as s:
+        rows = s.execute(select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.cancel_requested,
+                                Job.worker, Job.step).where(Job.status == JobStatus.RUNNING.value,
+                                                            _expired(at))).all()
+    changed = 0
+    for row in rows:
+        with sessions.begin() as s:
+            changed += _reclaim(s, row, settings, at)
+    return changed
+
+
+def _reclaim(s: Session, row, settings: Settings, at: float) -> bool:
+    where = (Job.lease_token == row.lease_token, _expired(at))
+    lost = f"worker {row.worker} stopped renewing the job's lease (for {settings.job_lease_s:g}s)"
+    step = f" at step {row.step}" if row.step else ""
+    if row.cancel_requested:
+        return transition(s, row.id, JobStatus.CANCELLED, (JobStatus.RUNNING,), where=where,
+                          message=f"The job was cancelled ({lost} while it was stopping)", lease_expires_at=None)
+    if row.attempts >= row.max_attempts:
+        message = (f"{lost}{step}, and the job has lost {row.attempts} of its {row.max_attempts} attempts this way; "
+                   "it is not retried. Look for what kills its workers (memory, preemption), then resubmit it")
+        log.warning("job %s failed: %s", row.id, message)
+        return transition(s, row.id, JobStatus.FAILED, (JobStatus.RUNNING,), where=where, message=message,
+                          data={"code": "worker_lost"}, error_code="worker_lost", error_message=message,
+                          lease_expires_at=None, estimated_finish=None)
+    log.warning("job %s: %s; queued again", row.id, lost)
+    return transition(s, row.id, JobStatus.QUEUED, (JobStatus.RUNNING,), where=where,
+                      message=f"Worker lost: {lost}{step}. The job is queued again and resumes from its latest "
+                              f"checkpoint ({row.attempts} of {row.max_attempts} attempts used)",
+                      data={"attempts": row.attempts}, lease_expires_at=None, handback_requested=False,
+                      estimated_finish=None, **REQUEUED)
+
+
+def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
+    """Jobs dispatched to a worker that was lost or stopped before it started them go back to `queued`."""
+    with sessions() as s:
+        stranded = s.execute(select(Job.id, Worker.name).join(Worker, Worker.id == Job.worker_id).where(
+            Job.status == JobStatus.DISPATCHED.value, ~is_live(settings.worker_lost_after_s, at))).all()
+    changed = 0
+    for job_id, name in stranded:
+        with sessions.begin() as s:
+            changed += transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
+                                  message=f"Worker {name} left before it started the job; queued again", **REQUEUED)
+    return changed
+
+
+def requeue_stale_dispatches(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
+    """Jobs a live worker has not started within dispatch_timeout_s of their dispatch: the message was lost."""
+    with sessions() as s:
+        stale = s.execute(select(Job.id, Job.worker, Job.dispatched_at).where(
+            Job.status == JobStatus.DISPATCHED.value,
+            Job.dispatched_at < at - settings.dispatch_timeout_s)).all()
+    changed = 0
+    for job_id, name, dispatched_at in stale:
+        with sessions.begin() as s:
+            changed += transition(
+                s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.dispatched_at == dispatched_at,),
+                message=f"Worker {name} did not start the job within {settings.dispatch_timeout_s:g}s of its "
+                        "dispatch (its message was lost); queued again to be sent once more", **REQUEUED)
+    return changed
