@@ -50,9 +50,11 @@ def stored_spec(spec: TrainingSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude=set(SERVER_PATH_FIELDS))
 
 
-def runnable(stored: dict[str, Any], train_path: str, validation_path: str | None, output_dir: str) -> TrainingSpec:
-    """The worker's side: the stored spec plus this machine's paths."""
-    data = {**stored, "train_file": train_path, "validation_file": validation_path, "output_dir": output_dir}
+def runnable(stored: dict[str, Any], train_path: str, validation_path: str | None, output_dir: str,
+             resume_from: str | None = None) -> TrainingSpec:
+    """The worker's side: the stored spec plus this machine's paths (and where to resume from)."""
+    data = {**stored, "train_file": train_path, "validation_file": validation_path, "output_dir": output_dir,
+            "resume_from": resume_from}
     return parse_spec(data)
 
 

@@ -39,6 +39,8 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,  # results live in the job store, not in a result backend
         task_acks_late=True,  # ack when the job ends, so a lost worker's job is not silently dropped
         task_reject_on_worker_lost=True,
+        # A broker outage must not stop a job that trains: the database, not the broker, says who runs what.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,  # never hold a second job while one trains
         worker_concurrency=1,  # one job per GPU
         worker_max_tasks_per_child=1,  # a fresh process per job returns all GPU memory

@@ -2,6 +2,8 @@
 
 It joins the pool (registers its name, GPU type and count; see worker.membership), sends heartbeats
 from a thread while it runs, listens on its own queue, and marks itself stopped when it shuts down.
+On SIGTERM the job it runs checkpoints at its next step and goes back to the queue (a hand-back), so
+another worker resumes it there.
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import os
 import signal
 import sys
 import threading
+
+from pydantic import ValidationError
 
 from api.errors import Conflict
 from api.settings import get_settings
@@ -25,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the worker log readable
-    settings = get_settings(data_dir=args.data_dir)
+    try:
+        settings = get_settings(data_dir=args.data_dir)
+    except ValidationError as err:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        print(f"dpo-service worker: invalid settings: {problems}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)  # harmless when the API already did it: migrations run under a lock
@@ -38,12 +47,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # from here on, a SIGTERM leaves the pool cleanly
         membership.start_heartbeats()
+        _drain_on_shutdown(membership)
         app = create_worker_app(settings, membership.worker_id)
         _hold_sigterm_until_celery_listens()
         app.worker_main(worker_argv(settings, membership.queue, args.loglevel))
     finally:
         membership.leave()
     return 0
+
+
+def _drain_on_shutdown(membership: Membership) -> None:
+    """On Celery's warm shutdown (SIGTERM, Ctrl-C) the running job checkpoints at its next step and goes
+    back to the queue; Celery then waits for it to return, and the worker leaves the pool."""
+    from celery.signals import worker_shutting_down
+
+    @worker_shutting_down.connect(weak=False)
+    def _shutting_down(**_):
+        membership.drain()
 
 
 def _hold_sigterm_until_celery_listens() -> None:

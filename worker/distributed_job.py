@@ -1,9 +1,10 @@
-"""`python -m worker.distributed_job JOB_ID GPUS SPEC_JSON RESULT_JSON`: one multi-GPU job.
+"""`python -m worker.distributed_job JOB_ID LEASE_TOKEN GPUS SPEC_JSON RESULT_JSON`: one multi-GPU job.
 
 The worker's job process is a daemonic Celery child, and those may not start processes of their own
 through multiprocessing; so a job with gpus > 1 runs this module as a plain subprocess, which becomes
 the elastic agent (dpo_core.launch) of one rank per GPU. Rank 0 records progress through its own
-connection to the job store; this process writes rank 0's result, or the error, to RESULT_JSON.
+connection to the job store, under the lease (token) of the run that started it; this process writes
+rank 0's result, or the error, to RESULT_JSON.
 """
 from __future__ import annotations
 
@@ -13,16 +14,17 @@ from dataclasses import asdict
 from pathlib import Path
 
 from api.settings import get_settings
+from api.store.leases import Lease
 from dpo_core.data import DataError
 from dpo_core.errors import TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
 
 
-def _outcome(job_id: str, gpus: int, spec: TrainingSpec) -> dict:
+def _outcome(lease: Lease, gpus: int, spec: TrainingSpec) -> dict:
     from dpo_core.launch import launch
 
     try:
-        result = launch(spec, gpus, "worker.recorder:recorder_for_job", (get_settings(), job_id))
+        result = launch(spec, gpus, "worker.recorder:recorder_for_job", (get_settings(), lease))
     except (SpecError, DataError, TrainingError) as err:
         from worker.runner import _code, one_line
 
@@ -31,9 +33,10 @@ def _outcome(job_id: str, gpus: int, spec: TrainingSpec) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    job_id, gpus, spec_path, result_path = argv
+    job_id, token, gpus, spec_path, result_path = argv
     spec = TrainingSpec.model_validate_json(Path(spec_path).read_text())
-    Path(result_path).write_text(json.dumps(_outcome(job_id, int(gpus), spec)))
+    lease = Lease(job_id, int(token), worker_id="")
+    Path(result_path).write_text(json.dumps(_outcome(lease, int(gpus), spec)))
     return 0
 
 

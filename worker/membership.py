@@ -1,5 +1,5 @@
 """The worker's place in the pool: what it serves (detected or configured), its registration, a
-heartbeat thread, and a goodbye on a clean stop.
+heartbeat thread, a hand-back of the running job when it is asked to stop, and a goodbye.
 
 The heartbeat runs in the worker's main process, which outlives the per-job child processes, so a
 worker busy with a long job still says it is alive. GPUs are detected in a subprocess: initializing
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from sqlalchemy.pool import NullPool
 
 from api.settings import Settings
+from api.store import leases
 from api.store import workers as store
 from api.store.db import make_engine, make_sessionmaker
 
@@ -86,6 +87,7 @@ class Membership:
         self.queue: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._drain: threading.Thread | None = None
 
     def join(self) -> None:
         """Register (raises api.errors.Conflict while a live worker has this name)."""
@@ -101,9 +103,27 @@ class Membership:
         self._thread = threading.Thread(target=self._beat, name="dpo-heartbeat", daemon=True)
         self._thread.start()
 
+    def drain(self) -> None:
+        """The worker is shutting down (SIGTERM): take no more jobs, and ask the job running here to
+        checkpoint at its next step and hand itself back to the queue. Runs in a thread of its own,
+        because Celery calls it from its signal handler."""
+        self._drain = threading.Thread(target=self._ask_handback, name="dpo-drain", daemon=True)
+        self._drain.start()
+
+    def _ask_handback(self) -> None:
+        try:
+            with self.sessions.begin() as s:
+                store.mark_stopped(s, self.worker_id)
+                jobs = leases.request_handback(s, self.worker_id)
+            log.info("worker %s is shutting down; asked %s to hand back", self.me.name, jobs or "no job")
+        except Exception:  # noqa: BLE001 - the job still stops (SIGTERM reaches its process) or its lease runs out
+            log.exception("could not ask the running job to hand back")
+
     def leave(self) -> None:
         """Stop the heartbeats and mark the worker stopped (a clean shutdown)."""
         self._stop.set()
+        if self._drain is not None:
+            self._drain.join(timeout=10)
         if self._thread is not None:
             self._thread.join(timeout=10)
         if self.worker_id is not None:

@@ -1,53 +1,83 @@
 """JobRecorder: dpo_core callbacks that write a running job's progress into the job store.
 
-Every write is its own short transaction (SQLite has one writer at a time). Metrics events are
-throttled to one per `metrics_event_interval_s`; the job row's progress to one write per second.
+Every write is its own short transaction (SQLite has one writer at a time) that first checks the run's
+lease (worker.lease): a run that no longer owns its job writes nothing more, and stops at its next
+step. Metrics events are throttled to one per `metrics_event_interval_s`; the job row's progress to
+one write per second.
+
+The run stops at a step boundary when the job is cancelled (no checkpoint), when its worker shuts
+down (a checkpoint first, so the job resumes there), or when it lost its lease (nothing more written).
 """
 from __future__ import annotations
 
+import re
+import threading
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from api.settings import Settings
 from api.storage import LocalStorage
 from api.store import jobs as store
-from api.store.models import Checkpoint
+from api.store.leases import Lease
+from api.store.models import Checkpoint, Job, JobStatus
 from dpo_core.callbacks import Callbacks
+from worker.lease import LeaseKeeper
 
 PROGRESS_INTERVAL_S = 1.0
 SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 SHOWN_EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+# Why a run stopped early (JobRecorder.stop_reason).
+CANCEL, HANDBACK, LEASE_LOST = "cancel", "handback", "lease_lost"
 
 
 class JobRecorder(Callbacks):
-    def __init__(self, sessions: sessionmaker[Session], storage: LocalStorage, job_id: str,
+    def __init__(self, sessions: sessionmaker[Session], storage: LocalStorage, keeper: LeaseKeeper,
                  metrics_interval_s: float, cancel_poll_s: float):
-        self.sessions, self.storage, self.job_id = sessions, storage, job_id
+        self.sessions, self.storage, self.keeper = sessions, storage, keeper
+        self.lease: Lease = keeper.lease
+        self.job_id = self.lease.job_id
         self.metrics_interval_s, self.cancel_poll_s = metrics_interval_s, cancel_poll_s
         self.started = time.time()
         self.total_steps: int | None = None
         self.first_step = 0  # steps already done when this run started (a resumed job)
         self._last_event = self._last_progress = self._last_poll = float("-inf")
         self._pending: dict | None = None  # a metrics record not yet written as an event
-        self._stop = False
+        self.stop_reason: str | None = None
+        self.handback = threading.Event()  # set by the job process's SIGTERM handler
+
+    @contextmanager
+    def _write(self):
+        """A transaction for this run's writes; LeaseLost (and nothing written) when the run lost its job."""
+        with self.sessions.begin() as s:
+            self.keeper.hold(s)
+            yield s
 
     def on_start(self, info: dict[str, Any]) -> None:
         self.started, self.total_steps = time.time(), info.get("total_steps")
         self.first_step = info.get("resumed_from_step") or 0
-        resumed = f", resumed from step {info['resumed_from_step']}" if info.get("resumed_from_step") else ""
-        message = f"Training started: {info.get('num_train_rows')} rows, {self.total_steps} steps{resumed}"
-        with self.sessions.begin() as s:
+        rows = f"{info.get('num_train_rows')} rows, {self.total_steps} steps"
+        message = f"Training started: {rows}"
+        if info.get("resumed_from_step"):
+            message = f"Training resumed from checkpoint at step {self.first_step}: {rows} (attempt {self.lease.attempt})"
+        with self._write() as s:
             store.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
             store.add_event(s, self.job_id, message, data=_jsonable(info))
+            if info.get("resumed_from"):
+                self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
 
     def on_step(self, step: int, total_steps: int) -> None:
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
-        with self.sessions.begin() as s:
+        with self._write() as s:
             store.update_job(s, self.job_id, step=step, total_steps=total_steps,
                              estimated_finish=self._eta(step, total_steps))
 
@@ -58,43 +88,64 @@ class JobRecorder(Callbacks):
                       estimated_finish=self._eta(step, total))
         self._pending = metrics
         due = time.monotonic() - self._last_event >= self.metrics_interval_s
-        with self.sessions.begin() as s:
+        with self._write() as s:
             store.update_job(s, self.job_id, **fields)
             if due:
                 self._write_metrics(s)
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_EVAL_METRICS if k in metrics)
-        with self.sessions.begin() as s:
+        with self._write() as s:
             store.update_job(s, self.job_id, eval_metrics=metrics)
             store.add_event(s, self.job_id, f"Evaluation at step {metrics.get('step')}: {shown}",
                             type="metrics", data=metrics)
 
     def on_checkpoint(self, step: int, path: str) -> None:
-        with self.sessions.begin() as s:
+        with self._write() as s:
             self._forget_pruned(s)
             ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), self._pending)
             s.flush()
             store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
 
     def on_warning(self, message: str) -> None:
-        with self.sessions.begin() as s:
+        with self._write() as s:
             store.add_event(s, self.job_id, message, level="warn")
 
     def should_stop(self) -> bool:
+        if self.stop_reason is None:
+            self.stop_reason = self._why_stop()
+        return self.stop_reason is not None
+
+    def checkpoint_on_stop(self) -> bool:
+        """Only a worker shutting down checkpoints first: the job resumes there. A cancel does not."""
+        return self.stop_reason == HANDBACK
+
+    def _why_stop(self) -> str | None:
+        if self.keeper.lost:
+            return LEASE_LOST
+        if self.handback.is_set():
+            return HANDBACK
         now = time.monotonic()
-        if not self._stop and now - self._last_poll >= self.cancel_poll_s:
-            self._last_poll = now
-            with self.sessions() as s:
-                self._stop = store.cancel_requested(s, self.job_id)
-        return self._stop
+        if now - self._last_poll < self.cancel_poll_s:
+            return None
+        self._last_poll = now
+        with self.sessions() as s:
+            row = s.execute(select(Job.status, Job.lease_token, Job.cancel_requested, Job.handback_requested)
+                            .where(Job.id == self.job_id)).one_or_none()
+        if row is None or row.status != JobStatus.RUNNING or row.lease_token != self.lease.token:
+            return LEASE_LOST
+        if row.cancel_requested:
+            return CANCEL
+        return HANDBACK if row.handback_requested else None
 
     def on_end(self, result) -> None:
         self.flush()
 
     def flush(self) -> None:
         """Write the last metrics record if throttling held it back."""
-        with self.sessions.begin() as s:
+        if self._pending is None:
+            return
+        with self._write() as s:
             self._write_metrics(s)
 
     def _write_metrics(self, s: Session) -> None:
@@ -112,6 +163,17 @@ class JobRecorder(Callbacks):
             if not self.storage.exists(ckpt.storage_key):
                 s.delete(ckpt)
 
+    def _sync_checkpoints(self, s: Session, output_dir: Path) -> None:
+        """A resumed run: list every complete checkpoint directory an earlier run left, also one written
+        just before its worker died and never recorded; forget rows whose directories are gone."""
+        self._forget_pruned(s)
+        known = {c.storage_key for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id))}
+        for child in sorted(output_dir.iterdir()):
+            match = _CHECKPOINT_DIR.match(child.name)
+            key = self.storage.key_for(child)
+            if match and (child / "state.json").is_file() and key not in known:
+                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None)
+
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step
         if done <= 0 or not total or step > total:
@@ -128,11 +190,18 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in info.items()}
 
 
-def recorder_for_job(settings, job_id: str) -> JobRecorder:
+def make_recorder(sessions: sessionmaker[Session], settings: Settings, keeper: LeaseKeeper) -> JobRecorder:
+    return JobRecorder(sessions, LocalStorage(settings.storage_dir), keeper, settings.metrics_event_interval_s,
+                       settings.cancel_poll_interval_s)
+
+
+def recorder_for_job(settings: Settings, lease: Lease) -> JobRecorder:
     """A JobRecorder built inside rank 0 of a multi-process job (dpo_core.launch): callbacks cannot cross
-    the process boundary, so this process opens its own connection to the job store."""
+    the process boundary, so this process opens its own connection to the job store, and renews the
+    run's lease from a thread of its own as well."""
     from api.store.db import make_engine, make_sessionmaker
 
     sessions = make_sessionmaker(make_engine(settings.db_url))
-    return JobRecorder(sessions, LocalStorage(settings.storage_dir), job_id, settings.metrics_event_interval_s,
-                       settings.cancel_poll_interval_s)
+    keeper = LeaseKeeper(sessions, lease, settings.job_lease_s, settings.worker_heartbeat_interval_s)
+    keeper.start()
+    return make_recorder(sessions, settings, keeper)

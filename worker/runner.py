@@ -1,36 +1,46 @@
-"""JobRunner: load a job by id, run it with dpo_core, record the outcome.
+"""JobRunner: load a job by id, take its lease, run it with dpo_core, record the outcome.
 
-User errors (a bad spec, bad data, a model that does not load) fail the job with their one-line
-message and a stable code; anything else is an internal error whose traceback goes into an event.
+A run starts from the job's latest complete checkpoint when an earlier run left one (a worker was
+lost, or handed the job back on SIGTERM). User errors (a bad spec, bad data, a model that does not
+load) fail the job with their one-line message and a stable code; a failed write of the data volume
+fails it with `storage_error` or `checkpoint_error`; anything else is an internal error whose
+traceback goes into an event. Every write names the run's lease (worker.lease): a run that lost its
+job to another writes nothing more.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
+import threading
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
 
+from api.errors import LeaseLost
 from api.jobspec import runnable
+from api.model_paths import model_problem
 from api.settings import Settings
 from api.storage import LocalStorage
 from api.store import jobs as store
+from api.store import leases
 from api.store.db import make_engine, make_sessionmaker
-from api.store.models import File, Job, JobStatus, new_id, now
+from api.store.leases import Lease
+from api.store.models import File, Job, JobStatus, Worker, new_id, now
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
-from worker.recorder import JobRecorder
+from worker.lease import LeaseKeeper
+from worker.recorder import JobRecorder, make_recorder
 
 log = logging.getLogger("dpo.worker")
-RUNNING = (JobStatus.RUNNING,)
 
 
 class JobRunner:
@@ -41,45 +51,64 @@ class JobRunner:
         self.storage = LocalStorage(settings.storage_dir)
 
     def run(self, job_id: str) -> str:
+        """Start the job if it is dispatched to this worker, train it, record the outcome; returns what
+        became of it (a status, `skipped`, or `lease_lost` when another run took it over meanwhile)."""
         engine = make_engine(self.settings.db_url)
         self.sessions = make_sessionmaker(engine)
         try:
-            if not self._start(job_id):
+            lease = self._start(job_id)
+            if lease is None:
                 return "skipped"
-            return self._train(job_id)
+            keeper = LeaseKeeper(self.sessions, lease, self.settings.job_lease_s,
+                                 self.settings.worker_heartbeat_interval_s)
+            keeper.start()
+            try:
+                return self._train(keeper)
+            except LeaseLost:
+                log.warning("job %s: this run lost its lease (the job was taken back, or it ended); "
+                            "it wrote nothing more", job_id)
+                return "lease_lost"
+            finally:
+                keeper.stop()
         finally:
             engine.dispose()
 
-    def _start(self, job_id: str) -> bool:
+    def _start(self, job_id: str) -> Lease | None:
         with self.sessions.begin() as s:
             if s.get(Job, job_id) is None:
                 log.warning("job %s is not in the database; dropping its message", job_id)
-                return False
+                return None
             # Only a job dispatched to this worker starts: a cancelled one, one given back to the queue and
-            # dispatched elsewhere, or a duplicate message is skipped.
-            started = store.transition(s, job_id, JobStatus.RUNNING, (JobStatus.DISPATCHED,),
-                                       where=(Job.worker_id == self.worker_id,), started_at=time.time())
-        if not started:
+            # dispatched elsewhere, or a duplicate or re-delivered message is skipped.
+            name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
+            lease = leases.acquire(s, job_id, self.worker_id, name, self.settings.job_lease_s)
+        if lease is None:
             log.info("job %s is not dispatched to this worker; skipping it", job_id)
-        return started
+        return lease
 
-    def _train(self, job_id: str) -> str:
+    def _train(self, keeper: LeaseKeeper) -> str:
         import dpo_core  # torch comes in here, in the worker only
 
-        recorder = JobRecorder(self.sessions, self.storage, job_id, self.settings.metrics_event_interval_s,
-                               self.settings.cancel_poll_interval_s)
+        lease = keeper.lease
+        recorder = make_recorder(self.sessions, self.settings, keeper)
         try:
-            spec, gpus = self._spec(job_id), self._gpus(job_id)
-            result = self._launch(job_id, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
+            with _handback_on_sigterm(recorder):
+                spec, gpus = self._spec(lease.job_id), self._gpus(lease.job_id)
+                _remove_partial_checkpoints(Path(spec.output_dir))
+                result = self._launch(lease, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
+        except LeaseLost:
+            raise
         except (SpecError, DataError, TrainingError) as err:
-            return self._fail(job_id, _code(err), one_line(err))
+            return self._fail(keeper, _code(err), one_line(err))
+        except OSError as err:  # the data volume: full, read-only, failing
+            return self._fail(keeper, "storage_error", storage_message(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
-            log.exception("job %s failed", job_id)
-            return self._fail(job_id, "internal_error", f"internal error: {type(err).__name__}: {one_line(err)}",
+            log.exception("job %s failed", lease.job_id)
+            return self._fail(keeper, "internal_error", f"internal error: {type(err).__name__}: {one_line(err)}",
                               traceback.format_exc())
-        return self._finish(job_id, result)
+        return self._finish(keeper, result)
 
-    def _launch(self, job_id: str, spec: TrainingSpec, gpus: int):
+    def _launch(self, lease: Lease, spec: TrainingSpec, gpus: int):
         """Run a multi-GPU job in a subprocess (worker.distributed_job) and return rank 0's TrainResult."""
         from dpo_core.trainer import TrainResult
 
@@ -87,7 +116,8 @@ class JobRunner:
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_path.write_text(spec.model_dump_json())
             env = {**os.environ, "DPO_DATA_DIR": str(self.settings.data_dir), "DPO_DATABASE_URL": self.settings.db_url}
-            args = [sys.executable, "-m", "worker.distributed_job", job_id, str(gpus), str(spec_path), str(result_path)]
+            args = [sys.executable, "-m", "worker.distributed_job", lease.job_id, str(lease.token), str(gpus),
+                    str(spec_path), str(result_path)]
             proc = subprocess.run(args, env=env, preexec_fn=_die_with_parent)
             if not result_path.exists():
                 raise RankFailedError(f"the job's launcher process exited with code {proc.returncode}")
@@ -107,22 +137,35 @@ class JobRunner:
                      for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
         if job.training_file not in paths or (job.validation_file and job.validation_file not in paths):
             raise DataError([_missing_file(job)])
+        for name in filter(None, (job.model, job.spec.get("reference_model"))):
+            if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
+                raise TrainingError(problem, code="model_not_allowed")
         output_dir = str(self.storage.path(f"jobs/{job_id}"))
-        return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir)
+        # "auto": the latest complete checkpoint an earlier run of this job left, if any (a resumed job).
+        return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
+                        resume_from="auto")
 
-    def _finish(self, job_id: str, result) -> str:
+    def _finish(self, keeper: LeaseKeeper, result) -> str:
+        lease = keeper.lease
         with self.sessions.begin() as s:
+            keeper.hold(s)
             fields = dict(trained_tokens=result.trained_tokens, step=result.global_step, estimated_finish=None)
-            if result.stopped or store.cancel_requested(s, job_id):
-                store.transition(s, job_id, JobStatus.CANCELLED, RUNNING, **fields)
+            if store.cancel_requested(s, lease.job_id):
+                leases.finish(s, lease, JobStatus.CANCELLED, **fields)
                 return JobStatus.CANCELLED.value
+            if result.stopped:  # not cancelled, and still ours: its worker is shutting down
+                name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
+                store.update_job(s, lease.job_id, **fields)
+                leases.hand_back(s, lease, name, result.global_step)
+                return JobStatus.QUEUED.value
             if result.final_dir:
-                final = store.add_checkpoint(s, job_id, result.global_step, self.storage.key_for(result.final_dir),
+                final = store.add_checkpoint(s, lease.job_id, result.global_step,
+                                             self.storage.key_for(result.final_dir),
                                              {**result.metrics, **(result.eval_metrics or {})}, final=True)
                 s.flush()
                 fields["fine_tuned_model"] = final.id
-            fields["result_files"] = self._result_files(s, job_id)
-            store.transition(s, job_id, JobStatus.SUCCEEDED, RUNNING, **fields)
+            fields["result_files"] = self._result_files(s, lease.job_id)
+            leases.finish(s, lease, JobStatus.SUCCEEDED, **fields)
         return JobStatus.SUCCEEDED.value
 
     def _result_files(self, s, job_id: str) -> list[str]:
@@ -138,13 +181,15 @@ class JobRunner:
         s.add(file)
         return [file.id]
 
-    def _fail(self, job_id: str, code: str, message: str, trace: str | None = None) -> str:
+    def _fail(self, keeper: LeaseKeeper, code: str, message: str, trace: str | None = None) -> str:
+        job_id = keeper.lease.job_id
         with self.sessions.begin() as s:
+            keeper.hold(s)
             if trace:
                 store.add_event(s, job_id, "Traceback of the internal error", level="error", data={"traceback": trace})
             store.add_event(s, job_id, message, level="error", data={"code": code})
-            store.transition(s, job_id, JobStatus.FAILED, RUNNING, error_code=code, error_message=message,
-                             estimated_finish=None)
+            leases.finish(s, keeper.lease, JobStatus.FAILED, error_code=code, error_message=message,
+                          estimated_finish=None)
         return JobStatus.FAILED.value
 
 
@@ -157,6 +202,13 @@ def one_line(err: Exception) -> str:
         return str(err.problems[0]).strip() + (f" (and {rest} more problems)" if rest > 0 else "")
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def storage_message(err: OSError) -> str:
+    """A failed write or read of the data volume, said plainly: what failed, where, and what to do."""
+    where = f" ({err.filename})" if err.filename else ""
+    return (f"storage error: {err.strerror or type(err).__name__}{where}; the job's earlier checkpoints are "
+            "intact. Free space on (or repair) the data volume, then resubmit the job")
 
 
 def _code(err: Exception) -> str:
@@ -176,6 +228,29 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the agent still ends with its ranks when the job finishes normally
+
+
+@contextmanager
+def _handback_on_sigterm(recorder: JobRecorder):
+    """While a job trains in this process's main thread, SIGTERM (a `kill` of the worker's process group,
+    a node shutting down) makes it checkpoint at its next step and hand the job back; Celery's pool had
+    reset SIGTERM to kill the job process outright. (Run in another thread, as in tests: nothing to do.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: recorder.handback.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_partial_checkpoints(output_dir: Path) -> None:
+    """Temporary directories of checkpoints an earlier run was writing when it died (never resumed from:
+    only a renamed, complete checkpoint is). This run holds the job's lease, so none is being written."""
+    if output_dir.is_dir():
+        for tmp in output_dir.glob(".checkpoint-*.tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _missing_file(job: Job) -> Problem:
