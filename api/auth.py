@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.settings import Settings
 from api.store.models import DEFAULT_TEAM_ID
-from api.store.teams import team_for_key
+from api.store.teams import hash_key, team_for_key
 
 KEY_FILE = "api_key"
 
@@ -57,8 +57,9 @@ def _generate(path: Path) -> tuple[str, bool]:
 
 
 def authenticate(presented: str, admin: str, session: Session | None = None) -> Principal | None:
-    """The principal a presented key belongs to, or None. Keys are compared in constant time."""
-    if hmac.compare_digest(presented.encode(), admin.encode()):
+    """The principal a presented key belongs to, or None. Keys are compared in constant time (as
+    SHA-256 digests, so not even the admin key's length shows in the timing)."""
+    if hmac.compare_digest(hash_key(presented), hash_key(admin)):
         return ADMIN
     found = team_for_key(session, presented) if session is not None else None
     return Principal(key_id=found[0], team_id=found[1]) if found else None

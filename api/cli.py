@@ -22,7 +22,7 @@ import httpx
 from pydantic import ValidationError
 
 from api import admin_cli
-from api.auth import admin_key
+from api.auth import KEY_FILE, admin_key
 from api.settings import Settings, get_settings
 from api.store.migrate import upgrade
 
@@ -67,8 +67,11 @@ def _api(settings: Settings, host: str, port: int) -> int:
 
 
 def _up(settings: Settings, host: str, port: int) -> int:
-    """API and one worker as child processes; Ctrl-C (or SIGTERM) stops both."""
-    key, _ = admin_key(settings)
+    """API and one worker as child processes; Ctrl-C (or SIGTERM) stops both. The admin key is printed
+    only when it was generated just now: stdout often ends up in a log file."""
+    key, created = admin_key(settings)
+    if not created:
+        key = "from DPO_API_KEY" if settings.api_key is not None else f"in {settings.data_dir / KEY_FILE}"
     env = {**os.environ, "DPO_DATA_DIR": str(settings.data_dir)}
     api = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--host", host, "--port", str(port)], env=env)
     worker = subprocess.Popen([sys.executable, "-m", "worker", "--loglevel", "WARNING"], env=env)

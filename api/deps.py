@@ -16,7 +16,7 @@ from api.dispatcher import Dispatcher
 from api.errors import Forbidden, NotFound, Unauthenticated
 from api.settings import Settings
 from api.storage import Storage
-from api.store.models import File, Job
+from api.store.models import File, Job, is_id
 
 
 def get_settings(request: Request) -> Settings:
@@ -74,14 +74,14 @@ AdminPrincipal = Annotated[Principal, Depends(get_admin)]
 
 def load_job(session: Session, principal: Principal, job_id: str) -> Job:
     """The job if it exists and the caller may see it; otherwise 404 (never 403: no leak of what exists)."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id) if is_id(job_id, "ftjob") else None
     if job is None or not principal.may_see(job.team_id):
         raise NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
     return job
 
 
 def load_file(session: Session, principal: Principal, file_id: str, param: str = "file_id") -> File:
-    file = session.get(File, file_id)
+    file = session.get(File, file_id) if is_id(file_id, "file") else None
     if file is None or not principal.may_see(file.team_id):
         raise NotFound(f"no file {file_id!r}", param=param)
     return file

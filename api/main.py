@@ -14,8 +14,11 @@ from api import errors
 from api.auth import admin_key
 from api.deps import get_principal
 from api.dispatcher import Dispatcher
+from api.limits import BodyLimit
+from api.openapi import openapi_with_errors
 from api.queue import make_celery
 from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
+from api.schemas.common import PRINTABLE
 from api.settings import Settings, get_settings
 from api.storage import LocalStorage
 from api.store.db import make_engine, make_sessionmaker
@@ -33,6 +36,7 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
     errors.TooLarge: (413, "invalid_request_error"),
     errors.QuotaExceeded: (429, "insufficient_quota"),  # OpenAI's type for a quota, not a rate, limit
     errors.Unavailable: (503, "server_error"),
+    errors.StorageFailed: (503, "server_error"),
 }
 
 
@@ -70,6 +74,8 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.include_router(v1)
     app.include_router(health.router)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, settings=settings)
+    app.openapi = lambda: openapi_with_errors(app)
     return app
 
 
@@ -91,13 +97,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         problems: dict[str | None, list[str]] = {}
         for e in err.errors():  # a union gives one error per member: merge them per parameter
-            problems.setdefault(_param(e["loc"]), []).append(e["msg"].removeprefix("Value error, "))
+            problems.setdefault(_param(e["loc"]), []).append(_message(e))
         message = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in problems.items())
         return _error(400, "invalid_request_error", message, next(iter(problems), None), "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, "invalid_request_error", str(err.detail), code=None)
+        return _error(err.status_code, "invalid_request_error", str(err.detail), code=_HTTP_CODES.get(err.status_code))
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, err: Exception) -> JSONResponse:
@@ -106,6 +112,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value"}
+
+
+def _message(e: dict) -> str:
+    if e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == PRINTABLE:
+        return "must not hold control characters"
+    return e["msg"].removeprefix("Value error, ")
 
 
 def _param(loc) -> str | None:

@@ -1,21 +1,28 @@
 """The service's settings: one pydantic-settings class read from DPO_* environment variables."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 # Redis re-delivers an unacknowledged task after its visibility timeout (default one hour). A job that
 # trains for longer would then run twice; 48 hours is above any job we expect.
 REDIS_VISIBILITY_TIMEOUT_S = 48 * 3600
+# With DPO_ENV=production the service refuses these as secrets (and any admin key shorter than this).
+DEFAULT_SECRETS = frozenset({"changeme", "change-me", "changeit", "secret", "password", "admin", "test", "dpo",
+                             "postgres", "default", "test-admin-key", "dpo-secret", "example"})
+MIN_PRODUCTION_KEY_CHARS = 32
 
 
 class Settings(BaseSettings):
     """Every knob of the API and the worker. Paths are resolved to absolute ones at load time."""
 
-    model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore")
+    # hide_input_in_errors: a settings error must never print the values, secrets among them.
+    model_config = SettingsConfigDict(env_prefix="DPO_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(Path(".dpo-data"), description="uploads, checkpoints, the embedded database")
     database_url: str | None = Field(None, description="default: SQLite file dpo.sqlite in data_dir")
@@ -24,6 +31,11 @@ class Settings(BaseSettings):
     env: Literal["development", "test", "production"] = "development"
     queue: str = Field("dpo-jobs", description="Celery queue the jobs travel on")
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest accepted upload")
+    max_request_bytes: int = Field(1 << 20, gt=0, description="largest accepted request body other than an upload")
+    max_line_bytes: int = Field(8 << 20, gt=0, description="longest accepted line of an uploaded JSONL file")
+    model_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="directories local models may come from (os.pathsep-separated); "
+        "default: data_dir/models")
     metrics_event_interval_s: float = Field(5.0, ge=0, description="at most one metrics event per interval")
     cancel_poll_interval_s: float = Field(1.0, gt=0, description="how often a running job checks for cancel")
     # Scheduling (the dispatcher runs in every API process; the database keeps them from colliding).
@@ -37,14 +49,28 @@ class Settings(BaseSettings):
     worker_heartbeat_interval_s: float = Field(5.0, gt=0, description="how often a worker says it is alive")
     worker_lost_after_s: float = Field(30.0, gt=0, description="a worker silent this long is lost")
     worker_forget_after_s: float = Field(24 * 3600.0, gt=0, description="lost or stopped workers leave the pool view")
+    # Faults: who owns a running job, and what happens when its owner goes away.
+    job_lease_s: float = Field(30.0, gt=0, description="a running job whose lease is not renewed this long is "
+                               "taken back from its worker (renewed every worker_heartbeat_interval_s)")
+    job_max_attempts: int = Field(3, ge=1, le=100, description="runs a job may lose to lost workers, by default")
+    dispatch_timeout_s: float = Field(60.0, gt=0, description="a dispatched job its worker has not started this "
+                                      "long is queued again (its message was lost)")
+
+    @field_validator("model_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value):
+        return [p for p in value.split(os.pathsep) if p.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
-        if self.env == "production" and self.api_key is None:
-            raise ValueError("DPO_ENV=production needs DPO_API_KEY set to a secret of your own")
+        self.model_dirs = [p.expanduser().resolve() for p in self.model_dirs] or [(self.data_dir / "models").resolve()]
+        if self.env == "production":
+            _refuse_default_secrets(self)
         if self.worker_lost_after_s <= self.worker_heartbeat_interval_s:
             raise ValueError("DPO_WORKER_LOST_AFTER_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S")
+        if self.job_lease_s <= self.worker_heartbeat_interval_s:
+            raise ValueError("DPO_JOB_LEASE_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S (it renews the lease)")
         return self
 
     @property
@@ -62,6 +88,32 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+
+def _refuse_default_secrets(settings: Settings) -> None:
+    """Production runs only on secrets of the operator's own; the messages never show a secret."""
+    problems = []
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    if key is None:
+        problems.append("DPO_ENV=production needs DPO_API_KEY set to a secret of your own")
+    elif key.strip().lower() in DEFAULT_SECRETS or len(key) < MIN_PRODUCTION_KEY_CHARS:
+        problems.append(f"DPO_API_KEY is a well-known default or shorter than {MIN_PRODUCTION_KEY_CHARS} "
+                        "characters; set a random one (e.g. openssl rand -hex 32)")
+    for name, url in (("DPO_DATABASE_URL", settings.database_url), ("DPO_BROKER_URL", settings.broker_url)):
+        password = _password(url)
+        if password is not None and password.lower() in DEFAULT_SECRETS:
+            problems.append(f"{name} uses a well-known default password; set one of your own")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return make_url(url).password
+    except Exception:  # noqa: BLE001 - not an SQLAlchemy-style URL (amqp://, ...): look no further
+        return None
 
 
 def get_settings(**overrides) -> Settings:

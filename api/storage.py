@@ -46,8 +46,12 @@ class LocalStorage:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, target)  # readers never see a half-written file
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)  # readers never see a half-written file
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+            raise
         return len(data)
 
     def open(self, key: str) -> BinaryIO:
@@ -82,13 +86,21 @@ def _exactly(path: Path, size: int) -> Iterator[bytes]:
         yield b"\0" * left
 
 
-def iter_tar(directory: Path, arcname: str) -> Iterator[bytes]:
+def tar_entries(directory: Path) -> list[tuple[Path, os.stat_result]]:
+    """The directory and everything under it, each with its stat, read before a byte is sent (so a
+    missing checkpoint is a 404, not a broken download). FileNotFoundError if the directory is gone."""
+    paths = [directory, *sorted(directory.rglob("*"))] if directory.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(str(directory))
+    return [(p, p.stat()) for p in paths]
+
+
+def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None
+             ) -> Iterator[bytes]:
     """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files."""
-    entries = [directory, *sorted(directory.rglob("*"))]
-    for path in entries:
+    for path, stat in entries if entries is not None else tar_entries(directory):
         name = arcname if path == directory else f"{arcname}/{path.relative_to(directory).as_posix()}"
         info = tarfile.TarInfo(name)
-        stat = path.stat()
         info.mtime, info.mode = int(stat.st_mtime), stat.st_mode & 0o777
         if path.is_dir():
             info.type = tarfile.DIRTYPE

@@ -10,8 +10,8 @@ from api.errors import InvalidInput, NotFound
 from api.pagination import After, Limit, page
 from api.schemas.common import ListPublic
 from api.schemas.jobs import CheckpointPublic
-from api.storage import iter_tar
-from api.store.models import Checkpoint
+from api.storage import iter_tar, tar_entries
+from api.store.models import Checkpoint, is_id
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
 
@@ -22,7 +22,7 @@ def list_checkpoints(job: JobDep, session: SessionDep, after: After = None,
     """A job's checkpoints, latest step first; the final model is the one with `final: true`."""
     anchor = None
     if after:
-        last = session.get(Checkpoint, after)
+        last = session.get(Checkpoint, after) if is_id(after, "ftckpt") else None
         if last is None or last.job_id != job.id:
             raise InvalidInput(f"no checkpoint {after!r} of job {job.id} to page after", param="after")
         anchor = (last.step_number, last.id)
@@ -44,15 +44,17 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
     """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained."""
     ckpt = _checkpoint(session, job.id, checkpoint_id)
     directory = storage.path(ckpt.storage_key)
-    if not directory.is_dir():
+    try:
+        entries = tar_entries(directory)
+    except FileNotFoundError:
         raise NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit or by hand)",
-                       param="checkpoint_id", code="artifact_missing")
-    return StreamingResponse(iter_tar(directory, ckpt.id), media_type="application/x-tar",
+                       param="checkpoint_id", code="artifact_missing") from None
+    return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
 
 
 def _checkpoint(session, job_id: str, checkpoint_id: str) -> Checkpoint:
-    ckpt = session.get(Checkpoint, checkpoint_id)
+    ckpt = session.get(Checkpoint, checkpoint_id) if is_id(checkpoint_id, "ftckpt") else None
     if ckpt is None or ckpt.job_id != job_id:
         raise NotFound(f"no checkpoint {checkpoint_id!r} of job {job_id}", param="checkpoint_id")
     return ckpt

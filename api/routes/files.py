@@ -4,17 +4,17 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi import File as FileField
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, FileDep, SessionDep, SettingsDep, StorageDep, load_file
-from api.errors import Conflict, InvalidInput, TooLarge
+from api.errors import Conflict, InvalidInput, NotFound, StorageFailed, TooLarge
 from api.pagination import After, Limit, page
-from api.schemas.common import DeletedPublic, ListPublic
+from api.schemas.common import PRINTABLE, DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
-from api.storage import iter_file
+from api.storage import Storage, iter_file
 from api.store.jobs import ACTIVE
 from api.store.models import File, Job, new_id, now
 from dpo_core.data import DataError, read_jsonl_bytes
@@ -38,25 +38,56 @@ def upload_file(
         raise InvalidInput(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
     data = file.file.read(settings.max_upload_bytes + 1)
     if len(data) > settings.max_upload_bytes:
-        raise TooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes", param="file")
+        raise TooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes "
+                       "(DPO_MAX_UPLOAD_BYTES); split it or ask the operator to raise the limit", param="file")
     filename = _safe_name(file.filename)
+    _refuse_long_lines(data, filename, settings.max_line_bytes)
     try:
         parsed = read_jsonl_bytes(data, filename)
     except DataError as err:
         raise _invalid_file(err, filename) from None
     file_id = new_id("file")
     key = f"files/{file_id}.jsonl"
-    storage.put(key, data)
     row = File(id=file_id, team_id=principal.team_id, filename=filename, purpose=purpose, bytes=len(data),
                format=parsed.format, rows=len(parsed.rows), status="processed", storage_key=key, created_at=now())
-    session.add(row)
-    session.commit()
+    _store(storage, session, key, data, row)
     return FilePublic.of(row)
+
+
+def _store(storage: Storage, session, key: str, data: bytes, row: File) -> None:
+    """The bytes, then the row; if either fails, neither stays (nothing half-written)."""
+    try:
+        storage.put(key, data)
+    except OSError as err:
+        raise StorageFailed(f"could not store the upload: {err.strerror or type(err).__name__}; nothing was "
+                            "stored, try again later", param="file") from None
+    try:
+        session.add(row)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        storage.delete(key)
+        raise
+
+
+def _refuse_long_lines(data: bytes, filename: str, limit: int) -> None:
+    """A line longer than DPO_MAX_LINE_BYTES is refused before it is parsed."""
+    start, line = 0, 1
+    while start < len(data):
+        end = data.find(b"\n", start)
+        end = len(data) if end < 0 else end
+        if end - start > limit:
+            raise InvalidInput(f"{filename} is not valid preference data: line {line} is {end - start} bytes long, "
+                               f"over the limit of {limit} bytes per line (DPO_MAX_LINE_BYTES)",
+                               param="file", code="invalid_file",
+                               problems=[{"line": line, "field": None, "message": f"longer than {limit} bytes"}])
+        start, line = end + 1, line + 1
 
 
 @router.get("", response_model=ListPublic[FilePublic])
 def list_files(session: SessionDep, principal: CurrentPrincipal, after: After = None, limit: Limit = 20,
-               purpose: str | None = None) -> ListPublic[FilePublic]:
+               purpose: Annotated[str | None, Query(max_length=32, pattern=PRINTABLE)] = None,
+               ) -> ListPublic[FilePublic]:
     """List the team's files (the admin: every team's), newest first."""
     anchor = None
     if after:
@@ -78,7 +109,12 @@ def retrieve_file(file: FileDep) -> FilePublic:
 @router.get("/{file_id}/content", response_class=StreamingResponse)
 def file_content(file: FileDep, storage: StorageDep) -> StreamingResponse:
     """The file's bytes as uploaded."""
-    return StreamingResponse(iter_file(storage.open(file.storage_key)), media_type="application/jsonl",
+    try:
+        handle = storage.open(file.storage_key)
+    except FileNotFoundError:
+        raise NotFound(f"the bytes of file {file.id} are gone from storage (removed by hand?)", param="file_id",
+                       code="artifact_missing") from None
+    return StreamingResponse(iter_file(handle), media_type="application/jsonl",
                              headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
 
 
@@ -100,9 +136,10 @@ def delete_file(file: FileDep, session: SessionDep, storage: StorageDep) -> Dele
 
 
 def _safe_name(name: str | None) -> str:
-    # Only ever displayed, never used as a path; still keep it short and without directories.
+    # Only ever displayed, never used as a path; still keep it short, printable and without directories.
     base = (name or "upload.jsonl").replace("\\", "/").rsplit("/", 1)[-1]
-    return base[:255] or "upload.jsonl"
+    base = "".join(ch for ch in base if ch.isprintable()).strip()
+    return base[:255] if base not in ("", ".", "..") else "upload.jsonl"
 
 
 def _invalid_file(err: DataError, filename: str) -> InvalidInput:

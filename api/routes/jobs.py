@@ -1,9 +1,13 @@
 """/v1/fine_tuning/jobs: create, list, retrieve and cancel DPO jobs."""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import time
+from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header
 from sqlalchemy import func, select
 
 from api import jobspec
@@ -19,9 +23,10 @@ from api.deps import (
 )
 from api.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from api.pagination import After, Limit, page
+from api.model_paths import model_problem
 from api.pool import queue_info
 from api.schemas.common import ListPublic
-from api.schemas.jobs import JobCreate, JobPublic
+from api.schemas.jobs import INT64, JobCreate, JobPublic
 from api.store import jobs as store
 from api.store.locks import lock_team
 from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
@@ -29,11 +34,41 @@ from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
 
+IdempotencyKey = Annotated[str | None, Header(
+    alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+    description="a retried request with the same key (and the same body) returns the job the first one made")]
+
+
 @router.post("", response_model=JobPublic)
 def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep,
-               dispatcher: DispatcherDep, principal: CurrentPrincipal) -> JobPublic:
+               dispatcher: DispatcherDep, principal: CurrentPrincipal,
+               idempotency_key: IdempotencyKey = None) -> JobPublic:
     """Validate a DPO job against its files and TrainingSpec, store it queued for the dispatcher.
-    429 when the team is at its max_queued_jobs."""
+    429 when the team is at its max_queued_jobs. With an Idempotency-Key, a retry returns the same job."""
+    digest = _request_hash(req) if idempotency_key else None
+    if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
+        return _public(session, settings, [earlier])[0]
+    job = _new_job(req, session, storage, settings, principal)
+    job.idempotency_key, job.request_hash = idempotency_key, digest
+    team = lock_team(session, principal.team_id)  # locked until commit: no race past the checks below
+    if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
+        session.rollback()  # a twin request made it while we validated
+        return _public(session, settings, [earlier])[0]
+    _check_queue_quota(session, team)
+    session.add(job)
+    session.flush()  # the row first: events reference it
+    store.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    store.transition(session, job.id, JobStatus.QUEUED, (JobStatus.VALIDATING_FILES,))
+    session.commit()
+    dispatcher.wake()
+    session.refresh(job)
+    return _public(session, settings, [job])[0]
+
+
+def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
+    """The job row for a valid request (not yet added); InvalidInput naming every problem otherwise."""
+    _check_numbers(req.model_dump(mode="python"))
+    _check_model(req.model, settings, "model")
     train = _fine_tune_file(session, principal, req.training_file, "training_file")
     val = _fine_tune_file(session, principal, req.validation_file, "validation_file") if req.validation_file else None
     job_id = new_id("ftjob")
@@ -41,23 +76,53 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
         str(storage.path(f"jobs/{job_id}")),
     )
+    if built.spec.reference_model:
+        _check_model(built.spec.reference_model, settings, "training.reference_model")
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
-    _check_queue_quota(session, lock_team(session, principal.team_id))  # locked until commit: no race past it
-    job = Job(
+    return Job(
         id=job_id, team_id=principal.team_id, status=JobStatus.VALIDATING_FILES.value, model=req.model,
         training_file=train.id, validation_file=val.id if val else None, method=method,
         hyperparameters=built.hyperparameters, training=req.training, spec=built.stored, seed=built.spec.seed,
         suffix=req.suffix, metadata_=req.metadata, created_at=now(), result_files=[], cancel_requested=False,
         priority=req.priority, gpu_type=req.gpu_type, gpus=req.gpus,
+        max_attempts=req.max_attempts or settings.job_max_attempts,
     )
-    session.add(job)
-    session.flush()  # the row first: events reference it
-    store.add_event(session, job_id, f"Created fine-tuning job: {job_id}")
-    store.transition(session, job_id, JobStatus.QUEUED, (JobStatus.VALIDATING_FILES,))
-    session.commit()
-    dispatcher.wake()
-    session.refresh(job)
-    return _public(session, settings, [job])[0]
+
+
+def _check_model(name: str, settings, param: str) -> None:
+    if problem := model_problem(name, settings.model_dirs):
+        raise InvalidInput(problem, param=param, code="invalid_model")
+
+
+def _check_numbers(value, path: str = "") -> None:
+    """Every number in the request is finite and fits the database (JSON allows NaN, Infinity, 10**100)."""
+    if isinstance(value, bool):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidInput(f"{path}: must be a finite number", param=path or None)
+    if isinstance(value, int) and abs(value) > INT64:
+        raise InvalidInput(f"{path}: must be between -{INT64} and {INT64}", param=path or None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_numbers(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_numbers(item, f"{path}.{i}")
+
+
+def _request_hash(req: JobCreate) -> str:
+    canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replay(session, principal, key: str, digest: str | None) -> Job | None:
+    """The job an earlier request with this Idempotency-Key made (409 if that request was another)."""
+    job = session.scalars(select(Job).where(Job.team_id == principal.team_id, Job.idempotency_key == key)
+                          .execution_options(populate_existing=True)).one_or_none()
+    if job is not None and job.request_hash != digest:
+        raise Conflict(f"Idempotency-Key {key!r} was used for another request (job {job.id}); use a new key "
+                       "for a new request", param="Idempotency-Key", code="idempotency_key_reused")
+    return job
 
 
 @router.get("", response_model=ListPublic[JobPublic])

@@ -11,7 +11,7 @@ from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.teams import KeyCreate, KeyCreatedPublic, KeyPublic, TeamCreate, TeamPublic, TeamUpdate
 from api.store import teams as store
-from api.store.models import ApiKey, Team
+from api.store.models import ApiKey, Team, is_id
 
 router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(get_admin)])
 
@@ -29,7 +29,7 @@ def list_teams(session: SessionDep, after: After = None, limit: Limit = 20) -> L
     """Every team, newest first."""
     anchor = None
     if after:
-        last = session.get(Team, after)
+        last = session.get(Team, after) if is_id(after, "team") else None
         if last is None:
             raise InvalidInput(f"no team {after!r} to page after", param="after")
         anchor = (last.created_at, last.id)

@@ -14,8 +14,8 @@ from api.store.models import JobStatus, Team
 from api.store.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
 
 router = APIRouter(tags=["usage"])
-Since = Annotated[float | None, Query(ge=0, description="Unix seconds; default: from the beginning")]
-Until = Annotated[float | None, Query(ge=0, description="Unix seconds; default: now")]
+Since = Annotated[float | None, Query(ge=0, le=1e12, description="Unix seconds; default: from the beginning")]
+Until = Annotated[float | None, Query(ge=0, le=1e12, description="Unix seconds; default: now")]
 
 
 @router.get("/usage", response_model=UsagePublic)

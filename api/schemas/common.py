@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Generic, Literal, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 T = TypeVar("T")
+# Text the database keeps: no NUL or other control characters (PostgreSQL refuses NUL in text).
+PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 
 class ErrorDetail(BaseModel):
@@ -13,6 +15,7 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
+    problems: list[dict] | None = Field(None, description="bad lines of an uploaded file (invalid_file)")
 
 
 class ErrorBody(BaseModel):

@@ -3,10 +3,11 @@
 `team`, `priority`, `gpu_type`, `gpus`, `queue_position`, `queue_reason`, `worker`)."""
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from api.schemas.common import PRINTABLE
 from api.store.models import Checkpoint, Event, Job, JobStatus
 from dpo_core.spec import SERVER_PATH_FIELDS
 
@@ -15,6 +16,9 @@ Auto = Literal["auto"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+INT64 = 2**63 - 1
 
 
 class DpoHyperparameters(_Strict):
@@ -38,16 +42,20 @@ class MethodCreate(_Strict):
 class JobCreate(_Strict):
     """Create a job. `training` takes any TrainingSpec field except the ones naming server paths."""
 
-    model: str = Field(min_length=1, max_length=1024, description="local model directory or hub id")
-    training_file: str = Field(description="id of an uploaded file (purpose fine-tune)")
-    validation_file: str | None = Field(None, description="id of an uploaded file for held-out evaluation")
+    model: str = Field(min_length=1, max_length=1024, pattern=PRINTABLE,
+                       description="a hub id (owner/name), or an absolute path under one of the service's model "
+                       "directories (DPO_MODEL_DIRS)")
+    training_file: str = Field(max_length=64, description="id of an uploaded file (purpose fine-tune)")
+    validation_file: str | None = Field(None, max_length=64,
+                                        description="id of an uploaded file for held-out evaluation")
     method: MethodCreate | None = Field(None, description="default: {type: dpo}")
     hyperparameters: DpoHyperparameters | None = Field(
         None, description="deprecated OpenAI form of method.dpo.hyperparameters"
     )
-    seed: int | None = None
-    suffix: str | None = Field(None, max_length=64)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    seed: int | None = Field(None, ge=0, le=INT64)
+    suffix: str | None = Field(None, max_length=64, pattern=PRINTABLE)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16, description="up to 16 pairs; keys up to 64 characters, values up to 512")
     training: dict[str, Any] | None = Field(
         None,
         description="dpo-service extension: TrainingSpec fields (loss, lora, max_length, learning_rate, "
@@ -57,6 +65,8 @@ class JobCreate(_Strict):
     gpu_type: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
                                  description="extension: run only on workers of this GPU type (e.g. h100, cpu)")
     gpus: int = Field(1, ge=1, le=64, description="extension: GPUs the job needs on one worker")
+    max_attempts: int | None = Field(None, ge=1, le=100, description="extension: runs the job may lose to lost "
+                                     "workers before it fails (default DPO_JOB_MAX_ATTEMPTS, 3)")
 
     @field_validator("gpu_type")
     @classmethod
@@ -112,6 +122,8 @@ class JobPublic(BaseModel):
         description="while queued: its place in the team's queue (1: next); 0: handed to a worker, starting")
     queue_reason: str | None = Field(description="while queued: why it waits")
     worker: str | None = Field(description="the worker it was handed to")
+    attempts: int = Field(description="runs that started and were not handed back cleanly (a lost worker's counts)")
+    max_attempts: int = Field(description="at this many lost runs the job fails with worker_lost")
 
     @classmethod
     def of(cls, job: Job, position: int | None = None, reason: str | None = None) -> JobPublic:
@@ -130,7 +142,7 @@ class JobPublic(BaseModel):
             metrics=job.metrics, eval_metrics=job.eval_metrics, training=job.spec,
             cancel_requested=job.cancel_requested, organization_id=job.team_id, team=job.team_id,
             priority=job.priority, gpu_type=job.gpu_type, gpus=job.gpus, queue_position=position,
-            queue_reason=reason, worker=job.worker,
+            queue_reason=reason, worker=job.worker, attempts=job.attempts, max_attempts=job.max_attempts,
         )
 
 

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.schemas.common import PRINTABLE
 from api.store.models import ApiKey, Team
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"  # letters, digits, space, '.', '_' and '-'
@@ -45,7 +46,8 @@ class TeamPublic(BaseModel):
 
 
 class KeyCreate(_Strict):
-    name: str | None = Field(None, max_length=128, description="a label, e.g. who or what uses the key")
+    name: str | None = Field(None, max_length=128, pattern=PRINTABLE,
+                             description="a label, e.g. who or what uses the key")
 
 
 class KeyPublic(BaseModel):

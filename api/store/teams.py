@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from api.errors import Conflict, NotFound
 from api.store.jobs import ACTIVE
 from api.store.locks import lock_team
-from api.store.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, new_id, now
+from api.store.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, is_id, new_id, now
 
 KEY_PREFIX = "dpo-sk-"
 HINT_CHARS = len(KEY_PREFIX) + 4
@@ -47,7 +47,7 @@ def team_for_key(session: Session, presented: str) -> tuple[str, str] | None:
 
 
 def get_team(session: Session, team_id: str) -> Team:
-    team = session.get(Team, team_id)
+    team = session.get(Team, team_id) if is_id(team_id, "team") else None
     if team is None or team.deleted_at is not None:
         raise NotFound(f"no team {team_id!r}", param="team_id")
     return team
@@ -94,7 +94,7 @@ def create_key(session: Session, team: Team, name: str | None) -> NewKey:
 
 
 def get_key(session: Session, team: Team, key_id: str) -> ApiKey:
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id) if is_id(key_id, "key") else None
     if row is None or row.team_id != team.id:
         raise NotFound(f"no key {key_id!r} of team {team.id}", param="key_id")
     return row

@@ -1,0 +1,87 @@
+"""BodyLimit: an ASGI middleware that refuses a request body over its limit with 413 while it arrives,
+so an oversized upload never fills the disk (Starlette spools multipart files to disk before a route
+sees them) nor the memory. A Content-Length over the limit is refused before a byte is read; a body
+without one is counted as it streams in, and refused once it passes the limit.
+
+Uploads (`POST /v1/files`) may be as large as DPO_MAX_UPLOAD_BYTES plus room for the multipart
+envelope; every other request as large as DPO_MAX_REQUEST_BYTES.
+"""
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.settings import Settings
+
+MULTIPART_ROOM = 64 * 1024  # boundaries, part headers and the purpose field around the file
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app, self.settings = app, settings
+
+    def limit(self, scope: Scope) -> tuple[int, str]:
+        """(bytes allowed, what the error says) for this request."""
+        if scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files":
+            return (self.settings.max_upload_bytes + MULTIPART_ROOM,
+                    f"an upload over {self.settings.max_upload_bytes} bytes (DPO_MAX_UPLOAD_BYTES)")
+        return self.settings.max_request_bytes, f"a request body over {self.settings.max_request_bytes} bytes " \
+                                                "(DPO_MAX_REQUEST_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit, what = self.limit(scope)
+        if _content_length(scope) > limit:
+            await _refuse(send, what)
+            return
+        state = {"seen": 0, "over": False, "started": False}
+
+        async def counted() -> Message:
+            message = await receive()
+            if message["type"] == "http.request":
+                state["seen"] += len(message.get("body", b""))
+                if state["seen"] > limit:
+                    state["over"] = True
+                    raise _TooLarge
+            return message
+
+        async def guarded(message: Message) -> None:
+            if state["over"] and not state["started"]:
+                return  # whatever the app made of the cut-off body: the answer is 413
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, guarded)
+        except Exception:
+            if not state["over"] or state["started"]:
+                raise
+        if state["over"] and not state["started"]:
+            await _refuse(send, what)
+
+
+def _content_length(scope: Scope) -> int:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0
+
+
+async def _refuse(send: Send, what: str) -> None:
+    error = {"message": f"refused {what}; nothing was stored", "type": "invalid_request_error", "param": None,
+             "code": "file_too_large" if "upload" in what else "request_too_large"}
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
