@@ -8,12 +8,20 @@ from pathlib import Path
 import pytest
 
 from api.settings import Settings
+from tests.service import support
 from tests.service.support import API_KEY, fresh_postgres, make_settings, service_url
 
 
 def pytest_configure(config):
     # Raised inside kombu's embedded-broker transport (see api/queue.py); not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:The ``noload`` loader strategy:DeprecationWarning")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_dirs(tmp_path_factory) -> list[str]:
+    """Jobs may use models from pytest's temporary directory, where the tiny test models are built."""
+    support.MODEL_DIRS[:] = [str(tmp_path_factory.getbasetemp())]
+    return support.MODEL_DIRS
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.service.support import MODEL_DIRS
+
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
 
@@ -114,7 +116,8 @@ def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None)
     env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="0",
                DPO_CANCEL_POLL_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
                DPO_WORKER_NAME="worker", DPO_DISPATCH_INTERVAL_S="0.3", DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5",
-               DPO_WORKER_LOST_AFTER_S="3", **(extra_env or {}))
+               DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3", DPO_DISPATCH_TIMEOUT_S="10",
+               DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS), **(extra_env or {}))
     service = Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env)
     service.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port)])
     service.start("worker", ["-m", "worker", "--loglevel", "INFO"])

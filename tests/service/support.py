@@ -11,13 +11,17 @@ import pytest
 from api.settings import Settings
 
 API_KEY = "test-admin-key"
+# Where the tests' tiny models live (pytest's temporary directory); set by conftest.py for the session,
+# and handed to every service the tests start as DPO_MODEL_DIRS.
+MODEL_DIRS: list[str] = []
 
 
 def make_settings(data_dir: Path, **overrides) -> Settings:
     # Explicit Nones: a developer's own DPO_DATABASE_URL / DPO_BROKER_URL must not leak into tests.
     # No dispatcher loop: in-process tests dispatch when they choose to (see `dispatch`).
     base = dict(data_dir=data_dir, api_key=API_KEY, database_url=None, broker_url=None,
-                metrics_event_interval_s=0, cancel_poll_interval_s=0.2, dispatcher=False)
+                metrics_event_interval_s=0, cancel_poll_interval_s=0.2, dispatcher=False,
+                model_dirs=list(MODEL_DIRS))
     return Settings(**{**base, **overrides})
 
 

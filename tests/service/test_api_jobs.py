@@ -16,7 +16,7 @@ def train_id(client, task_files) -> str:
 
 
 def create(client, train_id, **extra):
-    body = {"model": "/models/tiny", "training_file": train_id, "training": TRAINING,
+    body = {"model": "tiny-org/tiny-model", "training_file": train_id, "training": TRAINING,
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 4}}}, **extra}
     return client.post("/v1/fine_tuning/jobs", json=body)
 

@@ -94,8 +94,8 @@ def test_cancel_stops_a_running_job_and_frees_the_worker(service, file_ids, tiny
     assert service.wait_for_job(next_id, timeout_s=90)["status"] == "succeeded"
 
 
-def test_a_model_that_does_not_exist_fails_with_a_clear_error(service, file_ids, tmp_path):
-    job_id = create_job(service, str(tmp_path / "missing-model"), file_ids[0], max_steps=2)
+def test_a_model_that_does_not_exist_fails_with_a_clear_error(service, file_ids):
+    job_id = create_job(service, "no-such-org/missing-model", file_ids[0], max_steps=2)
     job = service.wait_for_job(job_id)
     assert job["status"] == "failed" and job["error"]["code"] == "model_not_found"
     assert "missing-model" in job["error"]["message"]
