@@ -16,13 +16,16 @@ and the first (warm-up) step is left out. A reference model pass is part of ever
 `precomputed` mode its one-off pass is reported too ("incl. ref precompute", over all steps).
 
 Throughput is given per wall-clock second, as the median over steps of each step's tokens/s, and per CPU
-second of the process. Ratios are medians over repeats of ours / TRL within the same round.
+second of the process. Ratios are medians over repeats of ours / TRL within the same round; "paired
+steps" is the median over every step k >= 2 of every round of TRL's time for step k over ours (the same
+batch, run back to back in lockstep): the steadiest figure on a busy machine.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,6 +87,7 @@ class Child:
     def __init__(self, c: Contender, w: Workload, args, work_dir: Path, tag: str, baton: bool):
         self.c, self.w, self.tag = c, w, tag
         self.out = work_dir / "runs" / tag
+        shutil.rmtree(self.out, ignore_errors=True)  # dpo_core appends to metrics.jsonl: start clean
         job = Job(
             contender=c.contender,
             model=w.model,
@@ -244,14 +248,15 @@ def report(results: list[dict], order: list[str], args) -> str:
     trl = by[order[0]]  # the baseline: TRL, or the first dpo_core row with --skip-trl
     lines = [
         "| contender | tokens/s (wall) | median-step tokens/s | tokens/CPU-s | incl. ref precompute | peak RSS MiB "
-        f"| × {order[0]} tokens/s | × median-step | × CPU | RSS / {order[0]} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| × {order[0]} tokens/s | × median-step | × paired steps | × CPU | RSS / {order[0]} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for label, runs in by.items():
         ratio = statistics.median(r["tokens_per_s"] / t["tokens_per_s"] for r, t in zip(runs, trl))
         step_ratio = statistics.median(
             r["tokens_per_s_median_step"] / t["tokens_per_s_median_step"] for r, t in zip(runs, trl)
         )
+        paired = statistics.median(x for r, t in zip(runs, trl) for x in _paired_step_ratios(r, t))
         cpu_ratio = statistics.median(r["tokens_per_cpu_s"] / t["tokens_per_cpu_s"] for r, t in zip(runs, trl))
         rss = statistics.median(r["peak_rss"] for r in runs)
         rss_ratio = statistics.median(r["peak_rss"] / t["peak_rss"] for r, t in zip(runs, trl))
@@ -260,7 +265,7 @@ def report(results: list[dict], order: list[str], args) -> str:
             f"| {statistics.median(r['tokens_per_s_median_step'] for r in runs):,.0f} "
             f"| {statistics.median(r['tokens_per_cpu_s'] for r in runs):,.0f} "
             f"| {statistics.median(r['tokens_per_s_with_precompute'] for r in runs):,.0f} "
-            f"| {_mib(rss)} | {ratio:.2f} | {step_ratio:.2f} | {cpu_ratio:.2f} | {rss_ratio:.2f} |"
+            f"| {_mib(rss)} | {ratio:.2f} | {step_ratio:.2f} | {paired:.2f} | {cpu_ratio:.2f} | {rss_ratio:.2f} |"
         )
     lines += ["", "Each run (wall tokens/s, median step s, peak RSS MiB, load average before/after):"]
     for r in results:
@@ -271,6 +276,17 @@ def report(results: list[dict], order: list[str], args) -> str:
         )
     lines += ["", _loss_table(by, args)]
     return "\n".join(lines)
+
+
+def _durations(r: dict) -> list[float]:
+    wall = [0.0, *r["wall"]]
+    return [b - a for a, b in zip(wall, wall[1:])]
+
+
+def _paired_step_ratios(r: dict, base: dict) -> list[float]:
+    """base step time / this step time, step by step (2..N): both trained the same batch at step k, and in
+    lockstep they ran one right after the other, under the same outside load."""
+    return [b / x for x, b in zip(_durations(r)[1:], _durations(base)[1:])]
 
 
 def _loss_table(by: dict, args) -> str:
