@@ -97,6 +97,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
         problems: dict[str | None, list[str]] = {}
         for e in err.errors():  # a union gives one error per member: merge them per parameter
+            if e["type"] == "json_invalid":  # its location is a byte offset, not a parameter
+                detail = (e.get("ctx") or {}).get("error", "")
+                return _error(400, "invalid_request_error", f"the body is not valid JSON: {detail} at byte "
+                              f"{e['loc'][-1]}", None, "invalid_json")
             problems.setdefault(_param(e["loc"]), []).append(_message(e))
         message = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in problems.items())
         return _error(400, "invalid_request_error", message, next(iter(problems), None), "invalid_value")
@@ -118,6 +122,8 @@ _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value"
 def _message(e: dict) -> str:
     if e["type"] == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == PRINTABLE:
         return "must not hold control characters"
+    if tuple(e["loc"]) == ("body",):
+        return "the request needs a JSON body" if e["type"] == "missing" else "the body must be a JSON object"
     return e["msg"].removeprefix("Value error, ")
 
 
