@@ -1,10 +1,12 @@
-"""The dispatcher loop each API process runs: a daemon thread that runs a scheduling pass every
-`dispatch_interval_s`, and at once when woken (a job was created). Every pass re-reads the database,
-so the loop keeps no state worth losing and any number of API processes may run one."""
+"""The dispatcher loop each API process runs: a daemon thread that runs a scheduling pass (the reconciler,
+then dispatching) every `dispatch_interval_s`, and at once when woken (a job was created). Every pass
+re-reads the database, so the loop keeps no state worth losing and any number of API processes may run
+one."""
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -21,12 +23,23 @@ class Dispatcher:
         self.sessions, self.settings, self.celery = sessions, settings, celery
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
+        self._failed_sends, self._send_after = 0, 0.0
 
     def send(self, assignment: Assignment) -> None:
-        enqueue_job(self.celery, assignment.job_id, assignment.queue)
+        """Send a job id to its worker's queue. While the broker is down, dispatching backs off (the
+        interval doubling up to 30 intervals), so a long outage leaves a few events per job, not one a pass."""
+        try:
+            enqueue_job(self.celery, assignment.job_id, assignment.queue)
+        except Exception:
+            self._failed_sends += 1
+            interval = self.settings.dispatch_interval_s
+            self._send_after = time.monotonic() + min(interval * 2 ** self._failed_sends, 30 * interval)
+            raise
+        self._failed_sends = 0
 
     def run_once(self) -> list[Assignment]:
-        return dispatch_pass(self.sessions, self.settings, self.send)
+        dispatch = time.monotonic() >= self._send_after
+        return dispatch_pass(self.sessions, self.settings, self.send, dispatch=dispatch)
 
     def wake(self) -> None:
         """Run a pass soon, without waiting for the interval (a no-op when the loop is off)."""

@@ -50,12 +50,14 @@ class Candidate:
 
 
 def dispatch_pass(sessions: sessionmaker[Session], settings: Settings, send: Callable[[Assignment], None],
-                  at: float | None = None) -> list[Assignment]:
-    """Repair what faults left (api.reconciler), then give every idle worker a job if one waits; returns
-    what was sent. A send that fails puts its job back to `queued` and ends the pass (the broker is down;
-    the next pass tries again)."""
+                  at: float | None = None, dispatch: bool = True) -> list[Assignment]:
+    """Repair what faults left (api.reconciler), then (unless `dispatch` is False: the broker is down and
+    the caller backs off) give every idle worker a job if one waits; returns what was sent. A send that
+    fails puts its job back to `queued` and ends the pass (the next pass tries again)."""
     at = time.time() if at is None else at
     reconcile(sessions, settings, at)
+    if not dispatch:
+        return []
     with sessions() as s:
         if not s.scalar(select(exists().where(Job.status == JobStatus.QUEUED.value))):
             return []
