@@ -1,5 +1,6 @@
-"""Real service processes for the end-to-end tests: `dpo-service api` under uvicorn and a Celery worker,
-each its own OS process, on the embedded defaults or on PostgreSQL + Redis."""
+"""Real service processes for the end-to-end tests: `dpo-service api` (uvicorn) and `dpo-service worker`
+(Celery), each its own OS process, on the embedded defaults or on PostgreSQL + Redis; and a Redis
+server of a test's own, to stop and start again."""
 from __future__ import annotations
 
 import os
@@ -25,12 +26,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+API = ["-m", "api.cli", "api", "--host", "127.0.0.1"]  # `dpo-service api`
+WORKER = ["-m", "api.cli", "worker", "--loglevel", "INFO"]  # `dpo-service worker`
+
+
 @dataclass
 class Service:
     url: str
     key: str
     data_dir: Path
     env: dict
+    port: int = 0
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     def client(self, timeout: float = 30) -> httpx.Client:
@@ -50,8 +56,16 @@ class Service:
 
     def add_worker(self, name: str, timeout_s: float = 60, **env: str) -> None:
         """Start another worker process named `name` and wait until the pool shows it idle."""
-        self.start(name, ["-m", "worker", "--loglevel", "INFO"], {"DPO_WORKER_NAME": name, **env})
+        self.start(name, WORKER, {"DPO_WORKER_NAME": name, **env})
         self.wait_for_worker(name, "idle", timeout_s)
+
+    def start_api(self) -> None:
+        self.start("api", [*API, "--port", str(self.port)])
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """`sig` to a process and its children, then wait for it to be gone."""
+        self.signal(name, sig)
+        self.procs[name].wait(timeout=30)
 
     def signal(self, name: str, sig: int) -> None:
         """Send `sig` to one process (and its children: the worker's job process)."""
@@ -68,10 +82,11 @@ class Service:
                     raise AssertionError(f"worker {name} is {workers.get(name)}, not {state}\n{self.logs()}")
                 time.sleep(0.2)
 
-    def wait_ready(self, timeout_s: float = 60) -> None:
+    def wait_ready(self, timeout_s: float = 60, watch: tuple[str, ...] = ("api",)) -> None:
+        """Until /readyz answers 200; the processes in `watch` must not exit meanwhile."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            dead = [n for n in watch if n in self.procs and self.procs[n].poll() is not None]
             assert not dead, f"{dead} exited early\n{self.logs()}"
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
@@ -117,14 +132,55 @@ def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None)
                DPO_CANCEL_POLL_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
                DPO_WORKER_NAME="worker", DPO_DISPATCH_INTERVAL_S="0.3", DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5",
                DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3", DPO_DISPATCH_TIMEOUT_S="10",
-               DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS), **(extra_env or {}))
-    service = Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env)
-    service.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port)])
-    service.start("worker", ["-m", "worker", "--loglevel", "INFO"])
+               DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
+    env.update(extra_env or {})
+    service = Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env, port=port)
+    service.start_api()
+    service.start("worker", WORKER)
     try:
-        service.wait_ready()
+        service.wait_ready(watch=("api", "worker"))
         service.wait_for_worker(env.get("DPO_WORKER_NAME", "worker"), "idle", timeout_s=60)
     except BaseException:
         service.stop()
         raise
     return service
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, without persistence: stopping it loses every
+    message it held, as a broker restart without its data does."""
+
+    def __init__(self, root: Path):
+        self.port, self.root = free_port(), root
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        log = (self.root / "redis.log").open("ab")
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no", "--dir", str(self.root)],
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while not self.answers():
+            assert self.proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                return conn.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def command(self, *args: str) -> bytes:
+        out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=10)
+        return out.stdout.strip()

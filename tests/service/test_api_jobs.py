@@ -158,5 +158,7 @@ def test_an_unreachable_broker_neither_refuses_nor_strands_a_job(tmp_path, task_
         assert (job["status"], job["queue_position"], job["worker"]) == ("queued", 1, None)
         events = c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
         assert "broker unreachable" in events[0]["message"]
+        assert c.app.state.dispatcher.run_once() == []  # backing off: no second try (and event) at once
+        assert c.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"] == events
         sent = []
         assert [a.job_id for a in dispatch_pass(sessions_for(settings), settings, sent.append)] == [job["id"]]

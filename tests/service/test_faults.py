@@ -1,0 +1,240 @@
+"""Fault injection into real processes: `dpo-service api` and `dpo-service worker` as separate OS processes
+on the embedded defaults (SQLite, one data directory), and a Redis server of the test's own. A worker is
+killed mid-job, another is stopped with SIGTERM, the API is killed and started again, the broker is
+stopped and started again; each test then checks the job's final state, its events and its artifacts.
+
+Leases, heartbeats and dispatch run on short intervals (DPO_JOB_LEASE_S=3, heartbeats every 0.5 s) so a
+lost worker is noticed within seconds. The first four tests share one service and run in order."""
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import signal
+import tarfile
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.service.processes import RedisServer, start_service
+from tests.service.support import as_key, make_team
+
+pytestmark = pytest.mark.slow
+FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32, "logging_steps": 1}
+ENV = {"DPO_WORKER_NAME": "w1", "DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "DPO_JOB_LEASE_S": "3",
+       "DPO_CANCEL_POLL_INTERVAL_S": "0.3"}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    svc = start_service(tmp_path_factory.mktemp("faults"), "faults-" + secrets.token_hex(16), ENV)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def file_id(service, task_files) -> str:
+    with service.client() as c:
+        r = c.post("/v1/files", files={"file": (task_files[0].name, task_files[0].read_bytes())},
+                   data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def submit(service, model, file_id, **training) -> str:
+    with service.client() as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id,
+                                                 "training": {**FAST, **training},
+                                                 "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def events(service, job_id) -> list[dict]:
+    out, after = [], None
+    with service.client() as c:
+        while True:
+            params = {"order": "asc", "limit": 100, **({"after": after} if after else {})}
+            page = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()
+            out += page["data"]
+            if not page["has_more"]:
+                return out
+            after = page["last_id"]
+
+
+def statuses(log: list[dict]) -> list[str]:
+    return [e["data"]["status"] for e in log if e["data"] and "status" in e["data"]]
+
+
+def checkpoints(service, job_id) -> list[dict]:
+    with service.client() as c:
+        return c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints", params={"limit": 100}).json()["data"]
+
+
+def metric_steps(service, job: dict) -> list[int]:
+    with service.client() as c:
+        text = c.get(f"/v1/files/{job['result_files'][0]}/content").text
+    return [json.loads(line)["step"] for line in text.splitlines() if "loss" in json.loads(line)]
+
+
+def assert_no_partial_checkpoints(service, job_id) -> None:
+    out = service.data_dir / "jobs" / job_id
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "a temporary checkpoint was left"
+
+
+def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_checkpoint(service, file_id,
+                                                                                       tiny_model):
+    job_id = submit(service, tiny_model, file_id, max_steps=24, save_steps=4)
+    job = service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 6 or j["status"] == "failed")
+    assert job["status"] == "running", job
+    service.add_worker("w2")
+    service.kill("worker")  # SIGKILL to the worker and its job process, mid-training
+    killed_at_step = service.wait_for_job(job_id, until=("queued", "running")).get("progress", {}).get("step")
+
+    job = service.wait_for_job(job_id, timeout_s=240)
+    assert job["status"] == "succeeded", f"{job['error']}\n{service.logs()}"
+    log = events(service, job_id)
+    assert statuses(log) == ["queued", "running", "queued", "running", "succeeded"]
+    lost = next(e for e in log if e["message"].startswith("Worker lost: worker w1"))
+    assert "queued again and resumes from its latest checkpoint (1 of 3 attempts used)" in lost["message"]
+    restart = next(e for e in log if e["message"] == "Job started (attempt 2 of 3)")
+    assert restart["data"]["worker"] == "w2"
+    resumed = next(e for e in log if e["message"].startswith("Training resumed from checkpoint at step "))
+    step = resumed["data"]["resumed_from_step"]
+    assert step >= 4 and step % 4 == 0 and (killed_at_step is None or step <= killed_at_step)
+    assert (job["attempts"], job["progress"]["step"], job["worker"]) == (2, 24, "w2")
+
+    assert sorted(c["step_number"] for c in checkpoints(service, job_id) if not c["final"]) == [4, 8, 12, 16, 20, 24]
+    assert metric_steps(service, job) == list(range(1, 25))  # the lost run's records after its checkpoint are gone
+    assert_no_partial_checkpoints(service, job_id)
+    with service.client() as c, c.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints/"
+                                                 f"{job['fine_tuned_model']}/content") as r:
+        assert r.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(r.read())) as tar:
+            assert f"{job['fine_tuned_model']}/config.json" in tar.getnames()
+    service.wait_for_worker("w1", "lost")
+    service.wait_for_worker("w2", "idle")
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_hands_the_job_back(service, file_id, tiny_model):
+    job_id = submit(service, tiny_model, file_id, max_steps=40)  # no save_steps: only the hand-back checkpoints
+    service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 3)
+    service.procs["w2"].send_signal(signal.SIGTERM)  # the main process only, as `docker stop` sends it
+    assert service.procs["w2"].wait(timeout=60) == 0
+    service.wait_for_worker("w2", "stopped")
+    job = service.wait_for_job(job_id, until=("queued",))
+    step = job["progress"]["step"]
+    assert 3 <= step < 40 and job["attempts"] == 0 and job["worker"] is None
+    assert events(service, job_id)[-1]["message"] == (
+        f"Worker w2 is shutting down; it handed the job back to the queue after a checkpoint at step {step}")
+    assert (service.data_dir / "jobs" / job_id / f"checkpoint-{step}" / "state.json").is_file()
+
+    service.add_worker("w3")
+    job = service.wait_for_job(job_id, timeout_s=240)
+    assert job["status"] == "succeeded", f"{job['error']}\n{service.logs()}"
+    log = events(service, job_id)
+    assert statuses(log) == ["queued", "running", "queued", "running", "succeeded"]
+    assert any(e["message"].startswith(f"Training resumed from checkpoint at step {step}:") for e in log)
+    assert (job["attempts"], job["progress"]["step"]) == (1, 40)
+    assert metric_steps(service, job) == list(range(1, 41))
+
+
+def test_restarting_the_api_loses_nothing(service, file_id, tiny_model):
+    long = submit(service, tiny_model, file_id, max_steps=30)
+    short = submit(service, tiny_model, file_id, max_steps=2)  # waits behind it for the one worker
+    service.wait_for_job(long, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
+    with service.client() as c:
+        before = {path: [x["id"] for x in c.get(path, params={"limit": 100}).json()["data"]]
+                  for path in ("/v1/files", "/v1/fine_tuning/jobs")}
+    polls = {"errors": 0, "ok": 0}
+    stop = threading.Event()
+
+    def poll():  # a client that keeps polling through the restart
+        with service.client(timeout=2) as c:
+            while not stop.is_set():
+                try:
+                    c.get(f"/v1/fine_tuning/jobs/{long}").raise_for_status()
+                    polls["ok"] += 1
+                except httpx.HTTPError:
+                    polls["errors"] += 1
+                time.sleep(0.1)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    try:
+        service.kill("api")  # SIGKILL: no clean shutdown, its dispatcher thread dies mid-pass
+        time.sleep(1)
+        service.start_api()
+        service.wait_ready()
+        assert service.wait_for_job(long, timeout_s=240)["status"] == "succeeded", service.logs()
+        assert service.wait_for_job(short, timeout_s=120)["status"] == "succeeded", service.logs()
+    finally:
+        stop.set()
+        poller.join()
+    assert polls["errors"] > 0 and polls["ok"] > 0
+    with service.client() as c:
+        after = {path: [x["id"] for x in c.get(path, params={"limit": 100}).json()["data"]]
+                 for path in ("/v1/files", "/v1/fine_tuning/jobs")}
+    assert after["/v1/fine_tuning/jobs"] == before["/v1/fine_tuning/jobs"]
+    assert set(before["/v1/files"]) <= set(after["/v1/files"])  # plus the two jobs' result files
+    for job_id in (long, short):
+        log = events(service, job_id)
+        assert statuses(log) == ["queued", "running", "succeeded"]
+        assert len({e["id"] for e in log}) == len(log)
+
+
+def test_no_secret_reaches_a_log(service):
+    with service.client() as c:
+        team = make_team(c, "secrets")
+        assert c.get("/v1/files", headers=as_key(team["key"])).status_code == 200
+        wrong = "dpo-sk-" + secrets.token_urlsafe(32)
+        assert c.get("/v1/files", headers=as_key(wrong)).status_code == 401
+    logs = "".join(p.read_text(errors="replace") for p in service.data_dir.parent.glob("*.log"))
+    assert "GET /v1/files" in logs  # the access log is there, and holds no key
+    for secret in (service.key, team["key"], wrong):
+        assert secret not in logs
+
+
+@pytest.fixture
+def redis(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_the_api_takes_jobs_while_the_broker_is_down_and_they_run_when_it_is_back(redis, tmp_path, task_files,
+                                                                                  tiny_model):
+    env = {**ENV, "DPO_BROKER_URL": redis.url, "DPO_QUEUE": "faults"}
+    svc = start_service(tmp_path / "svc", "broker-" + secrets.token_hex(16), env)
+    try:
+        with svc.client() as c:
+            r = c.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "fine-tune"})
+        file_id = r.json()["id"]
+        running = submit(svc, tiny_model, file_id, max_steps=16)
+        svc.wait_for_job(running, pred=lambda j: (j["progress"]["step"] or 0) >= 2)
+        redis.stop()
+
+        with svc.client() as c:
+            assert c.get("/healthz").status_code == 200
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["checks"]["broker"].startswith("error")
+        waiting = submit(svc, tiny_model, file_id, max_steps=2)  # accepted, though nothing can be sent
+        assert svc.wait_for_job(running, timeout_s=180)["status"] == "succeeded", svc.logs()  # trains on
+        time.sleep(2)  # dispatch passes fail to send it
+        with svc.client() as c:
+            assert c.get(f"/v1/fine_tuning/jobs/{waiting}").json()["status"] == "queued"
+        assert any("broker unreachable" in e["message"] for e in events(svc, waiting))
+
+        redis.start()  # the same port, empty: whatever it held is gone
+        job = svc.wait_for_job(waiting, timeout_s=180)
+        assert job["status"] == "succeeded", f"{job['error']}\n{svc.logs()}"
+        waited = statuses(events(svc, waiting))  # each failed send put it back: queued again, same status
+        assert waited[-2:] == ["running", "succeeded"] and set(waited[:-2]) == {"queued"} and len(waited) >= 4
+        assert statuses(events(svc, running)) == ["queued", "running", "succeeded"]
+        with svc.client() as c:
+            assert c.get("/readyz").status_code == 200
+    finally:
+        svc.stop()
