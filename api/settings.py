@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         if self.worker_lost_after_s <= self.worker_heartbeat_interval_s:
             raise ValueError("DPO_WORKER_LOST_AFTER_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S")
         if self.job_lease_s <= self.worker_heartbeat_interval_s:
-            raise ValueError("DPO_JOB_LEASE_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S (it renews the lease)")
+            raise ValueError("DPO_JOB_LEASE_S must be longer than DPO_WORKER_HEARTBEAT_INTERVAL_S (which renews it)")
         return self
 
     @property

@@ -65,7 +65,8 @@ class JobRecorder(Callbacks):
         rows = f"{info.get('num_train_rows')} rows, {self.total_steps} steps"
         message = f"Training started: {rows}"
         if info.get("resumed_from_step"):
-            message = f"Training resumed from checkpoint at step {self.first_step}: {rows} (attempt {self.lease.attempt})"
+            message = (f"Training resumed from checkpoint at step {self.first_step}: {rows} "
+                       f"(attempt {self.lease.attempt})")
         with self._write() as s:
             store.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
             store.add_event(s, self.job_id, message, data=_jsonable(info))

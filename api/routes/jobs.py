@@ -22,8 +22,8 @@ from api.deps import (
     load_job,
 )
 from api.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
-from api.pagination import After, Limit, page
 from api.model_paths import model_problem
+from api.pagination import After, Limit, page
 from api.pool import queue_info
 from api.schemas.common import ListPublic
 from api.schemas.jobs import INT64, JobCreate, JobPublic
