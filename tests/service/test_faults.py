@@ -45,9 +45,9 @@ def file_id(service, task_files) -> str:
 
 def submit(service, model, file_id, **training) -> str:
     with service.client() as c:
-        r = c.post("/v1/fine_tuning/jobs", json={"model": model, "training_file": file_id,
-                                                 "training": {**FAST, **training},
-                                                 "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
+        r = c.post("/v1/fine_tuning/jobs", json={
+            "model": model, "training_file": file_id, "training": {**FAST, **training},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
@@ -211,7 +211,8 @@ def test_the_api_takes_jobs_while_the_broker_is_down_and_they_run_when_it_is_bac
     svc = start_service(tmp_path / "svc", "broker-" + secrets.token_hex(16), env)
     try:
         with svc.client() as c:
-            r = c.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "fine-tune"})
+            r = c.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())},
+                       data={"purpose": "fine-tune"})
         file_id = r.json()["id"]
         running = submit(svc, tiny_model, file_id, max_steps=16)
         svc.wait_for_job(running, pred=lambda j: (j["progress"]["step"] or 0) >= 2)

@@ -55,5 +55,6 @@ def test_no_server_error_and_every_answer_matches_the_schema(case, client, file_
     if case.method == "POST" and case.path == "/v1/fine_tuning/jobs" and isinstance(case.body, dict):
         # A real file, a plain model and a small valid `training`, so the fuzzed rest of the body (seed,
         # suffix, metadata, method, priority, gpus, ...) gets past them to the spec and the database.
-        case.body.update(training_file=file_id, model="owner/model", training={"max_length": 64, "max_prompt_length": 32})
+        case.body.update(training_file=file_id, model="owner/model",
+                         training={"max_length": 64, "max_prompt_length": 32})
     case.call_and_validate(session=client, base_url=f"http://{asgi.HOST}", headers=as_key(API_KEY), checks=CHECKS)

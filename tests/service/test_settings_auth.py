@@ -35,6 +35,56 @@ def test_production_refuses_to_start_without_a_key(monkeypatch):
         Settings(env="production")
 
 
+STRONG = "k" * 16 + "3f9a0c7e1b2d4f6a8c0e2b4d6f8a1c3e"
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"api_key": "changeme"}, "DPO_API_KEY"),
+    ({"api_key": "test-admin-key"}, "DPO_API_KEY"),
+    ({"api_key": "short-but-random-7f3a"}, "DPO_API_KEY"),
+    ({"api_key": STRONG, "database_url": "postgresql+psycopg2://dpo:dpo@db/dpo"}, "DPO_DATABASE_URL"),
+    ({"api_key": STRONG, "database_url": "postgresql+psycopg2://postgres:postgres@db/dpo"}, "DPO_DATABASE_URL"),
+    ({"api_key": STRONG, "broker_url": "redis://:password@redis:6379/0"}, "DPO_BROKER_URL"),
+])
+def test_production_refuses_default_secrets_without_showing_them(tmp_path, overrides, named):
+    with pytest.raises(ValidationError) as err:
+        Settings(data_dir=tmp_path, env="production", **overrides)
+    text = str(err.value)
+    assert named in text
+    for secret in ("changeme", "test-admin-key", "short-but-random-7f3a", STRONG, ":dpo@", ":postgres@", ":password@"):
+        assert secret not in text
+    # Outside production the same values are fine (a laptop, the tests).
+    Settings(data_dir=tmp_path, env="development", **overrides)
+
+
+def test_production_accepts_secrets_of_its_own(tmp_path):
+    s = Settings(data_dir=tmp_path, env="production", api_key=STRONG,
+                 database_url="postgresql+psycopg2://dpo:Zq8-long-random@db/dpo", broker_url="redis://redis:6379/0")
+    assert s.api_key.get_secret_value() == STRONG
+
+
+@pytest.mark.parametrize("command", [["api"], ["worker"]])
+def test_the_processes_refuse_to_start_on_a_default_secret(tmp_path, command):
+    import os
+    import subprocess
+    import sys
+
+    from tests.service.processes import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
+    env.update(DPO_ENV="production", DPO_API_KEY="changeme", DPO_DATA_DIR=str(tmp_path), PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-m", "api.cli", *command], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "DPO_API_KEY is a well-known default" in out.stderr
+    assert "changeme" not in out.stdout + out.stderr and not list(tmp_path.iterdir())
+
+
+def test_model_dirs_default_to_the_data_dirs_models_and_take_a_path_list(tmp_path, monkeypatch):
+    assert Settings(data_dir=tmp_path).model_dirs == [tmp_path.resolve() / "models"]
+    monkeypatch.setenv("DPO_MODEL_DIRS", f"{tmp_path / 'a'}:{tmp_path / 'b'}")
+    assert Settings(data_dir=tmp_path).model_dirs == [tmp_path.resolve() / "a", tmp_path.resolve() / "b"]
+
+
 def test_admin_key_is_generated_once_and_kept_private(tmp_path):
     s = Settings(data_dir=tmp_path, api_key=None)
     key, created = admin_key(s)
@@ -47,6 +97,7 @@ def test_admin_key_is_generated_once_and_kept_private(tmp_path):
 def test_authenticate():
     assert authenticate("k", "k") == ADMIN
     assert authenticate("x", "k") is None
+    assert authenticate("k" * 1000, "k") is None and authenticate("", "k") is None
 
 
 def test_celery_is_configured_for_long_gpu_jobs(tmp_path):

@@ -59,24 +59,29 @@ def train_id(client, task_files) -> str:
 
 
 def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_resumes_there(client, settings, train_id,
-                                                                                    tiny_model):
+                                                                                    tiny_model, monkeypatch):
     job_id = create(client, tiny_model, train_id, max_steps=8)  # no save_steps: the hand-back makes the checkpoint
     worker_id = register_worker(settings)
-    outcome = {}
-    runner = threading.Thread(target=lambda: outcome.update(first=run_on_worker(settings, job_id)))
-    runner.start()
-    wait_step(client, job_id, 2, runner)
-    with sessions_for(settings).begin() as s:  # what the worker's main process does on SIGTERM
-        assert leases.request_handback(s, worker_id) == [job_id]
-    runner.join(timeout=60)
-    assert outcome["first"] == "queued"
+    asked = []
+
+    def on_step(self, step, total):  # at step 2, what the worker's main process does on SIGTERM
+        real_step(self, step, total)
+        if step == 2 and not asked:
+            with sessions_for(settings).begin() as s:
+                asked.extend(leases.request_handback(s, worker_id))
+
+    real_step = recorder_module.JobRecorder.on_step
+    monkeypatch.setattr(recorder_module.JobRecorder, "on_step", on_step)
+    polls_every_step = settings.model_copy(update={"cancel_poll_interval_s": 1e-6})
+    assert run_on_worker(polls_every_step, job_id) == "queued" and asked == [job_id]
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     step = job["progress"]["step"]
-    assert job["status"] == "queued" and job["attempts"] == 0 and 2 <= step < 8
+    assert job["status"] == "queued" and job["attempts"] == 0 and step == 2
     assert (settings.data_dir / "jobs" / job_id / f"checkpoint-{step}" / "state.json").is_file()
     assert events(client, job_id)[-1]["message"].endswith(f"handed the job back to the queue after a checkpoint "
                                                          f"at step {step}")
 
+    monkeypatch.setattr(recorder_module.JobRecorder, "on_step", real_step)
     assert run_on_worker(settings, job_id) == "succeeded"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     log = events(client, job_id)
