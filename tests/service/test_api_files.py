@@ -81,3 +81,22 @@ def test_any_file_name_is_kept_for_display_only(client, task_files, settings):
     r = client.get(f"/v1/files/{f['id']}/content")
     assert r.status_code == 200 and r.content == task_files[1].read_bytes()
     assert [p.name for p in (settings.data_dir / "files").iterdir()] == [f"{f['id']}.jsonl"]
+
+
+def test_an_upload_the_disk_cannot_hold_is_503_and_leaves_nothing(client, task_files, settings, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[1].read_bytes())}, data={"purpose": "fine-tune"})
+    monkeypatch.undo()
+    assert r.status_code == 503 and r.json()["error"]["code"] == "storage_error"
+    assert "No space left on device" in r.json()["error"]["message"] and "nothing was stored" in r.json()["error"]["message"]
+    assert client.get("/v1/files").json()["data"] == []
+    assert list((settings.data_dir / "files").iterdir()) == []
