@@ -79,8 +79,13 @@ class JobRunner:
                 log.warning("job %s is not in the database; dropping its message", job_id)
                 return None
             # Only a job dispatched to this worker starts: a cancelled one, one given back to the queue and
-            # dispatched elsewhere, or a duplicate or re-delivered message is skipped.
-            name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
+            # dispatched elsewhere, or a duplicate or re-delivered message is skipped; and nothing starts on
+            # a worker that is shutting down (the reconciler gives its dispatched jobs to others).
+            me = s.execute(select(Worker.name, Worker.stopped_at).where(Worker.id == self.worker_id)).one_or_none()
+            if me is not None and me.stopped_at is not None:
+                log.info("job %s: this worker is shutting down; not starting it", job_id)
+                return None
+            name = me.name if me is not None else self.worker_id
             lease = leases.acquire(s, job_id, self.worker_id, name, self.settings.job_lease_s)
         if lease is None:
             log.info("job %s is not dispatched to this worker; skipping it", job_id)
@@ -246,10 +251,11 @@ def _handback_on_sigterm(recorder: JobRecorder):
 
 
 def _remove_partial_checkpoints(output_dir: Path) -> None:
-    """Temporary directories of checkpoints an earlier run was writing when it died (never resumed from:
-    only a renamed, complete checkpoint is). This run holds the job's lease, so none is being written."""
+    """Temporary directories of checkpoints (or a final model) an earlier run was writing when it died
+    (never resumed from: only a renamed, complete checkpoint is). This run holds the job's lease, so
+    none is being written."""
     if output_dir.is_dir():
-        for tmp in output_dir.glob(".checkpoint-*.tmp-*"):
+        for tmp in output_dir.glob(".*.tmp-*"):  # .checkpoint-N.tmp-<pid>, .final.tmp-<pid>
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -97,6 +97,7 @@ def test_an_upload_the_disk_cannot_hold_is_503_and_leaves_nothing(client, task_f
     r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[1].read_bytes())}, data={"purpose": "fine-tune"})
     monkeypatch.undo()
     assert r.status_code == 503 and r.json()["error"]["code"] == "storage_error"
-    assert "No space left on device" in r.json()["error"]["message"] and "nothing was stored" in r.json()["error"]["message"]
+    message = r.json()["error"]["message"]
+    assert "No space left on device" in message and "nothing was stored" in message
     assert client.get("/v1/files").json()["data"] == []
     assert list((settings.data_dir / "files").iterdir()) == []
