@@ -9,6 +9,7 @@ job to another writes nothing more.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -41,6 +42,9 @@ from worker.lease import LeaseKeeper
 from worker.recorder import JobRecorder, make_recorder
 
 log = logging.getLogger("dpo.worker")
+# A write or read of the data volume failed for a reason the operator can fix.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
+                            errno.EPERM})
 
 
 class JobRunner:
@@ -105,9 +109,9 @@ class JobRunner:
             raise
         except (SpecError, DataError, TrainingError) as err:
             return self._fail(keeper, _code(err), one_line(err))
-        except OSError as err:  # the data volume: full, read-only, failing
-            return self._fail(keeper, "storage_error", storage_message(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
+            if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # the data volume: full, read-only, failing
+                return self._fail(keeper, "storage_error", storage_message(err))
             log.exception("job %s failed", lease.job_id)
             return self._fail(keeper, "internal_error", f"internal error: {type(err).__name__}: {one_line(err)}",
                               traceback.format_exc())
