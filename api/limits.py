@@ -85,3 +85,29 @@ async def _refuse(send: Send, what: str) -> None:
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
+
+
+class InFlightLimit:
+    """At most `settings.api_threads` requests in the app at once; the rest wait their turn, holding nothing.
+
+    Sync routes and their database sessions run on a pool of `api_threads` threads, and a session gives
+    its connection back only when its dependency exits, which needs a thread too. Without a cap, a burst
+    of requests fills every thread with requests waiting for a connection while the connections are held
+    by finished requests waiting for a thread to close their session in: the API stalls (seen with 200
+    clients polling back to back). With the cap, every request in the app can get a thread and a connection.
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings):
+        self.app, self.size = app, settings.api_threads
+        self._slots: dict[int, object] = {}  # per event loop: a semaphore belongs to the loop it waits on
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        import asyncio
+
+        loop = id(asyncio.get_running_loop())
+        slots = self._slots.setdefault(loop, asyncio.Semaphore(self.size))
+        async with slots:
+            await self.app(scope, receive, send)

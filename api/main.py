@@ -14,7 +14,7 @@ from api import errors
 from api.auth import admin_key
 from api.deps import get_principal
 from api.dispatcher import Dispatcher
-from api.limits import BodyLimit
+from api.limits import BodyLimit, InFlightLimit
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
 from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
@@ -40,6 +40,17 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
 }
 
 
+def _api_engine(settings: Settings):
+    """The API's engine: a connection for each request the app lets in at once (api.limits.InFlightLimit),
+    a few more for the dispatcher, and a short timeout so an overload answers instead of hanging."""
+    import anyio.to_thread
+
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    if settings.db_url.endswith(":memory:") or settings.db_url in ("sqlite://", "sqlite:///"):
+        return make_engine(settings.db_url)  # one shared in-memory connection: no pool to size
+    return make_engine(settings.db_url, pool_size=settings.api_threads + 4, max_overflow=0, pool_timeout=10)
+
+
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
     """Build the app. With `migrate`, the database is brought to the newest schema at start-up."""
     settings = settings or get_settings()
@@ -49,7 +60,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if migrate:
             upgrade(settings.db_url)
-        engine = make_engine(settings.db_url)
+        engine = _api_engine(settings)
         app.state.settings, app.state.engine = settings, engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.storage = LocalStorage(settings.storage_dir)
@@ -75,6 +86,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.include_router(health.router)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(InFlightLimit, settings=settings)  # added last: the outermost layer
     app.openapi = lambda: openapi_with_errors(app)
     return app
 
