@@ -86,12 +86,13 @@ def assert_no_partial_checkpoints(service, job_id) -> None:
 
 def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_checkpoint(service, file_id,
                                                                                        tiny_model):
-    job_id = submit(service, tiny_model, file_id, max_steps=24, save_steps=4)
-    job = service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 6 or j["status"] == "failed")
+    # Long enough that the kill lands mid-run even on an idle machine (the tiny model takes ~15 ms a step).
+    job_id = submit(service, tiny_model, file_id, max_steps=96, save_steps=8)
+    job = service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 10 or j["status"] == "failed")
     assert job["status"] == "running", job
-    service.add_worker("w2")
     service.kill("worker")  # SIGKILL to the worker and its job process, mid-training
     killed_at_step = service.wait_for_job(job_id, until=("queued", "running")).get("progress", {}).get("step")
+    service.add_worker("w2")
 
     job = service.wait_for_job(job_id, timeout_s=240)
     assert job["status"] == "succeeded", f"{job['error']}\n{service.logs()}"
@@ -103,11 +104,11 @@ def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_chec
     assert restart["data"]["worker"] == "w2"
     resumed = next(e for e in log if e["message"].startswith("Training resumed from checkpoint at step "))
     step = resumed["data"]["resumed_from_step"]
-    assert step >= 4 and step % 4 == 0 and (killed_at_step is None or step <= killed_at_step)
-    assert (job["attempts"], job["progress"]["step"], job["worker"]) == (2, 24, "w2")
+    assert step >= 8 and step % 8 == 0 and (killed_at_step is None or step <= killed_at_step)
+    assert (job["attempts"], job["progress"]["step"], job["worker"]) == (2, 96, "w2")
 
-    assert sorted(c["step_number"] for c in checkpoints(service, job_id) if not c["final"]) == [4, 8, 12, 16, 20, 24]
-    assert metric_steps(service, job) == list(range(1, 25))  # the lost run's records after its checkpoint are gone
+    assert sorted(c["step_number"] for c in checkpoints(service, job_id) if not c["final"]) == list(range(8, 97, 8))
+    assert metric_steps(service, job) == list(range(1, 97))  # the lost run's records after its checkpoint are gone
     assert_no_partial_checkpoints(service, job_id)
     with service.client() as c, c.stream("GET", f"/v1/fine_tuning/jobs/{job_id}/checkpoints/"
                                                  f"{job['fine_tuned_model']}/content") as r:
@@ -119,14 +120,14 @@ def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_chec
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_hands_the_job_back(service, file_id, tiny_model):
-    job_id = submit(service, tiny_model, file_id, max_steps=40)  # no save_steps: only the hand-back checkpoints
+    job_id = submit(service, tiny_model, file_id, max_steps=400)  # no save_steps: only the hand-back checkpoints
     service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 3)
     service.procs["w2"].send_signal(signal.SIGTERM)  # the main process only, as `docker stop` sends it
     assert service.procs["w2"].wait(timeout=60) == 0
     service.wait_for_worker("w2", "stopped")
     job = service.wait_for_job(job_id, until=("queued",))
     step = job["progress"]["step"]
-    assert 3 <= step < 40 and job["attempts"] == 0 and job["worker"] is None
+    assert 3 <= step < 400 and job["attempts"] == 0 and job["worker"] is None
     assert events(service, job_id)[-1]["message"] == (
         f"Worker w2 is shutting down; it handed the job back to the queue after a checkpoint at step {step}")
     assert (service.data_dir / "jobs" / job_id / f"checkpoint-{step}" / "state.json").is_file()
@@ -137,8 +138,8 @@ def test_sigterm_checkpoints_at_the_next_step_and_hands_the_job_back(service, fi
     log = events(service, job_id)
     assert statuses(log) == ["queued", "running", "queued", "running", "succeeded"]
     assert any(e["message"].startswith(f"Training resumed from checkpoint at step {step}:") for e in log)
-    assert (job["attempts"], job["progress"]["step"]) == (1, 40)
-    assert metric_steps(service, job) == list(range(1, 41))
+    assert (job["attempts"], job["progress"]["step"]) == (1, 400)
+    assert metric_steps(service, job) == list(range(1, 401))
 
 
 def test_restarting_the_api_loses_nothing(service, file_id, tiny_model):
