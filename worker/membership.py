@@ -111,6 +111,7 @@ class Membership:
         self._drain.start()
 
     def _ask_handback(self) -> None:
+        self._stop.set()  # no more heartbeats: the worker is `stopped` from now on (its job renews its own lease)
         try:
             with self.sessions.begin() as s:
                 store.mark_stopped(s, self.worker_id)
