@@ -37,9 +37,12 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # results live in the job store, not in a result backend
-        task_acks_late=True,  # ack when the job ends, so a lost worker's job is not silently dropped
-        task_reject_on_worker_lost=True,
-        # A broker outage must not stop a job that trains: the database, not the broker, says who runs what.
+        # Ack a message when it arrives. The database, not the broker, keeps a job from being lost: a job
+        # whose worker dies before starting it is queued again by the reconciler, one whose worker dies
+        # while it trains loses its lease. A late ack would only leave a message to ack after the job, on
+        # a connection that a broker outage may have replaced (a worker then sat on its next task).
+        task_acks_late=False,
+        # A broker outage must not stop a job that trains.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_prefetch_multiplier=1,  # never hold a second job while one trains
         worker_concurrency=1,  # one job per GPU
