@@ -4,7 +4,8 @@ A full forward pass materialises logits of shape [batch, length, vocab]: with a 
 2k tokens that dwarfs the model itself. We run the transformer body once, keep the hidden states of
 the positions that predict a completion token, and apply the LM head and log-softmax to those in
 chunks (dpo_core.headlogp: backward recomputes one chunk of logits at a time), so no more than one
-chunk of logits is alive at a time.
+chunk of logits is alive at a time. When training a paired loss, the loss itself is handed in and its
+gradient formed during that head pass (dpo_core.pairhead), which saves the recompute.
 """
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dpo_core.batching import Batch
+from dpo_core.batching import Batch, Targets
 from dpo_core.headlogp import head_logprobs
+from dpo_core.pairhead import PairObjective, pair_head_loss
 
 
 def unwrap(model):
@@ -56,48 +58,69 @@ def _chunked_logps(head, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def _full_forward_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+def _summed(token_logps: torch.Tensor, targets: Targets) -> torch.Tensor:
+    """Per-sequence sums [S] of per-target log-probs [T]."""
+    summed = torch.zeros(targets.counts.shape[0], dtype=torch.float32, device=token_logps.device)
+    return summed.index_add(0, targets.seq, token_logps)
+
+
+def _full_forward_logps(model, input_ids, attention_mask, targets: Targets) -> torch.Tensor:
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    logps = F.log_softmax(logits[:, :-1].float(), dim=-1)
-    per_token = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return (per_token * loss_mask[:, 1:]).sum(-1)
+    logps = F.log_softmax(logits.flatten(0, 1)[targets.pos].float(), dim=-1)
+    return _summed(logps.gather(-1, targets.ids.unsqueeze(-1)).squeeze(-1), targets)
 
 
-def completion_logps(model, input_ids, attention_mask, loss_mask, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed completion log-probs [N] (fp32) and completion token counts [N] for every sequence.
+def _pair_loss(objective, logps: torch.Tensor) -> torch.Tensor:
+    """The objective over every pair of a paired batch's sequence log-probs [2B]."""
+    b = logps.shape[0] // 2
+    return objective(torch.arange(b, device=logps.device), logps[:b], logps[b:])
 
-    Position t-1's hidden state predicts token t, so targets are input_ids shifted left by one.
+
+def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_size: int = 1024,
+                     objective: PairObjective | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(loss, summed completion log-probs [S] in fp32) of every sequence.
+
+    With an `objective` (paired targets only) the loss is objective(all pairs) and differentiable;
+    on a plain linear head it is computed inside the head pass (dpo_core.pairhead) and the log-probs
+    come back detached. Without one the loss is None and the log-probs carry the gradient.
     """
-    target_mask = loss_mask[:, 1:]  # [N, L-1]
-    counts = target_mask.sum(-1).to(torch.float32)
     parts = _body_and_head(model)
     if parts is None:
-        return _full_forward_logps(model, input_ids, attention_mask, loss_mask), counts
+        logps = _full_forward_logps(model, input_ids, attention_mask, targets)
+        return (None if objective is None else _pair_loss(objective, logps)), logps
     body, head = parts
     hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-    picked = hidden[:, :-1][target_mask]  # [T, H]: only positions that predict a completion token
-    targets = input_ids[:, 1:][target_mask]  # [T]
-    token_logps = _chunked_logps(head, picked, targets, chunk_size)
-    rows = torch.arange(target_mask.shape[0], device=target_mask.device).unsqueeze(1).expand_as(target_mask)[target_mask]
-    summed = torch.zeros(target_mask.shape[0], dtype=torch.float32, device=hidden.device)
-    return summed.index_add(0, rows, token_logps), counts
+    picked = hidden.flatten(0, 1)[targets.pos]  # [T, H]: only positions that predict a completion token
+    if objective is not None and type(head) is torch.nn.Linear:
+        b = targets.counts.shape[0] // 2
+        pair_rows = (targets.counts[:b] + targets.counts[b:]).long().tolist()
+        slot = _slots(targets.seq, b)
+        return pair_head_loss(head, picked, targets.ids, slot, pair_rows, chunk_size, objective)
+    logps = _summed(_chunked_logps(head, picked, targets.ids, chunk_size), targets)
+    return (None if objective is None else _pair_loss(objective, logps)), logps
 
 
-def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """`completion_logps` of a packed Batch."""
-    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask, chunk_size)
+def _slots(seq: torch.Tensor, n_pairs: int) -> torch.Tensor:
+    """Sequence s -> pair-major slot: 2p for chosen sequence p, 2p + 1 for rejected sequence p + B."""
+    return torch.where(seq < n_pairs, 2 * seq, 2 * (seq - n_pairs) + 1)
+
+
+def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> torch.Tensor:
+    """Summed completion log-probs [S] of a packed Batch's sequences."""
+    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.targets, chunk_size)[1]
 
 
 class LogProbModel(torch.nn.Module):
-    """A causal LM whose forward returns completion log-probs.
+    """A causal LM whose forward returns (loss or None, completion log-probs): see `completion_logps`.
 
     Going through one module's forward is what DistributedDataParallel and FSDP hook into (gradient
-    sync, parameter unsharding); calling the body and head directly would bypass them.
+    sync, parameter unsharding); calling the body and head directly would bypass them. That is also
+    why a paired loss is handed in as `objective`: its gradient is formed inside the head pass.
     """
 
     def __init__(self, model, chunk_size: int = 1024):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, loss_mask):
-        return completion_logps(self.model, input_ids, attention_mask, loss_mask, self.chunk_size)
+    def forward(self, input_ids, attention_mask, targets: Targets, objective: PairObjective | None = None):
+        return completion_logps(self.model, input_ids, attention_mask, targets, self.chunk_size, objective)

@@ -4,6 +4,10 @@ Every loss has the same signature, `(LossInputs, LossSpec) -> LossOutput`, and s
 sequence log-probs: the trainer computes those, applies group weights and averages. Adding a loss is
 writing one function under `@register("name")` (and adding the name to `spec.LOSS_TYPES`).
 
+A loss registered with `per_pair=True` promises that each pair's loss depends on that pair's rows
+alone (no batch statistics): the trainer may then evaluate it one group of pairs at a time, inside
+the LM-head pass (dpo_core.pairhead). A unit test checks the promise for every such loss.
+
 Notation in the docstrings: π = policy summed log-prob of a completion, ref = the reference model's,
 |y| = completion tokens (incl. EOS), δ = (π_c - ref_c) - (π_r - ref_r) per pair, β per row.
 """
@@ -32,6 +36,13 @@ class LossInputs:
     beta_chosen: Tensor  # [Bc] the row's beta (multi-reward DPO: its group's beta)
     beta_rejected: Tensor  # [Br]
 
+    def pairs(self, index: Tensor, chosen: Tensor, rejected: Tensor) -> LossInputs:
+        """The pairs `index` [K] of paired inputs, with policy log-probs `chosen`, `rejected` [K]."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return LossInputs(chosen, rejected, pick(self.ref_chosen), pick(self.ref_rejected),
+                          pick(self.chosen_tokens), pick(self.rejected_tokens),
+                          pick(self.beta_chosen), pick(self.beta_rejected))
+
 
 @dataclass
 class LossOutput:
@@ -43,19 +54,27 @@ class LossOutput:
 
 LossFn = Callable[[LossInputs, LossSpec], LossOutput]
 LOSSES: dict[str, LossFn] = {}
+PER_PAIR_LOSSES: set[str] = set()
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-    """Decorator: make `fn` available as loss `name`."""
+def register(name: str, per_pair: bool = False) -> Callable[[LossFn], LossFn]:
+    """Decorator: make `fn` available as loss `name`; `per_pair`: see the module docstring."""
 
     def add(fn: LossFn) -> LossFn:
         if name in LOSSES:
             # A silent override would change what an existing config trains.
             raise ValueError(f"loss {name!r} is already registered; pick another name")
         LOSSES[name] = fn
+        if per_pair:
+            PER_PAIR_LOSSES.add(name)
         return fn
 
     return add
+
+
+def is_per_pair(name: str) -> bool:
+    """True when loss `name` may be computed on any subset of pairs with the same per-pair values."""
+    return name in PER_PAIR_LOSSES
 
 
 def get_loss(name: str) -> LossFn:
@@ -101,7 +120,7 @@ def _log1mexp(x: Tensor) -> Tensor:
 # ---- paired losses against a reference -----------------------------------------------------------
 
 
-@register("sigmoid")
+@register("sigmoid", per_pair=True)
 def sigmoid_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """DPO: -log σ(βδ); with label smoothing ε (cDPO): -(1-ε) log σ(βδ) - ε log σ(-βδ). Shapes [B]."""
     delta, beta, rewards_c, rewards_r = _paired(inputs)
@@ -110,7 +129,7 @@ def sigmoid_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     return LossOutput(losses, rewards_c, rewards_r)
 
 
-@register("ipo")
+@register("ipo", per_pair=True)
 def ipo_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """IPO: (δ - 1/(2β))². Shapes [B].
 
@@ -123,7 +142,7 @@ def ipo_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     return LossOutput(losses, rewards_c, rewards_r)
 
 
-@register("hinge")
+@register("hinge", per_pair=True)
 def hinge_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """SLiC hinge: relu(1 - βδ). Shapes [B]."""
     delta, beta, rewards_c, rewards_r = _paired(inputs)
@@ -131,7 +150,7 @@ def hinge_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     return LossOutput(losses, rewards_c, rewards_r)
 
 
-@register("robust")
+@register("robust", per_pair=True)
 def robust_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """Robust DPO (Chowdhury et al. 2024): [-(1-ε) log σ(βδ) + ε log σ(-βδ)] / (1 - 2ε). Shapes [B].
 
@@ -146,7 +165,7 @@ def robust_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
 # ---- reference-free paired losses: never read ref_* ----------------------------------------------
 
 
-@register("simpo")
+@register("simpo", per_pair=True)
 def simpo_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """SimPO: -log σ(β (π_c/|y_c| - π_r/|y_r|) - γ), γ = spec.gamma. Shapes [B]. Rewards β·π/|y|."""
     rewards_c = inputs.beta_chosen * inputs.policy_chosen / inputs.chosen_tokens
@@ -157,7 +176,7 @@ def simpo_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     return LossOutput(losses, rewards_c.detach(), rewards_r.detach())
 
 
-@register("orpo")
+@register("orpo", per_pair=True)
 def orpo_loss(inputs: LossInputs, spec: LossSpec) -> LossOutput:
     """ORPO: NLL(y_w) - λ log σ(log odds(ℓ̄_c) - log odds(ℓ̄_r)), λ = spec.orpo_lambda. Shapes [B].
 

@@ -32,7 +32,7 @@ class ModelReference:
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return self.model(batch.input_ids, batch.attention_mask, batch.loss_mask)[0]
+            return self.model(batch.input_ids, batch.attention_mask, batch.targets)[1]
 
 
 class AdapterReference:
@@ -47,7 +47,7 @@ class AdapterReference:
         self.model.eval()  # no dropout in the reference
         try:
             with self.model.disable_adapter(), self.autocast():
-                return sequence_logps(self.model, batch, self.chunk_size)[0]
+                return sequence_logps(self.model, batch, self.chunk_size)
         finally:
             self.model.train(was_training)
 

@@ -6,18 +6,21 @@ the collectives inside DDP/FSDP line up), and losses are normalised by the globa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from dpo_core import distributed
 from dpo_core.batching import Batch, collate, micro_batches
-from dpo_core.losses import LossInputs, get_loss, sft_nll
+from dpo_core.losses import LossInputs, LossOutput, get_loss, is_per_pair, sft_nll
+from dpo_core.pairhead import PairObjective
+from dpo_core.spec import LossSpec
 from dpo_core.metrics import MetricSums, add_loss_metrics
 from dpo_core.reference import PrecomputedReference
 
 
-def _loss_inputs(run, batch: Batch, policy_logps, counts) -> LossInputs:
-    c = batch.n_chosen
-    ref = run.reference.logps(batch) if run.reference is not None else None
+def _loss_inputs(run, batch: Batch, policy_logps: torch.Tensor, ref: torch.Tensor | None) -> LossInputs:
+    c, counts = batch.n_chosen, batch.targets.counts
     betas = torch.tensor([run.spec.loss.group(g).beta for g in batch.groups], device=run.device)
     return LossInputs(
         policy_chosen=policy_logps[:c],
@@ -41,24 +44,58 @@ def chosen_weights(run, batch: Batch) -> torch.Tensor:
     return torch.tensor([run.spec.loss.group(g).weight for g in batch.groups[: batch.n_chosen]], device=run.device)
 
 
+def _weighted_loss(spec: LossSpec, inputs: LossInputs, weights, chosen_w, norms) -> tuple[torch.Tensor, LossOutput, torch.Tensor | None]:
+    """(weighted loss over the step's total weight, the loss's output, the SFT NLL [Bc] or None)."""
+    out = get_loss(spec.type)(inputs, spec)
+    loss = (out.losses * weights).sum() / norms[0]
+    nll = None
+    if spec.sft_weight and inputs.chosen_tokens.numel():
+        nll = sft_nll(inputs)
+        loss = loss + spec.sft_weight * (nll * chosen_w).sum() / norms[1]
+    return loss, out, nll
+
+
+def _pair_objective(run, batch: Batch, ref, norms) -> PairObjective:
+    """The loss any subset of a paired batch's pairs contributes, given their policy log-probs."""
+    template = _loss_inputs(run, batch, batch.targets.counts, ref)  # its policy log-probs get replaced
+    weights = row_weights(run, batch)
+
+    def objective(pairs: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+        part = template.pairs(pairs, chosen, rejected)
+        return _weighted_loss(run.spec.loss, part, weights[pairs], weights[pairs], norms)[0]
+
+    return objective
+
+
+def _fuse(run, batch: Batch) -> bool:
+    """Whether the loss can be formed inside the policy's LM-head pass (dpo_core.pairhead).
+
+    Not when there is no backward to prepare (eval), not for losses with batch statistics (KTO), and
+    not under fp16: its head gradients need the GradScaler's scale before the cast, known only later.
+    """
+    return (torch.is_grad_enabled() and batch.targets.paired and is_per_pair(run.spec.loss.type)
+            and run.spec.precision != "fp16")
+
+
 def forward_loss(run, batch: Batch, norms: tuple[float, float], sums: MetricSums | None) -> torch.Tensor:
     """This micro-batch's share of the step loss: its weighted row losses over the whole step's weight.
 
     `sums` None marks a zero-weight filler batch: it runs the forward for the collectives' sake only.
     """
     spec = run.spec
+    ref = run.reference.logps(batch) if run.reference is not None else None
+    objective = _pair_objective(run, batch, ref, norms) if _fuse(run, batch) else None
     with run.autocast():
-        policy_logps, counts = run.policy(batch.input_ids, batch.attention_mask, batch.loss_mask)
-    inputs = _loss_inputs(run, batch, policy_logps, counts)
-    out = get_loss(spec.loss.type)(inputs, spec.loss)
-    loss = (out.losses * row_weights(run, batch)).sum() / norms[0]
-    if spec.loss.sft_weight and batch.n_chosen:
-        nll = sft_nll(inputs)
-        loss = loss + spec.loss.sft_weight * (nll * chosen_weights(run, batch)).sum() / norms[1]
-        if sums is not None:
-            sums.add_mean("nll_loss", nll)
+        fused_loss, policy_logps = run.policy(batch.input_ids, batch.attention_mask, batch.targets, objective)
+    inputs = _loss_inputs(run, batch, policy_logps, ref)
+    # Fused: the gradient is already in fused_loss; the same loss again gives the value and metrics.
+    with torch.no_grad() if fused_loss is not None else contextlib.nullcontext():
+        loss, out, nll = _weighted_loss(spec.loss, inputs, row_weights(run, batch), chosen_weights(run, batch), norms)
+    loss = loss if fused_loss is None else fused_loss
     if sums is None:
         return loss * 0.0
+    if nll is not None:
+        sums.add_mean("nll_loss", nll)
     add_loss_metrics(sums, out, inputs.policy_chosen, inputs.policy_rejected, batch.groups[: batch.n_chosen],
                      not spec.loss.unpaired)
     return loss

@@ -22,7 +22,11 @@ def test_collate_packs_prompt_and_completion_with_padding_only_at_the_end():
     assert b.n_chosen == 2 and b.input_ids.shape == (4, 6)
     assert b.input_ids[0].tolist() == [5, 6, 7, 8, 9, 3]
     assert b.input_ids[2].tolist() == [5, 6, 7, 10, 3, 0]
-    assert b.loss_mask[2].tolist() == [False, False, False, True, True, False]
+    # Pair by pair: pair 0's chosen (row 0) and rejected (row 2) targets, then pair 1's (rows 1, 3).
+    assert b.targets.seq.tolist() == [0, 0, 0, 2, 2, 1, 1, 1, 1, 1, 3, 3]
+    assert b.targets.pos[:5].tolist() == [2, 3, 4, 14, 15]  # row 2 starts at 2 * 6
+    assert b.targets.ids[:5].tolist() == [8, 9, 3, 10, 3]
+    assert b.targets.counts.tolist() == [3, 5, 2, 2]
     assert b.attention_mask[3].tolist() == [1, 1, 1, 0, 0, 0]
     assert b.side.tolist() == [0, 0, 1, 1] and b.row_index.tolist() == [0, 1, 0, 1]
     assert b.num_tokens == 6 + 6 + 5 + 3
@@ -31,14 +35,13 @@ def test_collate_packs_prompt_and_completion_with_padding_only_at_the_end():
 def test_chunked_log_probs_equal_the_full_forward(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     batch = _batch()
-    full = _full_forward_logps(model, batch.input_ids, batch.attention_mask, batch.loss_mask)
+    full = _full_forward_logps(model, batch.input_ids, batch.attention_mask, batch.targets)
     full.sum().backward()
     full_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    chunked, counts = sequence_logps(model, batch, chunk_size=3)
+    chunked = sequence_logps(model, batch, chunk_size=3)
     chunked.sum().backward()
     assert torch.allclose(chunked, full, atol=1e-5)
-    assert counts.tolist() == [3, 5, 2, 2]
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, full_grads[name], atol=1e-5), name
 

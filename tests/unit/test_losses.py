@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dpo_core.spec
-from dpo_core.losses import LOSSES, LossInputs, LossOutput, get_loss, register, sft_nll
+from dpo_core.losses import LOSSES, LossInputs, LossOutput, get_loss, is_per_pair, register, sft_nll
 from dpo_core.spec import LossSpec
 
 
@@ -219,3 +219,18 @@ def test_gradients_reach_the_policy_and_are_finite(name):
     for grad in (inputs.policy_chosen.grad, inputs.policy_rejected.grad):
         assert torch.isfinite(grad).all()
         assert grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", sorted(n for n in LOSSES if is_per_pair(n)))
+def test_per_pair_losses_give_each_pair_the_same_loss_alone(name):
+    # The promise behind dpo_core.pairhead: a pair's loss does not depend on the other pairs.
+    three = dict(pc=[-2.0, -1.0, -7.0], pr=[-4.0, -1.0, -2.0], rc=[-3.0, -1.0, -6.0], rr=[-3.5, -2.0, -2.5],
+                 tc=[2.0, 1.0, 5.0], tr=[3.0, 2.0, 1.0], bc=[0.5, 2.0, 0.1], br=[0.5, 2.0, 0.1])
+    whole = run(name, make_inputs(**three)).losses
+    for i in range(3):
+        alone = make_inputs(**{k: [v[i]] for k, v in three.items()})
+        assert run(name, alone).losses.item() == pytest.approx(whole[i].item(), abs=1e-7)
+
+
+def test_kto_is_not_per_pair():
+    assert not is_per_pair("kto")  # its reference point is a batch mean
