@@ -58,16 +58,18 @@ class Workload:
     original_file: str  # what dpo_core reads; it orders the rows itself
     ordered_file: str  # the same rows in dpo_core's training order, for TRL to read front to back
     step_tokens: list  # non-padding tokens of each step, counted from the data
+    step_lengths: list  # the length of every sequence of each step (chosen and rejected), for FLOP counts
 
 
-def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: int) -> Workload:
+def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: int,
+            build_model=workload.build_model) -> Workload:
     """Model, data, and the training order dpo_core will use, replayed for TRL."""
     from dpo_core.batching import epoch_order, row_length
     from dpo_core.data import read_jsonl
     from dpo_core.models import load_tokenizer
     from dpo_core.tokenize import tokenize
 
-    model = workload.build_model(work_dir / "bench-20m", max_length)
+    model = build_model(work_dir, max_length)
     rows = workload.make_rows(steps * batch_size, max_length, seed=seed)
     original = workload.write_jsonl(work_dir / f"pairs-{max_length}-{len(rows)}.jsonl", rows)
     tokenized = tokenize(read_jsonl(original), load_tokenizer(model), max_length=max_length, max_prompt_length=None)
@@ -78,7 +80,8 @@ def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: 
     ordered_rows = [rows[i] for batch in order for i in batch]
     ordered = workload.write_jsonl(work_dir / f"pairs-{max_length}-{len(rows)}-ordered.jsonl", ordered_rows)
     step_tokens = [sum(workload.pair_tokens(rows[i], max_length) for i in batch) for batch in order]
-    return Workload(model, original, ordered, step_tokens)
+    step_lengths = [[n for i in batch for n in workload.sequence_tokens(rows[i], max_length)] for batch in order]
+    return Workload(model, original, ordered, step_tokens, step_lengths)
 
 
 class Child:
@@ -100,10 +103,12 @@ class Child:
             beta=args.beta,
             precision=c.precision,
             reference_mode=c.reference_mode,
+            device=getattr(args, "device", "cpu"),
             ours=c.ours,
             trl=c.trl or {},
         )
-        path = f"{c.pythonpath}:{REPO}" if c.pythonpath else str(REPO)
+        # Keep an inherited PYTHONPATH last: packages installed beside the system's (a GPU box's carried wheels).
+        path = ":".join(x for x in (c.pythonpath, str(REPO), os.environ.get("PYTHONPATH")) if x)
         env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")
         self.log = work_dir / "logs" / f"{tag}.log"

@@ -40,6 +40,7 @@ class Job:
     precision: str  # "fp32" | "bf16"
     reference_mode: str  # "model" | "precomputed"
     seed: int = 42
+    device: str = "cpu"  # "cuda" for the GPU comparison (bench_gpu.py)
     ours: dict = field(default_factory=dict)  # extra TrainingSpec fields for dpo_core (chunk size, ...)
     trl: dict = field(default_factory=dict)  # extra DPOConfig fields for TRL (gradient_checkpointing, ...)
 
@@ -80,16 +81,25 @@ class Clock:
         self._baton, self._begin = Baton(), None
 
     def step_begins(self) -> None:
+        _sync()
         self._baton.wait()
         if not self.wall:
             self.rss_at_start = psutil.Process().memory_info().rss
         self._begin = (time.perf_counter(), time.process_time())
 
     def step_done(self) -> None:
+        _sync()  # a GPU step is over when its kernels are, not when Python has queued them
         wall, cpu = time.perf_counter() - self._begin[0], time.process_time() - self._begin[1]
         self.wall.append((self.wall[-1] if self.wall else 0.0) + wall)
         self.cpu.append((self.cpu[-1] if self.cpu else 0.0) + cpu)
         self._baton.release()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _timed(fn, clock: Clock):
@@ -103,6 +113,25 @@ def _timed(fn, clock: Clock):
             clock.precompute_s += time.perf_counter() - t
 
     return wrapper
+
+
+def _tolerant_dataset_hashing() -> None:
+    """datasets names its cache by hashing objects with dill. On the GPU box's Python 3.12.3 that raised
+    PicklingError on pyarrow's MonthDayNano type and stopped TRL before its first step. A random hash
+    there only means no cache reuse; the data and the training are the same."""
+    import pickle
+
+    from datasets.fingerprint import Hasher, generate_random_fingerprint
+
+    strict = Hasher.hash.__func__
+
+    def hash_or_random(cls, value):
+        try:
+            return strict(cls, value)
+        except pickle.PicklingError:
+            return generate_random_fingerprint()
+
+    Hasher.hash = classmethod(hash_or_random)
 
 
 def run_trl(job: Job, clock: Clock) -> None:
@@ -121,6 +150,7 @@ def run_trl(job: Job, clock: Clock) -> None:
             if logs and "loss" in logs:
                 clock.losses.append(float(logs["loss"]))
 
+    _tolerant_dataset_hashing()
     # Counted as reference work: TRL precomputes inside DPOTrainer.__init__.
     DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, clock)
     rows = [json.loads(line) for line in open(job.train_file)]
@@ -134,7 +164,7 @@ def run_trl(job: Job, clock: Clock) -> None:
         max_steps=job.steps,
         bf16=job.precision == "bf16",
         precompute_ref_log_probs=job.reference_mode == "precomputed",
-        use_cpu=True,
+        use_cpu=job.device == "cpu",
         seed=job.seed,
         # Same data order as dpo_core: the file is already in its order, so read it front to back.
         train_sampling_strategy="sequential",
@@ -185,7 +215,7 @@ def run_dpo_core(job: Job, clock: Clock) -> None:
         precision=job.precision,
         reference_mode=job.reference_mode,
         seed=job.seed,
-        device="cpu",
+        device=job.device,
         logging_steps=1,
         **job.ours,
     )
@@ -205,6 +235,7 @@ def main() -> None:
         threads=torch.get_num_threads(),
         rss_after_imports=rss_after_imports,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        peak_gpu=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         code=sys.modules["dpo_core"].__file__ if "dpo_core" in sys.modules else sys.modules["trl"].__file__,
     )
     print("RESULT " + json.dumps(result), flush=True)

@@ -73,14 +73,20 @@ def pair_tokens(row: Row, max_length: int) -> int:
     """Non-padding tokens of the chosen and rejected sequences of a pair after truncation to max_length.
 
     The toy tokenizer adds no special tokens and splits on whitespace, so tokens are words."""
+    return sum(sequence_tokens(row, max_length))
+
+
+def sequence_tokens(row: Row, max_length: int) -> tuple[int, int]:
+    """Tokens of the chosen and of the rejected sequence (prompt included) after truncation to max_length."""
     prompt = len(row.prompt.split())
-    return sum(min(prompt + len(c.split()), max_length) for c in (row.chosen, row.rejected))
+    return min(prompt + len(row.chosen.split()), max_length), min(prompt + len(row.rejected.split()), max_length)
 
 
-def build_model(out_dir: Path, max_length: int) -> str:
-    """The bench-20m Llama and its 32k-word tokenizer, saved in out_dir (reused if already there)."""
+def build_model(work_dir: Path, max_length: int) -> str:
+    """The bench-20m Llama and its 32k-word tokenizer, saved under work_dir (reused if already there)."""
     from dpo_core.toy import PRESETS, build_model as toy_build_model
 
+    out_dir = work_dir / "bench-20m"
     if (out_dir / "config.json").is_file():
         return str(out_dir)
     positions = max(max_length, 2048)  # rotary positions hold no weights: one model serves every length
