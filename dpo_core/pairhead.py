@@ -8,12 +8,14 @@ while that chunk's logits are alive:
     logp_i  = logits[i, t_i] - logsumexp(logits_i)        [n]
     π_s     = Σ_{i in s} logp_i                           per sequence s of the chunk's pairs
     c_s     = dL/dπ_s                                     autograd over those pairs' loss (tiny tensors)
-    dlogits = c_s(i) · (onehot(t_i) - softmax(logits_i))  built in place in the logits buffer
+    dlogits = c_s(i) · (onehot(t_i) - softmax(logits_i))  built in place in the kept logit tiles
     dh = dlogits @ W,   dW += dlogits^T @ h,   db += Σ_i dlogits_i
 
-Against dpo_core.headlogp (a forward, then a backward that recomputes the logits) that is three
-[n, H] x [H, V] products instead of four and one softmax pass fewer. Forward returns the loss;
-backward only scales the gradients kept from forward by the incoming scalar gradient.
+The logits are computed and kept in vocabulary tiles (dpo_core.headlogp.vocab_tiles), the logsumexp
+accumulated tile by tile, so each tile's softmax work runs while it is in cache. Against
+dpo_core.headlogp (a forward, then a backward that recomputes the logits) that is three
+[n, H] x [H, V] products instead of four. Forward returns the loss; backward only scales the
+gradients kept from forward by the incoming scalar gradient.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from dpo_core.headlogp import _autocast_dtype, _logits
+from dpo_core.headlogp import Head, _autocast_dtype, add_grads, lse_and_target, vocab_tiles
 
 # (pair indices [K], chosen π [K], rejected π [K]) -> the loss those pairs contribute (a scalar).
 PairObjective = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,44 +57,30 @@ def _slot_grads(objective: PairObjective, p0: int, p1: int, slots: torch.Tensor)
     return torch.stack(grads, 1).reshape(-1)
 
 
-def _dlogits_(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """coef_i · (onehot(t_i) - softmax(logits_i)) [n, V], written over `logits` [n, V]."""
-    probs = logits.sub_(lse[:, None]).exp_()
-    probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
-    return probs.mul_(-coef[:, None])
-
-
 class _PairHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, slot, chunks, objective):
         # Autocast by hand, as in headlogp: products in the autocast dtype, softmax and loss in fp32.
         dtype = _autocast_dtype(hidden.device.type)
-        mm = dtype or torch.float32
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n_pairs = chunks[-1][1] if chunks else 0
         slots = torch.zeros(2 * n_pairs, dtype=torch.float32, device=hidden.device)  # π, pair-major
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.to(mm)
+        head = Head(weight, bias, dtype)
         with torch.autocast(hidden.device.type, enabled=False):
             for p0, p1, r0, r1 in chunks:
                 h, t, s = hidden[r0:r1], targets[r0:r1], slot[r0:r1] - 2 * p0
-                logits = _logits(h, weight, bias, dtype)
-                lse = torch.logsumexp(logits, dim=-1)
-                token = logits.gather(-1, t[:, None]).squeeze(-1) - lse
-                slots[2 * p0 : 2 * p1].index_add_(0, s, token)
+                # Forward's logit tiles are kept for the gradient: the third product replaces a recompute.
+                tiles = vocab_tiles(h.shape[0], weight.shape[0], h.device)
+                lse, target, kept = lse_and_target(head, h, t, tiles, keep=True)
+                slots[2 * p0 : 2 * p1].index_add_(0, s, target - lse)
                 coef = _slot_grads(objective, p0, p1, slots[2 * p0 : 2 * p1])
-                dl = _dlogits_(logits, lse, t, coef[s])
-                if grad_b is not None:
-                    grad_b += dl.sum(0)
-                dl = dl.to(mm)
-                if grad_h is not None:
-                    grad_h[r0:r1] = dl @ w
-                if grad_w is not None and mm == torch.float32:
-                    grad_w.addmm_(dl.t(), h)  # in place: no [V, H] temporary per chunk
-                elif grad_w is not None:
-                    grad_w += (dl.t() @ h.to(mm)).float()
+                gh = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if grad_h is not None else None
+                add_grads(head, h, t, lse, coef[s], tiles, kept, gh, grad_w, grad_b)
+                if gh is not None:
+                    grad_h[r0:r1] = gh.to(hidden.dtype)
             pairs = torch.arange(n_pairs, device=hidden.device)
             loss = objective(pairs, slots[0::2], slots[1::2]).detach()
         ctx.grads = [grad_h, None if grad_w is None else grad_w.to(weight.dtype),

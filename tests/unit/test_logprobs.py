@@ -1,6 +1,7 @@
 """Completion log-probs: the chunked LM-head path equals a plain full forward, gradients included."""
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -32,7 +33,7 @@ def test_collate_packs_prompt_and_completion_with_padding_only_at_the_end():
     assert b.num_tokens == 6 + 6 + 5 + 3
 
 
-def test_chunked_log_probs_equal_the_full_forward(tiny_model):
+def test_chunked_log_probs_equal_the_full_forward(tiny_model, tiles):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     batch = _batch()
     full = _full_forward_logps(model, batch.input_ids, batch.attention_mask, batch.targets)
@@ -54,7 +55,18 @@ def test_epoch_order_is_deterministic_and_covers_every_row():
     assert a != epoch_order(lengths, 3, seed=1, epoch=1, group_by_length=True)
 
 
-def test_fused_head_log_probs_match_autograd_with_bias_and_in_bf16():
+@pytest.fixture(params=["one tile", "many tiles"])
+def tiles(request, monkeypatch):
+    """The CPU head in one vocabulary tile, or in tiles of 7 columns (online logsumexp across tiles)."""
+    from dpo_core import headlogp
+
+    if request.param == "many tiles":
+        monkeypatch.setattr(headlogp, "CPU_TILE_ELEMENTS", 1)
+        monkeypatch.setattr(headlogp, "MIN_TILE_COLUMNS", 7)
+    return request.param
+
+
+def test_fused_head_log_probs_match_autograd_with_bias_and_in_bf16(tiles):
     from dpo_core.headlogp import head_logprobs
 
     torch.manual_seed(0)

@@ -83,7 +83,13 @@ def test_fused_head_gives_autograds_loss_gradients_and_metrics(tiny_model, monke
         assert _rel(got[1][name], g) < 1e-5, (name, _rel(got[1][name], g))
 
 
-def test_fused_head_with_group_betas_and_weights(tiny_model, monkeypatch):
+@pytest.mark.parametrize("tile_columns", [None, 5])
+def test_fused_head_with_group_betas_and_weights(tiny_model, monkeypatch, tile_columns):
+    if tile_columns:  # the vocabulary in many tiles: logits kept tile by tile between forward and gradient
+        from dpo_core import headlogp
+
+        monkeypatch.setattr(headlogp, "CPU_TILE_ELEMENTS", 1)
+        monkeypatch.setattr(headlogp, "MIN_TILE_COLUMNS", tile_columns)
     groups = {"a": {"beta": 0.5, "weight": 2.0}, "b": {"beta": 0.05, "weight": 0.0}}
     run = _run(tiny_model, dict(type="sigmoid", sft_weight=0.3), groups=groups, chunk=4)
     batch = collate(_rows(6, seed=1, groups=("a", "b", None)), pad_id=0)
@@ -101,9 +107,10 @@ def test_fused_head_under_bf16_autocast_stays_close(tiny_model, monkeypatch):
     want = _loss_grads_metrics(run, batch, False, monkeypatch)
     got = _loss_grads_metrics(run, batch, True, monkeypatch)
     assert got[0] == pytest.approx(want[0], abs=1e-3)
-    # Both round the head's products to bf16 (8 bits of mantissa), at different points.
+    # Both round the head's products to bf16 (8 bits of mantissa, 0.4% per rounding), at different points
+    # (the fused path scales by the incoming gradient after rounding); through two layers that is ~1%.
     for name, g in want[1].items():
-        assert _rel(got[1][name], g) < 1e-2, (name, _rel(got[1][name], g))
+        assert _rel(got[1][name], g) < 2e-2, (name, _rel(got[1][name], g))
 
 
 def test_fusing_is_chosen_only_where_it_is_exact(tiny_model):
