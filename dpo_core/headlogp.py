@@ -6,12 +6,13 @@ For hidden states h [T, H], an LM head W [V, H] (+ bias) and targets t [T]:
 
 Rows go in chunks of `chunk`; within a chunk the vocabulary goes in tiles (`vocab_tiles`) and the
 logsumexp is accumulated tile by tile (a running max and sum, as flash attention does). Forward keeps
-only h, W, t and the per-row logsumexp [T]: never a [T, V] tensor. Backward recomputes each tile and
-turns it in place into the softmax part of d(g·logp)/d(logits) = g · (onehot(t) - softmax):
+only h, W, t and the per-row logsumexp [T]: never a [T, V] tensor. Backward recomputes each tile as
+softmax = exp(logits - lse), in place, and adds the gradient of g·logp, d/dlogits = g · (onehot(t) - softmax):
 
-    dh += (-g·softmax) @ W_tile,   dW_tile += (-g·softmax)^T @ h,   db_tile += Σ (-g·softmax)
+    dh += (softmax @ W_tile) · (-g),   dW_tile += softmax^T @ (h · (-g)),   db_tile += softmax^T @ (-g)
 
-and adds the onehot part as rows (dh_i += g_i W[t_i], dW[t_i] += g_i h_i).
+(the per-row factor applied to the small [n, H] operands, not the tile), then the onehot part as rows
+(dh_i += g_i W[t_i], dW[t_i] += g_i h_i).
 
 Why tiles: on CPU, the softmax passes over a [1024, 32000] chunk (131 MB) ran at memory speed and
 cost as much as the matmuls; over a 4 MiB tile they stay in cache. On a GPU a tile is the whole
@@ -63,7 +64,12 @@ class Head:
 
 
 def lse_and_target(head: Head, h, targets, tiles: list[slice], keep: bool = False):
-    """(logsumexp [n], target logit [n], the fp32 logit tiles if `keep` else None) for rows h [n, H]."""
+    """(logsumexp [n], target logit [n], kept) for rows h [n, H].
+
+    With `keep`, kept holds per tile (exp(logits - m), m) with m [n] the running max after that tile,
+    so every kept value is at most 1 and softmax = value · exp(m - logsumexp): the gradient pass then
+    needs no elementwise pass over the tile at all (see add_grads).
+    """
     n = h.shape[0]
     running_max = torch.full((n,), float("-inf"), device=h.device)
     running_sum = torch.zeros(n, device=h.device)
@@ -75,36 +81,28 @@ def lse_and_target(head: Head, h, targets, tiles: list[slice], keep: bool = Fals
         column = (targets - cols.start).clamp(0, tile.shape[1] - 1)
         target += torch.where(inside, tile.gather(-1, column[:, None])[:, 0], 0.0)
         new_max = torch.maximum(running_max, tile.amax(-1))
-        shifted = tile - new_max[:, None] if keep else tile.sub_(new_max[:, None])
-        running_sum.mul_(torch.exp(running_max - new_max)).add_(shifted.exp_().sum(-1))
+        tile.sub_(new_max[:, None]).exp_()
+        running_sum.mul_(torch.exp(running_max - new_max)).add_(tile.sum(-1))
         running_max = new_max
         if keep:
-            kept.append(tile)
+            kept.append((tile, new_max))
     return running_max + running_sum.log(), target, (kept if keep else None)
 
 
 def add_grads(head: Head, h, targets, lse, coef, tiles: list[slice], kept, grad_h, grad_w, grad_b) -> None:
     """Accumulate the gradients of Σ coef_i · logp_i into grad_h [n, H] (fp32), grad_w [V, H], grad_b [V].
 
-    `kept` are forward's logit tiles (overwritten here) or None to recompute them.
+    `kept` is lse_and_target's (keep=True), or None to recompute each tile. The softmax part of
+    d/dlogits is probs · r per row (r = -coef · scale); the row factor r is applied to the [n, H]
+    operands of the two products rather than to the [n, V] tile.
     """
-    neg = -coef[:, None]
     for k, cols in enumerate(tiles):
-        tile = kept[k] if kept is not None else head.logits(h, cols)
-        part = tile.sub_(lse[:, None]).exp_().mul_(neg)  # -coef · softmax, in place
-        if grad_b is not None:
-            grad_b[cols] += part.sum(0)
-        if head.dtype is None:  # fp32: accumulate in place, no temporaries
-            if grad_h is not None:
-                grad_h.addmm_(part, head.w[cols])
-            if grad_w is not None:
-                grad_w[cols].addmm_(part.t(), h)
-            continue
-        part = part.to(head.dtype)
-        if grad_h is not None:
-            grad_h.add_(part @ head.w[cols])
-        if grad_w is not None:
-            grad_w[cols] += (part.t() @ h.to(head.dtype)).float()
+        if kept is not None:
+            probs, shift = kept[k]
+            r = -coef * torch.exp(shift - lse)
+        else:
+            probs, r = head.logits(h, cols).sub_(lse[:, None]).exp_(), -coef
+        _add_tile_grads(head, h, probs, r, cols, grad_h, grad_w, grad_b)
     # The onehot part: d logits[i, t_i] += coef_i.
     if grad_h is not None:
         grad_h.add_(coef[:, None] * head.w[targets].float())
@@ -112,6 +110,22 @@ def add_grads(head: Head, h, targets, lse, coef, tiles: list[slice], kept, grad_
         grad_w.index_add_(0, targets, coef[:, None] * h.float())
     if grad_b is not None:
         grad_b.index_add_(0, targets, coef)
+
+
+def _add_tile_grads(head: Head, h, probs, r, cols: slice, grad_h, grad_w, grad_b) -> None:
+    """Add the gradients of a tile whose d/dlogits is probs [n, cols] scaled by r [n] row by row."""
+    if grad_b is not None:
+        grad_b[cols] += probs.t() @ r
+    p = probs if head.dtype is None else probs.to(head.dtype)
+    if grad_h is not None:
+        grad_h.addcmul_((p @ head.w[cols]).float(), r[:, None])
+    if grad_w is None:
+        return
+    hr = (h.float() * r[:, None]).to(p.dtype)
+    if head.dtype is None:
+        grad_w[cols].addmm_(p.t(), hr)  # in place: no [cols, H] temporary
+    else:
+        grad_w[cols] += (p.t() @ hr).float()
 
 
 class _HeadLogProb(torch.autograd.Function):
