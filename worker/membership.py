@@ -2,8 +2,10 @@
 heartbeat thread, a hand-back of the running job when it is asked to stop, and a goodbye.
 
 The heartbeat runs in the worker's main process, which outlives the per-job child processes, so a
-worker busy with a long job still says it is alive. GPUs are detected in a subprocess: initializing
-CUDA in a process that later forks its job processes would break CUDA in them.
+worker busy with a long job still says it is alive. That process forks a fresh process for every job
+(Celery's prefork pool), so its threads never talk to the database while it forks (`no_fork`). GPUs
+are detected in a subprocess: initializing CUDA in a process that later forks its job processes would
+break CUDA in them.
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ CPU = "cpu"
 _PROBE = ("import json, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
           "print(json.dumps([torch.cuda.get_device_name(i) for i in range(n)]))")
 _VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "graphics"}
+
+# Held by a thread of this process while it uses the database, and by os.fork() while it forks. A job
+# process forked in the middle of a heartbeat inherits the database driver's locks held by a thread it
+# does not have (SQLite's mutexes and its bookkeeping of file locks; libpq's): its own first database
+# call then hangs for good, or fails with "database is locked" after the busy timeout. A hung job
+# process never starts its job and keeps the worker's one pool slot, so no re-sent message could run.
+no_fork = threading.Lock()
+os.register_at_fork(before=no_fork.acquire, after_in_parent=no_fork.release, after_in_child=no_fork.release)
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class Membership:
     def _ask_handback(self) -> None:
         self._stop.set()  # no more heartbeats: the worker is `stopped` from now on (its job renews its own lease)
         try:
-            with self.sessions.begin() as s:
+            with no_fork, self.sessions.begin() as s:
                 store.mark_stopped(s, self.worker_id)
                 jobs = leases.request_handback(s, self.worker_id)
             log.info("worker %s is shutting down; asked %s to hand back", self.me.name, jobs or "no job")
@@ -136,7 +146,7 @@ class Membership:
     def _beat(self) -> None:
         while not self._stop.wait(self.settings.worker_heartbeat_interval_s):
             try:
-                with self.sessions.begin() as s:
+                with no_fork, self.sessions.begin() as s:
                     if not store.heartbeat(s, self.worker_id):
                         log.warning("worker %s is no longer registered; heartbeats go nowhere", self.me.name)
             except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeats

@@ -1,11 +1,15 @@
 """Unit and integration: how a worker names its GPUs, registers, sends heartbeats and leaves."""
 from __future__ import annotations
 
+import faulthandler
+import os
 import time
 
 import pytest
+from sqlalchemy import update
 
 from api.errors import Conflict
+from api.store.db import make_engine, make_sessionmaker
 from api.store.migrate import upgrade
 from api.store.models import Worker
 from tests.service.support import make_settings, sessions_for
@@ -62,6 +66,36 @@ def test_join_beat_and_leave(tmp_path):
     row = _row(settings, member.worker_id)
     assert (again.worker_id, row.gpus, row.pid, row.stopped_at) == (member.worker_id, 2, 11, None)
     again.leave()
+
+
+def test_a_process_forked_while_the_heartbeat_runs_can_use_the_database(tmp_path):
+    """The worker's main process forks a process for each job while its heartbeat thread writes to the
+    database. A child forked in the middle of a heartbeat used to inherit SQLite's locks held by a thread it
+    does not have: its first query hung for good or failed with "database is locked" (with heartbeats this
+    fast, within the first few forks). Now a fork waits for the heartbeat to finish."""
+    settings = make_settings(tmp_path / "data", worker_heartbeat_interval_s=0.001, worker_lost_after_s=1)
+    upgrade(settings.db_url)
+    member = Membership(settings, Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=10))
+    member.join()
+    member.start_heartbeats()
+    try:
+        for i in range(40):
+            pid = os.fork()
+            if pid == 0:  # a job process: its own engine, as worker.runner makes one
+                faulthandler.dump_traceback_later(10, exit=True)  # hung: exit 1, with the stack in the test's stderr
+                code = 2  # an error ("database is locked")
+                try:
+                    engine = make_engine(settings.db_url)
+                    with make_sessionmaker(engine).begin() as s:
+                        s.execute(update(Worker).where(Worker.id == member.worker_id).values(gpus=1))
+                    engine.dispose()
+                    code = 0
+                finally:
+                    os._exit(code)
+            exit_code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            assert exit_code == 0, f"the process forked at beat {i} could not use the database (exit {exit_code})"
+    finally:
+        member.leave()
 
 
 def _row(settings, worker_id: str) -> Worker:
