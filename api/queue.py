@@ -37,10 +37,11 @@ def make_celery(settings: Settings) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,  # results live in the job store, not in a result backend
-        # Ack a message when it arrives. The database, not the broker, keeps a job from being lost: a job
+        # Ack a message when a pool process takes it (Celery's early ack; a message received but not yet
+        # taken stays unacked either way). The database, not the broker, keeps a job from being lost: a job
         # whose worker dies before starting it is queued again by the reconciler, one whose worker dies
         # while it trains loses its lease. A late ack would only leave a message to ack after the job, on
-        # a connection that a broker outage may have replaced (a worker then sat on its next task).
+        # a connection that a broker outage may have replaced.
         task_acks_late=False,
         # A broker outage must not stop a job that trains.
         worker_cancel_long_running_tasks_on_connection_loss=False,
