@@ -40,18 +40,22 @@ class Targets(NamedTuple):
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [N, L] long, right-padded
-    attention_mask: torch.Tensor  # [N, L] long
+    input_ids: torch.Tensor  # [R, L] long, right-padded; R rows = N sequences unless the prompt is shared
+    attention_mask: torch.Tensor  # [R, L] long
     targets: Targets
     n_chosen: int  # sequences [0, n_chosen) are chosen/desirable, the rest rejected/undesirable
     row_index: torch.Tensor  # [N] dataset row of each sequence
     side: torch.Tensor  # [N] 0 for chosen/desirable sequences, 1 for rejected/undesirable
     groups: list[str | None]  # [N] multi-reward group of each sequence
     num_tokens: int  # non-padding tokens in the batch
+    # Shared-prompt layout (`_collate_shared`): rows are pairs, attention_mask is [B, 1, L, L] bool.
+    position_ids: torch.Tensor | None = None  # [B, L] long
 
     def to(self, device: torch.device) -> Batch:
         self.input_ids = self.input_ids.to(device, non_blocking=True)
         self.attention_mask = self.attention_mask.to(device, non_blocking=True)
+        if self.position_ids is not None:
+            self.position_ids = self.position_ids.to(device, non_blocking=True)
         self.targets = self.targets.to(device)
         return self
 
@@ -67,20 +71,32 @@ def _sequences(rows: list[TokenizedPair] | list[TokenizedRow]):
     return good + bad
 
 
-def _targets(input_ids: torch.Tensor, spans: list[tuple[int, int]], paired: bool) -> Targets:
-    """Targets of sequences where row i's completion occupies positions spans[i] = [start, end)."""
-    width, n = input_ids.shape[1], len(spans)
-    # Position t's hidden state predicts token t + 1; a token at position 0 has no predictor.
-    per_seq = [torch.arange(max(a, 1), b) + i * width for i, (a, b) in enumerate(spans)]
+def _targets(input_ids: torch.Tensor, seqs: list[tuple[torch.Tensor, torch.Tensor]], paired: bool) -> Targets:
+    """Targets of sequences given, per sequence, (predictor positions, target positions) within the flat
+    [N * L] positions: a target token at flat position t is normally predicted from t - 1."""
+    n = len(seqs)
     order = [i for p in range(n // 2) for i in (p, p + n // 2)] if paired else range(n)
-    flat = torch.cat([per_seq[i] for i in order]) if n else torch.zeros(0, dtype=torch.long)
-    seq = torch.cat([torch.full((len(per_seq[i]),), i) for i in order]) if n else flat
-    counts = torch.tensor([len(t) for t in per_seq], dtype=torch.float32)
-    return Targets(flat - 1, input_ids.reshape(-1)[flat], seq, counts, paired)
+    empty = torch.zeros(0, dtype=torch.long)
+    pos = torch.cat([seqs[i][0] for i in order]) if n else empty
+    tok = torch.cat([seqs[i][1] for i in order]) if n else empty
+    seq = torch.cat([torch.full((len(seqs[i][0]),), i) for i in order]) if n else empty
+    counts = torch.tensor([len(p) for p, _ in seqs], dtype=torch.float32)
+    return Targets(pos, input_ids.reshape(-1)[tok], seq, counts, paired)
 
 
-def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int) -> Batch:
-    """Pack rows into one right-padded batch; padding only ever follows a sequence's last token."""
+def _span(row: int, width: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predictors, targets) of the tokens at positions [start, end) of a row; position 0 has no predictor."""
+    tok = torch.arange(max(start, 1), end) + row * width
+    return tok - 1, tok
+
+
+def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int, share_prompt: bool = False) -> Batch:
+    """Pack rows into one right-padded batch; padding only ever follows a sequence's last token.
+
+    share_prompt (pairs only): one row per pair instead of two, see `_collate_shared`.
+    """
+    if share_prompt and rows and isinstance(rows[0], TokenizedPair):
+        return _collate_shared(rows, pad_id)
     seqs = _sequences(rows)
     lengths = [len(p) + len(c) for p, c, *_ in seqs]
     n, width = len(seqs), max(lengths)
@@ -91,7 +107,7 @@ def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int) -> Batc
         input_ids[i, :total] = torch.tensor(prompt + completion, dtype=torch.long)
         attention[i, :total] = 1
     n_chosen = sum(1 for s in seqs if s[3] == 0)
-    spans = [(len(p), len(p) + len(c)) for p, c, *_ in seqs]
+    spans = [_span(i, width, len(p), len(p) + len(c)) for i, (p, c, *_) in enumerate(seqs)]
     paired = bool(rows) and isinstance(rows[0], TokenizedPair)
     return Batch(
         input_ids=input_ids,
@@ -102,6 +118,54 @@ def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int) -> Batc
         side=torch.tensor([s[3] for s in seqs], dtype=torch.long),
         groups=[s[4] for s in seqs],
         num_tokens=sum(lengths),
+    )
+
+
+def _shared_mask(width: int, p: int, c: int, total: int) -> torch.Tensor:
+    """[width, width] bool, True where query q may attend to key k: causal, no padding keys, and
+    nothing after the chosen completion (the rejected one, its padding) sees the chosen tokens."""
+    q, k = torch.arange(width)[:, None], torch.arange(width)[None, :]
+    return (k <= q) & (k < total) & ~((q >= p + c) & (k >= p) & (k < p + c))
+
+
+def _collate_shared(rows: list[TokenizedPair], pad_id: int) -> Batch:
+    """One row per pair, `prompt, chosen, rejected`, so the prompt runs through the model once.
+
+    The rejected part's positions restart at len(prompt) and a 4-D mask [B, 1, L, L] hides the chosen
+    part from it, so each completion sees exactly what it would in a row of its own; the prompt's last
+    hidden state predicts the first token of both. Sequences (targets, groups, sides) stay 2B, chosen
+    first, as in the two-row layout; num_tokens counts the prompt twice, as that layout would.
+    """
+    b = len(rows)
+    sizes = [(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids)) for r in rows]
+    width = max(p + c + r for p, c, r in sizes)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    chosen, rejected = [], []
+    for i, (row, (p, c, r)) in enumerate(zip(rows, sizes)):
+        total = p + c + r
+        input_ids[i, :total] = torch.tensor(row.prompt_ids + row.chosen_ids + row.rejected_ids, dtype=torch.long)
+        positions[i, : p + c] = torch.arange(p + c)
+        positions[i, p + c : total] = torch.arange(p, p + r)  # padding stays at 0: within any position table
+        mask[i, 0] = _shared_mask(width, p, c, total)
+        chosen.append(_span(i, width, p, p + c))
+        pred, tok = _span(i, width, p + c, total)
+        if p:  # the rejected completion's first token follows the prompt, not the chosen completion
+            pred[0] = i * width + p - 1
+        else:  # no prompt: that token has no predictor, as at position 0 of a row of its own
+            pred, tok = pred[1:], tok[1:]
+        rejected.append((pred, tok))
+    return Batch(
+        input_ids=input_ids,
+        attention_mask=mask,
+        targets=_targets(input_ids, chosen + rejected, True),
+        n_chosen=b,
+        row_index=torch.tensor([r.index for r in rows] * 2, dtype=torch.long),
+        side=torch.tensor([0] * b + [1] * b, dtype=torch.long),
+        groups=[r.group for r in rows] * 2,
+        num_tokens=sum(2 * p + c + r for p, c, r in sizes),
+        position_ids=positions,
     )
 
 

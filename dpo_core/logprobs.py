@@ -38,6 +38,13 @@ def _body_and_head(model):
     return body, head
 
 
+def can_share_prompt(model) -> bool:
+    """Whether `model` takes the shared-prompt layout: a custom 4-D boolean mask needs SDPA attention
+    (eager attention would add it as a float), and the body/head split keeps logits off the prompt."""
+    attn = getattr(unwrap(model).config, "_attn_implementation", None)
+    return attn == "sdpa" and _body_and_head(model) is not None
+
+
 def _token_logps(head, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log p(target) for each row of hidden: [T, H], [T] -> [T], in fp32 for a stable log-softmax."""
     logits = head(hidden).float()
@@ -64,8 +71,8 @@ def _summed(token_logps: torch.Tensor, targets: Targets) -> torch.Tensor:
     return summed.index_add(0, targets.seq, token_logps)
 
 
-def _full_forward_logps(model, input_ids, attention_mask, targets: Targets) -> torch.Tensor:
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+def _full_forward_logps(model, input_ids, attention_mask, targets: Targets, position_ids=None) -> torch.Tensor:
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
     logps = F.log_softmax(logits.flatten(0, 1)[targets.pos].float(), dim=-1)
     return _summed(logps.gather(-1, targets.ids.unsqueeze(-1)).squeeze(-1), targets)
 
@@ -77,19 +84,21 @@ def _pair_loss(objective, logps: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_size: int = 1024,
-                     objective: PairObjective | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     objective: PairObjective | None = None, position_ids=None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(loss, summed completion log-probs [S] in fp32) of every sequence.
 
     With an `objective` (paired targets only) the loss is objective(all pairs) and differentiable;
     on a plain linear head it is computed inside the head pass (dpo_core.pairhead) and the log-probs
     come back detached. Without one the loss is None and the log-probs carry the gradient.
+    position_ids (and a 4-D attention_mask) come with the shared-prompt layout (batching._collate_shared).
     """
     parts = _body_and_head(model)
     if parts is None:
-        logps = _full_forward_logps(model, input_ids, attention_mask, targets)
+        logps = _full_forward_logps(model, input_ids, attention_mask, targets, position_ids)
         return (None if objective is None else _pair_loss(objective, logps)), logps
     body, head = parts
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False).last_hidden_state
     picked = hidden.flatten(0, 1)[targets.pos]  # [T, H]: only positions that predict a completion token
     if objective is not None and type(head) is torch.nn.Linear:
         b = targets.counts.shape[0] // 2
@@ -107,7 +116,8 @@ def _slots(seq: torch.Tensor, n_pairs: int) -> torch.Tensor:
 
 def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> torch.Tensor:
     """Summed completion log-probs [S] of a packed Batch's sequences."""
-    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.targets, chunk_size)[1]
+    return completion_logps(model, batch.input_ids, batch.attention_mask, batch.targets, chunk_size,
+                            position_ids=batch.position_ids)[1]
 
 
 class LogProbModel(torch.nn.Module):
@@ -122,5 +132,6 @@ class LogProbModel(torch.nn.Module):
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask, targets: Targets, objective: PairObjective | None = None):
-        return completion_logps(self.model, input_ids, attention_mask, targets, self.chunk_size, objective)
+    def forward(self, input_ids, attention_mask, targets: Targets, objective: PairObjective | None = None,
+                position_ids=None):
+        return completion_logps(self.model, input_ids, attention_mask, targets, self.chunk_size, objective, position_ids)

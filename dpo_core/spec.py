@@ -136,6 +136,11 @@ class TrainingSpec(_Strict):
         None, description="how several processes share the work (dpo-train --nproc N): ddp, or fsdp (FSDP2)"
     )
     reference_mode: Literal["model", "precomputed"] = "model"
+    share_prompt: bool | Literal["auto"] = Field(
+        False,
+        description="pairs: one row `prompt, chosen, rejected` per pair, so the prompt runs through the model "
+        "once (needs SDPA attention and a body/head model); auto: when the model allows it",
+    )
 
     # Logging, evaluation, checkpoints.
     logging_steps: int = Field(10, gt=0)
@@ -161,6 +166,8 @@ class TrainingSpec(_Strict):
             problems.append("fsdp shards full-model training; LoRA adapters are small, use distributed: ddp")
         if self.distributed == "fsdp" and self.precision == "fp16":
             problems.append("fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16")
+        if self.share_prompt is True and self.loss.unpaired:
+            problems.append(f"share_prompt needs pairs; loss {self.loss.type!r} trains on unpaired rows")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -13,10 +13,10 @@ import torch
 from dpo_core import distributed
 from dpo_core.batching import Batch, collate, micro_batches
 from dpo_core.losses import LossInputs, LossOutput, get_loss, is_per_pair, sft_nll
-from dpo_core.pairhead import PairObjective
-from dpo_core.spec import LossSpec
 from dpo_core.metrics import MetricSums, add_loss_metrics
+from dpo_core.pairhead import PairObjective
 from dpo_core.reference import PrecomputedReference
+from dpo_core.spec import LossSpec
 
 
 def _loss_inputs(run, batch: Batch, policy_logps: torch.Tensor, ref: torch.Tensor | None) -> LossInputs:
@@ -58,7 +58,7 @@ def _weighted_loss(spec: LossSpec, inputs: LossInputs, weights, chosen_w, norms)
 def _pair_objective(run, batch: Batch, ref, norms) -> PairObjective:
     """The loss any subset of a paired batch's pairs contributes, given their policy log-probs."""
     template = _loss_inputs(run, batch, batch.targets.counts, ref)  # its policy log-probs get replaced
-    weights = row_weights(run, batch)
+    weights = row_weights(run, batch)  # one per pair: also the weight of the pair's chosen side
 
     def objective(pairs: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
         part = template.pairs(pairs, chosen, rejected)
@@ -86,7 +86,8 @@ def forward_loss(run, batch: Batch, norms: tuple[float, float], sums: MetricSums
     ref = run.reference.logps(batch) if run.reference is not None else None
     objective = _pair_objective(run, batch, ref, norms) if _fuse(run, batch) else None
     with run.autocast():
-        fused_loss, policy_logps = run.policy(batch.input_ids, batch.attention_mask, batch.targets, objective)
+        fused_loss, policy_logps = run.policy(batch.input_ids, batch.attention_mask, batch.targets, objective,
+                                              position_ids=batch.position_ids)
     inputs = _loss_inputs(run, batch, policy_logps, ref)
     # Fused: the gradient is already in fused_loss; the same loss again gives the value and metrics.
     with torch.no_grad() if fused_loss is not None else contextlib.nullcontext():
@@ -111,14 +112,14 @@ def _norms(run, batches: list[Batch]) -> tuple[float, float]:
 def aligned_batches(run, rows: list, size: int) -> list[Batch | None]:
     """This rank's micro-batches, padded with None up to the most any rank has."""
     pad = run.tokenizer.pad_token_id
-    batches = [collate(part, pad).to(run.device) for part in micro_batches(rows, size)]
+    batches = [collate(part, pad, run.share_prompt).to(run.device) for part in micro_batches(rows, size)]
     count = distributed.all_max(len(batches), run.dist)
     return batches + [None] * (count - len(batches))
 
 
 def filler(run) -> Batch:
     """A one-row batch for a rank with nothing left to do in a step; its loss is multiplied by 0."""
-    return collate(run.train_rows[:1], run.tokenizer.pad_token_id).to(run.device)
+    return collate(run.train_rows[:1], run.tokenizer.pad_token_id, run.share_prompt).to(run.device)
 
 
 def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:

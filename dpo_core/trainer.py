@@ -21,7 +21,7 @@ from dpo_core.batching import epoch_order, row_length, steps_per_epoch
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, split_pairs
 from dpo_core.errors import TrainingError
-from dpo_core.logprobs import LogProbModel
+from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
@@ -56,6 +56,7 @@ class Run:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object | None = None
     scaler: torch.amp.GradScaler | None = None
+    share_prompt: bool = False  # pairs packed one row each (batching._collate_shared)
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     total_steps: int = 0
     metrics_file: MetricsFile | None = None
@@ -126,6 +127,11 @@ def _live_reference(run: Run, initial_copy):
     wrap = distributed.shard_fsdp if run.dist.enabled and spec.distributed == "fsdp" else None
     if spec.reference_model:
         model = load_causal_lm(spec.reference_model, "reference model").to(run.device)
+        if run.share_prompt and not can_share_prompt(model):
+            if spec.share_prompt is True:
+                raise TrainingError("share_prompt: the reference model does not take the shared-prompt layout "
+                                    "(it needs SDPA attention and a separate LM head); set share_prompt: false")
+            run.share_prompt = False  # auto: no batch is built yet, so both models get two rows per pair
         return ModelReference(model, run.autocast, spec.logprob_chunk_size, wrap)
     if spec.lora is not None:
         return AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
@@ -151,6 +157,17 @@ def _make_reference(run: Run, initial_copy) -> None:
 
 def _num_rows(rows: list) -> int:
     return max(r.index for r in rows) + 1
+
+
+def _share_prompt(spec: TrainingSpec, model) -> bool:
+    """Whether batches put a pair in one row (batching._collate_shared); a separate reference model is
+    checked when it is loaded."""
+    if spec.share_prompt is False or spec.loss.unpaired:
+        return False
+    if spec.share_prompt is True and not can_share_prompt(model):
+        raise TrainingError("share_prompt: true needs a model with SDPA attention and a separate LM head; "
+                            "set share_prompt: false (or auto)")
+    return can_share_prompt(model)
 
 
 def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
@@ -179,6 +196,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     device = distributed.device(d, spec.device)
     model, policy, initial = _build_policy(spec, d, device, resume_dir)
     run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, eval_rows)
+    run.share_prompt = _share_prompt(spec, model)
     run.total_steps = _total_steps(spec, len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     _make_reference(run, initial)

@@ -37,15 +37,16 @@ def _losses(out) -> list[float]:
 @pytest.fixture(scope="module")
 def one_rank(tiny_model, synthetic, tmp_path_factory):
     out = tmp_path_factory.mktemp("one-rank")
-    result = train(_spec(tiny_model, synthetic, out, save_steps=3))
+    result = train(_spec(tiny_model, synthetic, out, save_steps=3, share_prompt=False))
     return out, result
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_follow_the_one_rank_loss_curve(tiny_model, synthetic, tmp_path, one_rank, mode):
+@pytest.mark.parametrize("mode, share_prompt", [("ddp", False), ("fsdp", False), ("fsdp", True)],
+                         ids=["ddp", "fsdp", "fsdp-shared-prompt"])
+def test_two_ranks_follow_the_one_rank_loss_curve(tiny_model, synthetic, tmp_path, one_rank, mode, share_prompt):
     from transformers import AutoModelForCausalLM
 
-    result = launch(_spec(tiny_model, synthetic, tmp_path, distributed=mode), nproc=2)
+    result = launch(_spec(tiny_model, synthetic, tmp_path, distributed=mode, share_prompt=share_prompt), nproc=2)
     single_out, single = one_rank
     assert result.global_step == 6
     assert _losses(tmp_path) == pytest.approx(_losses(single_out), rel=1e-5)

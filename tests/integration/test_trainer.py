@@ -93,8 +93,10 @@ def _losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in _records(out) if "loss" in r}
 
 
-def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, synthetic, tmp_path):
-    common = dict(max_steps=12, logging_steps=1, save_steps=6, validation_file=None, group_by_length=True)
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["two-rows", "shared-prompt"])
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_model, synthetic, tmp_path, share_prompt):
+    common = dict(max_steps=12, logging_steps=1, save_steps=6, validation_file=None, group_by_length=True,
+                  share_prompt=share_prompt)
     straight = train(_spec(tiny_model, synthetic, tmp_path / "straight", **common))
     stopped = train(_spec(tiny_model, synthetic, tmp_path / "split", **common), _StopAfter(6))
     assert stopped.stopped and stopped.global_step == 6 and stopped.final_dir is None
@@ -120,6 +122,21 @@ def test_precomputed_reference_gives_the_same_numbers_as_a_live_one(tiny_model, 
                       reference_mode="precomputed"))
     for key, value in live.eval_metrics.items():
         assert pre.eval_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("extra", [{}, {"reference_mode": "precomputed", "loss": {"type": "sigmoid", "sft_weight": 0.5}},
+                                   {"loss": {"type": "simpo"}}], ids=["live", "precomputed-rpo", "simpo"])
+def test_shared_prompt_trains_and_evaluates_like_two_rows(tiny_model, synthetic, tmp_path, extra):
+    common = dict(max_steps=6, logging_steps=1, eval_on_start=True, **extra)
+    two = train(_spec(tiny_model, synthetic, tmp_path / "two", share_prompt=False, **common))
+    one = train(_spec(tiny_model, synthetic, tmp_path / "one", share_prompt=True, **common))
+    a, b = _losses(tmp_path / "two"), _losses(tmp_path / "one")
+    assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a), (a, b)
+    assert one.trained_tokens == two.trained_tokens
+    evals = [[r for r in _records(out) if "eval_loss" in r] for out in (tmp_path / "two", tmp_path / "one")]
+    for before, after in zip(*evals):
+        for key, value in before.items():
+            assert after[key] == pytest.approx(value, rel=1e-5, abs=1e-5), key
 
 
 def test_checkpoints_are_complete_and_pruned(tiny_model, synthetic, tmp_path):

@@ -87,3 +87,55 @@ def test_fused_head_log_probs_match_autograd_with_bias_and_in_bf16(tiles):
         low = head_logprobs(head, hidden, targets, chunk=4)
     low.sum().backward()
     assert torch.allclose(low, ref, atol=0.1) and torch.isfinite(head.weight.grad).all()
+
+
+def _pairs_with_an_empty_prompt():
+    return [
+        TokenizedPair(0, [5, 6, 7], [8, 9, 3], [10, 3], None),
+        TokenizedPair(1, [5], [11, 12, 13, 14, 3], [9, 3], "g"),
+        TokenizedPair(2, [], [11, 3], [9, 12, 3], "g"),
+    ]
+
+
+def test_shared_prompt_layout_is_one_row_per_pair_with_restarted_positions():
+    b = collate(_pairs_with_an_empty_prompt(), pad_id=0, share_prompt=True)
+    assert b.input_ids.shape == (3, 8) and b.attention_mask.shape == (3, 1, 8, 8)
+    assert b.input_ids[0].tolist() == [5, 6, 7, 8, 9, 3, 10, 3]
+    assert b.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4]  # rejected restarts after the prompt
+    assert b.position_ids[2].tolist() == [0, 1, 0, 1, 2, 0, 0, 0]
+    mask = b.attention_mask[0, 0]
+    assert mask[6].tolist() == [True, True, True, False, False, False, True, False]  # rejected sees no chosen
+    assert mask[5].tolist() == [True] * 6 + [False] * 2  # chosen: plain causal
+    assert not b.attention_mask[2, 0, :, 5:].any()  # padding keys
+    # Pair 0: chosen targets predicted from 2, 3, 4; the rejected's first from the prompt's last (2).
+    assert b.targets.pos[:5].tolist() == [2, 3, 4, 2, 6]
+    assert b.targets.ids[:5].tolist() == [8, 9, 3, 10, 3]
+    unshared = collate(_pairs_with_an_empty_prompt(), pad_id=0)
+    assert b.targets.counts.tolist() == unshared.targets.counts.tolist() == [3, 5, 1, 2, 2, 2]
+    assert b.targets.ids.tolist() == unshared.targets.ids.tolist()
+    assert b.num_tokens == unshared.num_tokens and b.side.tolist() == unshared.side.tolist()
+    assert b.row_index.tolist() == unshared.row_index.tolist() and b.groups == unshared.groups
+
+
+def test_shared_prompt_gives_the_same_log_probs_and_gradients(tiny_model):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    results = []
+    for share in (False, True):
+        model.zero_grad(set_to_none=True)
+        batch = collate(_pairs_with_an_empty_prompt(), pad_id=0, share_prompt=share)
+        logps = sequence_logps(model, batch, chunk_size=4)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = results
+    assert torch.allclose(a, b, atol=1e-6)
+    for name, g in grads_a.items():
+        # The prompt's gradient sums both completions' contributions, in another order: rounding only.
+        assert (grads_b[name] - g).abs().max() <= 1e-6 * g.abs().max(), name
+
+
+def test_only_sdpa_body_head_models_take_the_shared_layout(tiny_model):
+    from dpo_core.logprobs import can_share_prompt
+
+    assert can_share_prompt(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa"))
+    # Eager attention adds the mask as floats: a boolean 4-D mask would be read as 0/1 biases.
+    assert not can_share_prompt(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"))

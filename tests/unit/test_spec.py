@@ -69,3 +69,9 @@ def test_load_spec_reads_yaml_and_json(tmp_path):
 def test_spec_imports_without_torch():
     code = "import dpo_core, dpo_core.spec, dpo_core.data, sys; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_share_prompt_needs_pairs():
+    with pytest.raises(SpecError, match="share_prompt needs pairs"):
+        parse_spec({**BASE, "share_prompt": True, "loss": {"type": "kto"}})
+    assert parse_spec({**BASE, "share_prompt": "auto", "loss": {"type": "kto"}}).share_prompt == "auto"
