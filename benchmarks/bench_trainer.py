@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import yaml
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
@@ -226,6 +228,10 @@ def contenders(args) -> list[Contender]:
     for path in args.candidate or []:
         main.append(Contender(f"dpo_core@{Path(path).name}", "dpo_core", args.precision, args.reference_mode, ours,
                               pythonpath=str(Path(path).resolve())))
+    for row in args.row or []:
+        label, _, fields = row.partition(":")
+        extra = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)}
+        main.append(Contender(label, "dpo_core", args.precision, args.reference_mode, {**ours, **extra}))
     if args.checkpointing_rows:
         # TRL's DPOConfig turns gradient checkpointing on by default, dpo_core's spec leaves it off:
         # these rows compare each with the other's setting.
@@ -325,6 +331,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-trl", action="store_true", help="dpo_core rows only; ratios are to the first of them")
     p.add_argument("--candidate", action="append", metavar="PATH",
                    help="also run dpo_core imported from PATH (a checkout with a patch), e.g. to A/B a change")
+    p.add_argument("--row", action="append", metavar="LABEL:FIELD=VALUE,...",
+                   help="also run dpo_core with these TrainingSpec fields, e.g. 'shared prompt:share_prompt=true'")
     p.add_argument("--quick", action="store_true", help="smoke test: max_length 128, batch 4, 6 steps, 1 repeat")
     p.add_argument("--work-dir", default=str(REPO / ".dpo-data" / "bench"))
     p.add_argument("--json", default=None, help="also write every run's record here")
