@@ -206,11 +206,6 @@ def redis(tmp_path):
     server.stop()
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "flaky once: in a clean-clone CI run, after Redis came back the worker logged the task as received and never "
-    "started it; with acks_late that unacked task also held its prefetch window shut, so the reconciler's re-sends "
-    "never reached it. Messages are now acked on arrival (api/queue.py); kept non-strict until CI runs it clean. "
-    "Issue 5"))
 def test_the_api_takes_jobs_while_the_broker_is_down_and_they_run_when_it_is_back(redis, tmp_path, task_files,
                                                                                   tiny_model):
     env = {**ENV, "DPO_BROKER_URL": redis.url, "DPO_QUEUE": "faults"}
