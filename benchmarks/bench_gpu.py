@@ -88,6 +88,7 @@ def contenders(args) -> list[Contender]:
     rows = [
         Contender("TRL", "trl", p, "model", {}),
         Contender("dpo_core", "dpo_core", p, "model", {}),
+        Contender("dpo_core shared prompt", "dpo_core", p, "model", {"share_prompt": True}),
     ]
     if not args.main_only:
         rows += [
@@ -130,7 +131,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (no accumulation)")
     p.add_argument("--learning-rate", type=float, default=5e-6)
     p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--main-only", action="store_true", help="TRL and dpo_core with their defaults only")
+    p.add_argument("--main-only", action="store_true", help="TRL and dpo_core (defaults, and with share_prompt) only")
     p.add_argument("--work-dir", default=str(HERE.parent / ".dpo-data" / "bench-gpu"))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
