@@ -55,9 +55,11 @@ class Service:
                                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def add_worker(self, name: str, timeout_s: float = 60, **env: str) -> None:
-        """Start another worker process named `name` and wait until the pool shows it idle."""
+        """Start another worker process named `name` and wait until the pool shows it live: idle, or
+        already busy with a job that waited for it (the dispatcher may give it one before a poll sees it
+        idle)."""
         self.start(name, WORKER, {"DPO_WORKER_NAME": name, **env})
-        self.wait_for_worker(name, "idle", timeout_s)
+        self.wait_for_worker(name, ("idle", "busy"), timeout_s)
 
     def start_api(self) -> None:
         self.start("api", [*API, "--port", str(self.port)])
@@ -71,12 +73,13 @@ class Service:
         """Send `sig` to one process (and its children: the worker's job process)."""
         os.killpg(self.procs[name].pid, sig)
 
-    def wait_for_worker(self, name: str, state: str, timeout_s: float = 30) -> dict:
+    def wait_for_worker(self, name: str, state: str | tuple[str, ...], timeout_s: float = 30) -> dict:
+        states = (state,) if isinstance(state, str) else state
         deadline = time.monotonic() + timeout_s
         with self.client() as c:
             while True:
                 workers = {w["name"]: w for w in c.get("/v1/pool").json()["workers"]}
-                if name in workers and workers[name]["state"] == state:
+                if name in workers and workers[name]["state"] in states:
                     return workers[name]
                 if time.monotonic() > deadline:
                     raise AssertionError(f"worker {name} is {workers.get(name)}, not {state}\n{self.logs()}")
