@@ -60,4 +60,29 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue_job(app: Celery, job_id: str, queue: str) -> None:
     """Hand a job to the worker listening on `queue`. Only its id goes through the broker."""
+    declare_queue(app, queue)
     app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue)
+
+
+def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
+    """Create queue `name` on the embedded (SQLAlchemy) broker before any process uses it.
+
+    kombu's SQLAlchemy transport inserts a queue's row on first use, guarded by an in-process lock only:
+    a worker starting to consume its queue and the API dispatching to it can both insert the row, and
+    the loser fails with IntegrityError (seen once here: a worker died at start-up), and its session is
+    left unusable. So both declare the queue first, each on a fresh connection, and a lost race is
+    retried there, where the row is then found. Other brokers need nothing.
+    """
+    scheme = url_to_parts(app.conf.broker_url).scheme or ""
+    if not scheme.startswith(("sqla+", "sqlalchemy+")):
+        return
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(attempts):
+        try:
+            with app.connection_for_write() as conn:
+                conn.default_channel.queue_declare(queue=name)
+            return
+        except IntegrityError:
+            if attempt == attempts - 1:
+                raise

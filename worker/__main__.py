@@ -17,6 +17,7 @@ import threading
 from pydantic import ValidationError
 
 from api.errors import Conflict
+from api.queue import declare_queue
 from api.settings import get_settings
 from api.store.migrate import upgrade
 from worker.app import create_worker_app, worker_argv
@@ -45,10 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo-service worker: {err.message}", file=sys.stderr)
         return 2
     try:
+        app = create_worker_app(settings, membership.worker_id)
+        declare_queue(app, membership.queue)  # before Celery consumes it (see api.queue.declare_queue)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # from here on, a SIGTERM leaves the pool cleanly
         membership.start_heartbeats()
         _drain_on_shutdown(membership)
-        app = create_worker_app(settings, membership.worker_id)
         _hold_sigterm_until_celery_listens()
         app.worker_main(worker_argv(settings, membership.queue, args.loglevel))
     finally:

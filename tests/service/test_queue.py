@@ -1,0 +1,54 @@
+"""The embedded broker's queues: declared before use, and a lost race to create one is retried."""
+from __future__ import annotations
+
+import sqlite3
+
+from kombu.transport import sqlalchemy as kombu_sqla
+from sqlalchemy.exc import IntegrityError
+
+from api.queue import declare_queue, enqueue_job, make_celery
+from tests.service.support import make_settings
+
+
+def _queue_names(settings) -> list[str]:
+    with sqlite3.connect(settings.data_dir / "broker.sqlite") as db:
+        return [name for (name,) in db.execute("SELECT name FROM kombu_queue")]
+
+
+def test_declare_creates_the_queue_once(tmp_path):
+    settings = make_settings(tmp_path)
+    app = make_celery(settings)
+    declare_queue(app, "dpo.worker.a")
+    declare_queue(app, "dpo.worker.a")
+    assert _queue_names(settings) == ["dpo.worker.a"]
+
+
+def test_a_lost_race_to_create_the_queue_is_retried(tmp_path, monkeypatch):
+    # Another process inserting the same row first makes this one's insert fail with IntegrityError.
+    settings = make_settings(tmp_path)
+    app = make_celery(settings)
+    original, calls = kombu_sqla.Channel._new_queue, []
+
+    def lose_once(channel, queue, **kwargs):
+        calls.append(queue)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT INTO kombu_queue", {}, Exception("UNIQUE constraint failed"))
+        return original(channel, queue, **kwargs)
+
+    monkeypatch.setattr(kombu_sqla.Channel, "_new_queue", lose_once)
+    declare_queue(app, "dpo.worker.b")
+    assert calls == ["dpo.worker.b", "dpo.worker.b"] and _queue_names(settings) == ["dpo.worker.b"]
+
+
+def test_sending_a_job_declares_its_queue_first(tmp_path):
+    settings = make_settings(tmp_path)
+    app = make_celery(settings)
+    enqueue_job(app, "job-1", "dpo.worker.c")
+    assert _queue_names(settings) == ["dpo.worker.c"]
+    with sqlite3.connect(settings.data_dir / "broker.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM kombu_message").fetchone() == (1,)
+
+
+def test_other_brokers_need_no_declaration(tmp_path):
+    app = make_celery(make_settings(tmp_path, broker_url="redis://127.0.0.1:1/0"))  # nothing listens there
+    declare_queue(app, "dpo.worker.d")  # returns without connecting
