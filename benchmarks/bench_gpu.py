@@ -126,11 +126,7 @@ def report(results: list[dict], w: bt.Workload, peak: float) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (no accumulation)")
-    p.add_argument("--learning-rate", type=float, default=5e-6)
-    p.add_argument("--beta", type=float, default=0.1)
+    bt.add_workload_args(p)
     p.add_argument("--main-only", action="store_true", help="TRL and dpo_core (defaults, and with share_prompt) only")
     p.add_argument("--work-dir", default=str(HERE.parent / ".dpo-data" / "bench-gpu"))
     p.add_argument("--json", default=None)

@@ -312,15 +312,20 @@ def _loss_table(by: dict, args) -> str:
     return "\n".join(out)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The settings both contenders share (bench_gpu.py uses them too)."""
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8, help="preference pairs per step (no accumulation)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--reference-mode", choices=["model", "precomputed"], default="model", help="for both contenders")
     p.add_argument("--learning-rate", type=float, default=5e-6)
     p.add_argument("--beta", type=float, default=0.1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(p)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--reference-mode", choices=["model", "precomputed"], default="model", help="for both contenders")
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds of every contender")
     p.add_argument("--chunk-size", type=int, default=None, help="dpo_core logprob_chunk_size (default: its own)")
     p.add_argument("--no-extra-rows", action="store_true", help="skip dpo_core precomputed / bf16 rows")
