@@ -97,7 +97,7 @@ def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_s
         logps = _full_forward_logps(model, input_ids, attention_mask, targets, position_ids)
         return (None if objective is None else _pair_loss(objective, logps)), logps
     body, head = parts
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+    hidden = body(input_ids=input_ids, attention_mask=_body_mask(attention_mask), position_ids=position_ids,
                   use_cache=False).last_hidden_state
     picked = hidden.flatten(0, 1)[targets.pos]  # [T, H]: only positions that predict a completion token
     if objective is not None and type(head) is torch.nn.Linear:
@@ -107,6 +107,17 @@ def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_s
         return pair_head_loss(head, picked, targets.ids, slot, pair_rows, chunk_size, objective)
     logps = _summed(_chunked_logps(head, picked, targets.ids, chunk_size), targets)
     return (None if objective is None else _pair_loss(objective, logps)), logps
+
+
+def _body_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The mask the body needs: none for the right-padded two-row layout, the 4-D one otherwise.
+
+    Padding only ever follows a sequence's last token, so causal masking alone already keeps every real
+    token from seeing it; only the padding positions' own outputs change, and no target reads them.
+    Without a mask, SDPA runs causal (is_causal), skipping the blocks above the diagonal instead of
+    adding an explicit [L, L] mask to every one of them.
+    """
+    return None if attention_mask.dim() == 2 else attention_mask
 
 
 def _slots(seq: torch.Tensor, n_pairs: int) -> torch.Tensor:
