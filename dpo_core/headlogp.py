@@ -29,14 +29,6 @@ CPU_TILE_ELEMENTS = 1 << 20
 MIN_TILE_COLUMNS = 256
 
 
-def _logits(hidden, weight, bias, dtype: torch.dtype | None) -> torch.Tensor:
-    """Logits in fp32, from a matmul in `dtype` (the autocast dtype of the forward) when one is given."""
-    if dtype is not None:
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    return F.linear(hidden, weight, bias).float()
-
-
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
