@@ -90,6 +90,7 @@ def contenders(args) -> list[Contender]:
         Contender("dpo_core", "dpo_core", p, "model", {}),
         Contender("dpo_core shared prompt", "dpo_core", p, "model", {"share_prompt": True}),
     ]
+    rows += [bt.row_contender(row, p, "model", {}) for row in args.row or []]
     if not args.main_only:
         rows += [
             # Each with the other's gradient-checkpointing default (TRL: on, dpo_core: off).
@@ -128,6 +129,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     bt.add_workload_args(p)
     p.add_argument("--main-only", action="store_true", help="TRL and dpo_core (defaults, and with share_prompt) only")
+    p.add_argument("--row", action="append", metavar="LABEL:FIELD=VALUE,...",
+                   help="also run dpo_core with these TrainingSpec fields, e.g. 'unpadded:pad_to_multiple_of=1'")
     p.add_argument("--work-dir", default=str(HERE.parent / ".dpo-data" / "bench-gpu"))
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)

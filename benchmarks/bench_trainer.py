@@ -217,6 +217,13 @@ def _own_tokens(out: Path) -> int | None:
     return next((r["num_tokens"] for r in reversed(records) if "num_tokens" in r), None)
 
 
+def row_contender(row: str, precision: str, reference_mode: str, ours: dict) -> Contender:
+    """A dpo_core contender from --row 'LABEL:FIELD=VALUE,...' (values read as YAML)."""
+    label, _, fields = row.partition(":")
+    extra = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)}
+    return Contender(label, "dpo_core", precision, reference_mode, {**ours, **extra})
+
+
 def contenders(args) -> list[Contender]:
     ours = {"logprob_chunk_size": args.chunk_size} if args.chunk_size else {}
     main = [
@@ -228,10 +235,7 @@ def contenders(args) -> list[Contender]:
     for path in args.candidate or []:
         main.append(Contender(f"dpo_core@{Path(path).name}", "dpo_core", args.precision, args.reference_mode, ours,
                               pythonpath=str(Path(path).resolve())))
-    for row in args.row or []:
-        label, _, fields = row.partition(":")
-        extra = {k: yaml.safe_load(v) for k, v in (f.split("=", 1) for f in fields.split(",") if f)}
-        main.append(Contender(label, "dpo_core", args.precision, args.reference_mode, {**ours, **extra}))
+    main += [row_contender(row, args.precision, args.reference_mode, ours) for row in args.row or []]
     if args.checkpointing_rows:
         # TRL's DPOConfig turns gradient checkpointing on by default, dpo_core's spec leaves it off:
         # these rows compare each with the other's setting.

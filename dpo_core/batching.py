@@ -90,16 +90,26 @@ def _span(row: int, width: int, start: int, end: int) -> tuple[torch.Tensor, tor
     return tok - 1, tok
 
 
-def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int, share_prompt: bool = False) -> Batch:
+def padded_width(longest: int, multiple: int, limit: int | None = None) -> int:
+    """The batch's row width: the longest row rounded up to a multiple of `multiple`, but not past
+    `limit` (max_length: a model with learned positions may have no more) unless the row itself is."""
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, min(rounded, limit)) if limit is not None else rounded
+
+
+def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int, share_prompt: bool = False,
+            pad_to_multiple_of: int = 1, max_width: int | None = None) -> Batch:
     """Pack rows into one right-padded batch; padding only ever follows a sequence's last token.
 
     share_prompt (pairs only): one row per pair instead of two, see `_collate_shared`.
+    pad_to_multiple_of: round the width up (to at most max_width), so a GPU sees few distinct shapes:
+    its attention kernels are planned per shape.
     """
     if share_prompt and rows and isinstance(rows[0], TokenizedPair):
-        return _collate_shared(rows, pad_id)
+        return _collate_shared(rows, pad_id, pad_to_multiple_of, max_width)
     seqs = _sequences(rows)
     lengths = [len(p) + len(c) for p, c, *_ in seqs]
-    n, width = len(seqs), max(lengths)
+    n, width = len(seqs), padded_width(max(lengths), pad_to_multiple_of, max_width)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     attention = torch.zeros((n, width), dtype=torch.long)
     for i, (prompt, completion, *_rest) in enumerate(seqs):
@@ -128,7 +138,8 @@ def _shared_mask(width: int, p: int, c: int, total: int) -> torch.Tensor:
     return (k <= q) & (k < total) & ~((q >= p + c) & (k >= p) & (k < p + c))
 
 
-def _collate_shared(rows: list[TokenizedPair], pad_id: int) -> Batch:
+def _collate_shared(rows: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int = 1,
+                    max_width: int | None = None) -> Batch:
     """One row per pair, `prompt, chosen, rejected`, so the prompt runs through the model once.
 
     The rejected part's positions restart at len(prompt) and a 4-D mask [B, 1, L, L] hides the chosen
@@ -138,7 +149,7 @@ def _collate_shared(rows: list[TokenizedPair], pad_id: int) -> Batch:
     """
     b = len(rows)
     sizes = [(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids)) for r in rows]
-    width = max(p + c + r for p, c, r in sizes)
+    width = padded_width(max(p + c + r for p, c, r in sizes), pad_to_multiple_of, max_width)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     positions = torch.zeros((b, width), dtype=torch.long)
     mask = torch.zeros((b, 1, width, width), dtype=torch.bool)

@@ -125,6 +125,9 @@ class TrainingSpec(_Strict):
     max_length: int = Field(1024, gt=1, description="prompt + completion tokens")
     max_prompt_length: int | None = Field(512, gt=0)
     group_by_length: bool = Field(True, description="batch rows of similar length to cut padding")
+    pad_to_multiple_of: int | None = Field(
+        None, gt=0, description="round each batch's length up to a multiple of this; default: 64 on a GPU, 1 on a CPU"
+    )
 
     # Compute.
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -111,15 +111,18 @@ def _norms(run, batches: list[Batch]) -> tuple[float, float]:
 
 def aligned_batches(run, rows: list, size: int) -> list[Batch | None]:
     """This rank's micro-batches, padded with None up to the most any rank has."""
-    pad = run.tokenizer.pad_token_id
-    batches = [collate(part, pad, run.share_prompt).to(run.device) for part in micro_batches(rows, size)]
+    batches = [_collate(run, part).to(run.device) for part in micro_batches(rows, size)]
     count = distributed.all_max(len(batches), run.dist)
     return batches + [None] * (count - len(batches))
 
 
 def filler(run) -> Batch:
     """A one-row batch for a rank with nothing left to do in a step; its loss is multiplied by 0."""
-    return collate(run.train_rows[:1], run.tokenizer.pad_token_id, run.share_prompt).to(run.device)
+    return _collate(run, run.train_rows[:1]).to(run.device)
+
+
+def _collate(run, rows: list) -> Batch:
+    return collate(rows, run.tokenizer.pad_token_id, run.share_prompt, run.pad_multiple, run.spec.max_length)
 
 
 def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:

@@ -57,6 +57,7 @@ class Run:
     scheduler: object | None = None
     scaler: torch.amp.GradScaler | None = None
     share_prompt: bool = False  # pairs packed one row each (batching._collate_shared)
+    pad_multiple: int = 1  # batch widths round up to a multiple of this (batching.padded_width)
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     total_steps: int = 0
     metrics_file: MetricsFile | None = None
@@ -170,6 +171,14 @@ def _share_prompt(spec: TrainingSpec, model) -> bool:
     return can_share_prompt(model)
 
 
+def _pad_multiple(spec: TrainingSpec, device: torch.device) -> int:
+    """Auto: 64 on a GPU, where attention kernels are planned per input shape and length-grouped
+    batches would give nearly every step a new width; 1 on a CPU, where padding is only extra work."""
+    if spec.pad_to_multiple_of is not None:
+        return spec.pad_to_multiple_of
+    return 64 if device.type == "cuda" else 1
+
+
 def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
     """(model, wrapped policy, frozen initial copy or None)."""
     model = load_policy(spec, resume_dir).to(device)
@@ -197,6 +206,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     model, policy, initial = _build_policy(spec, d, device, resume_dir)
     run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, eval_rows)
     run.share_prompt = _share_prompt(spec, model)
+    run.pad_multiple = _pad_multiple(spec, device)
     run.total_steps = _total_steps(spec, len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     _make_reference(run, initial)

@@ -139,3 +139,30 @@ def test_only_sdpa_body_head_models_take_the_shared_layout(tiny_model):
     assert can_share_prompt(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa"))
     # Eager attention adds the mask as floats: a boolean 4-D mask would be read as 0/1 biases.
     assert not can_share_prompt(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="eager"))
+
+
+@pytest.mark.parametrize("share", [False, True], ids=["two-rows", "shared-prompt"])
+def test_padding_to_a_multiple_changes_the_width_only(tiny_model, share):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    results = []
+    for multiple in (1, 16):
+        model.zero_grad(set_to_none=True)
+        batch = collate(_pairs_with_an_empty_prompt(), pad_id=0, share_prompt=share, pad_to_multiple_of=multiple)
+        assert batch.input_ids.shape[1] == (16 if multiple == 16 else 8 if share else 6)
+        logps = sequence_logps(model, batch, chunk_size=4)
+        (logps * torch.arange(1.0, 7.0)).sum().backward()
+        results.append((batch, logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (narrow, a, grads_a), (wide, b, grads_b) = results
+    assert wide.num_tokens == narrow.num_tokens and wide.targets.ids.tolist() == narrow.targets.ids.tolist()
+    assert torch.allclose(a, b, atol=1e-6)
+    for name, g in grads_a.items():
+        assert torch.allclose(grads_b[name], g, atol=1e-6), name
+
+
+def test_padding_stops_at_max_length_but_never_cuts_a_row():
+    from dpo_core.batching import padded_width
+
+    assert padded_width(6, 64) == 64 and padded_width(64, 64) == 64 and padded_width(65, 64) == 128
+    assert padded_width(6, 64, limit=10) == 10  # a model with learned positions may have no more
+    assert padded_width(12, 64, limit=10) == 12  # a shared-prompt row can be longer than max_length
+    assert collate(_pairs_with_an_empty_prompt(), pad_id=0, pad_to_multiple_of=64, max_width=7).input_ids.shape == (6, 7)
