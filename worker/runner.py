@@ -10,6 +10,7 @@ job to another writes nothing more.
 from __future__ import annotations
 
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -54,13 +55,18 @@ class JobRunner:
         self.settings, self.worker_id = settings, worker_id
         self.storage = LocalStorage(settings.storage_dir)
 
-    def run(self, job_id: str) -> str:
+    def run(self, job_id: str, start_deadline_s: float | None = None) -> str:
         """Start the job if it is dispatched to this worker, train it, record the outcome; returns what
-        became of it (a status, `skipped`, or `lease_lost` when another run took it over meanwhile)."""
+        became of it (a status, `skipped`, or `lease_lost` when another run took it over meanwhile).
+
+        start_deadline_s: for a process of its own (the Celery task's), exit if the job has not started
+        or been skipped by then, see `_exit_if_stuck`.
+        """
         engine = make_engine(self.settings.db_url)
         self.sessions = make_sessionmaker(engine)
         try:
-            lease = self._start(job_id)
+            with _exit_if_stuck(start_deadline_s):
+                lease = self._start(job_id)
             if lease is None:
                 return "skipped"
             keeper = LeaseKeeper(self.sessions, lease, self.settings.job_lease_s,
@@ -237,6 +243,24 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except OSError:
         pass  # not Linux: the agent still ends with its ranks when the job finishes normally
+
+
+@contextmanager
+def _exit_if_stuck(seconds: float | None):
+    """Exit the process, with every thread's traceback on stderr, if the block runs past `seconds`.
+
+    A job process that hangs before taking its lease (a lock inherited across the fork, a database that
+    never answers) would hold the worker's one pool slot for good, and the reconciler's re-send of the
+    job would wait behind it. Exiting lets Celery replace the process, so the re-send can run.
+    """
+    if seconds is None:
+        yield
+        return
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @contextmanager

@@ -11,4 +11,7 @@ def run_job(self, job_id: str) -> str:
     """Run the stored job `job_id` with dpo_core and record what happens; returns its final status."""
     from worker.runner import JobRunner
 
-    return JobRunner(self.app.dpo_settings, self.app.dpo_worker_id).run(job_id)
+    settings = self.app.dpo_settings
+    # A process that cannot start its job within the dispatch timeout is stuck: it exits, and the
+    # reconciler, which queues the job again at that timeout, finds the worker's slot free.
+    return JobRunner(settings, self.app.dpo_worker_id).run(job_id, start_deadline_s=settings.dispatch_timeout_s)

@@ -144,3 +144,26 @@ def test_pruned_checkpoints_disappear_from_the_list(client, settings, task_files
     assert sorted((c["step_number"], c["final"]) for c in ckpts) == [(6, False), (6, True)]
     for c in ckpts:
         assert client.get(c["download_url"]).status_code == 200
+
+
+def _run_in_child(settings, job_id, hang: bool, deadline: float) -> None:
+    """A job process: runs `job_id` (not in the store: skipped) with a start deadline, its start hung if
+    `hang`; then sleeps past the deadline."""
+    runner = JobRunner(settings, "no-such-worker")
+    if hang:
+        runner._start = lambda job_id: time.sleep(600)
+    runner.run(job_id, start_deadline_s=deadline)
+    time.sleep(2 * deadline)  # the deadline ended with the start: nothing may kill the process now
+
+
+@pytest.mark.parametrize("hang", [True, False], ids=["hung-start", "started"])
+def test_a_job_process_stuck_before_its_start_exits_at_the_deadline(client, settings, hang):
+    import multiprocessing
+
+    child = multiprocessing.get_context("fork").Process(target=_run_in_child, args=(settings, "ftjob-x", hang, 1.0))
+    child.start()
+    child.join(timeout=30)
+    assert not child.is_alive()
+    # Hung: faulthandler's exit, status 1, long before the 600 s sleep ends. Started (the job is skipped):
+    # a normal exit after sleeping past the deadline, which ended with the start.
+    assert child.exitcode == (1 if hang else 0)
