@@ -71,10 +71,12 @@ def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
     a worker starting to consume its queue and the API dispatching to it can both insert the row, and
     the loser fails with IntegrityError (seen once here: a worker died at start-up), and its session is
     left unusable. So both declare the queue first, each on a fresh connection, and a lost race is
-    retried there, where the row is then found. Other brokers need nothing.
+    retried there, where the row is then found. A queue this app has declared is not declared again
+    (the row stays), so a dispatch opens no extra connection. Other brokers need nothing.
     """
     scheme = url_to_parts(app.conf.broker_url).scheme or ""
-    if not scheme.startswith(("sqla+", "sqlalchemy+")):
+    declared = app.__dict__.setdefault("_dpo_declared_queues", set())
+    if not scheme.startswith(("sqla+", "sqlalchemy+")) or name in declared:
         return
     from sqlalchemy.exc import IntegrityError
 
@@ -82,6 +84,7 @@ def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
         try:
             with app.connection_for_write() as conn:
                 conn.default_channel.queue_declare(queue=name)
+            declared.add(name)
             return
         except IntegrityError:
             if attempt == attempts - 1:

@@ -21,6 +21,23 @@ def test_declare_creates_the_queue_once(tmp_path):
     declare_queue(app, "dpo.worker.a")
     declare_queue(app, "dpo.worker.a")
     assert _queue_names(settings) == ["dpo.worker.a"]
+    declare_queue(make_celery(settings), "dpo.worker.a")  # another process's app finds the row
+    assert _queue_names(settings) == ["dpo.worker.a"]
+
+
+def test_a_declared_queue_is_not_declared_again(tmp_path, monkeypatch):
+    settings = make_settings(tmp_path)
+    app = make_celery(settings)
+    enqueue_job(app, "job-1", "dpo.worker.e")  # declares the queue, and opens the app's producer pool
+    opened = []
+    original = type(app).connection_for_write
+    monkeypatch.setattr(type(app), "connection_for_write",
+                        lambda self, *a, **k: opened.append(1) or original(self, *a, **k))
+    enqueue_job(app, "job-2", "dpo.worker.e")
+    enqueue_job(app, "job-3", "dpo.worker.e")
+    with sqlite3.connect(settings.data_dir / "broker.sqlite") as db:
+        assert db.execute("SELECT count(*) FROM kombu_message").fetchone() == (3,)
+    assert opened == []  # later sends reuse the producer pool and declare nothing
 
 
 def test_a_lost_race_to_create_the_queue_is_retried(tmp_path, monkeypatch):
