@@ -15,6 +15,7 @@ def create_worker_app(settings: Settings, worker_id: str) -> Celery:
     app.dpo_settings = settings  # the task reads its settings and identity from its app, not from globals
     app.dpo_worker_id = worker_id
     app.conf.include = ["worker.tasks"]
+    app.conf.worker_pool = "worker.pool:TaskPool"  # prefork, quicker to replace a finished job's process
     import worker.tasks  # noqa: F401  - registers run_job (a shared task) with this app
 
     return app
