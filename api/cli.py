@@ -12,6 +12,7 @@ The worker runs as `python -m worker` in its own process, so this module never i
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import subprocess
@@ -62,7 +63,13 @@ def _api(settings: Settings, host: str, port: int) -> int:
         print(f"Generated the admin API key (shown once; kept in {settings.data_dir / 'api_key'}):\n  {key}",
               flush=True)
     print(f"dpo-service API on http://{host}:{port} (docs at /docs), data in {settings.data_dir}", flush=True)
-    uvicorn.run(create_app(settings, migrate=False), host=host, port=port, log_level="info")
+    app = create_app(settings, migrate=False)
+    # What is built by now (modules, routes, schemas) lives as long as the process: freeze it, so the
+    # collector's full passes stop walking it. Those walks paused every request in flight: with 200
+    # clients polling, status p99 went from ~170 ms to ~45 ms on a 2-core machine (docs/performance.md).
+    gc.collect()
+    gc.freeze()
+    uvicorn.run(app, host=host, port=port, log_level="info")
     return 0
 
 
