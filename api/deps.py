@@ -3,12 +3,13 @@ from the path loaded as the caller may see them. The one place authentication an
 another team's object is "not found" (404, never 403: no leak of what exists)."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from api.auth import Principal, authenticate
@@ -18,45 +19,58 @@ from api.settings import Settings
 from api.storage import Storage
 from api.store.models import File, Job, is_id
 
+# Dependencies that only read app state are `async def`: FastAPI runs a sync dependency in a worker
+# thread, and each such hop costs a thread hand-off and a turn at the GIL on every request.
 
-def get_settings(request: Request) -> Settings:
+
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with request.app.state.sessionmaker() as session:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    # Making a session does no I/O (it connects on first use), so only closing it takes a thread.
+    session = request.app.state.sessionmaker()
+    try:
         yield session
+    finally:
+        await run_in_threadpool(session.close)
 
 
-def get_storage(request: Request) -> Storage:
+async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
 
 
-def get_queue(request: Request) -> Celery:
+async def get_queue(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_dispatcher(request: Request) -> Dispatcher:
+async def get_dispatcher(request: Request) -> Dispatcher:
     return request.app.state.dispatcher
 
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <DPO_API_KEY or a team key>")
 
 
-def get_principal(
+async def get_principal(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
     """The caller, from `Authorization: Bearer <key>`; 401 without a valid key."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    with request.app.state.sessionmaker() as session:  # its own short session: no transaction left open
-        principal = authenticate(credentials.credentials, request.app.state.admin_key, session)
+    key, admin = credentials.credentials, request.app.state.admin_key
+    # The admin key needs no database; a team key is looked up in a thread (sync driver).
+    principal = authenticate(key, admin) or await run_in_threadpool(_team_principal, request, key, admin)
     if principal is None:
         raise Unauthenticated("incorrect API key provided (or revoked)")
     return principal
 
 
-def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
+def _team_principal(request: Request, key: str, admin: str) -> Principal | None:
+    with request.app.state.sessionmaker() as session:  # its own short session: no transaction left open
+        return authenticate(key, admin, session)
+
+
+async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
     """The caller, who must hold the admin key."""
     if not principal.is_admin:
         raise Forbidden("this route needs the admin key (DPO_API_KEY); team keys cannot use it")
