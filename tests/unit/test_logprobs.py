@@ -156,7 +156,8 @@ def test_padding_to_a_multiple_changes_the_width_only(tiny_model, share):
     assert wide.num_tokens == narrow.num_tokens and wide.targets.ids.tolist() == narrow.targets.ids.tolist()
     assert torch.allclose(a, b, atol=1e-6)
     for name, g in grads_a.items():
-        assert torch.allclose(grads_b[name], g, atol=1e-6), name
+        # A wider batch may take other kernel tiles (on a GPU): rounding only.
+        assert (grads_b[name] - g).abs().max() <= 1e-5 * g.abs().max(), name
 
 
 def test_padding_stops_at_max_length_but_never_cuts_a_row():
