@@ -40,15 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)  # harmless when the API already did it: migrations run under a lock
     membership = Membership(settings, identity(settings))
+    # From here on a SIGTERM leaves the pool cleanly, wherever start-up is. One that came before the
+    # handler killed the worker unmarked, and one that came while the heartbeat thread started made
+    # `leave` fail; either way the pool then showed the worker lost, not stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
-        membership.join()
-    except Conflict as err:
-        print(f"dpo-service worker: {err.message}", file=sys.stderr)
-        return 2
-    try:
+        try:
+            membership.join()
+        except Conflict as err:
+            print(f"dpo-service worker: {err.message}", file=sys.stderr)
+            return 2
         app = create_worker_app(settings, membership.worker_id)
         declare_queue(app, membership.queue)  # before Celery consumes it (see api.queue.declare_queue)
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # from here on, a SIGTERM leaves the pool cleanly
         membership.start_heartbeats()
         _drain_on_shutdown(membership)
         _hold_sigterm_until_celery_listens()

@@ -136,7 +136,10 @@ class Membership:
         if self._drain is not None:
             self._drain.join(timeout=10)
         if self._thread is not None:
-            self._thread.join(timeout=10)
+            try:
+                self._thread.join(timeout=10)
+            except RuntimeError:  # a SIGTERM interrupted its start: it sees _stop and ends by itself
+                pass
         if self.worker_id is not None:
             with self.sessions.begin() as s:
                 store.mark_stopped(s, self.worker_id)

@@ -68,6 +68,20 @@ def test_join_beat_and_leave(tmp_path):
     again.leave()
 
 
+def test_a_worker_stopped_while_its_heartbeats_start_still_leaves_stopped(tmp_path):
+    """A SIGTERM that lands while the heartbeat thread starts (its SystemExit raised inside
+    Thread.start) leaves a thread that was never seen started; leaving must still mark the worker."""
+    import threading
+
+    settings = make_settings(tmp_path / "data")
+    upgrade(settings.db_url)
+    member = Membership(settings, Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=10))
+    member.join()
+    member._thread = threading.Thread(target=lambda: None)  # created, start() interrupted before it ran
+    member.leave()
+    assert _row(settings, member.worker_id).stopped_at is not None
+
+
 def test_a_process_forked_while_the_heartbeat_runs_can_use_the_database(tmp_path):
     """The worker's main process forks a process for each job while its heartbeat thread writes to the
     database. A child forked in the middle of a heartbeat used to inherit SQLite's locks held by a thread it

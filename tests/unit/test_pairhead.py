@@ -75,10 +75,11 @@ def test_fused_head_gives_autograds_loss_gradients_and_metrics(tiny_model, monke
     batch = collate(_rows(5), pad_id=0)
     want = _loss_grads_metrics(run, batch, False, monkeypatch)
     got = _loss_grads_metrics(run, batch, True, monkeypatch)
-    assert got[0] == pytest.approx(want[0], abs=1e-6)
+    # IPO's loss is ~200 here, where fp32 steps by 1.5e-5: compare relative to size, not to 1e-6 absolute.
+    assert got[0] == pytest.approx(want[0], rel=1e-6, abs=1e-6)
     assert got[2].keys() == want[2].keys()
     for key in want[2]:
-        assert got[2][key] == pytest.approx(want[2][key], abs=1e-6), key
+        assert got[2][key] == pytest.approx(want[2][key], rel=1e-6, abs=1e-6), key
     for name, g in want[1].items():
         assert _rel(got[1][name], g) < 1e-5, (name, _rel(got[1][name], g))
 
