@@ -102,11 +102,12 @@ def collate(rows: list[TokenizedPair] | list[TokenizedRow], pad_id: int, share_p
     """Pack rows into one right-padded batch; padding only ever follows a sequence's last token.
 
     share_prompt (pairs only): one row per pair instead of two, see `_collate_shared`.
-    pad_to_multiple_of: round the width up (to at most max_width), so a GPU sees few distinct shapes:
-    its attention kernels are planned per shape.
+    pad_to_multiple_of: round the width up, so a GPU sees few distinct shapes: its attention kernels are
+    planned per shape. In the two-row layout padding takes the next positions, so the width stays within
+    max_width (max_length); shared-prompt padding takes position 0 and needs no such cap.
     """
     if share_prompt and rows and isinstance(rows[0], TokenizedPair):
-        return _collate_shared(rows, pad_id, pad_to_multiple_of, max_width)
+        return _collate_shared(rows, pad_id, pad_to_multiple_of)
     seqs = _sequences(rows)
     lengths = [len(p) + len(c) for p, c, *_ in seqs]
     n, width = len(seqs), padded_width(max(lengths), pad_to_multiple_of, max_width)
@@ -138,8 +139,7 @@ def _shared_mask(width: int, p: int, c: int, total: int) -> torch.Tensor:
     return (k <= q) & (k < total) & ~((q >= p + c) & (k >= p) & (k < p + c))
 
 
-def _collate_shared(rows: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int = 1,
-                    max_width: int | None = None) -> Batch:
+def _collate_shared(rows: list[TokenizedPair], pad_id: int, pad_to_multiple_of: int = 1) -> Batch:
     """One row per pair, `prompt, chosen, rejected`, so the prompt runs through the model once.
 
     The rejected part's positions restart at len(prompt) and a 4-D mask [B, 1, L, L] hides the chosen
@@ -149,7 +149,7 @@ def _collate_shared(rows: list[TokenizedPair], pad_id: int, pad_to_multiple_of: 
     """
     b = len(rows)
     sizes = [(len(r.prompt_ids), len(r.chosen_ids), len(r.rejected_ids)) for r in rows]
-    width = padded_width(max(p + c + r for p, c, r in sizes), pad_to_multiple_of, max_width)
+    width = padded_width(max(p + c + r for p, c, r in sizes), pad_to_multiple_of)
     input_ids = torch.full((b, width), pad_id, dtype=torch.long)
     positions = torch.zeros((b, width), dtype=torch.long)
     mask = torch.zeros((b, 1, width, width), dtype=torch.bool)

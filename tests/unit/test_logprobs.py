@@ -165,5 +165,9 @@ def test_padding_stops_at_max_length_but_never_cuts_a_row():
 
     assert padded_width(6, 64) == 64 and padded_width(64, 64) == 64 and padded_width(65, 64) == 128
     assert padded_width(6, 64, limit=10) == 10  # a model with learned positions may have no more
-    assert padded_width(12, 64, limit=10) == 12  # a shared-prompt row can be longer than max_length
+    assert padded_width(12, 64, limit=10) == 12  # never narrower than the longest row
     assert collate(_pairs_with_an_empty_prompt(), pad_id=0, pad_to_multiple_of=64, max_width=7).input_ids.shape == (6, 7)
+    # Shared-prompt rows (prompt, chosen, rejected) are longer than max_length, and their padding sits
+    # at position 0: they round up whatever the cap.
+    shared = collate(_pairs_with_an_empty_prompt(), pad_id=0, share_prompt=True, pad_to_multiple_of=64, max_width=7)
+    assert shared.input_ids.shape == (3, 64)
