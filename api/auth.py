@@ -61,5 +61,10 @@ def authenticate(presented: str, admin: str, session: Session | None = None) -> 
     SHA-256 digests, so not even the admin key's length shows in the timing)."""
     if hmac.compare_digest(hash_key(presented), hash_key(admin)):
         return ADMIN
-    found = team_for_key(session, presented) if session is not None else None
+    return team_principal(session, presented) if session is not None else None
+
+
+def team_principal(session: Session, presented: str) -> Principal | None:
+    """The team key's principal, or None (not a live team key)."""
+    found = team_for_key(session, presented)
     return Principal(key_id=found[0], team_id=found[1]) if found else None

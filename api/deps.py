@@ -12,7 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from api.auth import Principal, authenticate
+from api.auth import Principal, authenticate, team_principal
 from api.dispatcher import Dispatcher
 from api.errors import Forbidden, NotFound, Unauthenticated
 from api.settings import Settings
@@ -59,15 +59,15 @@ async def get_principal(
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     key, admin = credentials.credentials, request.app.state.admin_key
     # The admin key needs no database; a team key is looked up in a thread (sync driver).
-    principal = authenticate(key, admin) or await run_in_threadpool(_team_principal, request, key, admin)
+    principal = authenticate(key, admin) or await run_in_threadpool(_team_principal, request, key)
     if principal is None:
         raise Unauthenticated("incorrect API key provided (or revoked)")
     return principal
 
 
-def _team_principal(request: Request, key: str, admin: str) -> Principal | None:
+def _team_principal(request: Request, key: str) -> Principal | None:
     with request.app.state.sessionmaker() as session:  # its own short session: no transaction left open
-        return authenticate(key, admin, session)
+        return team_principal(session, key)
 
 
 async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
