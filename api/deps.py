@@ -3,8 +3,9 @@ from the path loaded as the caller may see them. The one place authentication an
 another team's object is "not found" (404, never 403: no leak of what exists)."""
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Annotated
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
@@ -17,7 +18,10 @@ from api.dispatcher import Dispatcher
 from api.errors import Forbidden, NotFound, Unauthenticated
 from api.settings import Settings
 from api.storage import Storage
+from api.store.db import read_with_retry
 from api.store.models import File, Job, is_id
+
+T = TypeVar("T")
 
 # Dependencies that only read app state are `async def`: FastAPI runs a sync dependency in a worker
 # thread, and each such hop costs a thread hand-off and a turn at the GIL on every request.
@@ -51,23 +55,48 @@ async def get_dispatcher(request: Request) -> Dispatcher:
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <DPO_API_KEY or a team key>")
 
 
-async def get_principal(
+@dataclass(frozen=True)
+class Caller:
+    """The key a request presents, as far as the request alone tells: `admin` is the admin's principal
+    (compared in memory); otherwise `key` is a team key not yet looked up."""
+
+    key: str
+    admin: Principal | None
+
+    def principal(self, session: Session) -> Principal:
+        """The principal; 401 when the key is no live team key (a revoked key fails on its next request)."""
+        found = self.admin or team_principal(session, self.key)
+        if found is None:
+            raise Unauthenticated("incorrect API key provided (or revoked)")
+        return found
+
+
+async def get_caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    """The caller, from `Authorization: Bearer <key>`; 401 without a valid key."""
+) -> Caller:
+    """The presented key, from `Authorization: Bearer <key>`; 401 without one. No I/O: a team key is
+    checked by get_principal, or by `read` in the same thread hop as the route's own reads."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
-    key, admin = credentials.credentials, request.app.state.admin_key
-    # The admin key needs no database; a team key is looked up in a thread (sync driver).
-    principal = authenticate(key, admin) or await run_in_threadpool(_team_principal, request, key)
-    if principal is None:
-        raise Unauthenticated("incorrect API key provided (or revoked)")
-    return principal
+    key = credentials.credentials
+    return Caller(key, authenticate(key, request.app.state.admin_key))
 
 
-def _team_principal(request: Request, key: str) -> Principal | None:
-    with request.app.state.sessionmaker() as session:  # its own short session: no transaction left open
-        return team_principal(session, key)
+async def get_principal(request: Request, caller: Annotated[Caller, Depends(get_caller)]) -> Principal:
+    """The caller's principal; 401 without a valid key. A team key is looked up in a thread (sync driver)."""
+    return caller.admin or await run_in_threadpool(read_with_retry, request.app.state.reads, caller.principal)
+
+
+async def read(request: Request, caller: Caller, fn: Callable[..., T], *args) -> T:
+    """`fn(session, principal, *args)` on a read session (api.store.db.make_read_sessionmaker), with the
+    caller's key checked on that session first, all in one worker thread. For the routes clients poll:
+    as a sync route with SessionDep, JobDep and a team key, the status route took five thread hops (key,
+    job, route, response check, session close), each a turn at the GIL among every request in flight."""
+    return await run_in_threadpool(read_with_retry, request.app.state.reads, _as_principal, caller, fn, *args)
+
+
+def _as_principal(session: Session, caller: Caller, fn: Callable[..., T], *args) -> T:
+    return fn(session, caller.principal(session), *args)
 
 
 async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> Principal:
@@ -82,6 +111,7 @@ SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
 QueueDep = Annotated[Celery, Depends(get_queue)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+CurrentCaller = Annotated[Caller, Depends(get_caller)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
 AdminPrincipal = Annotated[Principal, Depends(get_admin)]
 

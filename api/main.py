@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import errors
 from api.auth import admin_key
-from api.deps import get_principal
+from api.deps import get_caller
 from api.dispatcher import Dispatcher
 from api.limits import BodyLimit, InFlightLimit
 from api.openapi import openapi_with_errors
@@ -21,7 +22,7 @@ from api.routes import checkpoints, events, files, health, jobs, pool, teams, us
 from api.schemas.common import PRINTABLE
 from api.settings import Settings, get_settings
 from api.storage import LocalStorage
-from api.store.db import make_engine, make_sessionmaker
+from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
 from api.store.migrate import upgrade
 
 log = logging.getLogger("dpo.api")
@@ -40,15 +41,19 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
 }
 
 
-def _api_engine(settings: Settings):
-    """The API's engine: a connection for each request the app lets in at once (api.limits.InFlightLimit),
-    a few more for the dispatcher, and a short timeout so an overload answers instead of hanging."""
+def _api_engines(settings: Settings) -> tuple[Engine, Engine]:
+    """The API's engines, for writes and for reads: each has a connection for each request the app lets
+    in at once (api.limits.InFlightLimit), the writer a few more for the dispatcher, and a short timeout
+    so an overload answers instead of hanging."""
     import anyio.to_thread
 
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     if settings.db_url.endswith(":memory:") or settings.db_url in ("sqlite://", "sqlite:///"):
-        return make_engine(settings.db_url)  # one shared in-memory connection: no pool to size
-    return make_engine(settings.db_url, pool_size=settings.api_threads + 4, max_overflow=0, pool_timeout=10)
+        engine = make_engine(settings.db_url)  # one shared in-memory database: readers must share it too
+        return engine, engine.execution_options(isolation_level="AUTOCOMMIT")
+    sizes = dict(max_overflow=0, pool_timeout=10)
+    return (make_engine(settings.db_url, pool_size=settings.api_threads + 4, **sizes),
+            make_read_engine(settings.db_url, pool_size=settings.api_threads, **sizes))
 
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
@@ -60,9 +65,10 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if migrate:
             upgrade(settings.db_url)
-        engine = _api_engine(settings)
+        engine, read_engine = _api_engines(settings)
         app.state.settings, app.state.engine = settings, engine
         app.state.sessionmaker = make_sessionmaker(engine)
+        app.state.reads = make_read_sessionmaker(read_engine)
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.celery = make_celery(settings)
         app.state.admin_key, _ = admin_key(settings)
@@ -72,6 +78,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         yield
         app.state.dispatcher.stop()
         engine.dispose()
+        read_engine.dispose()
 
     app = FastAPI(
         title="dpo-service",
@@ -79,7 +86,9 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         description="Direct Preference Optimization as a service, shaped like the OpenAI fine-tuning API.",
         lifespan=lifespan,
     )
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_principal)])
+    # Every /v1 route needs a key. Checking a team key takes the database: each route does that itself,
+    # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read.
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
     for module in (files, jobs, events, checkpoints, pool, usage, teams):
         v1.include_router(module.router)
     app.include_router(v1)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from sqlalchemy import select
 
-from api.deps import JobDep, SessionDep
+from api.deps import CurrentCaller, load_job, read
 from api.errors import InvalidInput
 from api.pagination import After, Limit, page
 from api.schemas.common import ListPublic
@@ -17,12 +17,17 @@ router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/events", tags=
 
 
 @router.get("", response_model=ListPublic[EventPublic])
-def list_events(job: JobDep, session: SessionDep, after: After = None, limit: Limit = 20,
-                order: Literal["desc", "asc"] = "desc") -> ListPublic[EventPublic]:
+async def list_events(fine_tuning_job_id: str, request: Request, caller: CurrentCaller, after: After = None,
+                      limit: Limit = 20, order: Literal["desc", "asc"] = "desc") -> ListPublic[EventPublic]:
     """A job's events, newest first; `order=asc` (our extension) pages forward, to follow a running job."""
     anchor = (_seq(after),) if after else None
+    return await read(request, caller, _list_events, fine_tuning_job_id, anchor, limit, order == "desc")
+
+
+def _list_events(session, principal, job_id: str, anchor, limit: int, descending: bool) -> ListPublic[EventPublic]:
+    job = load_job(session, principal, job_id)
     stmt = select(Event).where(Event.job_id == job.id)
-    rows = page(session, stmt, (Event.seq,), anchor, limit, descending=order == "desc")
+    rows = page(session, stmt, (Event.seq,), anchor, limit, descending=descending)
     return ListPublic[EventPublic].page([EventPublic.of(e) for e in rows], limit)
 
 

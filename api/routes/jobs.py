@@ -7,11 +7,12 @@ import math
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header
+from fastapi import APIRouter, Header, Request
 from sqlalchemy import func, select
 
 from api import jobspec
 from api.deps import (
+    CurrentCaller,
     CurrentPrincipal,
     DispatcherDep,
     JobDep,
@@ -20,6 +21,7 @@ from api.deps import (
     StorageDep,
     load_file,
     load_job,
+    read,
 )
 from api.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from api.model_paths import model_problem
@@ -126,9 +128,13 @@ def _replay(session, principal, key: str, digest: str | None) -> Job | None:
 
 
 @router.get("", response_model=ListPublic[JobPublic])
-def list_jobs(session: SessionDep, settings: SettingsDep, principal: CurrentPrincipal, after: After = None,
-              limit: Limit = 20) -> ListPublic[JobPublic]:
+async def list_jobs(request: Request, settings: SettingsDep, caller: CurrentCaller, after: After = None,
+                    limit: Limit = 20) -> ListPublic[JobPublic]:
     """List the team's jobs (the admin: every team's), newest first."""
+    return await read(request, caller, _list_jobs, settings, after, limit)
+
+
+def _list_jobs(session, principal, settings, after: str | None, limit: int) -> ListPublic[JobPublic]:
     anchor = None
     if after:
         last = _anchor_job(session, principal, after)
@@ -139,9 +145,14 @@ def list_jobs(session: SessionDep, settings: SettingsDep, principal: CurrentPrin
 
 
 @router.get("/{fine_tuning_job_id}", response_model=JobPublic)
-def retrieve_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPublic:
+async def retrieve_job(fine_tuning_job_id: str, request: Request, settings: SettingsDep,
+                       caller: CurrentCaller) -> JobPublic:
     """One job: status, progress, latest metrics, error, final model; while queued, its place and why it waits."""
-    return _public(session, settings, [job])[0]
+    return await read(request, caller, _retrieve_job, settings, fine_tuning_job_id)
+
+
+def _retrieve_job(session, principal, settings, job_id: str) -> JobPublic:
+    return _public(session, settings, [load_job(session, principal, job_id)])[0]
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobPublic)

@@ -86,6 +86,23 @@ def walk(app, call, a: TeamObjects, a_key: str, b_key: str, b_team_id: str) -> d
     return walked
 
 
+def walk_without_a_valid_key(app, call, a: TeamObjects, a_key: str, revoked_key: str) -> int:
+    """Call every route with an unknown key and with a revoked one, on A's objects: 401 each time,
+    before anything else is checked or done. Returns how many routes were walked."""
+    params = {"file_id": a.file_id, "fine_tuning_job_id": a.job_id, "checkpoint_id": a.checkpoint_id,
+              "team_id": a.team_id, "key_id": a.key_id}
+    routes = v1_routes(app)
+    for method, path in sorted(routes):
+        url = path.format(**params)
+        kw = {"json": {"name": "x"}} if method in ("POST", "PATCH") else {}
+        for key in ("dpo-sk-unknown", revoked_key):
+            r = call(method, url, key, **kw)
+            assert r.status_code == 401, f"{method} {url} with key {key!r}: {r.status_code} {r.text[:300]}"
+            assert r.json()["error"]["code"] == "invalid_api_key", (method, url, r.text)
+    _still_there(call, a, a_key)
+    return len(routes)
+
+
 def _object(call, method, url, a, b_key, b_team_id):
     r = call(method, url, b_key)
     assert r.status_code == 404, f"{method} {url} as another team: {r.status_code} {r.text[:300]}"

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.service.isolation import TeamObjects, walk
+from tests.service.isolation import TeamObjects, walk, walk_without_a_valid_key
 from tests.service.processes import REPO, start_service
 from tests.service.support import as_key, make_team
 
@@ -68,6 +68,8 @@ def test_isolation_walk_on_a_trained_job(service, admin, task_files, tiny_model)
     from api.main import create_app
 
     walk(create_app(), call, objects, a["key"], b["key"], b["id"])
+    assert admin.delete(f"/v1/admin/teams/{b['id']}/keys/{b['key_id']}").status_code == 200
+    walk_without_a_valid_key(create_app(), call, objects, a["key"], b["key"])
 
 
 def test_quotas_queue_and_cap_a_team(service, admin, task_files, tiny_model):

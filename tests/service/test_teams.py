@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from api.store import jobs as store
 from api.store.models import ApiKey, File
-from tests.service.isolation import ADMIN, CREATE, LIST, OBJECT, OWN_VIEW, TeamObjects, walk
+from tests.service.isolation import ADMIN, CREATE, LIST, OBJECT, OWN_VIEW, TeamObjects, walk, walk_without_a_valid_key
 from tests.service.support import as_key, make_team, sessions_for, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -99,6 +99,19 @@ def test_every_v1_route_isolates_teams(client, settings, task_files):
     assert walked == {OBJECT: 9, LIST: 2, CREATE: 2, OWN_VIEW: 2, ADMIN: 9}
     # The admin key sees A's objects on the same routes.
     assert client.get(f"/v1/fine_tuning/jobs/{objects.job_id}/checkpoints/{objects.checkpoint_id}").status_code == 200
+
+
+def test_every_v1_route_refuses_an_unknown_or_revoked_key(client, settings, task_files):
+    """Routes check a team key themselves (api.deps: CurrentPrincipal, or `read`), not the /v1 router:
+    this walk is what catches a route that forgets to."""
+    a, gone = make_team(client, "a"), make_team(client, "gone")
+    objects = _team_a_objects(client, settings, a, task_files)
+    assert client.delete(f"/v1/admin/teams/{gone['id']}/keys/{gone['key_id']}").status_code == 200
+
+    def call(method, url, key, **kw):
+        return client.request(method, url, headers=as_key(key), **kw)
+
+    assert walk_without_a_valid_key(client.app, call, objects, a["key"], gone["key"]) == 24
 
 
 def _team_a_objects(client, settings, a: dict, task_files) -> TeamObjects:

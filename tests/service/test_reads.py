@@ -1,0 +1,103 @@
+"""The read sessions the polled routes use (api.store.db.make_read_sessionmaker): a read leaves no
+transaction open on the database connection, and a write through one is refused, on SQLite and on
+PostgreSQL; a read whose pooled connection the server dropped is tried again on a new one."""
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import create_engine, select, text
+from sqlalchemy.exc import DBAPIError
+
+from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker, read_with_retry
+from api.store.migrate import upgrade
+from api.store.models import Team, new_id, now
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def db_url(request, tmp_path):
+    url = f"sqlite:///{tmp_path / 'dpo.sqlite'}" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    upgrade(url)
+    return url
+
+
+def _in_transaction(session) -> bool:
+    """Whether the driver connection under `session` is inside a transaction on the server."""
+    dbapi = session.connection().connection.dbapi_connection
+    if hasattr(dbapi, "in_transaction"):  # sqlite3
+        return dbapi.in_transaction
+    import psycopg2.extensions as ext
+
+    return dbapi.info.transaction_status != ext.TRANSACTION_STATUS_IDLE
+
+
+def test_a_read_leaves_no_transaction_open(db_url):
+    engine = make_read_engine(db_url)
+    try:
+        with make_read_sessionmaker(engine)() as session:
+            assert session.scalars(select(Team)).all() is not None
+            assert not _in_transaction(session)  # no BEGIN before, so no ROLLBACK after
+    finally:
+        engine.dispose()
+
+
+def test_the_ordinary_session_does_open_one_on_postgres(postgres_url):
+    """The contrast that makes the test above mean something: psycopg2 begins a transaction for a
+    SELECT, so an ordinary session's read costs BEGIN and ROLLBACK round trips as well."""
+    upgrade(postgres_url)
+    engine = make_engine(postgres_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            session.scalars(select(Team)).all()
+            assert _in_transaction(session)
+    finally:
+        engine.dispose()
+
+
+def test_a_read_session_refuses_writes(db_url):
+    engine = make_read_engine(db_url)
+    try:
+        with make_read_sessionmaker(engine)() as session:
+            session.add(Team(id=new_id("team"), name="written-by-a-read", created_at=now()))
+            with pytest.raises(RuntimeError, match="cannot write"):
+                session.flush()
+        with make_read_sessionmaker(engine)() as session:
+            assert session.scalars(select(Team).where(Team.name == "written-by-a-read")).first() is None
+    finally:
+        engine.dispose()
+
+
+def test_an_autocommit_view_of_an_engine_also_reads_without_a_transaction(db_url):
+    """The in-memory SQLite case of api.main: the read sessions share the writer's engine (and database)."""
+    engine = make_engine(db_url)
+    try:
+        with make_read_sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))() as session:
+            session.scalars(select(Team)).all()
+            assert not _in_transaction(session)
+    finally:
+        engine.dispose()
+
+
+def test_a_read_is_tried_again_when_the_server_dropped_its_connection(postgres_url):
+    """The read engine does not ping each connection before use (a round trip per request); a read
+    that finds its connection dead (the server restarted, or an admin ended the backend) runs again."""
+    upgrade(postgres_url)
+    engine, admin = make_read_engine(postgres_url), create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    sessions = make_read_sessionmaker(engine)
+
+    def backend(session) -> int:
+        return session.execute(text("SELECT pg_backend_pid()")).scalar()
+
+    def end(pid: int) -> None:
+        with admin.connect() as conn:
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid, 5000)"), {"pid": pid}).scalar()
+
+    try:
+        end(read_with_retry(sessions, backend))
+        with pytest.raises(DBAPIError) as dropped, sessions() as session:  # without the retry: an error
+            backend(session)
+        assert dropped.value.connection_invalidated
+        first = read_with_retry(sessions, backend)
+        end(first)
+        assert read_with_retry(sessions, backend) != first
+    finally:
+        engine.dispose()
+        admin.dispose()
