@@ -53,3 +53,46 @@ def test_the_demo_runs_to_the_end(tmp_path):
     assert "The model learned to prefer sorted answers." in out.stdout
     assert "before (step 0) and after (step 48)" in out.stdout
     assert list((tmp_path / "demo" / "downloads").glob("ftckpt-*/config.json"))
+
+
+def test_api_serves_from_several_processes(tmp_path):
+    """`dpo-service api --workers 2`: two processes share the port and the database; SIGTERM stops all."""
+    port, out, data = free_port(), tmp_path / "api.log", tmp_path / "data"
+    with out.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+                                 "--data-dir", str(data), "--workers", "2"],
+                                cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(proc.pid)) < 2 or "Application startup complete" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.3)
+        key = (data / "api_key").read_text().strip()
+        auth = {"Authorization": f"Bearer {key}"}
+        row = b'{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
+            made = c.post("/v1/files", files={"file": ("t.jsonl", row)}, data={"purpose": "fine-tune"}).json()["id"]
+        for _ in range(20):  # new connections: the kernel hands them to either process
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
+                assert [f["id"] for f in c.get("/v1/files").json()["data"]] == [made]
+        assert "2 processes" in out.read_text()
+    finally:
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=40) == 0, out.read_text()[-3000:]
+    assert children and not [pid for pid in children if _running(pid)], children
+
+
+def _running(pid: int) -> bool:
+    """Alive, and not an exited child waiting for its new parent (a container's init) to reap it."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
