@@ -7,7 +7,8 @@ in PostgreSQL, and how soon an idle worker starts a submitted job.
 Needs PostgreSQL and Redis, as CI has them (.ci/run): --database-url names a server database this
 script may create databases from (it makes `dpo_bench_<random>` and drops it afterwards), --broker-url
 a Redis (a queue of this run's own is used and deleted). It starts `dpo-service api` (uvicorn) and one
-worker (`python -m worker`) as their own processes on loopback, as an operator would, and talks HTTP only.
+worker (`python -m worker`) as their own processes on loopback, as an operator would, and talks HTTP only,
+with a new team's key (as a team's users would; `--as admin` sends the admin key, which needs no lookup).
 
 1. Listing: one tiny job is created and run through the API, then its row is copied 100k times in SQL
    (the API would take an hour to create them), and GET /v1/fine_tuning/jobs is timed one request at a
@@ -287,6 +288,9 @@ def parse_args(argv=None):
     p.add_argument("--list-requests", type=int, default=200)
     p.add_argument("--submits", type=int, default=5)
     p.add_argument("--settle", type=float, default=5.0, help="seconds a worker stays idle before a timed submit")
+    p.add_argument("--api-workers", type=int, default=1, help="API processes (dpo-service api --workers)")
+    p.add_argument("--as", dest="caller", choices=("team", "admin"), default="team",
+                   help="whose key every request carries: a team's (looked up in the database) or the admin's")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
@@ -308,10 +312,12 @@ def main(argv=None) -> None:
         env.update(DPO_DATA_DIR=str(root / "data"), DPO_API_KEY=key, DPO_DATABASE_URL=db_url,
                    DPO_BROKER_URL=args.broker_url, DPO_QUEUE=queue, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
         procs = Processes(root, env)
-        procs.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port)])
+        procs.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+                            "--workers", str(args.api_workers)])
         procs.start("worker", ["-m", "worker", "--loglevel", "INFO"])
         procs.wait_ready(url)
-        print(f"service up at {url}; logs in {root}", flush=True)
+        print(f"service up at {url} ({args.api_workers} API process(es), {args.caller} key); logs in {root}",
+              flush=True)
         print()
         print(run_all(args, url, key, db_url, root))
     finally:
@@ -321,8 +327,20 @@ def main(argv=None) -> None:
         _drop_queue(args.broker_url, queue)
 
 
+def team_key(url: str, admin_key: str) -> str:
+    """A new team's key: teams poll with their own keys, which the API looks up in the database (the
+    admin key it compares in memory)."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=30) as admin:
+        team = admin.post("/v1/admin/teams", json={"name": f"bench-{secrets.token_hex(3)}"})
+        if team.status_code != 200:
+            raise SystemExit(f"team creation failed: {team.status_code} {team.text[:200]}")
+        return admin.post(f"/v1/admin/teams/{team.json()['id']}/keys").json()["key"]
+
+
 def run_all(args, url: str, key: str, db_url: str, root: Path) -> str:
     model, train = make_tiny_job_files(root)
+    if args.caller == "team":
+        key = team_key(url, key)
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
         file_id = upload(client, train)
         # The first job also warms the worker up; its latency is reported on its own.
@@ -330,7 +348,7 @@ def run_all(args, url: str, key: str, db_url: str, root: Path) -> str:
         t = time.perf_counter()
         ids = clone_jobs(db_url, template, args.jobs)
         print(f"copied job {template} {args.jobs:,} times in {time.perf_counter() - t:.0f} s", flush=True)
-        lines = [f"### Listing, {len(ids):,} jobs in PostgreSQL, one request at a time"]
+        lines = [f"### Listing, {len(ids):,} jobs in PostgreSQL, one request at a time, with the {args.caller} key"]
         for name, ms in bench_listing(client, ids, args.list_requests).items():
             lines.append(f"  {name:<42} {summary(ms)}")
         print("\n".join(lines), flush=True)
