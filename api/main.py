@@ -42,18 +42,20 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
 
 
 def _api_engines(settings: Settings) -> tuple[Engine, Engine]:
-    """The API's engines, for writes and for reads: each has a connection for each request the app lets
-    in at once (api.limits.InFlightLimit), the writer a few more for the dispatcher, and a short timeout
-    so an overload answers instead of hanging."""
+    """The API's engines, for writes and for reads. Either may need a connection for each request the
+    app lets in at once (api.limits.InFlightLimit), the writer a few more for the dispatcher; a short
+    checkout timeout makes an overload answer instead of hang. The writer keeps only 8 connections open
+    between requests (writes are rare next to polls), so a process holds about as many as it did with
+    one engine: a PostgreSQL server allows 100 by default, across every API process and worker."""
     import anyio.to_thread
 
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
     if settings.db_url.endswith(":memory:") or settings.db_url in ("sqlite://", "sqlite:///"):
         engine = make_engine(settings.db_url)  # one shared in-memory database: readers must share it too
         return engine, engine.execution_options(isolation_level="AUTOCOMMIT")
-    sizes = dict(max_overflow=0, pool_timeout=10)
-    return (make_engine(settings.db_url, pool_size=settings.api_threads + 4, **sizes),
-            make_read_engine(settings.db_url, pool_size=settings.api_threads, **sizes))
+    writers, kept = settings.api_threads + 4, min(8, settings.api_threads + 4)
+    return (make_engine(settings.db_url, pool_size=kept, max_overflow=writers - kept, pool_timeout=10),
+            make_read_engine(settings.db_url, pool_size=settings.api_threads, max_overflow=0, pool_timeout=10))
 
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
