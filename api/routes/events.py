@@ -20,12 +20,13 @@ router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/events", tags=
 async def list_events(fine_tuning_job_id: str, request: Request, caller: CurrentCaller, after: After = None,
                       limit: Limit = 20, order: Literal["desc", "asc"] = "desc") -> ListPublic[EventPublic]:
     """A job's events, newest first; `order=asc` (our extension) pages forward, to follow a running job."""
-    anchor = (_seq(after),) if after else None
-    return await read(request, caller, _list_events, fine_tuning_job_id, anchor, limit, order == "desc")
+    return await read(request, caller, _list_events, fine_tuning_job_id, after, limit, order == "desc")
 
 
-def _list_events(session, principal, job_id: str, anchor, limit: int, descending: bool) -> ListPublic[EventPublic]:
+def _list_events(session, principal, job_id: str, after: str | None, limit: int,
+                 descending: bool) -> ListPublic[EventPublic]:
     job = load_job(session, principal, job_id)
+    anchor = (_seq(after),) if after else None
     stmt = select(Event).where(Event.job_id == job.id)
     rows = page(session, stmt, (Event.seq,), anchor, limit, descending=descending)
     return ListPublic[EventPublic].page([EventPublic.of(e) for e in rows], limit)
