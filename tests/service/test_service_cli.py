@@ -80,6 +80,9 @@ def test_api_serves_from_several_processes(tmp_path):
         children = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=40) == 0, out.read_text()[-3000:]
+    deadline = time.monotonic() + 20  # multiprocessing's resource tracker exits once its pipe closes
+    while [pid for pid in children if _running(pid)] and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert children and not [pid for pid in children if _running(pid)], children
 
 
