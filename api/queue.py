@@ -70,15 +70,17 @@ def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
     kombu's SQLAlchemy transport inserts a queue's row on first use, guarded by an in-process lock only:
     a worker starting to consume its queue and the API dispatching to it can both insert the row, and
     the loser fails with IntegrityError (seen once here: a worker died at start-up), and its session is
-    left unusable. So both declare the queue first, each on a fresh connection, and a lost race is
-    retried there, where the row is then found. A queue this app has declared is not declared again
+    left unusable. On a new broker database the same goes for kombu's tables, which it creates on first
+    use by checking, then creating: the loser gets OperationalError ("table already exists"; seen once
+    in a test run). So both declare the queue first, each on a fresh connection, and a lost race is
+    retried there, where the row and tables are then found. A queue this app has declared is not declared again
     (the row stays), so a dispatch opens no extra connection. Other brokers need nothing.
     """
     scheme = url_to_parts(app.conf.broker_url).scheme or ""
     declared = app.__dict__.setdefault("_dpo_declared_queues", set())
     if not scheme.startswith(("sqla+", "sqlalchemy+")) or name in declared:
         return
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(attempts):
         try:
@@ -86,6 +88,6 @@ def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
                 conn.default_channel.queue_declare(queue=name)
             declared.add(name)
             return
-        except IntegrityError:
+        except (IntegrityError, OperationalError):
             if attempt == attempts - 1:
                 raise

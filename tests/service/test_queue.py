@@ -57,6 +57,26 @@ def test_a_lost_race_to_create_the_queue_is_retried(tmp_path, monkeypatch):
     assert calls == ["dpo.worker.b", "dpo.worker.b"] and _queue_names(settings) == ["dpo.worker.b"]
 
 
+def test_a_lost_race_to_create_the_brokers_tables_is_retried(tmp_path, monkeypatch):
+    # Another process creating kombu's tables between this one's check and its CREATE TABLE: the real
+    # "table kombu_queue already exists", made to happen by creating them just before an unchecked create.
+    settings = make_settings(tmp_path)
+    app = make_celery(settings)
+    original, calls = kombu_sqla.metadata.create_all, []
+
+    def lose_once(engine, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            original(engine)  # the other process wins
+            return original(engine, checkfirst=False)
+        return original(engine, **kwargs)
+
+    monkeypatch.setattr(kombu_sqla.metadata, "create_all", lose_once)
+    monkeypatch.setattr(kombu_sqla.Channel, "_engines", {})  # as in a new process: tables not yet checked
+    declare_queue(app, "dpo.worker.t")
+    assert len(calls) == 2 and _queue_names(settings) == ["dpo.worker.t"]
+
+
 def test_sending_a_job_declares_its_queue_first(tmp_path):
     settings = make_settings(tmp_path)
     app = make_celery(settings)
