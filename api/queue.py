@@ -73,8 +73,8 @@ def declare_queue(app: Celery, name: str, attempts: int = 5) -> None:
     left unusable. On a new broker database the same goes for kombu's tables, which it creates on first
     use by checking, then creating: the loser gets OperationalError ("table already exists"; seen once
     in a test run). So both declare the queue first, each on a fresh connection, and a lost race is
-    retried there, where the row and tables are then found. A queue this app has declared is not declared again
-    (the row stays), so a dispatch opens no extra connection. Other brokers need nothing.
+    retried there, where the row and tables are then found. A queue this app has declared is not
+    declared again (the row stays), so a dispatch opens no extra connection. Other brokers need nothing.
     """
     scheme = url_to_parts(app.conf.broker_url).scheme or ""
     declared = app.__dict__.setdefault("_dpo_declared_queues", set())
