@@ -6,7 +6,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from sqlalchemy import select
 
-from api.deps import CurrentCaller, load_job, read
+from api.deps import CurrentCaller, read_job
 from api.errors import InvalidInput
 from api.pagination import After, Limit, page
 from api.schemas.common import ListPublic
@@ -20,12 +20,11 @@ router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/events", tags=
 async def list_events(fine_tuning_job_id: str, request: Request, caller: CurrentCaller, after: After = None,
                       limit: Limit = 20, order: Literal["desc", "asc"] = "desc") -> ListPublic[EventPublic]:
     """A job's events, newest first; `order=asc` (our extension) pages forward, to follow a running job."""
-    return await read(request, caller, _list_events, fine_tuning_job_id, after, limit, order == "desc")
+    return await read_job(request, caller, fine_tuning_job_id, _list_events, after, limit, order == "desc")
 
 
-def _list_events(session, principal, job_id: str, after: str | None, limit: int,
+def _list_events(session, _principal, job, after: str | None, limit: int,
                  descending: bool) -> ListPublic[EventPublic]:
-    job = load_job(session, principal, job_id)
     anchor = (_seq(after),) if after else None
     stmt = select(Event).where(Event.job_id == job.id)
     rows = page(session, stmt, (Event.seq,), anchor, limit, descending=descending)

@@ -22,6 +22,7 @@ from api.deps import (
     load_file,
     load_job,
     read,
+    read_job,
 )
 from api.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from api.model_paths import model_problem
@@ -148,11 +149,11 @@ def _list_jobs(session, principal, settings, after: str | None, limit: int) -> L
 async def retrieve_job(fine_tuning_job_id: str, request: Request, settings: SettingsDep,
                        caller: CurrentCaller) -> JobPublic:
     """One job: status, progress, latest metrics, error, final model; while queued, its place and why it waits."""
-    return await read(request, caller, _retrieve_job, settings, fine_tuning_job_id)
+    return await read_job(request, caller, fine_tuning_job_id, _retrieve_job, settings)
 
 
-def _retrieve_job(session, principal, settings, job_id: str) -> JobPublic:
-    return _public(session, settings, [load_job(session, principal, job_id)])[0]
+def _retrieve_job(session, _principal, job, settings) -> JobPublic:
+    return _public(session, settings, [job])[0]
 
 
 @router.post("/{fine_tuning_job_id}/cancel", response_model=JobPublic)
@@ -168,7 +169,8 @@ def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPu
     return _public(session, settings, [job])[0]
 
 
-def _public(session, settings, jobs: list[Job]) -> list[JobPublic]:
+def _public(session, settings, jobs: list) -> list[JobPublic]:
+    """`jobs`: Job objects, or rows of api.store.jobs.JOB_FIELDS (read the same way)."""
     info = queue_info(session, settings, jobs, time.time())
     return [JobPublic.of(j, *((info[j.id].position, info[j.id].reason) if j.id in info else ())) for j in jobs]
 

@@ -127,6 +127,7 @@ class JobPublic(BaseModel):
 
     @classmethod
     def of(cls, job: Job, position: int | None = None, reason: str | None = None) -> JobPublic:
+        """From a Job, or a row of api.store.jobs.JOB_FIELDS (the same names), as the status route reads it."""
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         # `dispatched` is ours: to OpenAI clients a job handed to a worker but not started is still queued.
         status = JobStatus.QUEUED.value if job.status == JobStatus.DISPATCHED else job.status

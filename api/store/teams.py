@@ -12,11 +12,11 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from api.errors import Conflict, NotFound
-from api.store.jobs import ACTIVE
+from api.store.jobs import ACTIVE, JOB_FIELDS
 from api.store.locks import lock_team
 from api.store.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, is_id, new_id, now
 
@@ -44,6 +44,27 @@ def team_for_key(session: Session, presented: str) -> tuple[str, str] | None:
     if row is None or not hmac.compare_digest(row.key_hash, digest):
         return None
     return row.id, row.team_id
+
+
+_KEYS, _TEAMS, _JOBS = ApiKey.__table__, Team.__table__, Job.__table__
+# A live key and, when its team has it, one job: the status route's two lookups in one round trip.
+_KEY_AND_JOB = (
+    select(_KEYS.c.id.label("key_id"), _KEYS.c.team_id.label("key_team_id"), _KEYS.c.key_hash, *JOB_FIELDS)
+    .select_from(_KEYS)
+    .join(_TEAMS, _TEAMS.c.id == _KEYS.c.team_id)
+    .outerjoin(_JOBS, and_(_JOBS.c.id == bindparam("job_id"), _JOBS.c.team_id == _KEYS.c.team_id))
+    .where(_KEYS.c.key_hash == bindparam("key_hash"), _KEYS.c.revoked_at.is_(None), _TEAMS.c.deleted_at.is_(None))
+)
+
+
+def key_and_job(session: Session, presented: str, job_id: str | None) -> tuple[str, str, Row | None] | None:
+    """As team_for_key, with job `job_id` of the key's team as a row of api.store.jobs.JOB_FIELDS (None:
+    that team has no such job, or `job_id` is None), in one query. None: not a live key."""
+    digest = hash_key(presented)
+    row = session.execute(_KEY_AND_JOB, {"key_hash": digest, "job_id": job_id}).one_or_none()
+    if row is None or not hmac.compare_digest(row.key_hash, digest):
+        return None
+    return row.key_id, row.key_team_id, row if row.id is not None else None
 
 
 def get_team(session: Session, team_id: str) -> Team:

@@ -1,6 +1,7 @@
 """The read sessions the polled routes use (api.store.db.make_read_sessionmaker): a read leaves no
 transaction open on the database connection, and a write through one is refused, on SQLite and on
-PostgreSQL; a read whose pooled connection the server dropped is tried again on a new one."""
+PostgreSQL; a read whose pooled connection the server dropped is tried again on a new one. And the
+status route's one-query lookup of a key and a job."""
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,10 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker, read_with_retry
+from api.store.jobs import job_row
 from api.store.migrate import upgrade
-from api.store.models import Team, new_id, now
+from api.store.models import ApiKey, Job, JobStatus, Team, new_id, now
+from api.store.teams import create_key, create_team, key_and_job, revoke_key
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -101,3 +104,40 @@ def test_a_read_is_tried_again_when_the_server_dropped_its_connection(postgres_u
     finally:
         engine.dispose()
         admin.dispose()
+
+
+def _team_with_key_and_job(session, name: str):
+    team = create_team(session, name, None, None)
+    session.flush()
+    key = create_key(session, team, None).key
+    job = Job(id=new_id("ftjob"), team_id=team.id, status=JobStatus.QUEUED.value, model="m", training_file="file-x",
+              method={}, hyperparameters={}, spec={"beta": 0.1}, metadata_={"k": "v"}, created_at=now(),
+              result_files=[], cancel_requested=False, max_attempts=3)
+    session.add(job)
+    return team, key, job
+
+
+def test_one_query_finds_the_key_and_its_teams_job(db_url):
+    """api.store.teams.key_and_job, the status route's lookup: the key's team's job as a row named as
+    Job's attributes; another team's job, an unknown id or no id give no row; a revoked key, nothing."""
+    engine, reader = make_engine(db_url), make_read_engine(db_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            a_team, a_key, a_job = _team_with_key_and_job(session, "reads-a")
+            _, b_key, b_job = _team_with_key_and_job(session, "reads-b")
+            revoked = create_key(session, a_team, None)
+        with make_sessionmaker(engine).begin() as session:
+            revoke_key(session, session.get(ApiKey, revoked.row.id))
+        with make_read_sessionmaker(reader)() as session:
+            _, team_id, row = key_and_job(session, a_key, a_job.id)
+            assert (team_id, row.id, row.team_id, row.status) == (a_team.id, a_job.id, a_team.id, "queued")
+            assert (row.spec, row.metadata_, row.result_files) == ({"beta": 0.1}, {"k": "v"}, [])
+            assert key_and_job(session, b_key, a_job.id)[2] is None  # another team's job
+            assert key_and_job(session, a_key, "ftjob-" + "0" * 28)[2] is None
+            assert key_and_job(session, a_key, None)[2] is None
+            assert key_and_job(session, revoked.key, a_job.id) is None
+            assert key_and_job(session, "dpo-sk-not-a-key", a_job.id) is None
+            assert job_row(session, b_job.id).team_id != team_id  # the admin's lookup: any team's job
+    finally:
+        engine.dispose()
+        reader.dispose()
