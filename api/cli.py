@@ -64,7 +64,7 @@ def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:
     # Each process builds its app from the environment (api.settings), so the flags travel there.
     os.environ["DPO_DATA_DIR"] = str(settings.data_dir)
     uvicorn.run("api.server:served_app", factory=True, host=host, port=port, workers=workers, log_level="info",
-                http="api.server:NoDelayH11Protocol")
+                http="api.server:NoDelayProtocol")
     return 0
 
 

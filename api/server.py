@@ -1,11 +1,11 @@
 """What `dpo-service api` hands uvicorn, by import path, in each of its processes: the app and the
-HTTP/1.1 protocol."""
+HTTP/1.1 protocol (httptools' C parser; uvicorn picks uvloop's event loop where it is installed)."""
 from __future__ import annotations
 
 import gc
 import socket
 
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.main import create_app
 from api.settings import get_settings
@@ -22,11 +22,15 @@ def served_app():
     return app
 
 
-class NoDelayH11Protocol(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with Nagle's algorithm off on every connection. With --workers,
-    uvicorn binds the socket itself without naming TCP as its protocol, so asyncio leaves Nagle on: a
-    small response then goes out as two segments, the second held until the client's delayed ACK, and
-    sequential requests took ~48 ms each instead of ~3 ms."""
+class NoDelayProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with Nagle's algorithm off on every connection. With --workers,
+    uvicorn binds the socket itself without naming TCP as its protocol, so asyncio's own loop leaves
+    Nagle on (uvloop sets TCP_NODELAY itself, but is not installed everywhere): a small response then
+    goes out as two segments, the second held until the client's delayed ACK, and sequential requests
+    took ~48 ms each instead of ~3 ms.
+
+    httptools, not uvicorn's pure-Python h11: its parser in C took ~15% less of the API's CPU per
+    status poll on a 2-core machine (docs/performance.md)."""
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")

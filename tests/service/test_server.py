@@ -6,7 +6,7 @@ import socket
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from api.server import NoDelayH11Protocol
+from api.server import NoDelayProtocol
 
 
 class _Transport:
@@ -27,7 +27,7 @@ def _nodelay(sock: socket.socket) -> bool:
 def test_connections_get_nodelay_on_a_socket_bound_as_uvicorn_binds_it_for_workers():
     """uvicorn's --workers socket is socket.socket(AF_INET): protocol 0, on which asyncio sets no
     TCP_NODELAY (it checks the protocol is TCP). The protocol sets it on each accepted connection."""
-    config = Config(app=lambda *_: None, http=NoDelayH11Protocol)
+    config = Config(app=lambda *_: None, http=NoDelayProtocol)
     config.load()
     with socket.socket(family=socket.AF_INET) as listener:
         listener.bind(("127.0.0.1", 0))
@@ -36,6 +36,6 @@ def test_connections_get_nodelay_on_a_socket_bound_as_uvicorn_binds_it_for_worke
             conn, _ = listener.accept()
             with conn:
                 assert conn.proto == 0 and not _nodelay(conn)  # what asyncio would leave alone
-                protocol = NoDelayH11Protocol(config=config, server_state=ServerState(), app_state={})
+                protocol = NoDelayProtocol(config=config, server_state=ServerState(), app_state={})
                 protocol.connection_made(_Transport(conn))
                 assert _nodelay(conn)
