@@ -29,7 +29,7 @@ class NoDelayProtocol(HttpToolsProtocol):
     goes out as two segments, the second held until the client's delayed ACK, and sequential requests
     took ~48 ms each instead of ~3 ms.
 
-    httptools, not uvicorn's pure-Python h11: its parser in C took ~15% less of the API's CPU per
+    httptools, not uvicorn's pure-Python h11: its parser in C took 10–15% less of the API's CPU per
     status poll on a 2-core machine (docs/performance.md)."""
 
     def connection_made(self, transport) -> None:
