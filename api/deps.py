@@ -100,7 +100,7 @@ async def get_caller(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Caller:
     """The presented key, from `Authorization: Bearer <key>`; 401 without one. No I/O: a team key is
-    checked by get_principal, or by `read` in the same thread hop as the route's own reads."""
+    checked by get_principal, or by `read` / `read_job` in the same thread hop as the route's own reads."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
     key = credentials.credentials

@@ -89,7 +89,8 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         lifespan=lifespan,
     )
     # Every /v1 route needs a key. Checking a team key takes the database: each route does that itself,
-    # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read.
+    # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read
+    # or api.deps.read_job.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
     for module in (files, jobs, events, checkpoints, pool, usage, teams):
         v1.include_router(module.router)

@@ -35,15 +35,9 @@ def hash_key(key: str) -> str:
 
 
 def team_for_key(session: Session, presented: str) -> tuple[str, str] | None:
-    """(key id, team id) of a live key, or None. The stored hash is compared in constant time."""
-    digest = hash_key(presented)
-    row = session.execute(
-        select(ApiKey.id, ApiKey.team_id, ApiKey.key_hash).join(Team, Team.id == ApiKey.team_id)
-        .where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None), Team.deleted_at.is_(None))
-    ).one_or_none()
-    if row is None or not hmac.compare_digest(row.key_hash, digest):
-        return None
-    return row.id, row.team_id
+    """(key id, team id) of a live key, or None."""
+    found = key_and_job(session, presented, None)
+    return found[:2] if found else None
 
 
 _KEYS, _TEAMS, _JOBS = ApiKey.__table__, Team.__table__, Job.__table__
@@ -58,8 +52,9 @@ _KEY_AND_JOB = (
 
 
 def key_and_job(session: Session, presented: str, job_id: str | None) -> tuple[str, str, Row | None] | None:
-    """As team_for_key, with job `job_id` of the key's team as a row of api.store.jobs.JOB_FIELDS (None:
-    that team has no such job, or `job_id` is None), in one query. None: not a live key."""
+    """(key id, team id, job) for a live key, the job `job_id` of the key's team as a row of
+    api.store.jobs.JOB_FIELDS (None: that team has no such job, or `job_id` is None), in one query.
+    None: not a live key. The stored hash is compared in constant time."""
     digest = hash_key(presented)
     row = session.execute(_KEY_AND_JOB, {"key_hash": digest, "job_id": job_id}).one_or_none()
     if row is None or not hmac.compare_digest(row.key_hash, digest):
