@@ -76,6 +76,11 @@ def test_list_retrieve_and_cursor_pagination(client, train_id):
     assert sorted(j["id"] for j in first["data"] + rest["data"]) == sorted(ids)
     assert client.get(f"/v1/fine_tuning/jobs/{ids[0]}").json()["id"] == ids[0]
     assert client.get("/v1/fine_tuning/jobs/ftjob-nope").status_code == 404
+    for listed in first["data"] + rest["data"]:  # list: Job objects; status: a row. Same fields
+        assert listed == client.get(f"/v1/fine_tuning/jobs/{listed['id']}").json()
+    for bad in ("ftjob-nope", "ftjob-" + "0" * 24, "x"):
+        r = client.get("/v1/fine_tuning/jobs", params={"after": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "after"
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 0}).status_code == 400
 
 

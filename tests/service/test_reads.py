@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
+from api.schemas.jobs import JobPublic
 from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker, read_with_retry
 from api.store.jobs import job_row
 from api.store.migrate import upgrade
@@ -141,3 +142,20 @@ def test_one_query_finds_the_key_and_its_teams_job(db_url):
     finally:
         engine.dispose()
         reader.dispose()
+
+
+def test_a_job_row_reads_as_its_job(db_url):
+    """The status and list routes build JobPublic from rows of JOB_FIELDS: every field comes out as it
+    does from the Job object, JSON columns and the `metadata_` rename included."""
+    engine = make_engine(db_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            _, _, job = _team_with_key_and_job(session, "reads-row")
+            job.status, job.started_at, job.step, job.total_steps = JobStatus.RUNNING.value, now(), 3, 10
+            job.metrics, job.error_code, job.error_message = {"loss": 0.5}, "oom", "out of memory"
+        with make_sessionmaker(engine)() as session:
+            as_object = JobPublic.of(session.get(Job, job.id))
+            assert JobPublic.of(job_row(session, job.id)) == as_object
+            assert as_object.metadata == {"k": "v"} and as_object.progress.step == 3
+    finally:
+        engine.dispose()
