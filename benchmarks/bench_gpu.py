@@ -141,6 +141,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     name, peak = card()
+    print(bt.machine.describe(), flush=True)
     work_dir = Path(args.work_dir)
     started = time.perf_counter()
     w = bt.prepare(work_dir, args.max_length, args.batch_size, args.steps, seed=0, build_model=build_model)

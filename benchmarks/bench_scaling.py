@@ -42,6 +42,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    print(bt.machine.describe(), flush=True)
     work_dir = Path(args.work_dir)
     ours = {"gradient_checkpointing": args.gradient_checkpointing}
     if args.chunk_size:

@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 import httpx
+import machine  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -300,6 +301,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    print(machine.describe(with_torch=False), flush=True)
     root = Path(tempfile.mkdtemp(prefix="dpo-bench-service-"))
     db_url = create_database(args.database_url)
     queue = f"dpo-bench-{secrets.token_hex(4)}"

@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-import workload  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+import workload  # noqa: E402
 from contenders import Job  # noqa: E402
 
 
@@ -358,6 +359,8 @@ def main(argv=None) -> None:
     work_dir = Path(args.work_dir)
     w = prepare(work_dir, args.max_length, args.batch_size, args.steps, seed=0)
     plan = contenders(args)
+    described = machine.describe()
+    print(described, flush=True)
     print(f"{len(plan)} contenders x {args.repeats} repeats; {sum(w.step_tokens):,} tokens in {args.steps} steps; "
           f"max_length {args.max_length}, batch {args.batch_size} pairs, {args.precision}, reference {args.reference_mode}",
           flush=True)
@@ -375,7 +378,7 @@ def main(argv=None) -> None:
     print()
     print(report(results, [c.label for c in plan], args))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "step_tokens": w.step_tokens, "runs": results}, indent=1))
+        Path(args.json).write_text(json.dumps({"machine": described, "args": vars(args), "step_tokens": w.step_tokens, "runs": results}, indent=1))
 
 
 if __name__ == "__main__":
