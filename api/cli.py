@@ -59,13 +59,25 @@ def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:
     if created:
         print(f"Generated the admin API key (shown once; kept in {settings.data_dir / 'api_key'}):\n  {key}",
               flush=True)
+    threads = process_threads(settings, workers, os.environ)
     print(f"dpo-service API on http://{host}:{port} (docs at /docs), data in {settings.data_dir}"
-          f"{f', {workers} processes' if workers > 1 else ''}", flush=True)
+          f"{f', {workers} processes, {threads} request threads each' if workers > 1 else ''}", flush=True)
     # Each process builds its app from the environment (api.settings), so the flags travel there.
-    os.environ["DPO_DATA_DIR"] = str(settings.data_dir)
+    os.environ["DPO_DATA_DIR"], os.environ["DPO_API_THREADS"] = str(settings.data_dir), str(threads)
     uvicorn.run("api.server:served_app", factory=True, host=host, port=port, workers=workers, log_level="info",
                 http="api.server:NoDelayProtocol")
     return 0
+
+
+def process_threads(settings: Settings, workers: int, environ) -> int:
+    """Request threads for each of `workers` API processes. A process keeps a read connection per thread
+    (api.main._api_engines), so N processes at the default 40 could hold 48 x N connections to
+    PostgreSQL, which allows 100 by default for everyone, the workers included: without an explicit
+    DPO_API_THREADS the default is shared out (at least 8 each). One process serves on one core, so
+    fewer threads each cost no throughput."""
+    if workers <= 1 or any(name.upper() == "DPO_API_THREADS" for name in environ):
+        return settings.api_threads
+    return max(8, settings.api_threads // workers)
 
 
 def _up(settings: Settings, host: str, port: int) -> int:
@@ -144,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--port", type=int, default=8000)
         cmd.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     commands.choices["api"].add_argument(
-        "--workers", type=int, default=1, help="API processes sharing the port (each takes one core at most)")
+        "--workers", type=int, default=1, help="API processes sharing the port (each takes one core at most; they share out DPO_API_THREADS's default)")
     worker = commands.add_parser("worker", help="one job worker (run one per GPU)")
     worker.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     worker.add_argument("--loglevel", default="INFO")

@@ -10,6 +10,8 @@ import time
 import httpx
 import pytest
 
+from api.cli import process_threads
+from api.settings import Settings
 from tests.service.processes import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -75,7 +77,7 @@ def test_api_serves_from_several_processes(tmp_path):
         for _ in range(20):  # new connections: the kernel hands them to either process
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
                 assert [f["id"] for f in c.get("/v1/files").json()["data"]] == [made]
-        assert "2 processes" in out.read_text()
+        assert "2 processes, 20 request threads each" in out.read_text()  # the default 40 shared out
     finally:
         children = _children(proc.pid)
         proc.send_signal(signal.SIGTERM)
@@ -99,3 +101,13 @@ def _children(pid: int) -> list[int]:
         return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
     except OSError:
         return []
+
+
+@pytest.mark.parametrize("workers, environ, expected", [
+    (1, {}, 40), (2, {}, 20), (3, {}, 13), (8, {}, 8),  # the default shared out, at least 8 each
+    (2, {"DPO_API_THREADS": "40"}, 40), (4, {"dpo_api_threads": "40"}, 40),  # set by hand: as set
+])
+def test_api_processes_share_out_the_default_threads(workers, environ, expected):
+    """Each API process keeps a read connection per request thread: N processes at 40 each could hold
+    more connections than PostgreSQL's default 100 allows, so `--workers N` shares the default out."""
+    assert process_threads(Settings(api_threads=int(environ.get("DPO_API_THREADS", 40))), workers, environ) == expected
