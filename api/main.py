@@ -1,5 +1,6 @@
-"""The FastAPI app: `create_app(settings)`; run it with `dpo-service api` or
-`uvicorn --factory api.main:create_app`."""
+"""The FastAPI app: `create_app(settings)`; run it with `dpo-service api`. `uvicorn --factory
+api.main:create_app` (or another ASGI server) serves it too, migrating at start-up, but without what
+`dpo-service api` adds for latency: a frozen heap and httptools' parser (api.server)."""
 from __future__ import annotations
 
 import logging
