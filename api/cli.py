@@ -156,7 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--port", type=int, default=8000)
         cmd.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     commands.choices["api"].add_argument(
-        "--workers", type=int, default=1, help="API processes sharing the port (each takes one core at most; they share out DPO_API_THREADS's default)")
+        "--workers", type=int, default=1,
+        help="API processes sharing the port (each takes one core at most; they share out DPO_API_THREADS's default)")
     worker = commands.add_parser("worker", help="one job worker (run one per GPU)")
     worker.add_argument("--data-dir", help="default: $DPO_DATA_DIR or ./.dpo-data")
     worker.add_argument("--loglevel", default="INFO")

@@ -30,8 +30,8 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(None, description="admin key; default: generated into data_dir")
     env: Literal["development", "test", "production"] = "development"
     queue: str = Field("dpo-jobs", description="Celery queue the jobs travel on")
-    api_threads: int = Field(40, gt=0, description="threads serving sync routes in each API process; its database pools match it "
-                             "(`dpo-service api --workers N` shares the default out among the N)")
+    api_threads: int = Field(40, gt=0, description="threads serving sync routes in each API process; its "
+                             "database pools match it (`dpo-service api --workers N` shares the default out)")
     max_upload_bytes: int = Field(1 << 30, gt=0, description="largest accepted upload")
     max_request_bytes: int = Field(1 << 20, gt=0, description="largest accepted request body other than an upload")
     max_line_bytes: int = Field(8 << 20, gt=0, description="longest accepted line of an uploaded JSONL file")

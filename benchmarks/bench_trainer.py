@@ -378,7 +378,8 @@ def main(argv=None) -> None:
     print()
     print(report(results, [c.label for c in plan], args))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": described, "args": vars(args), "step_tokens": w.step_tokens, "runs": results}, indent=1))
+        record = {"machine": described, "args": vars(args), "step_tokens": w.step_tokens, "runs": results}
+        Path(args.json).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

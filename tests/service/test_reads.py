@@ -145,8 +145,8 @@ def test_one_query_finds_the_key_and_its_teams_job(db_url):
 
 
 def test_a_job_row_reads_as_its_job(db_url):
-    """The status and list routes build JobPublic from rows of JOB_FIELDS: every field comes out as it
-    does from the Job object, JSON columns and the `metadata_` rename included."""
+    """The status route builds JobPublic from a row of JOB_FIELDS, the list and cancel routes from Job
+    objects: every field comes out the same, JSON columns and the `metadata_` rename included."""
     engine = make_engine(db_url)
     try:
         with make_sessionmaker(engine).begin() as session:
