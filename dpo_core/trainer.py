@@ -165,10 +165,11 @@ def _share_prompt(spec: TrainingSpec, model) -> bool:
     checked when it is loaded."""
     if spec.share_prompt is False or spec.loss.unpaired:
         return False
-    if spec.share_prompt is True and not can_share_prompt(model):
+    able = can_share_prompt(model)
+    if spec.share_prompt is True and not able:
         raise TrainingError("share_prompt: true needs a model with SDPA attention and a separate LM head; "
                             "set share_prompt: false (or auto)")
-    return can_share_prompt(model)
+    return able
 
 
 def _pad_multiple(spec: TrainingSpec, device: torch.device) -> int:
