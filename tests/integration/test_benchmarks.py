@@ -1,0 +1,51 @@
+"""The issue-6 benchmarks run end to end and compare like with like. They print figures; these tests
+check what the figures rest on (the same batches for both contenders, every run's record present),
+never a timing."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done.stdout
+
+
+def test_bench_trainer_trains_trl_and_dpo_core_on_the_same_batches(tmp_path):
+    record_file = tmp_path / "record.json"
+    out = _run("bench_trainer.py", "--max-length", "96", "--batch-size", "2", "--steps", "3", "--repeats", "1",
+               "--no-extra-rows", "--work-dir", str(tmp_path), "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert out.startswith("machine: cpu: ") and record["machine"] in out
+    trl, ours = record["runs"]
+    assert (trl["contender"], ours["contender"]) == ("trl", "dpo_core")
+    for run in (trl, ours):
+        assert len(run["wall"]) == len(run["losses"]) == 3
+        assert run["peak_rss"] > 0 and run["tokens_per_s"] > 0
+    # Same batches in the same order: both start from log 2 (policy = reference) and stay together,
+    # and dpo_core's own token count is the one the ratios are computed from.
+    assert trl["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    assert ours["losses"] == pytest.approx(trl["losses"], abs=1e-4)
+    assert ours["own_num_tokens"] == sum(record["step_tokens"])
+    assert "| dpo_core |" in out and "× TRL" in out
+
+
+def test_bench_scaling_reports_every_length(tmp_path):
+    out = _run("bench_scaling.py", "--lengths", "64", "128", "--steps", "2", "--batch-size", "2", "--repeats", "1",
+               "--work-dir", str(tmp_path))
+    assert out.startswith("machine: cpu: ")
+    rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 128 |"))]
+    assert len(rows) == 2, out
+    assert rows[0].split("|")[-3].strip() == "1.00"  # the shortest is its own baseline
