@@ -1,9 +1,10 @@
 """What a benchmark ran on, in one line, printed first by each benchmark.
 
 The project's 2-core build machine is not always the same CPU, and the figures move with it: the same
-dpo_core measured 5.5-6.2x TRL on a Zen 4 and 4.1x on a Zen 5, and the same service met its status
-target on one VM and not on a slower, stalling one (docs/performance.md, "The machine"). A figure
-without its machine cannot be compared, so the benchmarks say which one they ran on.
+dpo_core measured 5.5-6.2x TRL on a Zen 4, 4.1x on one Zen 5 and 5.4x on another of the same CPU
+model (half the first one's matmul rate), and the same service met its status target on one VM and
+not on a slower, stalling one (docs/performance.md, "The machine"). A figure without its machine
+cannot be compared, so the benchmarks say which one they ran on.
 """
 from __future__ import annotations
 
