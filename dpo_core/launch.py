@@ -48,13 +48,27 @@ def _rank_main(spec_data: dict, factory: str | None, args: tuple):
         distributed.shutdown(distributed.init(spec.device))
 
 
-def _failure_summary(err) -> str:
-    """One line naming the rank that failed first and why."""
+# What a rank raises inside a collective when another rank went away first (gloo, NCCL).
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "remote process exited")
+
+
+def _failure_summary(err, nproc: int) -> str:
+    """One line naming the rank that failed first and why.
+
+    The launcher reports one failed rank: the first it finds dead when it polls. If a killed rank's
+    peer has already died of the lost connection by then, the peer is the one reported, so a
+    lost-peer failure names the rank it lost (the other one, with two ranks) as the cause.
+    """
     failures = getattr(err, "failures", {}) or {}
     if not failures:
         return str(err).strip().splitlines()[0]
     rank, failure = min(failures.items(), key=lambda item: item[1].timestamp)
     reason = failure.message if isinstance(failure.message, str) else str(failure.message)
+    lost = next((p for p in LOST_PEER if p in reason), None)
+    if lost:
+        others = [r for r in range(nproc) if r != rank]
+        culprit = f"rank {others[0]}" if len(others) == 1 else "another rank"
+        return f"{culprit} failed first: rank {rank} lost contact with it ({lost})"
     if failure.exitcode and failure.exitcode < 0:
         reason = f"killed by signal {-failure.exitcode}"
     return f"rank {rank} failed: {reason.strip().splitlines()[-1] if reason.strip() else 'exit ' + str(failure.exitcode)}"
@@ -94,5 +108,5 @@ def launch(spec: TrainingSpec, nproc: int, callbacks_factory: str | None = None,
     try:
         results = elastic_launch(config, _rank_main)(spec.model_dump(), callbacks_factory, factory_args)
     except ChildFailedError as err:
-        raise RankFailedError(f"distributed training failed: {_failure_summary(err)}") from None
+        raise RankFailedError(f"distributed training failed: {_failure_summary(err, nproc)}") from None
     return results[0]
