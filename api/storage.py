@@ -7,14 +7,19 @@ path on every machine works unchanged, and an object store can implement the sam
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import shutil
+import stat
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
 CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+log = logging.getLogger("dpo.storage")
 
 
 class Storage(Protocol):
@@ -55,7 +60,17 @@ class LocalStorage:
         return len(data)
 
     def open(self, key: str) -> BinaryIO:
-        return self.path(key).open("rb")
+        """The regular file at `key`, for reading. FileNotFoundError if there is none, or if a symbolic
+        link is on the way: a link a job left in its directory never serves a file from elsewhere."""
+        self.path(key)  # validates the key
+        root = os.open(self.root, _DIR_FLAGS)
+        try:
+            fd = _open_below(root, PurePosixPath(key).parts)
+        finally:
+            os.close(root)
+        if fd is None:
+            raise FileNotFoundError(key)
+        return os.fdopen(fd, "rb")
 
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
@@ -75,40 +90,89 @@ def iter_file(handle: BinaryIO) -> Iterator[bytes]:
             yield chunk
 
 
-def _exactly(path: Path, size: int) -> Iterator[bytes]:
+def _exactly(handle: BinaryIO, size: int) -> Iterator[bytes]:
     # The header promised `size` bytes; a file that changed since must not corrupt the archive.
     left = size
-    with path.open("rb") as handle:
-        while left and (chunk := handle.read(min(CHUNK, left))):
-            left -= len(chunk)
-            yield chunk
+    while left and (chunk := handle.read(min(CHUNK, left))):
+        left -= len(chunk)
+        yield chunk
     if left:
         yield b"\0" * left
 
 
 def tar_entries(directory: Path) -> list[tuple[Path, os.stat_result]]:
-    """The directory and everything under it, each with its stat, read before a byte is sent (so a
-    missing checkpoint is a 404, not a broken download). FileNotFoundError if the directory is gone."""
-    paths = [directory, *sorted(directory.rglob("*"))] if directory.is_dir() else []
-    if not paths:
+    """The directory and the directories and regular files under it, each with its stat, read before a
+    byte is sent (so a missing checkpoint is a 404, not a broken download). FileNotFoundError if the
+    directory is gone or is itself a symbolic link. Symbolic links (and pipes, devices) under it are left
+    out, never followed: a link planted in a job's directory must not serve a file of the API's host."""
+    try:
+        top = directory.lstat()
+    except FileNotFoundError:
+        raise FileNotFoundError(str(directory)) from None
+    if not stat.S_ISDIR(top.st_mode):
         raise FileNotFoundError(str(directory))
-    return [(p, p.stat()) for p in paths]
+    entries = [(directory, top)]
+    for parent, dirs, files, _fd in os.fwalk(directory, follow_symlinks=False):  # links are never entered
+        for name in sorted(dirs + files):
+            path = Path(parent) / name
+            info = path.lstat()
+            if stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode):
+                entries.append((path, info))
+            else:
+                log.warning("not serving %s: not a regular file or directory", path)
+    return sorted(entries, key=lambda e: e[0])
 
 
 def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None
              ) -> Iterator[bytes]:
-    """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files."""
-    for path, stat in entries if entries is not None else tar_entries(directory):
-        name = arcname if path == directory else f"{arcname}/{path.relative_to(directory).as_posix()}"
-        info = tarfile.TarInfo(name)
-        info.mtime, info.mode = int(stat.st_mtime), stat.st_mode & 0o777
-        if path.is_dir():
-            info.type = tarfile.DIRTYPE
-            yield info.tobuf(tarfile.PAX_FORMAT)
-            continue
-        info.size = stat.st_size
-        yield info.tobuf(tarfile.PAX_FORMAT)
-        yield from _exactly(path, info.size)
-        if pad := -info.size % tarfile.BLOCKSIZE:
-            yield b"\0" * pad
+    """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files.
+    Only directories and regular files are written; each file is opened without following a link at
+    any step below `directory`, so one swapped for a link after the listing is left out too."""
+    entries = entries if entries is not None else tar_entries(directory)
+    root = os.open(directory, _DIR_FLAGS)
+    try:
+        for path, info_stat in entries:
+            name = arcname if path == directory else f"{arcname}/{path.relative_to(directory).as_posix()}"
+            if stat.S_ISDIR(info_stat.st_mode):
+                yield _header(name, info_stat, tarfile.DIRTYPE, 0)
+                continue
+            fd = _open_below(root, path.relative_to(directory).parts)
+            if fd is None:
+                continue
+            with os.fdopen(fd, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                yield _header(name, info_stat, tarfile.REGTYPE, size)
+                yield from _exactly(handle, size)
+            if pad := -size % tarfile.BLOCKSIZE:
+                yield b"\0" * pad
+    finally:
+        os.close(root)
     yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
+
+
+def _header(name: str, info_stat: os.stat_result, kind: bytes, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.mtime, info.mode, info.type, info.size = int(info_stat.st_mtime), info_stat.st_mode & 0o777, kind, size
+    return info.tobuf(tarfile.PAX_FORMAT)
+
+
+def _open_below(root: int, parts: tuple[str, ...]) -> int | None:
+    """A regular file under directory fd `root`, opened through no symbolic link; None if there is none."""
+    fd, opened = root, []
+    try:
+        for part in parts[:-1]:
+            fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            opened.append(fd)
+        # O_NONBLOCK: a pipe put in the file's place must not block the open.
+        file = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):  # a link, or under one, since the listing: left out
+            return None
+        raise  # gone since the listing (pruned?): the download breaks off rather than lie
+    finally:
+        for d in opened:
+            os.close(d)
+    if not stat.S_ISREG(os.fstat(file).st_mode):
+        os.close(file)
+        return None
+    return file

@@ -3,7 +3,9 @@
 A checkpoint directory holds the model (or LoRA adapter) and tokenizer, `trainer_state.pt`
 (optimizer, scheduler, RNG) and `state.json` (step, data position, counters). It is written under a
 temporary name and renamed into place only when complete, so a crash mid-write never leaves
-something a resume would pick up.
+something a resume would pick up. It holds only regular files and directories: a symbolic link (or a
+pipe, a device) that the model's own save code left in it fails the write, so no checkpoint, and no
+download of one, ever leads to a file outside it.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -55,12 +58,29 @@ def atomic_dir(target: Path, write) -> None:
     try:
         tmp.mkdir(parents=True)
         write(tmp)
+        if odd := _not_plain(tmp):
+            raise CheckpointError(f"could not write {target}: the model's save wrote {odd}, which is not a regular "
+                                  "file or directory (a symbolic link?); a checkpoint holds only plain files")
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
+    except CheckpointError:
+        shutil.rmtree(tmp, ignore_errors=True)  # removes links themselves, never what they point to
+        raise
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write {target}: {err.strerror or err}") from err
+
+
+def _not_plain(root: Path) -> str | None:
+    """The first entry under `root` (relative to it) that is not a regular file or a directory."""
+    for directory, dirs, files in os.walk(root):  # never follows a link: one to a directory is in `dirs`
+        for name in sorted(dirs + files):
+            path = Path(directory) / name
+            mode = path.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                return path.relative_to(root).as_posix()
+    return None
 
 
 def _save_model(model, path: Path, state_dict: dict | None) -> None:

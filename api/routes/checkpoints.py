@@ -41,10 +41,13 @@ def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) ->
             responses={200: {"content": {"application/x-tar": {}}}})
 def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
                        storage: StorageDep) -> StreamingResponse:
-    """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained."""
+    """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained. Only its
+    regular files and directories: a symbolic link in it is left out, never followed."""
     ckpt = _checkpoint(session, job.id, checkpoint_id)
     directory = storage.path(ckpt.storage_key)
     try:
+        if directory.resolve() != directory:  # a link on the way (a job's directory swapped for one): not ours
+            raise FileNotFoundError(str(directory))
         entries = tar_entries(directory)
     except FileNotFoundError:
         raise NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit or by hand)",
