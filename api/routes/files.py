@@ -16,6 +16,7 @@ from api.schemas.common import PRINTABLE, DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
 from api.storage import Storage, iter_file
 from api.store.jobs import ACTIVE
+from api.store.locks import lock_files
 from api.store.models import File, Job, new_id, now
 from dpo_core.data import DataError, read_jsonl_bytes
 
@@ -120,7 +121,9 @@ def file_content(file: FileDep, storage: StorageDep) -> StreamingResponse:
 
 @router.delete("/{file_id}", response_model=DeletedPublic)
 def delete_file(file: FileDep, session: SessionDep, storage: StorageDep) -> DeletedPublic:
-    """Delete a file that no unfinished job uses."""
+    """Delete a file that no unfinished job uses (409 file_in_use while one does)."""
+    if not lock_files(session, [file.id]):  # held until commit: no job is created on it meanwhile
+        raise NotFound(f"no file {file.id!r}: it was deleted meanwhile", param="file_id")
     in_use = session.scalar(
         select(Job.id).where(
             (Job.training_file == file.id) | (Job.validation_file == file.id),
@@ -128,7 +131,8 @@ def delete_file(file: FileDep, session: SessionDep, storage: StorageDep) -> Dele
         ).limit(1)
     )
     if in_use:
-        raise Conflict(f"file {file.id} is used by job {in_use}, which has not finished", param="file_id")
+        raise Conflict(f"file {file.id} is used by job {in_use}, which has not finished; cancel the job or wait "
+                       "until it ends, then delete the file", param="file_id", code="file_in_use")
     session.delete(file)
     session.commit()
     storage.delete(file.storage_key)

@@ -31,7 +31,7 @@ from api.pool import queue_info
 from api.schemas.common import ListPublic
 from api.schemas.jobs import INT64, JobCreate, JobPublic
 from api.store import jobs as store
-from api.store.locks import lock_team
+from api.store.locks import lock_files, lock_team
 from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
@@ -58,6 +58,7 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
         session.rollback()  # a twin request made it while we validated
         return _public(session, settings, [earlier])[0]
     _check_queue_quota(session, team)
+    _files_still_there(session, job)
     session.add(job)
     session.flush()  # the row first: events reference it
     store.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
@@ -173,6 +174,17 @@ def _public(session, settings, jobs: list) -> list[JobPublic]:
     """`jobs`: Job objects, or rows of api.store.jobs.JOB_FIELDS (read the same way)."""
     info = queue_info(session, settings, jobs, time.time())
     return [JobPublic.of(j, *((info[j.id].position, info[j.id].reason) if j.id in info else ())) for j in jobs]
+
+
+def _files_still_there(session, job: Job) -> None:
+    """Lock the job's files until commit: a delete of one waits for the job and then sees it (409
+    file_in_use); a delete that came first leaves nothing to use (400 here, no job made)."""
+    files = {"training_file": job.training_file, "validation_file": job.validation_file}
+    present = lock_files(session, [f for f in files.values() if f])
+    for param, file_id in files.items():
+        if file_id and file_id not in present:
+            raise InvalidInput(f"file {file_id} was deleted while the job was being created; upload it again",
+                               param=param, code="invalid_file")
 
 
 def _check_queue_quota(session, team: Team) -> None:

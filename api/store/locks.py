@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
-from api.store.models import Team, Worker
+from api.store.models import File, Team, Worker
 
 
 def is_sqlite(session: Session) -> bool:
@@ -36,3 +36,12 @@ def try_lock_worker(session: Session, worker_id: str) -> bool:
     writer_lock(session)
     stmt: Select = select(Worker.id).where(Worker.id == worker_id).with_for_update(skip_locked=True)
     return session.scalar(stmt) is not None
+
+
+def lock_files(session: Session, file_ids: list[str]) -> set[str]:
+    """Lock the rows of these files until the transaction ends (SQLite: the whole database); returns
+    the ids that still exist. A job's creation and a file's deletion both take it before they decide,
+    so a file is never deleted under a job being created, nor a job created on a deleted file."""
+    writer_lock(session)
+    stmt = select(File.id).where(File.id.in_(file_ids)).with_for_update()
+    return set(session.scalars(stmt))

@@ -1,0 +1,91 @@
+"""End-to-end: requests that race each other against a real API process, on SQLite and on PostgreSQL.
+A file deleted while a job that uses it is being created: either the job exists and the delete got
+409 file_in_use, or the delete won and the job was refused; never a job on a deleted file."""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.processes import Service, free_port
+from tests.service.support import MODEL_DIRS, as_key, make_team
+
+pytestmark = pytest.mark.slow
+TRAINING = {"max_length": 64, "max_prompt_length": 32}
+PAIRS = 60  # (create a job on file f, delete f) pairs, run 12 at a time
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def api(request, tmp_path_factory):
+    """An API process alone (no worker: the jobs stay queued), on its own data directory."""
+    root = tmp_path_factory.mktemp(f"races-{request.param}")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
+    env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY="races-" + secrets.token_hex(8), HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]), DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
+    if request.param == "postgres":
+        env["DPO_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+    port = free_port()
+    service = Service(url=f"http://127.0.0.1:{port}", key=env["DPO_API_KEY"], data_dir=data_dir, env=env, port=port)
+    service.start_api()
+    try:
+        service.wait_ready()
+        yield service
+    finally:
+        service.stop()
+
+
+def _upload(c: httpx.Client, key: str) -> str:
+    r = c.post("/v1/files", headers=as_key(key), data={"purpose": "fine-tune"},
+               files={"file": ("t.jsonl", b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n')})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def _create(c: httpx.Client, key: str, file_id: str) -> httpx.Response:
+    return c.post("/v1/fine_tuning/jobs", headers=as_key(key),
+                  json={"model": "owner/model", "training_file": file_id, "training": TRAINING})
+
+
+def test_a_file_deleted_while_its_job_is_created_never_leaves_a_job_on_a_deleted_file(api):
+    with api.client() as admin:
+        key = make_team(admin, "racers")["key"]
+        files = [_upload(admin, key) for _ in range(PAIRS)]
+    local = threading.local()
+
+    def client() -> httpx.Client:
+        if not hasattr(local, "c"):
+            local.c = api.client()
+        return local.c
+
+    # For each file, its job's creation and its deletion start together; a creation validates for a
+    # while before it writes, which is where a delete slipped in.
+    with ThreadPoolExecutor(12) as pool:
+        futures = [(f, pool.submit(lambda f=f: _create(client(), key, f)),
+                    pool.submit(lambda f=f: client().delete(f"/v1/files/{f}", headers=as_key(key)))) for f in files]
+        pairs = [(f, c.result(), d.result()) for f, c, d in futures]
+
+    with api.client() as c:
+        jobs = c.get("/v1/fine_tuning/jobs", headers=as_key(key), params={"limit": 100}).json()["data"]
+        for file_id, created, deleted in pairs:
+            assert created.status_code in (200, 400) and deleted.status_code in (200, 409), (created.text, deleted.text)
+            exists = c.get(f"/v1/files/{file_id}", headers=as_key(key)).status_code == 200
+            if created.status_code == 200:  # the job exists: its file must, and the delete was refused
+                assert exists and deleted.status_code == 409, (file_id, deleted.text)
+                assert deleted.json()["error"]["code"] == "file_in_use"
+                assert deleted.json()["error"]["param"] == "file_id"
+            else:  # the delete won: the creation names the file it could not use, and made nothing
+                assert not exists and deleted.status_code == 200, (file_id, created.text)
+                error = created.json()["error"]
+                assert (error["param"], error["code"]) == ("training_file", "invalid_file")
+        on_deleted_files = [j["id"] for j in jobs if c.get(f"/v1/files/{j['training_file']}",
+                                                            headers=as_key(key)).status_code != 200]
+    assert on_deleted_files == []
+    assert len(jobs) == sum(created.status_code == 200 for _, created, _ in pairs)
+
