@@ -95,4 +95,5 @@ def _commit(session, name: str) -> None:
         session.commit()
     except IntegrityError:  # two requests took the same name at once; the unique index kept one
         session.rollback()
-        raise Conflict(f"a team named {name!r} exists already", param="name", code="name_taken") from None
+        raise Conflict(f"a team named {name!r} (in some case) exists already; team names are unique whatever "
+                       "their case", param="name", code="name_taken") from None

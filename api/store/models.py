@@ -1,8 +1,9 @@
-"""SQLAlchemy models of the job store: teams and their keys, files, jobs, events, checkpoints, workers.
+"""SQLAlchemy models of the job store: teams and their keys, files, jobs and their runs, events,
+checkpoints, workers.
 
 The schema is made only by the Alembic migrations in migrations/; keep the two in step.
 Times are Unix seconds (the OpenAI API's convention); the ones GPU-seconds are computed from
-(a job's start and end, worker heartbeats) keep their fraction.
+(a run's start and end, worker heartbeats) keep their fraction.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, String, Text, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit key.
@@ -67,9 +68,6 @@ class Team(Base):
     __tablename__ = "teams"
     __table_args__ = (
         Index("ix_teams_created_at_id", "created_at", "id"),
-        # Names are unique among teams that exist; a deleted team's name may be used again.
-        Index("uq_teams_name_live", "name", unique=True, sqlite_where=text("deleted_at IS NULL"),
-              postgresql_where=text("deleted_at IS NULL")),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("team"))
@@ -78,6 +76,12 @@ class Team(Base):
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     deleted_at: Mapped[int | None] = mapped_column(BigInteger)
+
+
+# Names are unique, whatever their case, among teams that exist; a deleted team's name may be used again.
+# (Names are ASCII, so SQLite's lower() and PostgreSQL's agree.)
+Index("uq_teams_lower_name_live", func.lower(Team.name), unique=True, sqlite_where=text("deleted_at IS NULL"),
+      postgresql_where=text("deleted_at IS NULL"))
 
 
 class ApiKey(Base):
@@ -189,6 +193,40 @@ class Job(Base):
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any] | None]
     eval_metrics: Mapped[dict[str, Any] | None]
+
+
+class RunOutcome(StrEnum):
+    """How a run ended."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    HANDED_BACK = "handed_back"  # its worker shut down; the job went back to the queue
+    LOST = "lost"  # it stopped renewing its lease (its worker died, or lost the database)
+
+
+class Run(Base):
+    """One run of a job: from when a worker started it (api.store.leases.acquire) to when it ended
+    (api.store.leases.end_run); `ended_at` None while it runs. A team's GPU-seconds are the sum over
+    its runs of `gpus` x their length (api.store.usage), so time a job spends queued between runs never
+    counts."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("uq_runs_job_id_token", "job_id", "token", unique=True),
+        Index("ix_runs_team_id_started_at", "team_id", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
+    gpus: Mapped[int] = mapped_column(Integer)
+    token: Mapped[int] = mapped_column(BigInteger)  # the run's lease token (Job.lease_token)
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(255))  # the worker's name
+    started_at: Mapped[float] = mapped_column(Float)
+    ended_at: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str | None] = mapped_column(String(32))  # a RunOutcome once ended
 
 
 class Event(Base):

@@ -79,7 +79,7 @@ def create_team(session: Session, name: str, max_running_jobs: int | None, max_q
 
 def update_team(session: Session, team: Team, changes: dict) -> Team:
     if "name" in changes and changes["name"] != team.name:
-        _name_is_free(session, changes["name"])
+        _name_is_free(session, changes["name"], team.id)
     for field, value in changes.items():
         setattr(team, field, value)
     return team
@@ -121,7 +121,11 @@ def revoke_key(session: Session, row: ApiKey) -> None:
         row.revoked_at = now()
 
 
-def _name_is_free(session: Session, name: str) -> None:
-    taken = session.scalar(select(Team.id).where(Team.name == name, Team.deleted_at.is_(None)))
+def _name_is_free(session: Session, name: str, team_id: str | None = None) -> None:
+    """Names are unique whatever their case (the index uq_teams_lower_name_live enforces it under races too;
+    this check only names the team that has it)."""
+    taken = session.execute(select(Team.id, Team.name).where(
+        func.lower(Team.name) == name.lower(), Team.deleted_at.is_(None), Team.id != (team_id or ""))).first()
     if taken:
-        raise Conflict(f"a team named {name!r} exists already ({taken})", param="name", code="name_taken")
+        raise Conflict(f"a team named {taken.name!r} exists already ({taken.id}); team names are unique whatever "
+                       "their case", param="name", code="name_taken")

@@ -9,12 +9,13 @@ import pytest
 from alembic import command
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from api.store.db import make_engine
 from api.store.migrate import alembic_config, upgrade
 from tests.service.support import service_url
 
-TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints"}
+TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints", "runs"}
 
 
 def _check(url: str) -> None:
@@ -110,3 +111,68 @@ def test_existing_rows_join_the_default_team_postgresql():
 
     with fresh_postgres() as url:
         _check_existing_rows_join_the_default_team(url)
+
+
+def _rows_at_0003(url: str) -> None:
+    """Teams whose names differ only in case, and jobs in every state a run leaves, as 0003 holds them."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        for team_id, name, created, deleted in (("team-a", "Research", 10, None), ("team-b", "research", 20, None),
+                                                ("team-c", "RESEARCH", 30, 35), ("team-d", "vision", 40, None)):
+            conn.execute(text("INSERT INTO teams (id, name, created_at, deleted_at) VALUES (:i, :n, :c, :d)"),
+                         {"i": team_id, "n": name, "c": created, "d": deleted})
+        conn.execute(text("INSERT INTO files (id, team_id, filename, purpose, bytes, format, rows, status, "
+                          "storage_key, created_at) VALUES ('file-x', 'team-a', 'a.jsonl', 'fine-tune', 1, 'text', "
+                          "1, 'processed', 'files/file-x.jsonl', 100)"))
+        for job_id, status, started, finished, token, attempts, gpus in (
+                ("ftjob-run", "running", 100.5, None, 2, 2, 4), ("ftjob-done", "succeeded", 100.0, 160.25, 1, 1, 1),
+                ("ftjob-again", "queued", 100.0, None, 1, 1, 1), ("ftjob-never", "cancelled", None, 120.0, 0, 0, 1)):
+            conn.execute(text(
+                "INSERT INTO jobs (id, team_id, status, priority, gpus, model, training_file, method, hyperparameters, "
+                "spec, created_at, started_at, finished_at, cancel_requested, result_files, lease_token, attempts, "
+                "worker) VALUES (:i, 'team-a', :s, 0, :g, 'm', 'file-x', '{}', '{}', '{}', 90, :st, :f, false, '[]', "
+                ":t, :a, 'w1')"), {"i": job_id, "s": status, "st": started, "f": finished, "t": token, "a": attempts,
+                                   "g": gpus})
+        conn.commit()
+    engine.dispose()
+
+
+def _check_upgrade_from_0003(url: str) -> None:
+    _rows_at_0003(url)
+    upgrade(url)
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        runs = conn.execute(text("SELECT job_id, team_id, gpus, token, attempt, worker, started_at, ended_at, outcome "
+                                 "FROM runs ORDER BY job_id")).all()
+        assert [tuple(r) for r in runs] == [("ftjob-done", "team-a", 1, 1, 1, "w1", 100.0, 160.25, "succeeded"),
+                                            ("ftjob-run", "team-a", 4, 2, 2, "w1", 100.5, None, None)]
+        names = dict(conn.execute(text("SELECT id, name FROM teams")).all())
+        assert (names["team-a"], names["team-b"], names["team-c"]) == ("Research", "research-team-b", "RESEARCH")
+        with pytest.raises(IntegrityError):  # the index itself refuses a name equal but for case
+            conn.execute(text("INSERT INTO teams (id, name, created_at) VALUES ('team-e', 'VISION', 50)"))
+        conn.rollback()
+        conn.execute(text("UPDATE teams SET deleted_at = 60 WHERE id = 'team-d'"))  # a deleted team's name is free
+        conn.execute(text("INSERT INTO teams (id, name, created_at) VALUES ('team-e', 'VISION', 50)"))
+        conn.commit()
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0003")
+        conn.commit()
+        assert "runs" not in inspect(conn).get_table_names()
+        assert conn.execute(text("SELECT started_at FROM jobs WHERE id = 'ftjob-again'")).scalar() == 100.0
+    engine.dispose()
+
+
+def test_upgrade_from_0003_makes_runs_and_parts_team_names_sqlite(tmp_path):
+    _check_upgrade_from_0003(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
+
+
+@pytest.mark.postgres
+def test_upgrade_from_0003_makes_runs_and_parts_team_names_postgresql():
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        _check_upgrade_from_0003(url)

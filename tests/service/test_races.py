@@ -1,6 +1,7 @@
 """End-to-end: requests that race each other against a real API process, on SQLite and on PostgreSQL.
 A file deleted while a job that uses it is being created: either the job exists and the delete got
-409 file_in_use, or the delete won and the job was refused; never a job on a deleted file."""
+409 file_in_use, or the delete won and the job was refused; never a job on a deleted file. Team names
+that differ only in case, created at once: exactly one team, the others 409 naming `name`."""
 from __future__ import annotations
 
 import os
@@ -89,3 +90,26 @@ def test_a_file_deleted_while_its_job_is_created_never_leaves_a_job_on_a_deleted
     assert on_deleted_files == []
     assert len(jobs) == sum(created.status_code == 200 for _, created, _ in pairs)
 
+
+def test_team_names_are_unique_whatever_their_case_even_at_once(api):
+    spellings = ["Research", "research", "RESEARCH", "reSearch", "ReSeArCh", "researcH"]
+    with api.client() as admin:
+        for round_ in range(3):
+            names = [f"{s}-{round_}" for s in spellings]
+            barrier = threading.Barrier(len(names))
+
+            def create(name: str) -> httpx.Response:
+                with api.client() as c:
+                    barrier.wait()
+                    return c.post("/v1/admin/teams", json={"name": name})
+
+            with ThreadPoolExecutor(len(names)) as pool:
+                answers = list(pool.map(create, names))
+            made = [r for r in answers if r.status_code == 200]
+            assert len(made) == 1, [r.text for r in answers]
+            for r in answers:
+                if r.status_code != 200:
+                    assert r.status_code == 409 and r.json()["error"]["param"] == "name", r.text
+                    assert r.json()["error"]["code"] == "name_taken"
+        teams = [t["name"].lower() for t in admin.get("/v1/admin/teams", params={"limit": 100}).json()["data"]]
+        assert sorted(teams) == sorted(set(teams))

@@ -38,6 +38,21 @@ def test_admin_manages_teams(client):
     assert r.status_code == 409
 
 
+def test_team_names_are_unique_whatever_their_case(client):
+    research = client.post("/v1/admin/teams", json={"name": "Research"}).json()
+    for name in ("research", "RESEARCH", "Default"):
+        r = client.post("/v1/admin/teams", json={"name": name})
+        assert r.status_code == 409, r.text
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("name", "name_taken")
+    vision = client.post("/v1/admin/teams", json={"name": "vision"}).json()
+    r = client.patch(f"/v1/admin/teams/{vision['id']}", json={"name": "reSEARCH"})
+    assert r.status_code == 409 and r.json()["error"]["param"] == "name"
+    r = client.patch(f"/v1/admin/teams/{research['id']}", json={"name": "RESEARCH"})  # its own name, recased
+    assert r.status_code == 200 and r.json()["name"] == "RESEARCH"
+    client.delete(f"/v1/admin/teams/{research['id']}")
+    assert client.post("/v1/admin/teams", json={"name": "research"}).status_code == 200  # free once deleted
+
+
 def test_keys_are_shown_once_stored_hashed_and_revoked_at_once(client, settings):
     team = make_team(client, "nlp")
     key = team["key"]
