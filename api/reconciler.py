@@ -4,7 +4,9 @@ so several processes running it at once repair each thing once.
 
 - A `running` job whose lease ran out (its worker was killed, lost its machine, or cannot reach the
   database) goes back to `queued` and resumes from its latest checkpoint on the next free worker; after
-  `max_attempts` lost runs it fails with `worker_lost`; a job being cancelled is cancelled.
+  `max_attempts` lost runs it fails with `worker_lost`; a job being cancelled is cancelled. Its run ends
+  (`lost`) at its last renewal of the lease, the last time it was known to run: its team's GPU-seconds
+  stop there, however long the job then waits.
 - A `dispatched` job whose worker was lost or stopped before starting it goes back to `queued`.
 - A `dispatched` job its worker has not started within `dispatch_timeout_s` goes back to `queued`: its
   message was lost (a broker restarted without its data, an API process died between recording a
@@ -20,7 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api.settings import Settings
 from api.store.jobs import transition
-from api.store.models import Job, JobStatus, Worker
+from api.store.leases import end_run
+from api.store.models import Job, JobStatus, RunOutcome, Worker
 from api.store.workers import is_live
 
 log = logging.getLogger("dpo.reconciler")
@@ -41,9 +44,9 @@ def _expired(at: float):
 def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
     """Running jobs whose run stopped renewing its lease: queued again, failed, or cancelled."""
     with sessions() as s:
-        rows = s.execute(select(Job.id, Job.lease_token, Job.attempts, Job.max_attempts, Job.cancel_requested,
-                                Job.worker, Job.step).where(Job.status == JobStatus.RUNNING.value,
-                                                            _expired(at))).all()
+        rows = s.execute(select(Job.id, Job.lease_token, Job.lease_expires_at, Job.started_at, Job.attempts,
+                                Job.max_attempts, Job.cancel_requested, Job.worker, Job.step).where(
+            Job.status == JobStatus.RUNNING.value, _expired(at))).all()
     changed = 0
     for row in rows:
         with sessions.begin() as s:
@@ -52,25 +55,32 @@ def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, 
 
 
 def _reclaim(s: Session, row, settings: Settings, at: float) -> bool:
-    where = (Job.lease_token == row.lease_token, _expired(at))
     lost = f"worker {row.worker} stopped renewing the job's lease (for {settings.job_lease_s:g}s)"
     step = f" at step {row.step}" if row.step else ""
+    end = dict(ended_at=_last_renewal(row, settings, at), where=(_expired(at),))
     if row.cancel_requested:
-        return transition(s, row.id, JobStatus.CANCELLED, (JobStatus.RUNNING,), where=where,
-                          message=f"The job was cancelled ({lost} while it was stopping)", lease_expires_at=None)
+        return end_run(s, row.id, row.lease_token, JobStatus.CANCELLED, RunOutcome.LOST, **end,
+                       message=f"The job was cancelled ({lost} while it was stopping)")
     if row.attempts >= row.max_attempts:
         message = (f"{lost}{step}, and the job has lost {row.attempts} of its {row.max_attempts} attempts this way; "
                    "it is not retried. Look for what kills its workers (memory, preemption), then resubmit it")
         log.warning("job %s failed: %s", row.id, message)
-        return transition(s, row.id, JobStatus.FAILED, (JobStatus.RUNNING,), where=where, message=message,
-                          data={"code": "worker_lost"}, error_code="worker_lost", error_message=message,
-                          lease_expires_at=None, estimated_finish=None)
+        return end_run(s, row.id, row.lease_token, JobStatus.FAILED, RunOutcome.LOST, **end, message=message,
+                       data={"code": "worker_lost"}, error_code="worker_lost", error_message=message,
+                       estimated_finish=None)
     log.warning("job %s: %s; queued again", row.id, lost)
-    return transition(s, row.id, JobStatus.QUEUED, (JobStatus.RUNNING,), where=where,
-                      message=f"Worker lost: {lost}{step}. The job is queued again and resumes from its latest "
-                              f"checkpoint ({row.attempts} of {row.max_attempts} attempts used)",
-                      data={"attempts": row.attempts}, lease_expires_at=None, handback_requested=False,
-                      estimated_finish=None, **REQUEUED)
+    return end_run(s, row.id, row.lease_token, JobStatus.QUEUED, RunOutcome.LOST, **end,
+                   message=f"Worker lost: {lost}{step}. The job is queued again and resumes from its latest "
+                           f"checkpoint ({row.attempts} of {row.max_attempts} attempts used)",
+                   data={"attempts": row.attempts}, handback_requested=False, estimated_finish=None, **REQUEUED)
+
+
+def _last_renewal(row, settings: Settings, at: float) -> float:
+    """When a lost run last renewed its lease (the lease ran `job_lease_s` from then): the last time it was
+    known to run. Within [its start, now]; now for a job that never had a lease."""
+    if row.lease_expires_at is None:
+        return at
+    return max(row.started_at or 0.0, min(at, row.lease_expires_at - settings.job_lease_s))
 
 
 def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:

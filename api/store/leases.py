@@ -11,6 +11,10 @@ its writes are refused (`LeaseLost`), so a stale worker never overwrites the run
 The check is an UPDATE of the job's row, so on PostgreSQL it holds the row lock until the write
 commits (the reconciler's conditional update waits for it), and on SQLite the database's one writer
 lock does the same.
+
+Each run is a row of `runs` (api.store.models.Run), opened by `acquire` and closed by `end_run`, the
+one way a run ends: a finish, a hand-back, or the reconciler taking back a lost run. GPU-seconds
+(api.store.usage) count only the time between the two.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from api.errors import LeaseLost
 from api.store.jobs import add_event, transition
-from api.store.models import Job, JobStatus
+from api.store.models import Job, JobStatus, Run, RunOutcome
 
 
 @dataclass(frozen=True)
@@ -41,7 +45,7 @@ def acquire(session: Session, job_id: str, worker_id: str, worker_name: str, lea
     is not dispatched to this worker (a duplicate or re-delivered message, a cancelled job, one given
     back to the queue and dispatched elsewhere)."""
     at = time.time() if at is None else at
-    row = session.execute(select(Job.lease_token, Job.attempts, Job.max_attempts).where(
+    row = session.execute(select(Job.team_id, Job.gpus, Job.lease_token, Job.attempts, Job.max_attempts).where(
         Job.id == job_id, Job.status == JobStatus.DISPATCHED.value, Job.worker_id == worker_id)).one_or_none()
     if row is None:
         return None
@@ -52,7 +56,11 @@ def acquire(session: Session, job_id: str, worker_id: str, worker_name: str, lea
                          data={"worker": worker_name, "attempt": attempt},
                          lease_token=token, lease_expires_at=at + lease_s, attempts=attempt, started_at=at,
                          handback_requested=False)
-    return Lease(job_id, token, worker_id, attempt) if started else None
+    if not started:
+        return None
+    session.add(Run(job_id=job_id, team_id=row.team_id, gpus=row.gpus, token=token, attempt=attempt,
+                    worker=worker_name, started_at=at))
+    return Lease(job_id, token, worker_id, attempt)
 
 
 def hold(session: Session, lease: Lease, lease_s: float, at: float | None = None) -> None:
@@ -67,20 +75,35 @@ def hold(session: Session, lease: Lease, lease_s: float, at: float | None = None
         raise LeaseLost(f"job {lease.job_id} is no longer held by run {lease.token} of it")
 
 
-def finish(session: Session, lease: Lease, new: JobStatus, *, message: str | None = None, data: dict | None = None,
-           **fields) -> None:
-    """Move the run's job from `running` to `new` under its token (LeaseLost if another run owns it)."""
-    done = transition(session, lease.job_id, new, (JobStatus.RUNNING,), where=(Job.lease_token == lease.token,),
-                      message=message, data=data, lease_expires_at=None, **fields)
-    if not done:
+def end_run(session: Session, job_id: str, token: int, new: JobStatus, outcome: RunOutcome, *,
+            ended_at: float | None = None, where: tuple = (), message: str | None = None, data: dict | None = None,
+            **fields) -> bool:
+    """End run `token` of a job: move the job from `running` to `new` (if it is still running under that
+    token and matches `where`) and close the run's row at `ended_at` (default now) with `outcome`. False
+    when the job was not moved. Every way a run ends goes through here, so no run stays open."""
+    moved = transition(session, job_id, new, (JobStatus.RUNNING,), where=(Job.lease_token == token, *where),
+                       message=message, data=data, lease_expires_at=None, **fields)
+    if moved:
+        session.execute(update(Run).where(Run.job_id == job_id, Run.token == token, Run.ended_at.is_(None))
+                        .values(ended_at=time.time() if ended_at is None else ended_at, outcome=outcome.value)
+                        .execution_options(synchronize_session=False))
+    return moved
+
+
+def finish(session: Session, lease: Lease, new: JobStatus, *, outcome: RunOutcome | None = None,
+           message: str | None = None, data: dict | None = None, **fields) -> None:
+    """Move the run's job from `running` to `new` under its token (LeaseLost if another run owns it).
+    The run ends as `outcome`, by default the job's new status."""
+    outcome = outcome or RunOutcome(new.value)
+    if not end_run(session, lease.job_id, lease.token, new, outcome, message=message, data=data, **fields):
         raise LeaseLost(f"job {lease.job_id} is no longer held by run {lease.token} of it")
 
 
 def hand_back(session: Session, lease: Lease, worker_name: str, step: int | None) -> None:
     """The worker is shutting down: the job goes back to the queue; this run does not count as an attempt."""
     where = f"after a checkpoint at step {step}" if step else "before its first step"
-    finish(session, lease, JobStatus.QUEUED, worker_id=None, worker=None, dispatched_at=None,
-           handback_requested=False, attempts=Job.attempts - 1,
+    finish(session, lease, JobStatus.QUEUED, outcome=RunOutcome.HANDED_BACK, worker_id=None, worker=None,
+           dispatched_at=None, handback_requested=False, attempts=Job.attempts - 1,
            message=f"Worker {worker_name} is shutting down; it handed the job back to the queue {where}",
            data={"handed_back": True, "step": step})
 

@@ -1,5 +1,7 @@
-"""What teams used: GPU-seconds (a job's GPUs times the part of its run inside a time range), jobs and
-trained tokens. The scheduler ranks teams by the same GPU-seconds over its recent window."""
+"""What teams used: GPU-seconds (the GPUs of each run of a job times the part of the run inside a time
+range), jobs and trained tokens. The scheduler ranks teams by the same GPU-seconds over its recent
+window. A run is the time a worker held the job (api.store.models.Run), so a job waiting in the queue
+between runs (after a lost worker, a hand-back) adds nothing."""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -8,29 +10,30 @@ from dataclasses import dataclass, field
 from sqlalchemy import Float, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
-from api.store.models import Job
+from api.store.models import Job, Run
 
 
 def _gpu_seconds(since: float | None, until: float):
-    """SQL: the GPU-seconds of a job's run clipped to [since, until]; a running job counts up to `until`."""
+    """SQL: the GPU-seconds of a run clipped to [since, until]; a run still going counts up to `until`."""
     until_ = literal(until, Float)
-    start = Job.started_at if since is None else case((Job.started_at > since, Job.started_at),
+    start = Run.started_at if since is None else case((Run.started_at > since, Run.started_at),
                                                       else_=literal(since, Float))
-    end = func.coalesce(Job.finished_at, until_)
+    end = func.coalesce(Run.ended_at, until_)
     end = case((end < until_, end), else_=until_)
-    overlaps = [Job.started_at.is_not(None), Job.started_at < until_]
+    overlaps = [Run.started_at < until_]
     if since is not None:
-        overlaps.append(or_(Job.finished_at.is_(None), Job.finished_at > since))
-    return Job.gpus * (end - start), and_(*overlaps)
+        overlaps.append(or_(Run.ended_at.is_(None), Run.ended_at > since))
+    return Run.gpus * (end - start), and_(*overlaps)
 
 
 def gpu_seconds_by_team(session: Session, team_ids: Iterable[str] | None, since: float | None,
                         until: float) -> dict[str, float]:
-    """GPU-seconds per team in [since, until] (since None: from the beginning); teams with none are absent."""
+    """GPU-seconds per team in [since, until] (since None: from the beginning), summed over the runs of
+    its jobs; teams with none are absent. The one definition the scheduler and /v1/usage both use."""
     amount, overlaps = _gpu_seconds(since, until)
-    stmt = select(Job.team_id, func.sum(amount)).where(overlaps).group_by(Job.team_id)
+    stmt = select(Run.team_id, func.sum(amount)).where(overlaps).group_by(Run.team_id)
     if team_ids is not None:
-        stmt = stmt.where(Job.team_id.in_(list(team_ids)))
+        stmt = stmt.where(Run.team_id.in_(list(team_ids)))
     return {team: float(total or 0.0) for team, total in session.execute(stmt)}
 
 

@@ -15,7 +15,7 @@ from api.scheduler import dispatch_pass, dispatch_to
 from api.store import jobs as jobs_store
 from api.store import leases
 from api.store.migrate import upgrade
-from api.store.models import DEFAULT_TEAM_ID, Checkpoint, Event, Job, JobStatus, new_id
+from api.store.models import DEFAULT_TEAM_ID, Checkpoint, Event, Job, JobStatus, Run, new_id
 from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
 from worker.lease import LeaseKeeper
 
@@ -64,6 +64,14 @@ def events(settings, job_id) -> list[Event]:
         return list(s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.seq)))
 
 
+def runs(settings, job_id) -> list[tuple[int, int, str | None, bool]]:
+    """(token, attempt, outcome, ended) of each run of the job."""
+    with sessions_for(settings)() as s:
+        rows = s.execute(select(Run.token, Run.attempt, Run.outcome, Run.ended_at).where(Run.job_id == job_id)
+                         .order_by(Run.token)).all()
+    return [(r.token, r.attempt, r.outcome, r.ended_at is not None) for r in rows]
+
+
 def expire(settings, job_id) -> float:
     """The job's lease ran out (its run stopped renewing it); returns a time after that."""
     with sessions_for(settings).begin() as s:
@@ -95,6 +103,7 @@ def test_a_lost_run_is_queued_again_then_fails_at_max_attempts(settings):
     assert (row.status, row.error_code, row.attempts) == ("failed", "worker_lost", 2)
     assert "lost 2 of its 2 attempts" in row.error_message and "not retried" in row.error_message
     assert dispatch(settings) == []
+    assert runs(settings, job_id) == [(1, 1, "lost", True), (2, 2, "lost", True)]
 
 
 def test_a_stale_runs_late_writes_are_refused(settings):
@@ -133,6 +142,7 @@ def test_a_stale_runs_late_writes_are_refused(settings):
         leases.hold(s, current, LEASE_S)
         leases.finish(s, current, JobStatus.SUCCEEDED)
     assert job(settings, job_id).status == "succeeded"
+    assert runs(settings, job_id) == [(1, 1, "lost", True), (2, 2, "succeeded", True)]  # run 1's end untouched
 
 
 def test_a_duplicate_or_redelivered_message_starts_nothing(settings):
@@ -159,6 +169,7 @@ def test_cancelling_a_job_whose_worker_is_lost_ends_it_cancelled(settings):
     reconcile(sessions_for(settings), settings, expire(settings, job_id))
     assert job(settings, job_id).status == "cancelled"
     assert events(settings, job_id)[-1].data == {"status": "cancelled"}
+    assert runs(settings, job_id) == [(1, 1, "lost", True)]
 
 
 def test_a_lost_message_is_sent_again(settings):
@@ -190,6 +201,7 @@ def test_a_hand_back_requeues_without_using_an_attempt(settings):
         leases.hand_back(s, lease, "w1", 7)
     row = job(settings, job_id)
     assert (row.status, row.attempts, row.worker_id, row.handback_requested) == ("queued", 0, None, False)
+    assert runs(settings, job_id) == [(1, 1, "handed_back", True)]
     assert events(settings, job_id)[-1].message == ("Worker w1 is shutting down; it handed the job back to the "
                                                     "queue after a checkpoint at step 7")
 

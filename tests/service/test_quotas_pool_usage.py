@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from sqlalchemy import update
 
-from api.store.models import Job, Worker
+from api.reconciler import reconcile
+from api.store import leases
+from api.store.models import Job, JobStatus, Run, Worker
 from tests.service.support import as_key, dispatch, make_team, register_worker, sessions_for, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -113,10 +116,12 @@ def test_usage_counts_gpu_seconds_jobs_and_tokens_per_team(client, settings, tas
     done, cancelled, waiting = (submit(client, a["key"], fa).json()["id"] for _ in range(3))
     now = time.time()
     with sessions_for(settings).begin() as s:
-        s.execute(update(Job).where(Job.id == done).values(status="succeeded", started_at=now - 100,
-                                                           finished_at=now - 40, trained_tokens=5000))
-        s.execute(update(Job).where(Job.id == cancelled).values(status="cancelled", started_at=now - 30,
-                                                                finished_at=now - 20, trained_tokens=700))
+        for job_id, status, started, ended, tokens in ((done, "succeeded", now - 100, now - 40, 5000),
+                                                       (cancelled, "cancelled", now - 30, now - 20, 700)):
+            s.execute(update(Job).where(Job.id == job_id).values(status=status, started_at=started,
+                                                                 finished_at=ended, trained_tokens=tokens))
+            s.add(Run(job_id=job_id, team_id=a["id"], gpus=1, token=1, attempt=1, worker="w", started_at=started,
+                      ended_at=ended, outcome=status))
     usage = client.get("/v1/usage", headers=as_key(a["key"])).json()
     assert (usage["team_id"], usage["team"], usage["trained_tokens"]) == (a["id"], "a", 5700)
     assert abs(usage["gpu_seconds"] - 70) < 1 and abs(usage["fair_share_gpu_seconds"] - 70) < 1
@@ -131,3 +136,34 @@ def test_usage_counts_gpu_seconds_jobs_and_tokens_per_team(client, settings, tas
     r = client.get("/v1/usage", params={"since": now, "until": now - 1})
     assert r.status_code == 400 and r.json()["error"]["param"] == "since"
     assert waiting
+
+
+def test_usage_counts_only_the_runs_not_the_wait_after_a_lost_worker(client, settings, task_files):
+    """A 2-GPU job's run is lost and the reconciler queues it again: /v1/usage counts the 30 s the run
+    lasted (x 2 GPUs), and no more however long the job then waits; a second run adds its own time."""
+    a = make_team(client, "a")
+    fa = upload(client, task_files[1], headers=as_key(a["key"]))["id"]
+    job_id = submit(client, a["key"], fa, gpus=2).json()["id"]
+    worker = register_worker(settings, "big", gpus=2)
+    assert [x.job_id for x in dispatch(settings)] == [job_id]
+    now = time.time()
+    with sessions_for(settings).begin() as s:
+        lease = leases.acquire(s, job_id, worker, "big", settings.job_lease_s, at=now - 100)
+        leases.hold(s, lease, settings.job_lease_s, at=now - 70)  # its last renewal: the run lasted 30 s
+        s.execute(update(Worker).where(Worker.id == worker).values(last_heartbeat_at=now - 3600))
+    reconcile(sessions_for(settings), settings, now)
+    assert client.get(f"/v1/fine_tuning/jobs/{job_id}", headers=as_key(a["key"])).json()["status"] == "queued"
+
+    def usage(until: float) -> dict:
+        return client.get("/v1/usage", headers=as_key(a["key"]), params={"until": until}).json()
+
+    for later in (0, 600, 86400):
+        assert usage(now + later)["gpu_seconds"] == pytest.approx(60, abs=0.5)
+    assert usage(now)["fair_share_gpu_seconds"] == pytest.approx(60, abs=0.5)
+
+    worker = register_worker(settings, "big-2", gpus=2, pid=2)
+    assert [x.job_id for x in dispatch(settings)] == [job_id]
+    with sessions_for(settings).begin() as s:
+        lease = leases.acquire(s, job_id, worker, "big-2", settings.job_lease_s, at=time.time() - 15)
+        leases.finish(s, lease, JobStatus.SUCCEEDED)
+    assert usage(time.time())["gpu_seconds"] == pytest.approx(60 + 30, abs=0.5)  # the two runs, 2 GPUs each

@@ -9,11 +9,14 @@ from collections import Counter
 import pytest
 from sqlalchemy import select, update
 
+from api.reconciler import reconcile
 from api.scheduler import dispatch_pass
+from api.store import leases
 from api.store import teams as teams_store
 from api.store import workers as workers_store
 from api.store.migrate import upgrade
-from api.store.models import Job, JobStatus, Worker, new_id
+from api.store.models import Job, JobStatus, Run, Worker, new_id
+from api.store.usage import gpu_seconds_by_team
 from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
 
 
@@ -51,11 +54,18 @@ def submit(settings, team_id, n=1, priority=0, gpu_type=None, gpus=1) -> list[st
 
 
 def run(settings, job_id, seconds: float) -> None:
-    """The job ran for `seconds`, ending now (as its worker would record it)."""
-    end = time.time()
+    """The dispatched job ran for `seconds`, ending now, recorded as its worker records a run."""
     with sessions_for(settings).begin() as s:
-        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.SUCCEEDED.value,
-                                                             started_at=end - seconds, finished_at=end))
+        lease = start(s, settings, job_id, time.time() - seconds)
+        leases.finish(s, lease, JobStatus.SUCCEEDED)
+
+
+def start(s, settings, job_id, at: float) -> leases.Lease:
+    """The job's worker starts it at `at` (api.store.leases.acquire, as worker.runner does)."""
+    worker_id = s.scalar(select(Job.worker_id).where(Job.id == job_id))
+    lease = leases.acquire(s, job_id, worker_id, "test-worker", settings.job_lease_s, at=at)
+    assert lease is not None
+    return lease
 
 
 def dispatched(settings) -> list[str]:
@@ -86,12 +96,50 @@ def test_usage_older_than_the_window_does_not_count(settings):
     register_worker(settings)
     a, b = team(settings, "a"), team(settings, "b")
     (old,) = submit(settings, a)
+    assert dispatched(settings) == [old]
     with sessions_for(settings).begin() as s:  # a big run of A's, two days ago
-        s.execute(update(Job).where(Job.id == old).values(status="succeeded", started_at=time.time() - 2 * 86400,
-                                                          finished_at=time.time() - 2 * 86400 + 7200))
+        lease = start(s, settings, old, time.time() - 2 * 86400)
+        leases.finish(s, lease, JobStatus.SUCCEEDED)
+        s.execute(update(Run).where(Run.job_id == old).values(ended_at=time.time() - 2 * 86400 + 7200))
     (a1,) = submit(settings, a)
     (b1,) = submit(settings, b)
     assert dispatched(settings) == [a1]  # A's job is older; its old usage is outside the 24 h window
+
+
+def test_a_lost_run_stops_counting_when_it_is_lost_and_runs_add_up(settings):
+    """A's run is lost (its worker died: the lease ran out) and its job waits queued again: A's GPU-seconds
+    are the run's 40 s and stay so while the job waits; B, with 60 s used, does not get the next worker."""
+    worker = register_worker(settings)
+    a, b = team(settings, "a"), team(settings, "b")
+    (b_done,) = submit(settings, b)
+    (a_job,) = submit(settings, a, gpus=1)
+    (b_next,) = submit(settings, b)
+    assert dispatched(settings) == [b_done]
+    run(settings, b_done, 60)
+    assert dispatched(settings) == [a_job]
+    now = time.time()
+    with sessions_for(settings).begin() as s:
+        lease = start(s, settings, a_job, now - 100)
+        leases.hold(s, lease, settings.job_lease_s, at=now - 60)  # its last renewal; then its worker died
+        s.execute(update(Worker).where(Worker.id == worker).values(last_heartbeat_at=now - 3600))
+    assert reconcile(sessions_for(settings), settings, now) == 1
+    assert status(settings, a_job) == ("queued", None)
+
+    def used(until: float) -> dict[str, float]:
+        with sessions_for(settings)() as s:
+            return gpu_seconds_by_team(s, [a, b], until - settings.fair_share_window_s, until)
+
+    for later in (0, 600, 3600):  # the job waits: nothing grows
+        assert used(now + later)[a] == pytest.approx(40, abs=0.5)
+    register_worker(settings, "w2", pid=2)
+    assert dispatched(settings) == [a_job]  # A used 40 GPU-seconds, B 60: A's job, not B's newer one
+    run(settings, a_job, 10)  # its second run
+    assert used(time.time())[a] == pytest.approx(50, abs=0.5)
+    with sessions_for(settings)() as s:
+        runs = s.execute(select(Run.token, Run.attempt, Run.outcome).where(Run.job_id == a_job)
+                         .order_by(Run.token)).all()
+    assert [tuple(r) for r in runs] == [(1, 1, "lost"), (2, 2, "succeeded")]
+    assert b_next
 
 
 def test_within_a_team_priority_then_age(settings):
