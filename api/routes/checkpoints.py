@@ -1,6 +1,8 @@
 """/v1/fine_tuning/jobs/{id}/checkpoints: a job's checkpoints and final model, downloadable as tar."""
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
@@ -46,7 +48,8 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
     ckpt = _checkpoint(session, job.id, checkpoint_id)
     directory = storage.path(ckpt.storage_key)
     try:
-        if directory.resolve() != directory:  # a link on the way (a job's directory swapped for one): not ours
+        # A link on the way (the job's directory swapped for one) leads to files the job did not write.
+        if os.path.realpath(directory) != str(directory):
             raise FileNotFoundError(str(directory))
         entries = tar_entries(directory)
     except FileNotFoundError:

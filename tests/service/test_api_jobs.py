@@ -117,7 +117,8 @@ def test_checkpoints_of_a_new_job_and_unknown_ones(client, train_id):
 def test_a_file_in_use_cannot_be_deleted(client, train_id):
     job = create(client, train_id).json()
     r = client.delete(f"/v1/files/{train_id}")
-    assert r.status_code == 409 and (r.json()["error"]["code"], r.json()["error"]["param"]) == ("file_in_use", "file_id")
+    assert r.status_code == 409
+    assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("file_in_use", "file_id")
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert client.delete(f"/v1/files/{train_id}").status_code == 200
 

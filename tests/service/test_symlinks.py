@@ -155,6 +155,10 @@ def test_a_download_leaves_out_links_planted_in_a_checkpoint(client, settings, t
     assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
     assert secret_line() not in r.content
     directory.unlink()
+    directory.symlink_to(directory.name)  # a link to itself
+    r = client.get(ckpt["download_url"])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
+    directory.unlink()
     job_dir = directory.parent
     job_dir.rename(tmp_path / "job-dir")
     job_dir.symlink_to(tmp_path / "job-dir")
