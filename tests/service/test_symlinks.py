@@ -9,6 +9,7 @@ import io
 import os
 import shutil
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,20 @@ def _job_with_checkpoint(client, settings, train_id) -> tuple[str, dict, Path]:
     return job_id, ckpt, directory
 
 
+def _download(client, url: str, pipe: Path):
+    """GET `url`; fails, instead of hanging, if the download blocks opening `pipe` (it is then unblocked)."""
+    answer = {}
+    getter = threading.Thread(target=lambda: answer.setdefault("r", client.get(url)), daemon=True)
+    getter.start()
+    getter.join(60)
+    if getter.is_alive():
+        with open(pipe, "wb"):  # a writer lets the blocked open return; the reader then sees EOF
+            pass
+        getter.join(60)
+        pytest.fail("the download blocked opening a pipe in the checkpoint directory")
+    return answer["r"]
+
+
 def test_a_download_leaves_out_links_planted_in_a_checkpoint(client, settings, task_files, tmp_path):
     train_id = upload(client, task_files[0])["id"]
     job_id, ckpt, directory = _job_with_checkpoint(client, settings, train_id)
@@ -138,7 +153,7 @@ def test_a_download_leaves_out_links_planted_in_a_checkpoint(client, settings, t
     (directory / "sub" / "etc").symlink_to(SECRET.parent)  # a link to a directory
     os.mkfifo(directory / "pipe")  # would block a reader forever
 
-    r = client.get(ckpt["download_url"])
+    r = _download(client, ckpt["download_url"], directory / "pipe")
     assert r.status_code == 200
     assert secret_line() not in r.content
     with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
