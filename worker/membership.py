@@ -17,10 +17,13 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.pool import NullPool
 
+from api.reconciler import requeue_from_dead_worker
 from api.settings import Settings
 from api.store import leases
 from api.store import workers as store
@@ -85,6 +88,38 @@ def gpu_type_of(device_name: str) -> str:
     return words[0] if words else "gpu"
 
 
+def process_gone(pid: int, registered_at: float, my_pid: int) -> bool:
+    """Whether the process of this host that registered a worker as `pid` at `registered_at` is gone:
+    no process has that pid now; or the one that has it started after that registration (pids are
+    reused); or it is `my_pid`, this process, which registers now (a restarted container gets the same
+    pid). Where a process's start time cannot be read (no /proc), a live pid counts as the worker."""
+    if pid == my_pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, and another user's
+    started = process_start_time(pid)
+    return started is not None and started > registered_at
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch, to within a second), from Linux's /proc; None
+    where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    # The fields after the command name (which may hold spaces and parentheses): state is field 3 of
+    # proc(5), starttime (clock ticks after boot) field 22.
+    ticks = int(stat.rsplit(")", 1)[1].split()[22 - 3])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 class Membership:
     """Registers the worker, keeps its heartbeat going from a daemon thread, and says goodbye."""
 
@@ -100,12 +135,21 @@ class Membership:
         self._drain: threading.Thread | None = None
 
     def join(self) -> None:
-        """Register (raises api.errors.Conflict while a live worker has this name)."""
+        """Register (raises api.errors.Conflict while a live worker has this name). A worker that restarts
+        after a crash takes its name over at once: when the name's holder ran on this host and its process
+        is gone, the runs it held are lost now and its jobs queued again (api.reconciler), instead of
+        after their leases run out."""
         with self.sessions.begin() as s:
+            dead = store.dead_holder(s, self.me.name, self.me.hostname, lambda pid, since: process_gone(
+                pid, since, self.me.pid))
             row = store.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
                                  queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
-                                 lost_after_s=self.settings.worker_lost_after_s)
+                                 lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None)
             self.worker_id, self.queue = row.id, row.queue
+            requeued = requeue_from_dead_worker(s, self.settings, row.id, time.time()) if dead else []
+        if dead:
+            log.warning("worker %s took its name over from its dead process on this host; its jobs %s were "
+                        "queued again", self.me.name, requeued or "(none)")
         log.info("worker %s (%s) joined the pool: %s x%d, queue %s", self.me.name, self.worker_id,
                  self.me.gpu_type, self.me.gpus, self.queue)
 
