@@ -76,6 +76,10 @@ class LeaseKeeper:
         """As `write`, but return only once it is written: tried again with backoff while the database
         cannot answer, until it is written or the lease is lost (LeaseLost). For a run's final status."""
         self._held.append(fn)
+        self.drain()
+
+    def drain(self) -> None:
+        """Return once every held write is written (LeaseLost if the lease is lost first)."""
         while not self._flush():
             self._retry.wait()
 
@@ -92,6 +96,8 @@ class LeaseKeeper:
 
     def _flush(self) -> bool:
         """Write everything held, in one transaction; False (all still held) when the database cannot answer."""
+        if not self._held:
+            return True
         try:
             with self.sessions.begin() as s:
                 self.hold(s)

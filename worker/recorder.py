@@ -147,7 +147,10 @@ class JobRecorder(Callbacks):
         return HANDBACK if row.handback_requested else None
 
     def on_end(self, result) -> None:
+        """The run's last records: written before it ends (rank 0 of a multi-GPU job is a process of its
+        own, which exits after this), however long the database takes to answer again."""
         self.flush()
+        self.keeper.drain()
 
     def flush(self) -> None:
         """Write the last metrics record if throttling held it back."""

@@ -82,12 +82,14 @@ def test_a_database_outage_shorter_than_the_lease_leaves_a_running_job_untouched
                     save_total_limit=100)
     service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 1 or j["status"] in TERMINAL)
     postgres.stop()
-    stopped, before = time.monotonic(), trained_steps(service, job_id)
-    assert before < steps, "the job ended before the outage began"
-    # The job process trains on (to its end, on a fast machine), its writes held, for the whole outage.
-    wait_until(lambda: time.monotonic() - stopped >= OUTAGE_S and trained_steps(service, job_id) > before,
-               timeout_s=LEASE_S - 10, what="training went on while the database was away", service=service)
-    postgres.start()
+    try:
+        stopped, before = time.monotonic(), trained_steps(service, job_id)
+        assert before < steps, "the job ended before the outage began"
+        # The job process trains on (to its end, on a fast machine), its writes held, for the whole outage.
+        wait_until(lambda: time.monotonic() - stopped >= OUTAGE_S and trained_steps(service, job_id) > before,
+                   timeout_s=LEASE_S - 10, what="training went on while the database was away", service=service)
+    finally:
+        postgres.start()
 
     job = service.wait_for_job(job_id, timeout_s=240)
     assert (job["status"], job["attempts"], job["error"]) == ("succeeded", 1, None), service.logs()
