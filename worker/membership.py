@@ -27,7 +27,7 @@ from api.reconciler import requeue_from_dead_worker
 from api.settings import Settings
 from api.store import leases
 from api.store import workers as store
-from api.store.db import make_engine, make_sessionmaker
+from api.store.db import is_unavailable, make_engine, make_sessionmaker
 
 log = logging.getLogger("dpo.worker")
 CPU = "cpu"
@@ -196,5 +196,9 @@ class Membership:
                 with no_fork, self.sessions.begin() as s:
                     if not store.heartbeat(s, self.worker_id):
                         log.warning("worker %s is no longer registered; heartbeats go nowhere", self.me.name)
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeats
-                log.exception("heartbeat failed; trying again in %.1fs", self.settings.worker_heartbeat_interval_s)
+            except Exception as err:  # noqa: BLE001 - a database hiccup must not end the heartbeats
+                if not is_unavailable(err):
+                    log.exception("heartbeat failed; trying again in %.1fs", self.settings.worker_heartbeat_interval_s)
+                else:
+                    log.warning("heartbeat failed (the database cannot be reached: %s); trying again in %.1fs",
+                                type(err).__name__, self.settings.worker_heartbeat_interval_s)
