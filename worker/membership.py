@@ -90,9 +90,10 @@ def gpu_type_of(device_name: str) -> str:
 
 def process_gone(pid: int, registered_at: float, my_pid: int) -> bool:
     """Whether the process of this host that registered a worker as `pid` at `registered_at` is gone:
-    no process has that pid now; or the one that has it started after that registration (pids are
-    reused); or it is `my_pid`, this process, which registers now (a restarted container gets the same
-    pid). Where a process's start time cannot be read (no /proc), a live pid counts as the worker."""
+    no process has that pid now, or only a zombie (dead, not yet reaped); or the one that has it
+    started after that registration (pids are reused); or it is `my_pid`, this process, which registers
+    now (a restarted container gets the same pid). Where /proc cannot tell more, a live pid counts as
+    the worker."""
     if pid == my_pid:
         return True
     try:
@@ -101,23 +102,23 @@ def process_gone(pid: int, registered_at: float, my_pid: int) -> bool:
         return True
     except PermissionError:
         pass  # alive, and another user's
-    started = process_start_time(pid)
-    return started is not None and started > registered_at
+    stat = process_stat(pid)
+    return stat is not None and (stat[0] == "Z" or stat[1] > registered_at)
 
 
-def process_start_time(pid: int) -> float | None:
-    """When process `pid` started (seconds since the epoch, to within a second), from Linux's /proc; None
-    where that cannot be read."""
+def process_stat(pid: int) -> tuple[str, float] | None:
+    """Process `pid`'s state letter and start time (seconds since the epoch, to within a second), from
+    Linux's /proc; None where that cannot be read."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
                     if line.startswith("btime "))
     except (OSError, StopIteration, ValueError):
         return None
-    # The fields after the command name (which may hold spaces and parentheses): state is field 3 of
-    # proc(5), starttime (clock ticks after boot) field 22.
-    ticks = int(stat.rsplit(")", 1)[1].split()[22 - 3])
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    # The fields after the command name (which may hold spaces and parentheses), numbered as in proc(5):
+    # the state is field 3, the start time (clock ticks after boot) field 22.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], boot + int(fields[22 - 3]) / os.sysconf("SC_CLK_TCK")
 
 
 class Membership:

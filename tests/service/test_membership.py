@@ -187,13 +187,19 @@ def test_a_name_held_by_a_live_process_or_on_another_host_stays_refused(pool, ca
         assert s.get(Job, job_id).status == "running"  # left to its lease
 
 
-def test_a_pid_reused_by_a_later_process_does_not_hold_the_name():
+def test_a_pid_reused_by_a_later_process_or_a_zombie_does_not_hold_the_name():
     sleeper = subprocess.Popen(["sleep", "30"])
     try:
         assert not membership.process_gone(os.getpid(), time.time(), my_pid=0)  # this process: alive
         assert membership.process_gone(sleeper.pid, time.time() - 10, my_pid=0)  # started after that registration
         assert not membership.process_gone(sleeper.pid, time.time() + 10, my_pid=0)
         assert membership.process_gone(sleeper.pid, time.time() + 10, my_pid=sleeper.pid)  # the pid is mine now
+        sleeper.kill()
+        deadline = time.monotonic() + 10
+        while membership.process_stat(sleeper.pid)[0] != "Z":  # dead, not reaped yet: a zombie
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert membership.process_gone(sleeper.pid, time.time() + 10, my_pid=0)
     finally:
         sleeper.kill()
         sleeper.wait()
