@@ -106,6 +106,8 @@ class JobRecorder(Callbacks):
 
         def write(s: Session) -> None:
             self._forget_pruned(s)
+            if not self.storage.exists(self.storage.key_for(path)):
+                return  # pruned already, while this write waited for the database
             ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), pending)
             s.flush()
             store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
