@@ -105,7 +105,8 @@ def test_an_internal_error_shows_the_team_an_error_id_and_logs_the_traceback_und
 
     # What the operator reads: the same id, with the traceback.
     (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error_id]
-    assert job_id in record.getMessage() and error_id in record.getMessage() and isinstance(record.exc_info[1], KeyError)
+    assert job_id in record.getMessage() and error_id in record.getMessage()
+    assert isinstance(record.exc_info[1], KeyError)
     text = caplog.text
     assert "Traceback" in text and "in broken" in text and "boom in" in text
 
