@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.queue import enqueue_job
 from api.scheduler import Assignment, dispatch_pass
 from api.settings import Settings
+from api.store.db import is_unavailable
 
 log = logging.getLogger("dpo.dispatcher")
 
@@ -56,11 +57,20 @@ class Dispatcher:
             self._thread.join(timeout_s)
 
     def _loop(self) -> None:
+        unavailable = False  # the database did not answer the last pass: said once per outage
         while not self._stop.is_set():
             try:
                 for a in self.run_once():
                     log.info("dispatched %s to %s", a.job_id, a.worker_name)
-            except Exception:  # noqa: BLE001 - a failed pass (database away, lock conflict) is retried next time
-                log.exception("dispatch pass failed; retrying in %.1fs", self.settings.dispatch_interval_s)
+                if unavailable:
+                    log.warning("the database answers again; dispatching goes on")
+                unavailable = False
+            except Exception as err:  # noqa: BLE001 - a failed pass is retried next time; the loop never ends
+                if not is_unavailable(err):
+                    log.exception("dispatch pass failed; retrying in %.1fs", self.settings.dispatch_interval_s)
+                elif not unavailable:
+                    log.warning("the database cannot be reached (%s); dispatch passes are retried every %.1fs",
+                                type(err).__name__, self.settings.dispatch_interval_s)
+                    unavailable = True
             self._wake.wait(self.settings.dispatch_interval_s)
             self._wake.clear()

@@ -23,7 +23,7 @@ from api.routes import checkpoints, events, files, health, jobs, pool, teams, us
 from api.schemas.common import PRINTABLE
 from api.settings import Settings, get_settings
 from api.storage import LocalStorage
-from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
+from api.store.db import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
 from api.store.migrate import upgrade
 
 log = logging.getLogger("dpo.api")
@@ -40,6 +40,10 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
     errors.Unavailable: (503, "server_error"),
     errors.StorageFailed: (503, "server_error"),
 }
+# The database cannot answer now (down, restarting, unreachable; api.store.db.UNAVAILABLE): every route
+# answers 503 `database_unavailable` with Retry-After, and the connection stays open. The pools connect
+# anew once it is back (pool_pre_ping, api.store.db.read_with_retry).
+DATABASE_RETRY_AFTER_S = 5
 
 
 def _api_engines(settings: Settings) -> tuple[Engine, Engine]:
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.include_router(v1)
     app.include_router(health.router)
     _install_error_handlers(app)
+    _install_database_handler(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(InFlightLimit, settings=settings)  # added last: the outermost layer
     app.openapi = lambda: openapi_with_errors(app)
@@ -138,6 +143,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def internal_error(_: Request, err: Exception) -> JSONResponse:
         log.exception("internal error")
         return _error(500, "server_error", f"internal error ({type(err).__name__}); see the service log")
+
+
+def _install_database_handler(app: FastAPI) -> None:
+    async def database_unavailable(_: Request, err: Exception) -> JSONResponse:
+        cause = str(getattr(err, "orig", None) or type(err).__name__).strip().splitlines()
+        log.warning("database unavailable (%s: %s); answered 503", type(err).__name__, cause[0] if cause else "")
+        response = _error(503, "server_error", "the database cannot be reached just now; try again in "
+                          f"{DATABASE_RETRY_AFTER_S} seconds", code="database_unavailable")
+        response.headers["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+        return response
+
+    for error in UNAVAILABLE:  # handled here, not by the catch-all for Exception: no 500, no dropped connection
+        app.add_exception_handler(error, database_unavailable)
 
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python"}

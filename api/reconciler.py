@@ -8,6 +8,8 @@ so several processes running it at once repair each thing once.
   (`lost`) at its last renewal of the lease, the last time it was known to run: its team's GPU-seconds
   stop there, however long the job then waits.
 - A `dispatched` job whose worker was lost or stopped before starting it goes back to `queued`.
+- A worker restarted under its name on the same host, whose old process is known dead (worker.membership),
+  has its jobs repaired at once, as above, without waiting for the lease: `requeue_from_dead_worker`.
 - A `dispatched` job its worker has not started within `dispatch_timeout_s` goes back to `queued`: its
   message was lost (a broker restarted without its data, an API process died between recording a
   dispatch and sending it). The next pass sends it again. A late copy of the old message is harmless:
@@ -41,12 +43,15 @@ def _expired(at: float):
     return or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < at)
 
 
+# What _reclaim reads of a running job.
+_RUN = (Job.id, Job.lease_token, Job.lease_expires_at, Job.started_at, Job.attempts, Job.max_attempts,
+        Job.cancel_requested, Job.worker, Job.step)
+
+
 def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
     """Running jobs whose run stopped renewing its lease: queued again, failed, or cancelled."""
     with sessions() as s:
-        rows = s.execute(select(Job.id, Job.lease_token, Job.lease_expires_at, Job.started_at, Job.attempts,
-                                Job.max_attempts, Job.cancel_requested, Job.worker, Job.step).where(
-            Job.status == JobStatus.RUNNING.value, _expired(at))).all()
+        rows = s.execute(select(*_RUN).where(Job.status == JobStatus.RUNNING.value, _expired(at))).all()
     changed = 0
     for row in rows:
         with sessions.begin() as s:
@@ -54,10 +59,28 @@ def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, 
     return changed
 
 
-def _reclaim(s: Session, row, settings: Settings, at: float) -> bool:
-    lost = f"worker {row.worker} stopped renewing the job's lease (for {settings.job_lease_s:g}s)"
+def requeue_from_dead_worker(s: Session, settings: Settings, worker_id: str, at: float) -> list[str]:
+    """A new process took over the name of worker `worker_id` on its host, where the old process is known
+    dead: each run it held is lost now, as a run whose lease ran out is (an attempt used, resumed from
+    its latest checkpoint), and each job dispatched to it goes back to the queue. In the caller's
+    transaction; returns the jobs changed."""
+    changed = []
+    for row in s.execute(select(*_RUN).where(Job.worker_id == worker_id, Job.status == JobStatus.RUNNING.value)):
+        if _reclaim(s, row, settings, at, lost=f"worker {row.worker} died (a new process took its name over)"):
+            changed.append(row.id)
+    for job_id, name in s.execute(select(Job.id, Job.worker).where(Job.worker_id == worker_id,
+                                                                   Job.status == JobStatus.DISPATCHED.value)).all():
+        if _requeue_dispatched(s, job_id, name):
+            changed.append(job_id)
+    return changed
+
+
+def _reclaim(s: Session, row, settings: Settings, at: float, lost: str | None = None) -> bool:
+    """The run `row` is lost: its lease ran out (`lost` None: only while it still has), or `lost` says how
+    it is known dead."""
+    end = dict(ended_at=_last_renewal(row, settings, at), where=(_expired(at),) if lost is None else ())
+    lost = lost or f"worker {row.worker} stopped renewing the job's lease (for {settings.job_lease_s:g}s)"
     step = f" at step {row.step}" if row.step else ""
-    end = dict(ended_at=_last_renewal(row, settings, at), where=(_expired(at),))
     if row.cancel_requested:
         return end_run(s, row.id, row.lease_token, JobStatus.CANCELLED, RunOutcome.LOST, **end,
                        message=f"The job was cancelled ({lost} while it was stopping)")
@@ -91,9 +114,13 @@ def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Setting
     changed = 0
     for job_id, name in stranded:
         with sessions.begin() as s:
-            changed += transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
-                                  message=f"Worker {name} left before it started the job; queued again", **REQUEUED)
+            changed += _requeue_dispatched(s, job_id, name)
     return changed
+
+
+def _requeue_dispatched(s: Session, job_id: str, name: str) -> bool:
+    return transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
+                      message=f"Worker {name} left before it started the job; queued again", **REQUEUED)
 
 
 def requeue_stale_dispatches(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:

@@ -17,14 +17,17 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy.pool import NullPool
 
+from api.reconciler import requeue_from_dead_worker
 from api.settings import Settings
 from api.store import leases
 from api.store import workers as store
-from api.store.db import make_engine, make_sessionmaker
+from api.store.db import is_unavailable, make_engine, make_sessionmaker
 
 log = logging.getLogger("dpo.worker")
 CPU = "cpu"
@@ -85,6 +88,39 @@ def gpu_type_of(device_name: str) -> str:
     return words[0] if words else "gpu"
 
 
+def process_gone(pid: int, registered_at: float, my_pid: int) -> bool:
+    """Whether the process of this host that registered a worker as `pid` at `registered_at` is gone:
+    no process has that pid now, or only a zombie (dead, not yet reaped); or the one that has it
+    started after that registration (pids are reused); or it is `my_pid`, this process, which registers
+    now (a restarted container gets the same pid). Where /proc cannot tell more, a live pid counts as
+    the worker."""
+    if pid == my_pid:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, and another user's
+    stat = process_stat(pid)
+    return stat is not None and (stat[0] == "Z" or stat[1] > registered_at)
+
+
+def process_stat(pid: int) -> tuple[str, float] | None:
+    """Process `pid`'s state letter and start time (seconds since the epoch, to within a second), from
+    Linux's /proc; None where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    # The fields after the command name (which may hold spaces and parentheses), numbered as in proc(5):
+    # the state is field 3, the start time (clock ticks after boot) field 22.
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], boot + int(fields[22 - 3]) / os.sysconf("SC_CLK_TCK")
+
+
 class Membership:
     """Registers the worker, keeps its heartbeat going from a daemon thread, and says goodbye."""
 
@@ -100,12 +136,21 @@ class Membership:
         self._drain: threading.Thread | None = None
 
     def join(self) -> None:
-        """Register (raises api.errors.Conflict while a live worker has this name)."""
+        """Register (raises api.errors.Conflict while a live worker has this name). A worker that restarts
+        after a crash takes its name over at once: when the name's holder ran on this host and its process
+        is gone, the runs it held are lost now and its jobs queued again (api.reconciler), instead of
+        after their leases run out."""
         with self.sessions.begin() as s:
+            dead = store.dead_holder(s, self.me.name, self.me.hostname, lambda pid, since: process_gone(
+                pid, since, self.me.pid))
             row = store.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
                                  queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
-                                 lost_after_s=self.settings.worker_lost_after_s)
+                                 lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None)
             self.worker_id, self.queue = row.id, row.queue
+            requeued = requeue_from_dead_worker(s, self.settings, row.id, time.time()) if dead else []
+        if dead:
+            log.warning("worker %s took its name over from its dead process on this host; its jobs %s were "
+                        "queued again", self.me.name, requeued or "(none)")
         log.info("worker %s (%s) joined the pool: %s x%d, queue %s", self.me.name, self.worker_id,
                  self.me.gpu_type, self.me.gpus, self.queue)
 
@@ -152,5 +197,9 @@ class Membership:
                 with no_fork, self.sessions.begin() as s:
                     if not store.heartbeat(s, self.worker_id):
                         log.warning("worker %s is no longer registered; heartbeats go nowhere", self.me.name)
-            except Exception:  # noqa: BLE001 - a database hiccup must not end the heartbeats
-                log.exception("heartbeat failed; trying again in %.1fs", self.settings.worker_heartbeat_interval_s)
+            except Exception as err:  # noqa: BLE001 - a database hiccup must not end the heartbeats
+                if not is_unavailable(err):
+                    log.exception("heartbeat failed; trying again in %.1fs", self.settings.worker_heartbeat_interval_s)
+                else:
+                    log.warning("heartbeat failed (the database cannot be reached: %s); trying again in %.1fs",
+                                type(err).__name__, self.settings.worker_heartbeat_interval_s)

@@ -2,8 +2,9 @@
 
 Every write is its own short transaction (SQLite has one writer at a time) that first checks the run's
 lease (worker.lease): a run that no longer owns its job writes nothing more, and stops at its next
-step. Metrics events are throttled to one per `metrics_event_interval_s`; the job row's progress to
-one write per second.
+step. While the database cannot answer, the writes are held and written later, in order (the lease
+keeper's `write`): training goes on. Metrics events are throttled to one per
+`metrics_event_interval_s`; the job row's progress to one write per second.
 
 The run stops at a step boundary when the job is cancelled (no checkpoint), when its worker shuts
 down (a checkpoint first, so the job resumes there), or when it lost its lease (nothing more written).
@@ -13,7 +14,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.settings import Settings
 from api.storage import LocalStorage
 from api.store import jobs as store
+from api.store.db import is_unavailable
 from api.store.leases import Lease
 from api.store.models import Checkpoint, Job, JobStatus
 from dpo_core.callbacks import Callbacks
@@ -52,13 +54,6 @@ class JobRecorder(Callbacks):
         self.stop_reason: str | None = None
         self.handback = threading.Event()  # set by the job process's SIGTERM handler
 
-    @contextmanager
-    def _write(self):
-        """A transaction for this run's writes; LeaseLost (and nothing written) when the run lost its job."""
-        with self.sessions.begin() as s:
-            self.keeper.hold(s)
-            yield s
-
     def on_start(self, info: dict[str, Any]) -> None:
         self.started, self.total_steps = time.time(), info.get("total_steps")
         self.first_step = info.get("resumed_from_step") or 0
@@ -67,20 +62,21 @@ class JobRecorder(Callbacks):
         if info.get("resumed_from_step"):
             message = (f"Training resumed from checkpoint at step {self.first_step}: {rows} "
                        f"(attempt {self.lease.attempt})")
-        with self._write() as s:
+
+        def write(s: Session) -> None:
             store.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
             store.add_event(s, self.job_id, message, data=_jsonable(info))
             if info.get("resumed_from"):
                 self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
+        self.keeper.write(write)
 
     def on_step(self, step: int, total_steps: int) -> None:
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_INTERVAL_S:
             return
         self._last_progress = now
-        with self._write() as s:
-            store.update_job(s, self.job_id, step=step, total_steps=total_steps,
-                             estimated_finish=self._eta(step, total_steps))
+        fields = dict(step=step, total_steps=total_steps, estimated_finish=self._eta(step, total_steps))
+        self.keeper.write(lambda s: store.update_job(s, self.job_id, **fields))
 
     def on_log(self, metrics: dict[str, Any]) -> None:
         step, total = metrics.get("step"), metrics.get("total_steps") or self.total_steps
@@ -88,29 +84,37 @@ class JobRecorder(Callbacks):
                       tokens_per_s=metrics.get("tokens_per_s"), trained_tokens=metrics.get("num_tokens"),
                       estimated_finish=self._eta(step, total))
         self._pending = metrics
-        due = time.monotonic() - self._last_event >= self.metrics_interval_s
-        with self._write() as s:
+        event = self._metrics_event() if time.monotonic() - self._last_event >= self.metrics_interval_s else None
+
+        def write(s: Session) -> None:
             store.update_job(s, self.job_id, **fields)
-            if due:
-                self._write_metrics(s)
+            if event is not None:
+                event(s)
+        self.keeper.write(write)
 
     def on_eval(self, metrics: dict[str, Any]) -> None:
         shown = ", ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_EVAL_METRICS if k in metrics)
-        with self._write() as s:
+
+        def write(s: Session) -> None:
             store.update_job(s, self.job_id, eval_metrics=metrics)
             store.add_event(s, self.job_id, f"Evaluation at step {metrics.get('step')}: {shown}",
                             type="metrics", data=metrics)
+        self.keeper.write(write)
 
     def on_checkpoint(self, step: int, path: str) -> None:
-        with self._write() as s:
+        pending = self._pending
+
+        def write(s: Session) -> None:
             self._forget_pruned(s)
-            ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), self._pending)
+            if not self.storage.exists(self.storage.key_for(path)):
+                return  # pruned already, while this write waited for the database
+            ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), pending)
             s.flush()
             store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
+        self.keeper.write(write)
 
     def on_warning(self, message: str) -> None:
-        with self._write() as s:
-            store.add_event(s, self.job_id, message, level="warn")
+        self.keeper.write(lambda s: store.add_event(s, self.job_id, message, level="warn"))
 
     def should_stop(self) -> bool:
         if self.stop_reason is None:
@@ -130,9 +134,14 @@ class JobRecorder(Callbacks):
         if now - self._last_poll < self.cancel_poll_s:
             return None
         self._last_poll = now
-        with self.sessions() as s:
-            row = s.execute(select(Job.status, Job.lease_token, Job.cancel_requested, Job.handback_requested)
-                            .where(Job.id == self.job_id)).one_or_none()
+        try:
+            with self.sessions() as s:
+                row = s.execute(select(Job.status, Job.lease_token, Job.cancel_requested, Job.handback_requested)
+                                .where(Job.id == self.job_id)).one_or_none()
+        except Exception as err:
+            if not is_unavailable(err):
+                raise
+            return None  # asked again at the next poll; the lease keeper says when the run is lost
         if row is None or row.status != JobStatus.RUNNING or row.lease_token != self.lease.token:
             return LEASE_LOST
         if row.cancel_requested:
@@ -140,23 +149,25 @@ class JobRecorder(Callbacks):
         return HANDBACK if row.handback_requested else None
 
     def on_end(self, result) -> None:
+        """The run's last records: written before it ends (rank 0 of a multi-GPU job is a process of its
+        own, which exits after this), however long the database takes to answer again."""
         self.flush()
+        self.keeper.drain()
 
     def flush(self) -> None:
         """Write the last metrics record if throttling held it back."""
-        if self._pending is None:
-            return
-        with self._write() as s:
-            self._write_metrics(s)
+        if (event := self._metrics_event()) is not None:
+            self.keeper.write(event)
 
-    def _write_metrics(self, s: Session) -> None:
+    def _metrics_event(self) -> Callable[[Session], None] | None:
+        """A write of the metrics record not yet written as an event (None if there is none)."""
         if self._pending is None:
-            return
+            return None
         m, self._pending = self._pending, None
         self._last_event = time.monotonic()
         shown = ", ".join(f"{k}={_fmt(m[k])}" for k in SHOWN_METRICS if k in m)
-        store.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
-                        type="metrics", data=m)
+        return lambda s: store.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
+                                         type="metrics", data=m)
 
     def _forget_pruned(self, s: Session) -> None:
         # save_total_limit deletes old checkpoint directories; drop their rows so lists stay true.

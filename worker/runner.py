@@ -3,9 +3,11 @@
 A run starts from the job's latest complete checkpoint when an earlier run left one (a worker was
 lost, or handed the job back on SIGTERM). User errors (a bad spec, bad data, a model that does not
 load) fail the job with their one-line message and a stable code; a failed write of the data volume
-fails it with `storage_error` or `checkpoint_error`; anything else is an internal error whose
-traceback goes into an event. Every write names the run's lease (worker.lease): a run that lost its
-job to another writes nothing more.
+fails it with `storage_error` or `checkpoint_error`; anything else is an internal error: the team
+sees a short message with an error id, the worker's log has the traceback under that id. Every write
+names the run's lease (worker.lease): a run that lost its job to another writes nothing more. A
+database that cannot answer for a while is waited out, at the start and at the end of a run as while
+it trains: it never fails a job, nor uses one of its attempts.
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import subprocess
 import sys
 import tempfile
 import threading
-import traceback
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.errors import LeaseLost
 from api.jobspec import runnable
@@ -39,7 +42,7 @@ from api.store.models import File, Job, JobStatus, Worker, new_id, now
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
-from worker.lease import LeaseKeeper
+from worker.lease import LeaseKeeper, retrying
 from worker.recorder import JobRecorder, make_recorder
 
 log = logging.getLogger("dpo.worker")
@@ -84,6 +87,13 @@ class JobRunner:
             engine.dispose()
 
     def _start(self, job_id: str) -> Lease | None:
+        """Take the job's lease. While the database cannot answer, tried again for up to half the dispatch
+        timeout; then the job, still `dispatched`, is queued again by the reconciler at that timeout."""
+        give_up_at = time.monotonic() + self.settings.dispatch_timeout_s / 2
+        return retrying(lambda: self._acquire(job_id), give_up=lambda: time.monotonic() > give_up_at,
+                        max_delay_s=self.settings.worker_heartbeat_interval_s, what=f"job {job_id}")
+
+    def _acquire(self, job_id: str) -> Lease | None:
         with self.sessions.begin() as s:
             if s.get(Job, job_id) is None:
                 log.warning("job %s is not in the database; dropping its message", job_id)
@@ -108,7 +118,7 @@ class JobRunner:
         recorder = make_recorder(self.sessions, self.settings, keeper)
         try:
             with _handback_on_sigterm(recorder):
-                spec, gpus = self._spec(lease.job_id), self._gpus(lease.job_id)
+                spec, gpus = keeper.read(lambda s: self._spec(s, lease.job_id)), self._gpus(keeper)
                 _remove_partial_checkpoints(Path(spec.output_dir))
                 result = self._launch(lease, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
         except LeaseLost:
@@ -118,9 +128,7 @@ class JobRunner:
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
             if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # the data volume: full, read-only, failing
                 return self._fail(keeper, "storage_error", storage_message(err))
-            log.exception("job %s failed", lease.job_id)
-            return self._fail(keeper, "internal_error", f"internal error: {type(err).__name__}: {one_line(err)}",
-                              traceback.format_exc())
+            return self._fail_internal(keeper, err)
         return self._finish(keeper, result)
 
     def _launch(self, lease: Lease, spec: TrainingSpec, gpus: int):
@@ -141,15 +149,13 @@ class JobRunner:
             raise TrainingError(outcome["error"]["message"], code=outcome["error"]["code"])
         return TrainResult(**outcome["result"])
 
-    def _gpus(self, job_id: str) -> int:
-        with self.sessions() as s:
-            return s.scalar(select(Job.gpus).where(Job.id == job_id)) or 1
+    def _gpus(self, keeper: LeaseKeeper) -> int:
+        return keeper.read(lambda s: s.scalar(select(Job.gpus).where(Job.id == keeper.lease.job_id))) or 1
 
-    def _spec(self, job_id: str) -> TrainingSpec:
-        with self.sessions() as s:
-            job = s.get(Job, job_id)
-            paths = {f.id: str(self.storage.path(f.storage_key))
-                     for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
+    def _spec(self, s: Session, job_id: str) -> TrainingSpec:
+        job = s.get(Job, job_id)
+        paths = {f.id: str(self.storage.path(f.storage_key))
+                 for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
         if job.training_file not in paths or (job.validation_file and job.validation_file not in paths):
             raise DataError([_missing_file(job)])
         for name in filter(None, (job.model, job.spec.get("reference_model"))):
@@ -161,18 +167,21 @@ class JobRunner:
                         resume_from="auto")
 
     def _finish(self, keeper: LeaseKeeper, result) -> str:
-        lease = keeper.lease
-        with self.sessions.begin() as s:
-            keeper.hold(s)
+        """Record the run's outcome; waits out a database that cannot answer (LeaseLost once the lease is lost)."""
+        lease, outcome = keeper.lease, {}
+
+        def write(s: Session) -> None:
             fields = dict(trained_tokens=result.trained_tokens, step=result.global_step, estimated_finish=None)
             if store.cancel_requested(s, lease.job_id):
                 leases.finish(s, lease, JobStatus.CANCELLED, **fields)
-                return JobStatus.CANCELLED.value
+                outcome["status"] = JobStatus.CANCELLED
+                return
             if result.stopped:  # not cancelled, and still ours: its worker is shutting down
                 name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
                 store.update_job(s, lease.job_id, **fields)
                 leases.hand_back(s, lease, name, result.global_step)
-                return JobStatus.QUEUED.value
+                outcome["status"] = JobStatus.QUEUED
+                return
             if result.final_dir:
                 final = store.add_checkpoint(s, lease.job_id, result.global_step,
                                              self.storage.key_for(result.final_dir),
@@ -181,7 +190,9 @@ class JobRunner:
                 fields["fine_tuned_model"] = final.id
             fields["result_files"] = self._result_files(s, lease.job_id)
             leases.finish(s, lease, JobStatus.SUCCEEDED, **fields)
-        return JobStatus.SUCCEEDED.value
+            outcome["status"] = JobStatus.SUCCEEDED
+        keeper.write_now(write)
+        return outcome["status"].value
 
     def _result_files(self, s, job_id: str) -> list[str]:
         """dpo_core's metrics.jsonl of the run, registered as a downloadable file (OpenAI's result_files)."""
@@ -196,15 +207,25 @@ class JobRunner:
         s.add(file)
         return [file.id]
 
-    def _fail(self, keeper: LeaseKeeper, code: str, message: str, trace: str | None = None) -> str:
+    def _fail_internal(self, keeper: LeaseKeeper, err: Exception) -> str:
+        """An error no code path names: the team gets its kind and an error id, never the traceback (it
+        holds the server's paths and code); the worker's log gets the traceback under that id."""
+        error_id = new_id("error")
+        log.error("job %s: internal error %s", keeper.lease.job_id, error_id, exc_info=err,
+                  extra={"error_id": error_id})
+        message = (f"internal error ({type(err).__name__}), error id {error_id}; report the id to the operator, "
+                   "whose worker log has the details")
+        return self._fail(keeper, "internal_error", message, {"error_id": error_id})
+
+    def _fail(self, keeper: LeaseKeeper, code: str, message: str, data: dict | None = None) -> str:
+        """Fail the job; waits out a database that cannot answer (LeaseLost once the lease is lost)."""
         job_id = keeper.lease.job_id
-        with self.sessions.begin() as s:
-            keeper.hold(s)
-            if trace:
-                store.add_event(s, job_id, "Traceback of the internal error", level="error", data={"traceback": trace})
-            store.add_event(s, job_id, message, level="error", data={"code": code})
+
+        def write(s: Session) -> None:
+            store.add_event(s, job_id, message, level="error", data={"code": code, **(data or {})})
             leases.finish(s, keeper.lease, JobStatus.FAILED, error_code=code, error_message=message,
                           estimated_finish=None)
+        keeper.write_now(write)
         return JobStatus.FAILED.value
 
 

@@ -6,6 +6,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 router = APIRouter(tags=["health"])
+RETRY_AFTER_S = 5  # what a 503 from /readyz tells a client (a load balancer) to wait before it asks again
 
 
 @router.get("/healthz")
@@ -19,7 +20,9 @@ def readyz(request: Request) -> JSONResponse:
     """Ready to take jobs: 200 when the database and the broker both answer, else 503 naming which not."""
     checks = {"database": _check_database(request), "broker": _check_broker(request)}
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+    headers = None if ok else {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503,
+                        headers=headers)
 
 
 def _check_database(request: Request) -> str:

@@ -6,12 +6,24 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
+
+# The errors of a database that cannot answer now, and may later: it is down, restarting or unreachable
+# (no connection, or one dropped mid-statement), it refused a transaction it may take when retried (a
+# deadlock, SQLite's lock held past its busy timeout), or no pooled connection came free in time. Any
+# other database error (a constraint, a bad statement) is a bug, and trying again would not help.
+UNAVAILABLE = (OperationalError, InterfaceError, PoolTimeout)
+
+
+def is_unavailable(err: BaseException) -> bool:
+    """Whether `err` says the database cannot answer now (see UNAVAILABLE): worth trying again."""
+    return isinstance(err, UNAVAILABLE) or (isinstance(err, DBAPIError) and err.connection_invalidated)
 
 
 def make_engine(url: str, **options) -> Engine:

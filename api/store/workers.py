@@ -8,6 +8,7 @@ goodbye, *busy* while a job is dispatched to it or running on it, and *idle* oth
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from enum import StrEnum
 
 from sqlalchemy import ColumnElement, and_, select, update
@@ -51,16 +52,26 @@ def current_jobs(session: Session, worker_ids: list[str] | None = None) -> dict[
     return {job.worker_id: job for job in session.scalars(stmt)}
 
 
+def dead_holder(session: Session, name: str, hostname: str, gone: Callable[[int, float], bool]) -> str | None:
+    """The id of the worker named `name` when it did not stop cleanly and its process, on this host, is
+    gone (`gone(pid, registered_at)`, which only this host can tell); None otherwise. Its row is locked."""
+    worker = session.scalars(select(Worker).where(Worker.name == name).with_for_update()).one_or_none()
+    if worker is None or worker.stopped_at is not None or worker.hostname != hostname:
+        return None
+    return worker.id if gone(worker.pid, worker.registered_at) else None
+
+
 def register(session: Session, *, name: str, gpu_type: str, gpus: int, queue_prefix: str, hostname: str,
-             pid: int, lost_after_s: float) -> Worker:
+             pid: int, lost_after_s: float, holder_dead: bool = False) -> Worker:
     """Add this worker to the pool, or take over its row when it restarts under the same name.
-    Refused while another live process holds the name."""
+    Refused while another live process holds the name, unless the caller knows that process is dead
+    (`holder_dead`, see dead_holder)."""
     at = time.time()
     worker = session.scalars(select(Worker).where(Worker.name == name).with_for_update()).one_or_none()
     if worker is None:
         worker = Worker(id=new_id("worker"), name=name)
         session.add(worker)
-    elif worker.stopped_at is None and worker.last_heartbeat_at >= at - lost_after_s and \
+    elif worker.stopped_at is None and worker.last_heartbeat_at >= at - lost_after_s and not holder_dead and \
             (worker.hostname, worker.pid) != (hostname, pid):
         raise Conflict(f"a worker named {name!r} is alive on {worker.hostname} (pid {worker.pid}); "
                        "give this one another DPO_WORKER_NAME, or stop that one first", param="worker_name")

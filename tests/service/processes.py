@@ -1,20 +1,23 @@
 """Real service processes for the end-to-end tests: `dpo-service api` (uvicorn) and `dpo-service worker`
 (Celery), each its own OS process, on the embedded defaults or on PostgreSQL + Redis; and a Redis
-server of a test's own, to stop and start again."""
+server and a PostgreSQL cluster of a test's own, to stop and start again."""
 from __future__ import annotations
 
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from tests.service.support import MODEL_DIRS
+from tests.service.support import MODEL_DIRS, need
 
 REPO = Path(__file__).resolve().parents[2]
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -154,6 +157,7 @@ class RedisServer:
     message it held, as a broker restart without its data does."""
 
     def __init__(self, root: Path):
+        need("redis-server", shutil.which("redis-server") is not None)
         self.port, self.root = free_port(), root
         self.proc: subprocess.Popen | None = None
 
@@ -187,3 +191,81 @@ class RedisServer:
     def command(self, *args: str) -> bytes:
         out = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, timeout=10)
         return out.stdout.strip()
+
+
+def postgres_bindir() -> str | None:
+    """Where PostgreSQL's server programs are: on the PATH, or Debian's /usr/lib/postgresql/<version>/bin."""
+    if shutil.which("initdb") and shutil.which("postgres"):
+        return str(Path(shutil.which("initdb")).parent)
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[-3]))
+    return str(Path(found[-1]).parent) if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own: its own data directory and a free port, trust auth, no
+    durability (fsync off). `stop` is a fast shutdown (every connection is closed, as in a restart or a
+    failover); `start` brings it back on the same port with the same data.
+
+    PostgreSQL refuses to run as root: as root, the cluster runs as the `postgres` OS user, in a
+    directory of its own under the system's temporary directory (pytest's directories are root's only)."""
+
+    def __init__(self):
+        self.bindir = postgres_bindir()
+        need("PostgreSQL's initdb and postgres", self.bindir is not None)
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self.root = Path(tempfile.mkdtemp(prefix="dpo-test-pg-"))
+        if self.user:
+            shutil.chown(self.root, self.user, self.user)
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, program: str, *args: str, **popen) -> subprocess.Popen:
+        log = (self.root / "postgres.log").open("ab")
+        return subprocess.Popen([str(Path(self.bindir) / program), *args], cwd=self.root, user=self.user,
+                                group=self.user, extra_groups=[] if self.user else None, stdout=log,
+                                stderr=subprocess.STDOUT, **popen)
+
+    def init(self) -> PostgresServer:
+        proc = self._run("initdb", "-D", str(self.root / "data"), "-U", "postgres", "-A", "trust", "--no-sync",
+                         "-E", "UTF8", "--locale=C")
+        assert proc.wait(timeout=120) == 0, f"initdb failed\n{self.log()}"
+        self.start()
+        return self
+
+    def start(self) -> None:
+        self.proc = self._run("postgres", "-D", str(self.root / "data"), "-p", str(self.port), "-k", str(self.root),
+                              "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "synchronous_commit=off",
+                              "-c", "full_page_writes=off", "-c", "max_connections=200", start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not self.answers():
+            assert self.proc.poll() is None, f"postgres exited\n{self.log()}"
+            assert time.monotonic() < deadline, f"postgres did not start\n{self.log()}"
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        """A fast shutdown (SIGINT): open transactions are rolled back and every client disconnected."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            self.proc.wait(timeout=60)
+
+    def answers(self) -> bool:
+        import psycopg2
+
+        try:
+            psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname="postgres",
+                             connect_timeout=2).close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    def log(self, chars: int = 4000) -> str:
+        path = self.root / "postgres.log"
+        return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.root, ignore_errors=True)

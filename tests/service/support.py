@@ -83,6 +83,15 @@ def upload(client, path: Path, purpose: str = "fine-tune", headers: dict | None 
     return r.json()
 
 
+def need(what: str, present: bool) -> None:
+    """Skip a test that needs a program this machine lacks, unless DPO_TEST_REQUIRE_SERVICES=1 (then fail)."""
+    if present:
+        return
+    if os.environ.get("DPO_TEST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{what} not found, but DPO_TEST_REQUIRE_SERVICES=1 requires it")
+    pytest.skip(f"{what} not found: install it to run this test")
+
+
 def service_url(env_name: str) -> str:
     """A PostgreSQL / Redis URL from the environment; skip without it unless DPO_TEST_REQUIRE_SERVICES=1."""
     url = os.environ.get(env_name)

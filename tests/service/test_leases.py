@@ -229,3 +229,76 @@ def test_the_keeper_renews_and_notices_a_lost_lease(settings):
     silent = LeaseKeeper(sessions_for(settings), lease, 0.2, 10)
     time.sleep(0.3)
     assert silent.lost
+
+
+@pytest.fixture
+def outage(tmp_path):
+    """Settings on a PostgreSQL of the test's own, which the test stops and starts."""
+    from tests.service.processes import PostgresServer
+    from tests.service.support import dispose_engine
+
+    pg = PostgresServer().init()
+    try:
+        upgrade(pg.url)
+        yield pg, make_settings(tmp_path / "data", database_url=pg.url, job_lease_s=3, dispatch_timeout_s=30,
+                                worker_heartbeat_interval_s=0.2, worker_lost_after_s=120)
+    finally:
+        dispose_engine(pg.url)
+        pg.remove()
+
+
+@pytest.mark.slow
+def test_writes_held_through_a_database_outage_land_in_order_and_only_under_the_lease(outage):
+    """A run's writes while its database is down are held and land in order once it is back; once the
+    outage outlasts the lease, nothing held lands."""
+    pg, settings = outage
+    worker_id, job_id = register_worker(settings, "w1"), submit(settings)
+    assert dispatch(settings) == [job_id]
+    lease = start(settings, job_id, worker_id)
+    keeper = LeaseKeeper(sessions_for(settings), lease, settings.job_lease_s, 0.2)
+
+    def event(message):
+        keeper.write(lambda s: jobs_store.add_event(s, job_id, message))
+
+    event("before")
+    pg.stop()
+    for i in range(3):
+        event(f"held {i}")  # returns at once: the write is held
+    pg.start()
+    event("after")
+    keeper.drain()
+    assert [e.message for e in events(settings, job_id)][-5:] == ["before", "held 0", "held 1", "held 2", "after"]
+
+    pg.stop()
+    event("stale")
+    deadline = time.monotonic() + 2 * settings.job_lease_s
+    while not keeper.lost:  # a whole lease period without a renewal
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    pg.start()
+    assert reconcile(sessions_for(settings), settings, time.time()) == 1  # the job is given away
+    with pytest.raises(LeaseLost):
+        keeper.drain()
+    assert "stale" not in [e.message for e in events(settings, job_id)]
+    assert job(settings, job_id).status == "queued"
+
+
+@pytest.mark.slow
+def test_a_job_process_starting_its_job_waits_out_a_database_outage(outage):
+    import threading
+
+    from worker.runner import JobRunner
+
+    pg, settings = outage
+    worker_id, job_id = register_worker(settings, "w1"), submit(settings)
+    assert dispatch(settings) == [job_id]
+    runner = JobRunner(settings, worker_id)
+    runner.sessions = sessions_for(settings)
+    pg.stop()
+    back = threading.Timer(1.5, pg.start)
+    back.start()
+    try:
+        lease = runner._start(job_id)  # tried again until the database answers
+    finally:
+        back.join()
+    assert lease is not None and (lease.attempt, job(settings, job_id).status) == (1, "running")

@@ -3,15 +3,18 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import subprocess
 import time
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 
-from api.errors import Conflict
+from api.errors import Conflict, LeaseLost
+from api.scheduler import dispatch_pass
+from api.store import leases
 from api.store.db import make_engine, make_sessionmaker
 from api.store.migrate import upgrade
-from api.store.models import Worker
+from api.store.models import DEFAULT_TEAM_ID, Event, Job, JobStatus, Worker, new_id
 from tests.service.support import make_settings, sessions_for
 from worker import membership
 from worker.membership import Identity, Membership, gpu_type_of, identity
@@ -48,7 +51,7 @@ def test_detection_without_cuda_finds_nothing():
 def test_join_beat_and_leave(tmp_path):
     settings = make_settings(tmp_path / "data", worker_heartbeat_interval_s=0.1, worker_lost_after_s=1)
     upgrade(settings.db_url)
-    me = Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=10)
+    me = Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=os.getpid())  # a live process
     member = Membership(settings, me)
     member.join()
     assert member.queue == f"{settings.queue}.{member.worker_id}"
@@ -110,6 +113,97 @@ def test_a_process_forked_while_the_heartbeat_runs_can_use_the_database(tmp_path
             assert exit_code == 0, f"the process forked at beat {i} could not use the database (exit {exit_code})"
     finally:
         member.leave()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def _me(pid: int, host: str = "this-host") -> Identity:
+    return Identity(name="w1", gpu_type="cpu", gpus=1, hostname=host, pid=pid)
+
+
+def _running_job(settings, worker_id: str) -> tuple[str, leases.Lease]:
+    """A job dispatched to the worker and started there (the run's lease taken)."""
+    sessions = sessions_for(settings)
+    with sessions.begin() as s:
+        job = Job(id=new_id("ftjob"), team_id=DEFAULT_TEAM_ID, status=JobStatus.QUEUED.value, model="m",
+                  training_file="file-x", method={}, hyperparameters={}, spec={}, created_at=int(time.time()),
+                  result_files=[], cancel_requested=False, max_attempts=3)
+        s.add(job)
+    assert [a.job_id for a in dispatch_pass(sessions, settings, lambda a: None)] == [job.id]
+    with sessions.begin() as s:
+        return job.id, leases.acquire(s, job.id, worker_id, "w1", settings.job_lease_s)
+
+
+@pytest.fixture
+def pool(tmp_path):
+    settings = make_settings(tmp_path / "data", worker_lost_after_s=60, job_lease_s=60)
+    upgrade(settings.db_url)
+    return settings
+
+
+def test_a_worker_restarted_after_a_crash_takes_its_name_over_and_its_run_is_lost_at_once(pool):
+    crashed = Membership(pool, _me(_dead_pid()))
+    crashed.join()  # its heartbeat is fresh: by the heartbeat alone, it is alive for another minute
+    job_id, lease = _running_job(pool, crashed.worker_id)
+
+    again = Membership(pool, _me(os.getpid()))
+    again.join()  # no Conflict: the pid it was registered under is gone from this host
+    assert again.worker_id == crashed.worker_id and _row(pool, again.worker_id).pid == os.getpid()
+    with sessions_for(pool)() as s:
+        job = s.get(Job, job_id)
+        last = s.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.seq.desc())).first()
+    # The reconciler's repair of a lost run, at once: an attempt used, queued to resume from its checkpoint.
+    assert (job.status, job.worker_id, job.attempts, job.lease_expires_at) == ("queued", None, 1, None)
+    assert last.message.startswith("Worker lost: worker w1 died (a new process took its name over)")
+    assert "1 of 3 attempts used" in last.message
+    with pytest.raises(LeaseLost), sessions_for(pool).begin() as s:  # the dead run's writes stay fenced off
+        leases.hold(s, lease, pool.job_lease_s)
+
+
+def test_a_dispatched_job_of_the_crashed_worker_is_queued_again_at_once(pool):
+    crashed = Membership(pool, _me(_dead_pid()))
+    crashed.join()
+    job_id, _ = _running_job(pool, crashed.worker_id)
+    with sessions_for(pool).begin() as s:  # back to dispatched: the worker died before starting it
+        s.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.DISPATCHED.value))
+    Membership(pool, _me(os.getpid())).join()
+    with sessions_for(pool)() as s:
+        assert (s.get(Job, job_id).status, s.get(Job, job_id).attempts) == ("queued", 1)
+
+
+@pytest.mark.parametrize("case", ["alive", "other-host"])
+def test_a_name_held_by_a_live_process_or_on_another_host_stays_refused(pool, case):
+    holder = Membership(pool, _me(os.getpid() if case == "alive" else _dead_pid(),
+                                  "this-host" if case == "alive" else "other-host"))
+    holder.join()
+    job_id, _ = _running_job(pool, holder.worker_id)
+    with pytest.raises(Conflict, match="w1"):
+        Membership(pool, _me(os.getpid() + 1 if case == "alive" else os.getpid())).join()
+    with sessions_for(pool)() as s:
+        assert s.get(Job, job_id).status == "running"  # left to its lease
+
+
+def test_a_pid_reused_by_a_later_process_or_a_zombie_does_not_hold_the_name():
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        assert not membership.process_gone(os.getpid(), time.time(), my_pid=0)  # this process: alive
+        assert membership.process_gone(sleeper.pid, time.time() - 10, my_pid=0)  # started after that registration
+        assert not membership.process_gone(sleeper.pid, time.time() + 10, my_pid=0)
+        assert membership.process_gone(sleeper.pid, time.time() + 10, my_pid=sleeper.pid)  # the pid is mine now
+        sleeper.kill()
+        deadline = time.monotonic() + 10
+        while membership.process_stat(sleeper.pid)[0] != "Z":  # dead, not reaped yet: a zombie
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert membership.process_gone(sleeper.pid, time.time() + 10, my_pid=0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert membership.process_gone(sleeper.pid, time.time() + 10, my_pid=0)
 
 
 def _row(settings, worker_id: str) -> Worker:

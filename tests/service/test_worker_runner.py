@@ -3,6 +3,7 @@ on a real SQLite store, in this process (the end-to-end tier runs it as a Celery
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 import threading
 import time
@@ -76,19 +77,38 @@ def test_a_model_that_does_not_exist_fails_with_a_clear_one_line_error(client, s
     assert events(client, job_id)[-1]["data"] == {"status": "failed"}
 
 
-def test_an_internal_error_keeps_its_traceback_in_an_event(client, settings, task_files, tiny_model, monkeypatch):
+def test_an_internal_error_shows_the_team_an_error_id_and_logs_the_traceback_under_it(client, settings, task_files,
+                                                                                     tiny_model, monkeypatch, caplog):
+    import logging
+    import re
+
     import dpo_core
 
     def broken(spec, callbacks):
-        raise KeyError("boom")
+        raise KeyError(f"boom in {spec.output_dir}")  # the message of an unforeseen error may hold a server path
 
     monkeypatch.setattr(dpo_core, "train", broken)
     job_id = create(client, tiny_model, upload(client, task_files[0])["id"])
-    assert run_on_worker(settings, job_id) == "failed"
+    with caplog.at_level(logging.ERROR, logger="dpo.worker"):
+        assert run_on_worker(settings, job_id) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["error"]["code"] == "internal_error" and "KeyError" in job["error"]["message"]
-    trace = next(e for e in events(client, job_id) if e["data"] and "traceback" in e["data"])
-    assert "broken" in trace["data"]["traceback"] and trace["level"] == "error"
+    error_id = re.search(r"error-[0-9a-f]{24}", job["error"]["message"]).group(0)
+
+    # What the team reads: no traceback, no path of the server's, no message of the error itself.
+    seen = json.dumps([job["error"], events(client, job_id)])
+    for leak in ("Traceback", "runner.py", str(settings.data_dir), "boom"):
+        assert leak not in seen, leak
+    assert not re.search(r"(^|[\s'\"(])/\w+/", seen), seen  # no absolute path at all
+    failed = [e for e in events(client, job_id) if e["level"] == "error" and e["data"].get("code") == "internal_error"]
+    assert [e["data"]["error_id"] for e in failed] == [error_id]
+
+    # What the operator reads: the same id, with the traceback.
+    (record,) = [r for r in caplog.records if getattr(r, "error_id", None) == error_id]
+    assert job_id in record.getMessage() and error_id in record.getMessage()
+    assert isinstance(record.exc_info[1], KeyError)
+    text = caplog.text
+    assert "Traceback" in text and "in broken" in text and "boom in" in text
 
 
 def test_a_cancel_stops_a_running_job_within_seconds(client, settings, task_files, tiny_model):
