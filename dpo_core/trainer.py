@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed
+from dpo_core import distributed, divergence
 from dpo_core.batching import epoch_order, row_length, steps_per_epoch
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, split_pairs
@@ -284,6 +284,7 @@ def _model_state(run: Run) -> dict | None:
 
 
 def _checkpoint(run: Run) -> None:
+    divergence.check_weights(run)
     model_state = _model_state(run)
     optimizer_state = distributed.optimizer_state(run.policy, run.optimizer)
     if run.dist.main:
@@ -351,6 +352,7 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 
 def _save_final(run: Run) -> str:
+    divergence.check_weights(run)
     target = Path(run.spec.output_dir) / "final"
     model_state = _model_state(run)
     if not run.dist.main:
