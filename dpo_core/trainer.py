@@ -290,9 +290,18 @@ def _checkpoint(run: Run) -> None:
     if run.dist.main:
         path = ckpt.save_checkpoint(run.spec.output_dir, run.model, run.tokenizer, optimizer_state, run.scheduler,
                                     run.progress, model_state)
-        ckpt.prune(run.spec.output_dir, run.spec.save_total_limit)
+        _prune(run)
         run.callbacks.on_checkpoint(run.progress.step, path)
     distributed.barrier(run.dist)
+
+
+def _prune(run: Run) -> None:
+    """save_total_limit: keep the latest checkpoints, and also the one with the best eval_loss."""
+    if not run.spec.save_total_limit:
+        return
+    steps = [step for step, _ in ckpt.list_checkpoints(run.spec.output_dir)]
+    best = ckpt.best_by_eval(steps, run.metrics_file.eval_losses())
+    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=() if best is None else (best,))
 
 
 def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
