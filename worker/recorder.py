@@ -159,7 +159,8 @@ class JobRecorder(Callbacks):
                         type="metrics", data=m)
 
     def _forget_pruned(self, s: Session) -> None:
-        # save_total_limit deletes old checkpoint directories; drop their rows so lists stay true.
+        # save_total_limit (the service's retention by default) deletes old checkpoint directories; drop
+        # their rows so lists and the team's storage stay true.
         for ckpt in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, ~Checkpoint.final)):
             if not self.storage.exists(ckpt.storage_key):
                 s.delete(ckpt)
