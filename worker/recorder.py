@@ -102,9 +102,11 @@ class JobRecorder(Callbacks):
                             type="metrics", data=metrics)
 
     def on_checkpoint(self, step: int, path: str) -> None:
+        key = self.storage.key_for(path)
+        size = self.storage.size(key)
         with self._write() as s:
             self._forget_pruned(s)
-            ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), self._pending)
+            ckpt = store.add_checkpoint(s, self.job_id, step, key, self._pending, size=size)
             s.flush()
             store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
 
@@ -174,7 +176,7 @@ class JobRecorder(Callbacks):
             match = _CHECKPOINT_DIR.match(child.name)
             key = self.storage.key_for(child)
             if match and (child / "state.json").is_file() and key not in known:
-                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None)
+                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None, size=self.storage.size(key))
 
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step

@@ -33,6 +33,7 @@ from api.schemas.jobs import INT64, JobCreate, JobPublic
 from api.store import jobs as store
 from api.store.locks import lock_team
 from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
+from api.store.quota import refuse_job_over_quota
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
@@ -58,6 +59,7 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
         session.rollback()  # a twin request made it while we validated
         return _public(session, settings, [earlier])[0]
     _check_queue_quota(session, team)
+    refuse_job_over_quota(session, team, settings)
     session.add(job)
     session.flush()  # the row first: events reference it
     store.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
