@@ -4,6 +4,7 @@ JobRunner in this process; the quota on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,18 @@ def test_the_storage_quota_refuses_uploads_past_it_and_jobs_at_it(quota_api, tas
     assert api.post("/v1/fine_tuning/jobs", json=job, headers=key).status_code == 200
     admin = api.get("/v1/admin/usage").json()["data"]
     assert next(u for u in admin if u["team_id"] == team["id"])["storage_bytes"] == 2 * size
+
+
+def test_uploads_at_once_cannot_pass_the_quota_together(quota_api, task_files):
+    """Each upload fits alone; the team's row lock lets exactly as many in as fit together."""
+    data = task_files[1].read_bytes()
+    team = make_team(quota_api, "racers", max_storage_bytes=2 * len(data))
+    key = as_key(team["key"])
+
+    def put(_):
+        return quota_api.post("/v1/files", files={"file": ("d.jsonl", data)}, data={"purpose": "fine-tune"},
+                              headers=key).status_code
+
+    with ThreadPoolExecutor(6) as pool:
+        assert sorted(pool.map(put, range(6))) == [200, 200, 429, 429, 429, 429]
+    assert quota_api.get("/v1/usage", headers=key).json()["storage_bytes"] == 2 * len(data)
