@@ -103,6 +103,8 @@ def _request(args) -> tuple[str, str, dict | None, dict | None]:
 def _limits(parser) -> None:
     for name in ("--max-running-jobs", "--max-queued-jobs"):
         parser.add_argument(name, type=_limit, default=argparse.SUPPRESS, help="a number, or 'none' for no limit")
+    parser.add_argument("--max-storage-bytes", type=_limit, default=argparse.SUPPRESS,
+                        help="bytes, or 'none' for the service's DPO_TEAM_STORAGE_BYTES")
 
 
 def _limit(value: str) -> int | None:
@@ -115,7 +117,8 @@ def _limit(value: str) -> int | None:
 
 
 def _given_limits(args) -> dict:
-    return {k: getattr(args, k) for k in ("max_running_jobs", "max_queued_jobs") if hasattr(args, k)}
+    return {k: getattr(args, k) for k in ("max_running_jobs", "max_queued_jobs", "max_storage_bytes")
+            if hasattr(args, k)}
 
 
 def _stored_key(settings: Settings) -> str | None:

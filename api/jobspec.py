@@ -25,13 +25,18 @@ class BuiltSpec:
     hyperparameters: dict[str, Any]  # resolved OpenAI hyperparameters
 
 
-def build(req: JobCreate, train_path: str, validation_path: str | None, output_dir: str) -> BuiltSpec:
-    """Validate a job request into a TrainingSpec; raise InvalidInput naming every bad parameter."""
+def build(req: JobCreate, train_path: str, validation_path: str | None, output_dir: str,
+          keep_checkpoints: int | None = None) -> BuiltSpec:
+    """Validate a job request into a TrainingSpec; raise InvalidInput naming every bad parameter.
+    `keep_checkpoints`: the service's retention, the spec's save_total_limit unless the request sets one
+    (null keeps every checkpoint)."""
     training = dict(req.training or {})
     _refuse_server_fields(training)
     hp = _hyperparameters(req)
     data, origin = _merge(training, hp, req)
     data.update(train_file=train_path, validation_file=validation_path, output_dir=output_dir, resume_from=None)
+    if "save_total_limit" not in training:
+        data["save_total_limit"] = keep_checkpoints
     try:
         spec = parse_spec(data)
     except SpecError as err:

@@ -58,6 +58,12 @@ class Settings(BaseSettings):
     dispatch_timeout_s: float = Field(60.0, gt=0, description="a dispatched job its worker has not started this "
                                       "long is queued again (its message was lost)")
 
+    # Storage: what a job keeps, and how much a team may keep (docs/operations.md, "Cleaning up").
+    keep_checkpoints: int = Field(3, gt=0, description="checkpoints a job keeps unless its training.save_total_limit "
+                                  "says otherwise: the latest N, plus the best by eval_loss, plus the final model")
+    team_storage_bytes: int | None = Field(None, gt=0, description="bytes a team may store (uploads, checkpoints, "
+                                           "result files) unless the admin set the team's own; default: no limit")
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_dirs(cls, value):

@@ -2,7 +2,7 @@
 
 Keys are relative POSIX paths such as `files/file-abc.jsonl` or `jobs/ftjob-abc/checkpoint-10`.
 `LocalStorage` keeps them under the data directory; a shared filesystem (NFS) mounted at the same
-path on every machine works unchanged, and an object store can implement the same five methods.
+path on every machine works unchanged, and an object store can implement the same six methods.
 `path()` exists because the trainer reads and writes local directories.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ class Storage(Protocol):
     def path(self, key: str) -> Path: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def size(self, key: str) -> int: ...
 
 
 class LocalStorage:
@@ -81,6 +82,14 @@ class LocalStorage:
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
+
+    def size(self, key: str) -> int:
+        """Bytes of the file at `key`, or of the regular files under the directory (symlinks not followed);
+        0 when nothing is there."""
+        target = self.path(key)
+        if not target.is_dir():
+            return target.stat().st_size if target.is_file() else 0
+        return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def iter_file(handle: BinaryIO) -> Iterator[bytes]:

@@ -10,11 +10,13 @@ download of one, ever leads to a file outside it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import shutil
 import stat
+from collections.abc import Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -150,9 +152,19 @@ def load_progress(checkpoint_dir: str) -> tuple[Progress, dict]:
     return progress, trainer_state
 
 
-def prune(output_dir: str, keep: int | None) -> None:
-    """Delete the oldest checkpoints beyond `keep`."""
+def prune(output_dir: str, keep: int | None, also: Collection[int] = ()) -> list[int]:
+    """Delete the checkpoints older than the latest `keep`, except those of the steps in `also` (the
+    best by eval, say); returns the steps deleted. `keep` None or 0 keeps every checkpoint."""
     if not keep:
-        return
-    for _, path in list_checkpoints(output_dir)[:-keep]:
+        return []
+    gone = [(step, path) for step, path in list_checkpoints(output_dir)[:-keep] if step not in also]
+    for _, path in gone:
         shutil.rmtree(path, ignore_errors=True)
+    return [step for step, _ in gone]
+
+
+def best_by_eval(steps: Iterable[int], eval_losses: dict[int, float]) -> int | None:
+    """The step among `steps` whose evaluation at that very step gave the lowest finite eval_loss (the
+    latest such step on a tie); None when no step in `steps` was evaluated."""
+    scored = [(eval_losses[s], -s) for s in steps if s in eval_losses and math.isfinite(eval_losses[s])]
+    return -min(scored)[1] if scored else None

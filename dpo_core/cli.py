@@ -7,6 +7,7 @@ import sys
 from dpo_core.spec import SpecError, load_spec
 
 EXIT_USAGE = 2  # the user's input is wrong: fix the config or the data
+EXIT_DIVERGED = 3  # the loss, gradient norm or weights became NaN or infinite: retune (the message says how)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     # Heavy imports only once the config is known to be good, so a typo fails fast.
     from dpo_core.data import DataError
-    from dpo_core.errors import RankFailedError, TrainingError
+    from dpo_core.errors import RankFailedError, TrainingDiverged, TrainingError
     from dpo_core.progress import ConsoleCallbacks
 
     console = ConsoleCallbacks()
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     except RankFailedError as err:
         print(f"dpo-train: {err}", file=sys.stderr)
         return 1
+    except TrainingDiverged as err:
+        print(f"dpo-train: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except (DataError, TrainingError, SpecError) as err:
         print(f"dpo-train: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -75,6 +75,15 @@ def all_sum(value: float, d: Dist) -> float:
     return float(t.item())
 
 
+def all_sums(values: list[float], d: Dist) -> list[float]:
+    """Several sums over ranks in one all-reduce."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def all_max(value: int, d: Dist) -> int:
     if not d.enabled:
         return value

@@ -28,6 +28,12 @@ class CheckpointError(TrainingError):
     code = "checkpoint_error"
 
 
+class TrainingDiverged(TrainingError):
+    """The loss, the gradient norm or the weights became NaN or infinite (dpo_core.divergence)."""
+
+    code = "training_diverged"
+
+
 class RankFailedError(TrainingError):
     """A process of a multi-process run died or raised; the launcher stopped the others."""
 

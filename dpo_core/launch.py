@@ -11,7 +11,7 @@ import os
 import socket
 import uuid
 
-from dpo_core.errors import RankFailedError, TrainingError
+from dpo_core.errors import RankFailedError, TrainingDiverged, TrainingError
 from dpo_core.spec import TrainingSpec
 
 
@@ -44,6 +44,10 @@ def _rank_main(spec_data: dict, factory: str | None, args: tuple):
     callbacks = _make_callbacks(factory, args) if os.environ.get("RANK", "0") == "0" else None
     try:
         return train(spec, callbacks)
+    except TrainingDiverged as err:
+        # Every rank raises it at the same step (dpo_core.divergence), so every rank ends cleanly with it;
+        # launch() raises it again, and the run fails as diverged rather than as a failed rank.
+        return err
     finally:
         distributed.shutdown(distributed.init(spec.device))
 
@@ -109,4 +113,6 @@ def launch(spec: TrainingSpec, nproc: int, callbacks_factory: str | None = None,
         results = elastic_launch(config, _rank_main)(spec.model_dump(), callbacks_factory, factory_args)
     except ChildFailedError as err:
         raise RankFailedError(f"distributed training failed: {_failure_summary(err, nproc)}") from None
+    if isinstance(results[0], TrainingDiverged):
+        raise TrainingDiverged(str(results[0]))
     return results[0]

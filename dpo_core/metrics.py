@@ -78,6 +78,13 @@ class MetricsFile:
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
+    def eval_losses(self) -> dict[int, float]:
+        """step -> eval_loss of every evaluation recorded (the latest, if a step has several)."""
+        if not self.path.is_file():
+            return {}
+        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
+        return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and "step" in r}
+
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:

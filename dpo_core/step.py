@@ -7,10 +7,11 @@ the collectives inside DDP/FSDP line up), and losses are normalised by the globa
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
-from dpo_core import distributed
+from dpo_core import distributed, divergence
 from dpo_core.batching import Batch, collate, micro_batches
 from dpo_core.losses import LossInputs, LossOutput, get_loss, is_per_pair, sft_nll
 from dpo_core.metrics import MetricSums, add_loss_metrics
@@ -126,7 +127,8 @@ def _collate(run, rows: list) -> Batch:
 
 
 def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:
-    """One optimizer step over the global batch `rows`: (loss, grad norm, non-padding tokens)."""
+    """One optimizer step over the global batch `rows`: (loss, grad norm, non-padding tokens).
+    Raises TrainingDiverged, on every rank alike, instead of applying a step that is not finite."""
     d = run.dist
     batches = aligned_batches(run, distributed.shard(rows, d), run.spec.micro_batch)
     norms = _norms(run, [b for b in batches if b is not None])
@@ -138,25 +140,35 @@ def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:
             # DDP and FSDP average gradients over ranks; scaling by the world size turns that into a sum.
             run.scaler.scale(loss * d.world).backward()
         local_loss += loss.item()
-    grad_norm = _clip_and_step(run)
-    step_loss = distributed.all_sum(local_loss, d)
+    grad_norm = _unscale_and_clip(run)
+    # One all-reduce for the step's loss, tokens and ranks whose gradient norm is not finite, so that
+    # every rank decides alike whether the step diverged (dpo_core.divergence), before it is applied.
+    local_tokens = sum(b.num_tokens for b in batches if b is not None)
+    step_loss, tokens, bad_norms = distributed.all_sums(
+        [local_loss, float(local_tokens), float(not math.isfinite(grad_norm))], d)
+    divergence.check_step(run, step_loss, grad_norm, norms_finite=bad_norms == 0)
+    _apply(run)
     sums.add("loss", step_loss if d.main else 0.0, 1 if d.main else 0)
-    tokens = distributed.all_sum(sum(b.num_tokens for b in batches if b is not None), d)
     return step_loss, grad_norm, int(tokens)
 
 
-def _clip_and_step(run) -> float:
+def _unscale_and_clip(run) -> float:
+    """The gradients' global norm, after unscaling (fp16) and clipping them to max_grad_norm."""
     run.scaler.unscale_(run.optimizer)
     params = [p for p in run.policy.parameters() if p.requires_grad]
     norm = torch.nn.utils.clip_grad_norm_(params, run.spec.max_grad_norm or float("inf"))
     if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
         norm = norm.full_tensor()
+    return float(norm)
+
+
+def _apply(run) -> None:
+    """The optimizer step (which the fp16 GradScaler skips when the gradients overflowed)."""
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.scheduler.step()
     # Free gradient memory now rather than at the start of the next step.
     run.optimizer.zero_grad(set_to_none=True)
-    return float(norm)
 
 
 @torch.no_grad()

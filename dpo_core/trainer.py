@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed
+from dpo_core import distributed, divergence
 from dpo_core.batching import epoch_order, row_length, steps_per_epoch
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, split_pairs
@@ -284,14 +284,24 @@ def _model_state(run: Run) -> dict | None:
 
 
 def _checkpoint(run: Run) -> None:
+    divergence.check_weights(run)
     model_state = _model_state(run)
     optimizer_state = distributed.optimizer_state(run.policy, run.optimizer)
     if run.dist.main:
         path = ckpt.save_checkpoint(run.spec.output_dir, run.model, run.tokenizer, optimizer_state, run.scheduler,
                                     run.progress, model_state)
-        ckpt.prune(run.spec.output_dir, run.spec.save_total_limit)
+        _prune(run)
         run.callbacks.on_checkpoint(run.progress.step, path)
     distributed.barrier(run.dist)
+
+
+def _prune(run: Run) -> None:
+    """save_total_limit: keep the latest checkpoints, and also the one with the best eval_loss."""
+    if not run.spec.save_total_limit:
+        return
+    steps = [step for step, _ in ckpt.list_checkpoints(run.spec.output_dir)]
+    best = ckpt.best_by_eval(steps, run.metrics_file.eval_losses())
+    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=() if best is None else (best,))
 
 
 def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
@@ -351,6 +361,7 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 
 def _save_final(run: Run) -> str:
+    divergence.check_weights(run)
     target = Path(run.spec.output_dir) / "final"
     model_state = _model_state(run)
     if not run.dist.main:

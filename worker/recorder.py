@@ -102,13 +102,14 @@ class JobRecorder(Callbacks):
         self.keeper.write(write)
 
     def on_checkpoint(self, step: int, path: str) -> None:
-        pending = self._pending
+        pending, key = self._pending, self.storage.key_for(path)
+        size = self.storage.size(key)
 
         def write(s: Session) -> None:
             self._forget_pruned(s)
-            if not self.storage.exists(self.storage.key_for(path)):
+            if not self.storage.exists(key):
                 return  # pruned already, while this write waited for the database
-            ckpt = store.add_checkpoint(s, self.job_id, step, self.storage.key_for(path), pending)
+            ckpt = store.add_checkpoint(s, self.job_id, step, key, pending, size=size)
             s.flush()
             store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
         self.keeper.write(write)
@@ -170,7 +171,8 @@ class JobRecorder(Callbacks):
                                          type="metrics", data=m)
 
     def _forget_pruned(self, s: Session) -> None:
-        # save_total_limit deletes old checkpoint directories; drop their rows so lists stay true.
+        # save_total_limit (the service's retention by default) deletes old checkpoint directories; drop
+        # their rows so lists and the team's storage stay true.
         for ckpt in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, ~Checkpoint.final)):
             if not self.storage.exists(ckpt.storage_key):
                 s.delete(ckpt)
@@ -184,7 +186,7 @@ class JobRecorder(Callbacks):
             match = _CHECKPOINT_DIR.match(child.name)
             key = self.storage.key_for(child)
             if match and (child / "state.json").is_file() and key not in known:
-                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None)
+                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None, size=self.storage.size(key))
 
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step

@@ -183,9 +183,10 @@ class JobRunner:
                 outcome["status"] = JobStatus.QUEUED
                 return
             if result.final_dir:
-                final = store.add_checkpoint(s, lease.job_id, result.global_step,
-                                             self.storage.key_for(result.final_dir),
-                                             {**result.metrics, **(result.eval_metrics or {})}, final=True)
+                key = self.storage.key_for(result.final_dir)
+                final = store.add_checkpoint(s, lease.job_id, result.global_step, key,
+                                             {**result.metrics, **(result.eval_metrics or {})}, final=True,
+                                             size=self.storage.size(key))
                 s.flush()
                 fields["fine_tuned_model"] = final.id
             fields["result_files"] = self._result_files(s, lease.job_id)

@@ -1,4 +1,5 @@
-"""/v1/fine_tuning/jobs/{id}/checkpoints: a job's checkpoints and final model, downloadable as tar."""
+"""/v1/fine_tuning/jobs/{id}/checkpoints: a job's checkpoints and final model, downloadable as tar, deletable
+once the job has ended."""
 from __future__ import annotations
 
 import os
@@ -8,12 +9,12 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import JobDep, SessionDep, StorageDep
-from api.errors import InvalidInput, NotFound
+from api.errors import Conflict, InvalidInput, NotFound
 from api.pagination import After, Limit, page
-from api.schemas.common import ListPublic
+from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
 from api.storage import iter_tar, tar_entries
-from api.store.models import Checkpoint, is_id
+from api.store.models import Checkpoint, JobStatus, is_id
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
 
@@ -57,6 +58,20 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
                        param="checkpoint_id", code="artifact_missing") from None
     return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
+
+
+@router.delete("/{checkpoint_id}", response_model=DeletedPublic)
+def delete_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep) -> DeletedPublic:
+    """Delete a checkpoint (or the final model) of a job that has ended: its row and its files, so its bytes
+    no longer count against the team's storage. 409 while the job has not ended: it may resume from them."""
+    ckpt = _checkpoint(session, job.id, checkpoint_id)
+    if not JobStatus(job.status).terminal:
+        raise Conflict(f"job {job.id} is {job.status}; delete its checkpoints once it has ended (until then it may "
+                       "resume from them)", param="fine_tuning_job_id", code="job_not_finished")
+    session.delete(ckpt)
+    session.commit()
+    storage.delete(ckpt.storage_key)
+    return DeletedPublic(id=ckpt.id, object="fine_tuning.job.checkpoint")
 
 
 def _checkpoint(session, job_id: str, checkpoint_id: str) -> Checkpoint:

@@ -18,6 +18,7 @@ from api.storage import Storage, iter_file
 from api.store.jobs import ACTIVE
 from api.store.locks import lock_files
 from api.store.models import File, Job, new_id, now
+from api.store.quota import refuse_upload_over_quota
 from dpo_core.data import DataError, read_jsonl_bytes
 
 router = APIRouter(prefix="/files", tags=["files"])
@@ -47,6 +48,7 @@ def upload_file(
         parsed = read_jsonl_bytes(data, filename)
     except DataError as err:
         raise _invalid_file(err, filename) from None
+    refuse_upload_over_quota(session, principal.team_id, len(data), settings)
     file_id = new_id("file")
     key = f"files/{file_id}.jsonl"
     row = File(id=file_id, team_id=principal.team_id, filename=filename, purpose=purpose, bytes=len(data),

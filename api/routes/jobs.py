@@ -33,6 +33,7 @@ from api.schemas.jobs import INT64, JobCreate, JobPublic
 from api.store import jobs as store
 from api.store.locks import lock_files, lock_team
 from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
+from api.store.quota import refuse_job_over_quota
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
@@ -59,6 +60,7 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
         return _public(session, settings, [earlier])[0]
     _check_queue_quota(session, team)
     _files_still_there(session, job)
+    refuse_job_over_quota(session, team, settings)
     session.add(job)
     session.flush()  # the row first: events reference it
     store.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
@@ -78,7 +80,7 @@ def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
     job_id = new_id("ftjob")
     built = jobspec.build(
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
-        str(storage.path(f"jobs/{job_id}")),
+        str(storage.path(f"jobs/{job_id}")), keep_checkpoints=settings.keep_checkpoints,
     )
     if built.spec.reference_model:
         _check_model(built.spec.reference_model, settings, "training.reference_model")

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(
 @router.post("", response_model=TeamPublic)
 def create_team(req: TeamCreate, session: SessionDep) -> TeamPublic:
     """Create a team with its limits."""
-    team = store.create_team(session, req.name, req.max_running_jobs, req.max_queued_jobs)
+    team = store.create_team(session, req.name, req.max_running_jobs, req.max_queued_jobs, req.max_storage_bytes)
     _commit(session, req.name)
     return TeamPublic.of(team)
 
@@ -45,8 +45,8 @@ def retrieve_team(team_id: str, session: SessionDep) -> TeamPublic:
 
 @router.patch("/{team_id}", response_model=TeamPublic)
 def update_team(team_id: str, req: TeamUpdate, session: SessionDep) -> TeamPublic:
-    """Rename a team or change its limits; fields left out stay, null removes a limit. Lower limits
-    apply to what starts next: nothing running is stopped."""
+    """Rename a team or change its limits; fields left out stay, null removes a limit (max_storage_bytes:
+    back to the service's default). Lower limits apply to what starts next: nothing running is stopped."""
     changes = req.model_dump(exclude_unset=True)
     if "name" in changes and changes["name"] is None:
         raise InvalidInput("name: a team needs a name", param="name")

@@ -1,4 +1,4 @@
-"""/v1/usage (the caller's team) and /v1/admin/usage (every team): GPU-seconds, jobs, trained tokens."""
+"""/v1/usage (the caller's team) and /v1/admin/usage (every team): GPU-seconds, jobs, trained tokens, storage."""
 from __future__ import annotations
 
 import time
@@ -11,6 +11,7 @@ from api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_admin
 from api.errors import InvalidInput
 from api.schemas.pool import JobCounts, UsageListPublic, UsagePublic
 from api.store.models import JobStatus, Team
+from api.store.quota import bytes_used, storage_limit
 from api.store.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
 
 router = APIRouter(tags=["usage"])
@@ -41,8 +42,12 @@ def _report(session, settings, teams: list[Team], since: float | None, until: fl
     ids = [t.id for t in teams]
     usage = usage_by_team(session, ids, since, until)
     window = gpu_seconds_by_team(session, ids, at - settings.fair_share_window_s, at)
-    return [_public(t, usage.get(t.id, TeamUsage(t.id)), since, until, window.get(t.id, 0.0),
-                    settings.fair_share_window_s) for t in teams]
+    reports = [_public(t, usage.get(t.id, TeamUsage(t.id)), since, until, window.get(t.id, 0.0),
+                       settings.fair_share_window_s) for t in teams]
+    stored = bytes_used(session, ids)
+    for report, team in zip(reports, teams):
+        report.storage_bytes, report.storage_limit_bytes = stored[team.id], storage_limit(team, settings)
+    return reports
 
 
 def _public(team: Team, u: TeamUsage, since, until, window_seconds: float, window_s: float) -> UsagePublic:

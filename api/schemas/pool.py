@@ -66,6 +66,10 @@ class UsagePublic(BaseModel):
     trained_tokens: int = Field(description="tokens trained by the jobs created in the range")
     fair_share_gpu_seconds: float = Field(description="GPU-seconds over the scheduler's window, what ranks teams")
     fair_share_window_s: float
+    storage_bytes: int = Field(0, description="bytes the team stores now (uploads, result files, checkpoints and "
+                               "final models), whatever since and until")
+    storage_limit_bytes: int | None = Field(None, description="its storage limit (null: none); an upload past it, or a "
+                                            "job while at it, gets 429 storage_quota_exceeded")
 
 
 class UsageListPublic(BaseModel):

@@ -9,6 +9,9 @@ from api.schemas.common import PRINTABLE
 from api.store.models import ApiKey, Team
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"  # letters, digits, space, '.', '_' and '-'
+MAX_BYTES = (1 << 63) - 1  # what the database's BIGINT holds
+STORAGE = ("bytes of uploads, checkpoints and result files the team may keep (an upload past it, or a job "
+           "while at it, gets 429); null: the service's DPO_TEAM_STORAGE_BYTES, if set")
 
 
 class _Strict(BaseModel):
@@ -21,6 +24,7 @@ class TeamCreate(_Strict):
                                          description="jobs of the team running at once; null: no limit")
     max_queued_jobs: int | None = Field(None, ge=0, le=1_000_000,
                                         description="jobs of the team waiting at once (more get 429); null: no limit")
+    max_storage_bytes: int | None = Field(None, ge=0, le=MAX_BYTES, description=STORAGE)
 
 
 class TeamUpdate(_Strict):
@@ -29,6 +33,7 @@ class TeamUpdate(_Strict):
     name: str | None = Field(None, min_length=1, max_length=128, pattern=NAME)
     max_running_jobs: int | None = Field(None, ge=0, le=1_000_000)
     max_queued_jobs: int | None = Field(None, ge=0, le=1_000_000)
+    max_storage_bytes: int | None = Field(None, ge=0, le=MAX_BYTES, description=STORAGE)
 
 
 class TeamPublic(BaseModel):
@@ -37,12 +42,14 @@ class TeamPublic(BaseModel):
     name: str
     max_running_jobs: int | None
     max_queued_jobs: int | None
+    max_storage_bytes: int | None = Field(description=STORAGE)
     created_at: int
 
     @classmethod
     def of(cls, team: Team) -> TeamPublic:
         return cls(id=team.id, name=team.name, max_running_jobs=team.max_running_jobs,
-                   max_queued_jobs=team.max_queued_jobs, created_at=team.created_at)
+                   max_queued_jobs=team.max_queued_jobs, max_storage_bytes=team.max_storage_bytes,
+                   created_at=team.created_at)
 
 
 class KeyCreate(_Strict):

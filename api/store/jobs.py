@@ -99,10 +99,13 @@ def update_job(session: Session, job_id: str, **fields: Any) -> None:
 
 
 def add_checkpoint(
-    session: Session, job_id: str, step: int, storage_key: str, metrics: dict | None, final: bool = False
+    session: Session, job_id: str, step: int, storage_key: str, metrics: dict | None, final: bool = False,
+    size: int = 0,
 ) -> Checkpoint:
+    """A checkpoint's row; `size`: its directory's bytes (Storage.size), what counts against the team's quota."""
     checkpoint = Checkpoint(
-        job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final, created_at=now()
+        job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final, created_at=now(),
+        bytes=size,
     )
     session.add(checkpoint)
     return checkpoint

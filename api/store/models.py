@@ -74,6 +74,9 @@ class Team(Base):
     name: Mapped[str] = mapped_column(String(128))
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
+    # Bytes of uploads, checkpoints and result files the team may keep; None: the service's default
+    # (DPO_TEAM_STORAGE_BYTES), if any (api.store.quota).
+    max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     deleted_at: Mapped[int | None] = mapped_column(BigInteger)
 
@@ -252,4 +255,6 @@ class Checkpoint(Base):
     final: Mapped[bool] = mapped_column(Boolean, default=False)
     metrics: Mapped[dict[str, Any] | None]
     storage_key: Mapped[str] = mapped_column(String(512))
+    # Size of the directory when it was recorded, so a team's storage is a sum, not a disk walk.
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)

@@ -69,10 +69,11 @@ def get_team(session: Session, team_id: str) -> Team:
     return team
 
 
-def create_team(session: Session, name: str, max_running_jobs: int | None, max_queued_jobs: int | None) -> Team:
+def create_team(session: Session, name: str, max_running_jobs: int | None, max_queued_jobs: int | None,
+                max_storage_bytes: int | None = None) -> Team:
     _name_is_free(session, name)
     team = Team(id=new_id("team"), name=name, max_running_jobs=max_running_jobs,
-                max_queued_jobs=max_queued_jobs, created_at=now())
+                max_queued_jobs=max_queued_jobs, max_storage_bytes=max_storage_bytes, created_at=now())
     session.add(team)
     return team
 

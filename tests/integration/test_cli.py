@@ -85,3 +85,15 @@ def test_rows_too_long_are_skipped_with_one_warning(tmp_path, tiny_model, capsys
     assert main([str(cfg)]) == 0
     err = capsys.readouterr().err
     assert err.count("skipped 1 of 5 rows") == 1
+
+
+def test_a_run_that_diverges_exits_3_and_leaves_only_its_finite_checkpoints(tmp_path, tiny_model, synthetic, capsys):
+    """The rigged model of tests/diverging.py gives a NaN loss at step 3, with valid hyperparameters."""
+    from tests.diverging import SPEC, poisoned_model, poisoned_rows
+
+    model = poisoned_model(tiny_model, tmp_path / "model")
+    data = poisoned_rows(synthetic[0], tmp_path / "train.jsonl", 3, batch_size=2, seed=42)
+    cfg = _config(tmp_path, model, data, max_steps=6, **SPEC)
+    assert main([str(cfg)]) == 3
+    assert "training diverged at step 3" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out").glob("[cf]*")) == ["checkpoint-1", "checkpoint-2"]

@@ -84,3 +84,20 @@ def test_a_killed_rank_fails_the_run_and_leaves_no_processes(tiny_model, synthet
     assert "distributed training failed" in output
     gone, alive = psutil.wait_procs(everything, timeout=30)
     assert not alive, f"orphans: {[p.pid for p in alive]}"
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_divergence_on_one_rank_stops_every_rank_at_that_step(tiny_model, synthetic, tmp_path, mode):
+    """Only rank 1's rows of step 3 hold the poison of tests/diverging.py (a NaN loss there, with valid
+    hyperparameters); rank 0's loss is finite. Both ranks stop at step 3 and the run fails as diverged,
+    not as a failed rank, with the checkpoints of steps 1 and 2 written and nothing after them."""
+    from dpo_core.errors import TrainingDiverged
+    from tests.diverging import SPEC, poisoned_model, poisoned_rows
+
+    model = poisoned_model(tiny_model, tmp_path / "model")
+    data = poisoned_rows(synthetic[0], tmp_path / "train.jsonl", 3, batch_size=8, seed=42, within=slice(1, None, 2))
+    spec = _spec(tiny_model, synthetic, tmp_path / "out", model=model, train_file=str(data), validation_file=None,
+                 distributed=mode, save_steps=1, **SPEC)
+    with pytest.raises(TrainingDiverged, match="at step 3: the loss is nan"):
+        launch(spec, nproc=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("[cf]*")) == ["checkpoint-1", "checkpoint-2"]

@@ -258,3 +258,19 @@ def test_a_preempted_run_checkpoints_where_it_stopped_and_resumes_from_there(tin
     a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "split")
     assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-5 for k in a)
     assert straight.global_step == 8
+
+
+def test_save_total_limit_keeps_the_latest_checkpoints_and_the_best_by_eval(tiny_model, synthetic, tmp_path):
+    """The validation pairs have chosen and rejected swapped, so eval_loss rises as the model learns the
+    training rule: the best checkpoint is an early one that the latest-two rule alone would delete."""
+    swapped = tmp_path / "swapped.jsonl"
+    rows = [json.loads(line) for line in Path(synthetic[1]).read_text().splitlines()][:16]
+    swapped.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                               for r in rows))
+    out = tmp_path / "out"
+    train(_spec(tiny_model, (synthetic[0], str(swapped)), out, max_steps=10, save_steps=2, eval_steps=2,
+                save_total_limit=2))
+    evals = {r["step"]: r["eval_loss"] for r in _records(out) if "eval_loss" in r and r["step"] < 10}
+    best = min(evals, key=lambda step: (evals[step], -step))
+    assert best < 8
+    assert sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [best, 8, 10]

@@ -29,6 +29,7 @@ ROUTES = {
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content"): OBJECT,
+    ("DELETE", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}"): OBJECT,
     ("GET", "/v1/pool"): OWN_VIEW,
     ("GET", "/v1/usage"): OWN_VIEW,
     ("GET", "/v1/admin/usage"): ADMIN,

@@ -151,17 +151,19 @@ def test_the_admin_cli_manages_teams_over_http(service):
 
     import json
 
-    made = cli("teams", "create", "cli-team", "--max-running-jobs", "2")
+    made = cli("teams", "create", "cli-team", "--max-running-jobs", "2", "--max-storage-bytes", "1000000")
     assert made.returncode == 0, made.stderr
     team = json.loads(made.stdout)
-    assert (team["name"], team["max_running_jobs"], team["max_queued_jobs"]) == ("cli-team", 2, None)
+    assert (team["name"], team["max_running_jobs"], team["max_queued_jobs"], team["max_storage_bytes"]) == (
+        "cli-team", 2, None, 1000000)
     key = cli("keys", "create", team["id"], "--name", "laptop")
     assert key.returncode == 0 and "not shown again" not in key.stdout and "cannot show it again" in key.stderr
     secret, key_id = json.loads(key.stdout)["key"], json.loads(key.stdout)["id"]
     with service.client() as c:
         assert c.get("/v1/usage", headers=as_key(secret)).json()["team_id"] == team["id"]
-    updated = json.loads(cli("teams", "update", team["id"], "--max-running-jobs", "none").stdout)
-    assert updated["max_running_jobs"] is None
+    updated = json.loads(cli("teams", "update", team["id"], "--max-running-jobs", "none", "--max-storage-bytes",
+                             "none").stdout)
+    assert updated["max_running_jobs"] is None and updated["max_storage_bytes"] is None
     assert cli("keys", "revoke", team["id"], key_id).returncode == 0
     with service.client() as c:
         assert c.get("/v1/usage", headers=as_key(secret)).status_code == 401

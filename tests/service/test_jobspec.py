@@ -76,3 +76,12 @@ def test_non_positive_learning_rate_multiplier_is_refused():
     with pytest.raises(InvalidInput) as err:
         build(method=dpo(learning_rate_multiplier=0))
     assert err.value.param == "method.dpo.hyperparameters.learning_rate_multiplier"
+
+
+def test_the_services_retention_is_the_default_save_total_limit_and_the_job_overrides_it():
+    def limit(**training):
+        req = JobCreate(model="m", training_file="file-1", training=training)
+        return jobspec.build(req, **PATHS, keep_checkpoints=3).spec.save_total_limit
+
+    assert limit() == 3 and limit(save_total_limit=1) == 1
+    assert limit(save_total_limit=None) is None  # null: every checkpoint is kept
