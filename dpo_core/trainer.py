@@ -74,6 +74,8 @@ class Run:
 
 def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> list:
     data = read_jsonl(path)
+    for warning in data.warnings:
+        callbacks.on_warning(f"{path}: {warning.message}")
     if spec.loss.unpaired:
         data = split_pairs(data)
     elif not data.paired:
