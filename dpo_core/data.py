@@ -247,14 +247,14 @@ class Validator:
 
     The file's format is set by the first line that names one, and every later line must keep to it.
     Bad lines are logged (the first max_errors kept, all counted) and the checks go on, so that every
-    problem is reported at once; `finish` raises DataError if there was any. With keep_rows=False no
-    row is kept, so memory does not grow with the file (only `rows` stays empty)."""
+    problem is reported at once; `finish` raises DataError if there was any. With keep_rows=False,
+    `rows` stays empty and memory does not grow with the file."""
 
     def __init__(self, source: str, *, max_errors: int = 20, keep_rows: bool = True):
         self.source, self.keep_rows = source, keep_rows
         self.rows: list = []
         self._log = _Log(source, max_errors)
-        self._decoder = json.JSONDecoder(parse_int=_int)  # one per file: it is not shared across threads
+        self._decoder = json.JSONDecoder(parse_int=_int)  # built once per file, never shared across threads
         self._lineno = self._count = self._fmt_line = 0
         self._fmt: str | None = None  # the file's format, set by the first line that names one
         self._identical, self._unknown = _Tally("identical_pair"), _Tally("unknown_fields")
