@@ -13,7 +13,8 @@ import os
 import shutil
 import stat
 import tarfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
@@ -24,6 +25,7 @@ log = logging.getLogger("dpo.storage")
 
 class Storage(Protocol):
     def put(self, key: str, data: bytes) -> int: ...
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int: ...
     def open(self, key: str) -> BinaryIO: ...
     def path(self, key: str) -> Path: ...
     def exists(self, key: str) -> bool: ...
@@ -49,16 +51,26 @@ class LocalStorage:
         return Path(path).resolve().relative_to(self.root).as_posix()
 
     def put(self, key: str, data: bytes) -> int:
+        return self.put_stream(key, (data,))
+
+    def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
+        """Write the chunks under `key` as they come; returns the bytes written. The key appears only once
+        the chunks ran out: any error meanwhile (a full disk, or the iterable raising because its source
+        was refused) leaves nothing, neither the key nor a temporary file."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        size = 0
         try:
-            tmp.write_bytes(data)
+            with tmp.open("wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+                    size += len(chunk)
             os.replace(tmp, target)  # readers never see a half-written file
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk leaves nothing behind
+        except BaseException:
+            tmp.unlink(missing_ok=True)
             raise
-        return len(data)
+        return size
 
     def open(self, key: str) -> BinaryIO:
         """The regular file at `key`, for reading. FileNotFoundError if there is none, or if a symbolic

@@ -10,15 +10,24 @@ Four formats, detected per file from the first JSON object whose keys name one; 
                   (OpenAI preference fine-tuning), read as conversational pairs
   unpaired        {"prompt": str | [messages], "completion": str | [one assistant message], "label": true | false}
 Any row may carry a `group` (multi-reward DPO); conversational rows may carry `tools` (JSON schemas passed to the
-chat template). Other keys are ignored. A prompt may be empty; a completion may not.
+chat template). A prompt may be empty; a completion may not.
+
+Valid rows that are probably not what their author meant do not fail the file; they are counted and
+reported as DataWarnings: pairs whose chosen and rejected are the same (`identical_pair`), and rows with
+keys the reader ignores (`unknown_fields`, often a misspelled field name).
+
+`Validator` checks one line at a time and is the one definition of a valid file: `read_jsonl` keeps the
+rows it passes; an upload streams through it keeping none, so its memory does not grow with the file.
 """
 from __future__ import annotations
 
 import codecs
 import io
 import json
-from collections.abc import Iterable
-from dataclasses import dataclass
+import re
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -31,6 +40,18 @@ _FAMILY_WORDS = {
     "openai": "an OpenAI preference row (input/preferred_output/non_preferred_output)",
     "unpaired": "an unpaired prompt/completion/label row",
 }
+# Keys each format reads; any other key in a row is reported as an unknown field.
+_KNOWN_KEYS = {
+    "text": frozenset({"prompt", "chosen", "rejected", "group"}),
+    "conversational": frozenset({"prompt", "chosen", "rejected", "group", "tools"}),
+    "openai": frozenset({"input", "preferred_output", "non_preferred_output", "group"}),
+    "unpaired-text": frozenset({"prompt", "completion", "label", "group"}),
+    "unpaired-conversational": frozenset({"prompt", "completion", "label", "group", "tools"}),
+}
+SHOWN_LINES = 10   # line numbers a warning lists
+SHOWN_FIELDS = 20  # unknown field names a warning lists
+# A \uD800-\uDFFF escape: only such a line can hold a lone surrogate (an escape without its pair).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
 _FORMAT_HINT = (
     "cannot tell the format: expected the keys prompt/chosen/rejected, prompt/completion/label, "
     "or input/preferred_output/non_preferred_output"
@@ -91,11 +112,49 @@ class UnpairedRow:
     tools: list[dict] | None = None
 
 
+@dataclass(frozen=True)
+class DataWarning:
+    """Valid rows that are probably not what their author meant; a file holding them is still used."""
+
+    code: str                     # "identical_pair" | "unknown_fields"
+    count: int                    # rows
+    lines: tuple[int, ...]        # the first SHOWN_LINES of them
+    fields: tuple[str, ...] = ()  # unknown_fields: the names found (the first SHOWN_FIELDS)
+
+    @property
+    def message(self) -> str:
+        one = self.count == 1
+        rows = f"{self.count} row{'' if one else 's'} ({_lines_text(self.lines, self.count)})"
+        if self.code == "identical_pair":
+            return (f"{rows} {'has' if one else 'have'} the same chosen and rejected completion: such a pair adds "
+                    "nothing to the preference loss; fix or remove it")
+        return (f"{rows} {'holds' if one else 'hold'} fields that are ignored: {', '.join(self.fields)}; check "
+                "their spelling (see the formats in docs/training.md) or remove them")
+
+    def as_dict(self) -> dict:
+        """JSON-ready, as the service stores and shows it."""
+        out = {"code": self.code, "count": self.count, "lines": list(self.lines)}
+        if self.code == "unknown_fields":
+            out["fields"] = list(self.fields)
+        return {**out, "message": self.message}
+
+
+@dataclass(frozen=True)
+class DataSummary:
+    """What a valid file holds, without its rows."""
+
+    source: str
+    format: str                   # "text" | "conversational" | "openai" | "unpaired"
+    rows: int
+    warnings: tuple[DataWarning, ...] = ()
+
+
 @dataclass
 class PreferenceData:
     source: str                   # file name used in messages
     format: str                   # "text" | "conversational" | "openai" | "unpaired"
     rows: list[PairRow] | list[UnpairedRow]
+    warnings: list[DataWarning] = field(default_factory=list)
 
     @property
     def paired(self) -> bool:
@@ -123,7 +182,7 @@ def read_jsonl(path: str | Path, *, max_errors: int = 20) -> PreferenceData:
 
 
 def read_jsonl_bytes(data: bytes, name: str, *, max_errors: int = 20) -> PreferenceData:
-    """Like read_jsonl, for an upload held in memory; `name` is used in messages."""
+    """Like read_jsonl, for data held in memory; `name` is used in messages."""
     return _read(io.BytesIO(data), name, max_errors)
 
 
@@ -135,7 +194,15 @@ def split_pairs(data: PreferenceData) -> PreferenceData:
     for r in data.rows:
         rows.append(UnpairedRow(r.prompt, r.chosen, True, r.group, r.line, r.tools))
         rows.append(UnpairedRow(r.prompt, r.rejected, False, r.group, r.line, r.tools))
-    return PreferenceData(source=data.source, format="unpaired", rows=rows)
+    return PreferenceData(source=data.source, format="unpaired", rows=rows, warnings=data.warnings)
+
+
+def _read(lines: Iterable[bytes], source: str, max_errors: int) -> PreferenceData:
+    check = Validator(source, max_errors=max_errors, keep_rows=True)
+    for raw in lines:
+        check.add(raw)
+    summary = check.finish()
+    return PreferenceData(source=source, format=summary.format, rows=check.rows, warnings=list(summary.warnings))
 
 
 class _Log:
@@ -154,42 +221,126 @@ class _Log:
             self.problems.append(Problem(self.source, line, field, message))
 
 
-def _read(lines: Iterable[bytes], source: str, max_errors: int) -> PreferenceData:
-    log = _Log(source, max_errors)
-    fmt: str | None = None   # the file's format, set by the first line that names one
-    fmt_line = 0
-    rows: list = []
-    for lineno, raw in enumerate(lines, 1):
-        if lineno == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-            raise DataError([Problem(source, None, None, "the file is UTF-16; save it as UTF-8")])
-        obj = _parse_line(raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw, lineno, log)
-        if obj is None:
-            continue
-        family = _family(obj)
-        if fmt is None:
-            if family is None:
-                log.add(lineno, None, _FORMAT_HINT)
-                continue
-            fmt, fmt_line = _format_of(obj, family), lineno
-        elif family is not None and family != _family_of_format(fmt):
-            log.add(lineno, None, f"this line is {_FAMILY_WORDS[family]}, but the file holds "
-                                  f"{_FAMILY_WORDS[_family_of_format(fmt)]} (from line {fmt_line}); "
-                                  "use one format per file")
-            continue
+class _Tally:
+    """Rows that share one warning: all counted, the first SHOWN_LINES line numbers kept."""
+
+    def __init__(self, code: str):
+        self.code, self.count = code, 0
+        self.lines: list[int] = []
+        self.fields: dict[str, None] = {}  # an ordered set, capped at SHOWN_FIELDS
+
+    def add(self, line: int, fields: Iterable[str] = ()) -> None:
+        self.count += 1
+        if len(self.lines) < SHOWN_LINES:
+            self.lines.append(line)
+        for name in fields:
+            if len(self.fields) >= SHOWN_FIELDS:
+                break
+            self.fields.setdefault(_field_name(name))
+
+    def warning(self) -> DataWarning | None:
+        return DataWarning(self.code, self.count, tuple(self.lines), tuple(self.fields)) if self.count else None
+
+
+class Validator:
+    """Checks a JSONL file one line at a time: `add` each line (bytes, as split on b"\\n"), then `finish`.
+
+    The file's format is set by the first line that names one, and every later line must keep to it.
+    Bad lines are logged (the first max_errors kept, all counted) and the checks go on, so that every
+    problem is reported at once; `finish` raises DataError if there was any. With keep_rows=False,
+    `rows` stays empty and memory does not grow with the file."""
+
+    def __init__(self, source: str, *, max_errors: int = 20, keep_rows: bool = True):
+        self.source, self.keep_rows = source, keep_rows
+        self.rows: list = []
+        self._log = _Log(source, max_errors)
+        self._decoder = json.JSONDecoder(parse_int=_int)  # built once per file, never shared across threads
+        self._lineno = self._count = self._fmt_line = 0
+        self._fmt: str | None = None  # the file's format, set by the first line that names one
+        self._identical, self._unknown = _Tally("identical_pair"), _Tally("unknown_fields")
+
+    @property
+    def failed(self) -> bool:
+        """A line so far was bad (finish will raise)."""
+        return self._log.total > 0
+
+    def add(self, raw: bytes) -> None:
+        self._lineno += 1
+        lineno = self._lineno
+        if lineno == 1:
+            if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise DataError([Problem(self.source, None, None, "the file is UTF-16; save it as UTF-8")])
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        obj = _parse_line(raw, lineno, self._log, self._decoder)
+        if obj is None or not self._keeps_format(obj, lineno):
+            return
         errs: list[tuple[str, str]] = []
-        row = _ROW_READERS[fmt](obj, errs, lineno)
-        for field, message in errs:
-            log.add(lineno, field, message)
-        if not errs:
-            rows.append(row)
-    if log.total:
-        raise DataError(log.problems, log.total)
-    if not rows:
-        raise DataError([Problem(source, None, None, "the file holds no rows; write one JSON object per line")])
-    return PreferenceData(source=source, format=fmt.removesuffix("-text").removesuffix("-conversational"), rows=rows)
+        row = _ROW_READERS[self._fmt](obj, errs, lineno)
+        for name, message in errs:
+            self._log.add(lineno, name, message)
+        if errs:
+            return
+        self._count += 1
+        if self.keep_rows:
+            self.rows.append(row)
+        if isinstance(row, PairRow) and row.chosen == row.rejected:
+            self._identical.add(lineno)
+        unknown = [key for key in obj if key not in _KNOWN_KEYS[self._fmt]]
+        if unknown:
+            self._unknown.add(lineno, unknown)
+
+    def _keeps_format(self, obj: dict, lineno: int) -> bool:
+        """Set the file's format from its first row that names one; log a row of another format."""
+        family = _family(obj)
+        if self._fmt is None:
+            if family is None:
+                self._log.add(lineno, None, _FORMAT_HINT)
+                return False
+            self._fmt, self._fmt_line = _format_of(obj, family), lineno
+        elif family is not None and family != _family_of_format(self._fmt):
+            self._log.add(lineno, None, f"this line is {_FAMILY_WORDS[family]}, but the file holds "
+                                        f"{_FAMILY_WORDS[_family_of_format(self._fmt)]} (from line {self._fmt_line}); "
+                                        "use one format per file")
+            return False
+        return True
+
+    def finish(self) -> DataSummary:
+        """The file's summary; DataError naming every bad line, or saying that the file holds no rows."""
+        if self._log.total:
+            raise DataError(self._log.problems, self._log.total)
+        if not self._count:
+            raise DataError([Problem(self.source, None, None,
+                                     "the file holds no rows; write one JSON object per line")])
+        warnings = tuple(w for w in (self._identical.warning(), self._unknown.warning()) if w)
+        fmt = self._fmt.removesuffix("-text").removesuffix("-conversational")
+        return DataSummary(self.source, fmt, self._count, warnings)
+
+    def passing(self, lines: Iterable[bytes]) -> Iterator[bytes]:
+        """Each line, checked on its way through, until the first bad one; then the rest is only checked.
+        Once the lines run out, `finish` raises DataError if any was bad: a consumer that keeps what it
+        was given only when the iteration ends without an error (a storage write) keeps only a valid file."""
+        for raw in lines:
+            self.add(raw)
+            if not self.failed:
+                yield raw
+        self.finish()
 
 
-def _parse_line(raw: bytes, lineno: int, log: _Log) -> dict | None:
+class _TooManyDigits(ValueError):
+    pass
+
+
+def _int(text: str) -> int:
+    """A JSON integer, refused past the interpreter's digit limit (int() would raise a bare ValueError, and
+    without the limit take quadratic time)."""
+    limit = sys.get_int_max_str_digits() or sys.int_info.default_max_str_digits
+    digits = len(text) - text.startswith("-")
+    if digits > limit:
+        raise _TooManyDigits(digits, limit)
+    return int(text)
+
+
+def _parse_line(raw: bytes, lineno: int, log: _Log, decoder: json.JSONDecoder) -> dict | None:
     """The line's JSON object, or None for a blank or bad line (bad ones are logged)."""
     try:
         text = raw.decode("utf-8")
@@ -200,17 +351,69 @@ def _parse_line(raw: bytes, lineno: int, log: _Log) -> dict | None:
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = decoder.decode(text)
     except json.JSONDecodeError as err:
         log.add(lineno, None, f"not valid JSON: {err.msg} at column {err.colno}")
         return None
     except RecursionError:
         log.add(lineno, None, "not valid JSON: nested too deeply")
         return None
+    except _TooManyDigits as err:
+        digits, limit = err.args
+        log.add(lineno, None, f"holds an integer of {digits} digits, over the limit of {limit}; "
+                              "write such a number as a string")
+        return None
     if not isinstance(obj, dict):
         log.add(lineno, None, f"must be a JSON object, got {_kind(obj)}")
         return None
+    if _SURROGATE_ESCAPE.search(raw) and (where := _lone_surrogate(obj)) is not None:
+        log.add(lineno, where or None, "holds a lone surrogate (a \\ud800-\\udfff escape without its pair), which "
+                                       "is not a character; fix the text's encoding")
+        return None
     return obj
+
+
+def _lone_surrogate(obj: dict) -> str | None:
+    """The path of the first value holding a string that UTF-8 cannot encode (a lone surrogate), "" when it is
+    a key of the line's object; None if there is none. Iterative: the line may nest as deep as JSON allows."""
+    stack: list[tuple[Any, str]] = [(obj, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _encodable(value):
+                return path
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if not _encodable(key):
+                    return path  # the object holding the key: the key itself cannot be shown
+                stack.append((item, _short_path(f"{path}.{key}" if path else key)))
+        elif isinstance(value, list):
+            stack.extend((item, _short_path(f"{path}[{i}]")) for i, item in enumerate(value))
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short_path(path: str) -> str:
+    return path if len(path) <= 80 else path[:77] + "..."
+
+
+def _field_name(name: str) -> str:
+    """An unknown key as a warning lists it: printable (others as \\u escapes) and at most 64 characters."""
+    shown = "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in name[:65])
+    return shown if len(shown) <= 64 else shown[:61] + "..."
+
+
+def _lines_text(lines: tuple[int, ...], count: int) -> str:
+    shown = ", ".join(map(str, lines))
+    more = f" and {count - len(lines)} more" if count > len(lines) else ""
+    return f"line{'s' * (count != 1)} {shown}{more}"
 
 
 def _family(obj: dict) -> str | None:

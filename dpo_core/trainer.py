@@ -74,6 +74,9 @@ class Run:
 
 def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> list:
     data = read_jsonl(path)
+    # By file name: under the service the path is the server's, and a team reads these as job events.
+    for warning in data.warnings:
+        callbacks.on_warning(f"{data.source}: {warning.message}")
     if spec.loss.unpaired:
         data = split_pairs(data)
     elif not data.paired:

@@ -1,7 +1,8 @@
-"""/v1/files: upload preference data (validated at once by dpo_core's reader), list, fetch, delete."""
+"""/v1/files: upload preference data (validated by dpo_core's reader as it is stored), list, fetch, delete."""
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, Query, UploadFile
@@ -14,12 +15,13 @@ from api.errors import Conflict, InvalidInput, NotFound, StorageFailed, TooLarge
 from api.pagination import After, Limit, page
 from api.schemas.common import PRINTABLE, DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
-from api.storage import Storage, iter_file
+from api.settings import Settings
+from api.storage import CHUNK, Storage, iter_file
 from api.store.jobs import ACTIVE
 from api.store.locks import lock_files
 from api.store.models import File, Job, new_id, now
 from api.store.quota import refuse_upload_over_quota
-from dpo_core.data import DataError, read_jsonl_bytes
+from dpo_core.data import DataError, DataSummary, Validator
 
 router = APIRouter(prefix="/files", tags=["files"])
 PURPOSES = ("fine-tune",)
@@ -35,56 +37,81 @@ def upload_file(
     settings: SettingsDep,
     principal: CurrentPrincipal,
 ) -> FilePublic:
-    """Upload a JSONL preference file; it is validated before it is stored."""
+    """Upload a JSONL preference file; it is validated as it is stored, and kept only if it is valid."""
     if purpose not in PURPOSES:
         raise InvalidInput(f"purpose must be one of {', '.join(PURPOSES)}", param="purpose")
-    data = file.file.read(settings.max_upload_bytes + 1)
-    if len(data) > settings.max_upload_bytes:
-        raise TooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes "
-                       "(DPO_MAX_UPLOAD_BYTES); split it or ask the operator to raise the limit", param="file")
+    if file.size is not None and file.size > settings.max_upload_bytes:
+        raise _too_large(settings)
     filename = _safe_name(file.filename)
-    _refuse_long_lines(data, filename, settings.max_line_bytes)
-    try:
-        parsed = read_jsonl_bytes(data, filename)
-    except DataError as err:
-        raise _invalid_file(err, filename) from None
-    refuse_upload_over_quota(session, principal.team_id, len(data), settings)
+    if file.size is not None:  # refuse a team already at its limit before storing anything
+        refuse_upload_over_quota(session, principal.team_id, file.size, settings)
+        session.rollback()  # the lock is taken again, for good, once the size is final
     file_id = new_id("file")
     key = f"files/{file_id}.jsonl"
-    row = File(id=file_id, team_id=principal.team_id, filename=filename, purpose=purpose, bytes=len(data),
-               format=parsed.format, rows=len(parsed.rows), status="processed", storage_key=key, created_at=now())
-    _store(storage, session, key, data, row)
-    return FilePublic.of(row)
-
-
-def _store(storage: Storage, session, key: str, data: bytes, row: File) -> None:
-    """The bytes, then the row; if either fails, neither stays (nothing half-written)."""
+    summary, size = _store_valid(storage, key, file.file, filename, settings)
+    row = File(id=file_id, team_id=principal.team_id, filename=filename, purpose=purpose, bytes=size,
+               format=summary.format, rows=summary.rows, warnings=[w.as_dict() for w in summary.warnings],
+               status="processed", storage_key=key, created_at=now())
     try:
-        storage.put(key, data)
-    except OSError as err:
-        raise StorageFailed(f"could not store the upload: {err.strerror or type(err).__name__}; nothing was "
-                            "stored, try again later", param="file") from None
-    try:
+        # Here the upload is valid, its bytes are stored and its size is final (row.bytes), and no row is
+        # written yet: a check that refuses it raises here, and the stored bytes go with it.
+        refuse_upload_over_quota(session, principal.team_id, size, settings)
         session.add(row)
         session.commit()
     except BaseException:
         session.rollback()
         storage.delete(key)
         raise
+    return FilePublic.of(row)
 
 
-def _refuse_long_lines(data: bytes, filename: str, limit: int) -> None:
-    """A line longer than DPO_MAX_LINE_BYTES is refused before it is parsed."""
-    start, line = 0, 1
-    while start < len(data):
-        end = data.find(b"\n", start)
-        end = len(data) if end < 0 else end
-        if end - start > limit:
-            raise InvalidInput(f"{filename} is not valid preference data: line {line} is {end - start} bytes long, "
+def _store_valid(storage: Storage, key: str, upload: BinaryIO, filename: str, settings: Settings
+                 ) -> tuple[DataSummary, int]:
+    """Validate the upload line by line as its bytes go to storage: memory holds one line at a time, whatever
+    the file's size. Any refusal (a bad line, a line or file over its limit, a full disk) leaves nothing
+    stored. Returns dpo_core's summary of the file and its size."""
+    check = Validator(filename, max_errors=SHOWN_PROBLEMS, keep_rows=False)
+    try:
+        size = storage.put_stream(key, check.passing(_lines(upload, filename, settings)))
+    except DataError as err:
+        raise _invalid_file(err, filename) from None
+    except OSError as err:
+        raise StorageFailed(f"could not store the upload: {err.strerror or type(err).__name__}; nothing was "
+                            "stored, try again later", param="file") from None
+    return check.finish(), size
+
+
+def _lines(upload: BinaryIO, filename: str, settings: Settings) -> Iterator[bytes]:
+    """The upload's lines, each with its newline. A line longer than DPO_MAX_LINE_BYTES is refused before it is
+    parsed (and never held whole); the upload is refused once it passes DPO_MAX_UPLOAD_BYTES."""
+    limit, size, lineno = settings.max_line_bytes, 0, 0
+    while line := upload.readline(limit + 1):
+        lineno += 1
+        size += len(line)
+        if size > settings.max_upload_bytes:
+            raise _too_large(settings)
+        if len(line) > limit and not line.endswith(b"\n"):
+            length = len(line) + _rest_of_line(upload)
+            raise InvalidInput(f"{filename} is not valid preference data: line {lineno} is {length} bytes long, "
                                f"over the limit of {limit} bytes per line (DPO_MAX_LINE_BYTES)",
                                param="file", code="invalid_file",
-                               problems=[{"line": line, "field": None, "message": f"longer than {limit} bytes"}])
-        start, line = end + 1, line + 1
+                               problems=[{"line": lineno, "field": None, "message": f"longer than {limit} bytes"}])
+        yield line
+
+
+def _rest_of_line(upload: BinaryIO) -> int:
+    """Read past the rest of the current line, a chunk at a time; its length without the newline."""
+    rest = 0
+    while chunk := upload.readline(CHUNK):
+        if chunk.endswith(b"\n"):
+            return rest + len(chunk) - 1
+        rest += len(chunk)
+    return rest
+
+
+def _too_large(settings: Settings) -> TooLarge:
+    return TooLarge(f"the file is larger than the limit of {settings.max_upload_bytes} bytes "
+                    "(DPO_MAX_UPLOAD_BYTES); split it or ask the operator to raise the limit", param="file")
 
 
 @router.get("", response_model=ListPublic[FilePublic])

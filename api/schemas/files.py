@@ -1,4 +1,4 @@
-"""File objects, shaped like the OpenAI API's, plus our `rows` and `format`."""
+"""File objects, shaped like the OpenAI API's, plus our `rows`, `format` and `warnings`."""
 from __future__ import annotations
 
 from typing import Literal
@@ -6,6 +6,16 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from api.store.models import File
+
+
+class FileWarning(BaseModel):
+    """Valid rows that are probably a mistake; the file is stored and trains as it is (dpo_core.data.DataWarning)."""
+
+    code: str = Field(description="identical_pair: chosen equals rejected | unknown_fields: keys that are ignored")
+    count: int = Field(description="rows concerned")
+    lines: list[int] = Field(description="the first of them (1-based line numbers), at most 10")
+    fields: list[str] | None = Field(None, description="unknown_fields: the ignored keys found, at most 20")
+    message: str
 
 
 class FilePublic(BaseModel):
@@ -20,8 +30,11 @@ class FilePublic(BaseModel):
     expires_at: int | None = None
     rows: int = Field(description="preference rows in the file")
     format: str = Field(description="text | conversational | openai | unpaired")
+    warnings: list[FileWarning] = Field(default_factory=list,
+                                        description="what the upload's checks found in valid rows")
 
     @classmethod
     def of(cls, row: File) -> FilePublic:
         return cls(id=row.id, bytes=row.bytes, created_at=row.created_at, filename=row.filename,
-                   purpose=row.purpose, status=row.status, rows=row.rows, format=row.format)
+                   purpose=row.purpose, status=row.status, rows=row.rows, format=row.format,
+                   warnings=row.warnings or [])

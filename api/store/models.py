@@ -136,6 +136,8 @@ class File(Base):
     status: Mapped[str] = mapped_column(String(32), default="processed")
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    # What dpo_core's reader found in valid rows (DataWarning.as_dict() each), e.g. identical pairs.
+    warnings: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list, server_default=text("'[]'"))
 
 
 class Job(Base):

@@ -10,14 +10,14 @@ names differ only in case are kept apart first: the oldest keeps its name, each 
 `<name>-<team id>`.
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-10 09:00:00
 """
 import sqlalchemy as sa
 from alembic import op
 
 revision = '0006'
-down_revision = '0003'
+down_revision = '0005'
 branch_labels = None
 depends_on = None
 

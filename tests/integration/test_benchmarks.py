@@ -49,3 +49,16 @@ def test_bench_scaling_reports_every_length(tmp_path):
     rows = [line for line in out.splitlines() if line.startswith(("| 64 |", "| 128 |"))]
     assert len(rows) == 2, out
     assert rows[0].split("|")[-3].strip() == "1.00"  # the shortest is its own baseline
+
+
+def test_bench_upload_reports_the_api_memory_for_one_upload(tmp_path):
+    record_file = tmp_path / "record.json"
+    out = _run("bench_upload.py", "--size-mb", "4", "--long-line-kb", "64", "--work-dir", str(tmp_path),
+               "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert out.startswith("machine: cpu: ") and record["machine"] in out
+    assert record["bytes"] == (tmp_path / "upload.jsonl").stat().st_size >= 4_000_000
+    assert record["longest_line"] == 64 * 1024 and record["rows"] > 1000
+    assert 0 < record["rss_before"] <= record["rss_peak_sampled"] and record["seconds"] > 0
+    assert record["bound"] == 64 * 2**20 + 2 * 64 * 1024
+    assert "growth: " in out and "MB/s" in out

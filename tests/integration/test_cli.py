@@ -43,6 +43,10 @@ BAD_DATA = {
     "empty-completion": ([GOOD_ROW, {"prompt": "p", "chosen": "", "rejected": " b"}], ["bad.jsonl:2", "chosen"]),
     "not-json": ([GOOD_ROW, "{not json", GOOD_ROW], ["bad.jsonl:2"]),
     "wrong-type": ([GOOD_ROW, GOOD_ROW, {"prompt": "p", "chosen": 5, "rejected": " b"}], ["bad.jsonl:3", "chosen"]),
+    "huge-integer": ([GOOD_ROW, '{"prompt": "p", "chosen": " a", "rejected": " b", "x": 1' + "0" * 5000 + "}"],
+                     ["bad.jsonl:2", "5001 digits"]),
+    "lone-surrogate": ([GOOD_ROW, '{"prompt": "p", "chosen": " a\\ud800", "rejected": " b"}'],
+                       ["bad.jsonl:2", "'chosen'"]),
 }
 
 
@@ -97,3 +101,15 @@ def test_a_run_that_diverges_exits_3_and_leaves_only_its_finite_checkpoints(tmp_
     assert main([str(cfg)]) == 3
     assert "training diverged at step 3" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").glob("[cf]*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_identical_pairs_and_unknown_fields_are_warned_once_each(tmp_path, tiny_model, capsys):
+    rows = [GOOD_ROW, {**GOOD_ROW, "rejected": GOOD_ROW["chosen"]}, {**GOOD_ROW, "chosen_": " n3 n1"},
+            GOOD_ROW, {**GOOD_ROW, "rejected": GOOD_ROW["chosen"], "score": 1}]
+    cfg = _config(tmp_path, tiny_model, _jsonl(tmp_path / "d.jsonl", rows))
+    assert main([str(cfg)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, warnings
+    identical, unknown = warnings
+    assert "d.jsonl" in identical and "2 rows (lines 2, 5)" in identical
+    assert "2 rows (lines 3, 5)" in unknown and "chosen_, score" in unknown

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,9 +128,8 @@ class Service:
                 time.sleep(0.3)
 
 
-def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
-    """API and worker as two processes sharing `root/data`; returns once /readyz answers 200 and the
-    worker has joined the pool."""
+def _service(root: Path, key: str, extra_env: dict[str, str] | None) -> Service:
+    """A service sharing `root/data`, its settings in `env`; nothing started yet."""
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -140,7 +140,26 @@ def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None)
                DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3", DPO_DISPATCH_TIMEOUT_S="10",
                DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
     env.update(extra_env or {})
-    service = Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env, port=port)
+    return Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env, port=port)
+
+
+def start_api(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
+    """The API process alone (no worker), sharing `root/data`; returns once /readyz answers 200."""
+    service = _service(root, key, extra_env)
+    service.start_api()
+    try:
+        service.wait_ready()
+    except BaseException:
+        service.stop()
+        raise
+    return service
+
+
+def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
+    """API and worker as two processes sharing `root/data`; returns once /readyz answers 200 and the
+    worker has joined the pool."""
+    service = _service(root, key, extra_env)
+    env = service.env
     service.start_api()
     service.start("worker", WORKER)
     try:
@@ -269,3 +288,50 @@ class PostgresServer:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.root, ignore_errors=True)
+class PeakRss:
+    """A process's peak resident memory while a `with` block runs, against its RSS on entry: sampled from
+    /proc every `interval_s` (psutil), and the kernel's own high-water mark (VmHWM), which misses no
+    short peak, where Linux lets it be reset on entry (/proc/PID/clear_refs)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.002):
+        import psutil
+
+        self.process, self.interval_s = psutil.Process(pid), interval_s
+        self.before = self.sampled = 0
+        self.hwm: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @property
+    def peak(self) -> int:
+        return max(self.sampled, self.hwm or 0)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.before
+
+    def __enter__(self) -> PeakRss:
+        self._hwm_reset = _write(f"/proc/{self.process.pid}/clear_refs", "5")
+        self.before = self.sampled = self.process.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sampled = max(self.sampled, self.process.memory_info().rss)
+        if self._hwm_reset:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+            self.hwm = next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM:"))
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sampled = max(self.sampled, self.process.memory_info().rss)
+
+
+def _write(path: str, text: str) -> bool:
+    try:
+        Path(path).write_text(text)
+    except OSError:
+        return False
+    return True

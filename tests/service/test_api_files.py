@@ -36,6 +36,19 @@ def test_bad_lines_are_named_in_a_400(client):
     assert client.get("/v1/files").json()["data"] == []  # nothing half-stored
 
 
+def test_an_integer_past_the_conversion_limit_is_a_bad_line_not_a_500(client, settings):
+    good = b'{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
+    huge = b'{"prompt": "p", "chosen": " a", "rejected": " b", "x": 1' + b"0" * 5000 + b"}\n"
+    r = client.post("/v1/files", files={"file": ("big.jsonl", good + huge + good)}, data={"purpose": "fine-tune"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("invalid_file", "file")
+    assert err["problems"] == [{"line": 2, "field": None, "message": err["problems"][0]["message"]}]
+    assert "5001 digits" in err["problems"][0]["message"]
+    assert client.get("/v1/files").json()["data"] == []
+    assert list((settings.data_dir / "files").iterdir()) == []
+
+
 def test_wrong_purpose_and_missing_file_part(client, task_files):
     r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "batch"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "purpose"
@@ -85,16 +98,21 @@ def test_any_file_name_is_kept_for_display_only(client, task_files, settings):
 
 def test_an_upload_the_disk_cannot_hold_is_503_and_leaves_nothing(client, task_files, settings, monkeypatch):
     import errno
-    from pathlib import Path
 
-    real = Path.write_bytes
+    from api.storage import LocalStorage
 
-    def full(self, data):
-        real(self, data[: len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+    real = LocalStorage.put_stream
 
-    monkeypatch.setattr(Path, "write_bytes", full)
-    r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[1].read_bytes())}, data={"purpose": "fine-tune"})
+    def full(self, key, chunks):
+        def until_full():  # half the lines reach the disk, then a write fails as on a full disk
+            for i, chunk in enumerate(chunks):
+                if i == 64:
+                    raise OSError(errno.ENOSPC, "No space left on device")
+                yield chunk
+        return real(self, key, until_full())
+
+    monkeypatch.setattr(LocalStorage, "put_stream", full)
+    r = client.post("/v1/files", files={"file": ("t.jsonl", task_files[0].read_bytes())}, data={"purpose": "fine-tune"})
     monkeypatch.undo()
     assert r.status_code == 503 and r.json()["error"]["code"] == "storage_error"
     message = r.json()["error"]["message"]

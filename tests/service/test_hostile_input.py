@@ -74,6 +74,12 @@ UPLOADS = {
     "wrong field types": (b'{"prompt": 1, "chosen": [], "rejected": {"a": 1}}\n', ["line 1", "prompt"]),
     "a missing field": (b'{"prompt": "p", "chosen": " a"}\n', ["rejected"]),
     "NUL bytes": (b'{"prompt": "p\\u0000", "chosen": " a\x00", "rejected": " b"}\n', ["line 1"]),
+    "a lone surrogate in a quoted value": (b'{"prompt": "p", "completion": " a", "label": "\\ud800"}\n',
+                                          ["line 1", "label"]),
+    "a lone surrogate in a key": (GOOD + b'{"prompt": "p", "chosen": " a", "rejected": " b", "\\udc00": 1}\n',
+                                  ["line 2", "surrogate"]),
+    "a line over the limit after a bad one": (b"{bad\n" + GOOD + b'{"prompt": "' + b"x" * 5000 + b'"}\n',
+                                              ["line 3", "DPO_MAX_LINE_BYTES"]),
 }
 
 

@@ -2,6 +2,7 @@
 on PostgreSQL, and running them again (or from several processes) is harmless."""
 from __future__ import annotations
 
+import json
 import secrets
 from concurrent.futures import ProcessPoolExecutor
 
@@ -176,3 +177,36 @@ def test_upgrade_from_0003_makes_runs_and_parts_team_names_postgresql():
 
     with fresh_postgres() as url:
         _check_upgrade_from_0003(url)
+
+
+def _check_files_before_warnings_get_none(url: str) -> None:
+    """A file uploaded before 0005 shows an empty list of warnings; downgrading drops the column."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(text("INSERT INTO files (id, team_id, filename, purpose, bytes, format, rows, status, "
+                          "storage_key, created_at) VALUES ('file-old', 'team-default', 'a.jsonl', 'fine-tune', 1, "
+                          "'text', 1, 'processed', 'files/file-old.jsonl', 100)"))
+        conn.commit()
+        command.upgrade(cfg, "0005")
+        conn.commit()
+        warnings = conn.execute(text("SELECT warnings FROM files")).scalar()
+        assert (json.loads(warnings) if isinstance(warnings, str) else warnings) == []
+        command.downgrade(cfg, "0003")
+        conn.commit()
+        assert "warnings" not in {c["name"] for c in inspect(conn).get_columns("files")}
+    engine.dispose()
+
+
+def test_files_before_warnings_sqlite(tmp_path):
+    _check_files_before_warnings_get_none(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
+
+
+@pytest.mark.postgres
+def test_files_before_warnings_postgresql():
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        _check_files_before_warnings_get_none(url)

@@ -20,6 +20,36 @@ def test_put_open_exists_delete(tmp_path):
     assert list((tmp_path / "files").iterdir()) == []  # no temporary file left behind
 
 
+def test_put_stream_writes_chunks_as_they_come(tmp_path):
+    storage = LocalStorage(tmp_path)
+    seen = []
+
+    def chunks():
+        for i in range(3):
+            # The earlier chunks are on disk already, under a temporary name only.
+            seen.append(sorted(p.name for p in (tmp_path / "files").iterdir()))
+            yield bytes([i]) * 1000
+
+    assert storage.put_stream("files/a.jsonl", chunks()) == 3000
+    assert storage.open("files/a.jsonl").read() == b"\0" * 1000 + b"\1" * 1000 + b"\2" * 1000
+    assert all(len(names) == 1 and names[0].startswith(".a.jsonl.tmp-") for names in seen), seen
+    assert [p.name for p in (tmp_path / "files").iterdir()] == ["a.jsonl"]
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("the source was refused")])
+def test_put_stream_that_fails_midway_leaves_nothing(tmp_path, error):
+    storage = LocalStorage(tmp_path)
+
+    def chunks():
+        yield b"x" * 5000
+        raise error
+
+    with pytest.raises(type(error)):
+        storage.put_stream("files/a.jsonl", chunks())
+    assert not storage.exists("files/a.jsonl")
+    assert list((tmp_path / "files").iterdir()) == []
+
+
 @pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../x", ""])
 def test_keys_never_leave_the_root(tmp_path, key):
     with pytest.raises(ValueError):

@@ -7,10 +7,14 @@ import sys
 import pytest
 
 from dpo_core.data import (
+    SHOWN_FIELDS,
+    SHOWN_LINES,
     DataError,
+    DataWarning,
     PairRow,
     Problem,
     UnpairedRow,
+    Validator,
     read_jsonl,
     read_jsonl_bytes,
     split_pairs,
@@ -57,6 +61,7 @@ def test_text_format():
     data = read_jsonl_bytes(jsonl(TEXT, {**TEXT, "prompt": "", "group": "math", "extra": 1}), "t.jsonl")
     assert (data.source, data.format, data.paired, data.conversational) == ("t.jsonl", "text", True, False)
     assert data.rows == [PairRow("2+2=", "4", "5", None, 1), PairRow("", "4", "5", "math", 2)]
+    assert data.warnings == [DataWarning("unknown_fields", 1, (2,), ("extra",))]
 
 
 def test_conversational_format():
@@ -181,12 +186,46 @@ def test_unpaired_rows_keep_to_text_or_messages():
     (b'"text"', "must be a JSON object, got a string"),
     (b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}', "not valid UTF-8 (byte 0xe9"),
     (b"[" * 100_000, "not valid JSON"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "x": 1' + b"0" * 5000 + b"}", "integer of 5001 digits"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "x": [-1' + b"0" * 4300 + b"]}", "integer of 4301 digits"),
 ])
 def test_bad_lines(line, words):
     p = only(problems(jsonl(TEXT) + b"\n" + line))
     assert (p.line, p.field) == (2, None)
     assert words in p.message
     assert str(p).startswith("train.jsonl:2: ")
+
+
+def test_an_integer_too_long_to_convert_is_a_problem_of_its_line_and_the_others_are_still_read():
+    huge = b'{"prompt": "p", "chosen": "a", "rejected": "b", "x": 1' + b"0" * 5000 + b"}"
+    err = problems(jsonl(TEXT) + b"\n" + huge + b"\n" + jsonl({**TEXT, "chosen": ""}))
+    assert [(p.line, p.field) for p in err.problems] == [(2, None), (3, "chosen")]
+    assert "4300" in err.problems[0].message
+    # At the limit an integer is read; a float of any length is a float.
+    at_limit = b'{"prompt": "p", "chosen": "a", "rejected": "b", "x": [1' + b"0" * 4299 + b", 1" + b"0" * 9000 + b".5]}"
+    assert read_jsonl_bytes(at_limit, "t.jsonl").rows[0].chosen == "a"
+
+
+@pytest.mark.parametrize("line, field", [
+    (b'{"prompt": "p", "chosen": "a\\ud800", "rejected": "b"}', "chosen"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "group": "\\udfff"}', "group"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "notes": {"x": ["ok", "\\uDBFF"]}}', "notes.x[1]"),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "\\udc00": 1}', None),
+    (b'{"prompt": "p", "chosen": "a", "rejected": "b", "notes": {"\\udc00": 1}}', "notes"),
+    (b'{"prompt": "p", "completion": "a", "label": "\\ud800"}', "label"),
+])
+def test_a_lone_surrogate_is_a_problem_naming_its_field(line, field):
+    err = problems(line)
+    p = only(err)
+    assert (p.line, p.field) == (1, field)
+    assert "lone surrogate" in p.message
+    str(err).encode("utf-8")  # the report itself is valid text
+
+
+def test_a_surrogate_pair_and_an_escaped_backslash_are_text():
+    line = b'{"prompt": "\\ud83d\\ude00", "chosen": "\\\\ud800", "rejected": "b"}'
+    row = read_jsonl_bytes(line, "t.jsonl").rows[0]
+    assert (row.prompt, row.chosen) == ("\U0001f600", "\\ud800")
 
 
 def test_line_mixing_formats():
@@ -269,3 +308,87 @@ def test_data_error_survives_pickling():
     err = problems(jsonl(TEXT, *["{bad"] * 3), max_errors=2)
     copy = pickle.loads(pickle.dumps(err))
     assert (copy.problems, copy.total, str(copy)) == (err.problems, err.total, str(err))
+
+
+# Warnings: valid rows that are probably a mistake, counted with their first lines.
+
+@pytest.mark.parametrize("row, same", [
+    (TEXT, {**TEXT, "rejected": TEXT["chosen"]}),
+    (CONV, {**CONV, "rejected": CONV["chosen"]}),
+    (OPENAI, {**OPENAI, "non_preferred_output": OPENAI["preferred_output"]}),
+])
+def test_identical_pairs_are_counted_with_their_first_lines(row, same):
+    rows = [row, same] + [row, same] * (SHOWN_LINES + 2)
+    data = read_jsonl_bytes(jsonl(*rows), "t.jsonl")
+    assert len(data.rows) == len(rows)
+    (warning,) = data.warnings
+    assert (warning.code, warning.count) == ("identical_pair", SHOWN_LINES + 3)
+    assert warning.lines == tuple(range(2, 2 * SHOWN_LINES + 1, 2))
+    assert warning.as_dict() == {"code": "identical_pair", "count": SHOWN_LINES + 3, "lines": list(warning.lines),
+                                 "message": warning.message}
+    assert "lines 2, 4," in warning.message and "and 3 more" in warning.message
+
+
+def test_an_unpaired_file_has_no_identical_pairs():
+    assert read_jsonl_bytes(jsonl(UNPAIRED, {**UNPAIRED, "label": False}), "u.jsonl").warnings == []
+
+
+@pytest.mark.parametrize("row, known, unknown", [
+    (TEXT, ["group"], ["tools", "completion", "Chosen"]),
+    (CONV, ["group", "tools"], ["label"]),
+    (OPENAI, ["group"], ["prompt_id", "tools"]),
+    (UNPAIRED, ["group"], ["tools", "score"]),
+    ({"prompt": [user("2+2?")], "completion": [assistant("5")], "label": False}, ["group", "tools"], ["weight"]),
+])
+def test_unknown_fields_are_named_per_format(row, known, unknown):
+    values = {"group": "g", "tools": [{"type": "function"}]}
+    rows = [{**row, **{k: values.get(k, "x") for k in known}}, {**row, **{k: values.get(k, "x") for k in unknown}}]
+    (warning,) = read_jsonl_bytes(jsonl(*rows), "t.jsonl").warnings
+    assert (warning.code, warning.count, warning.lines, warning.fields) == ("unknown_fields", 1, (2,), tuple(unknown))
+    assert warning.as_dict()["fields"] == unknown
+
+
+def test_unknown_field_names_are_capped_and_printable():
+    rows = [{**TEXT, f"f{i}": 1} for i in range(SHOWN_FIELDS + 5)]
+    rows.append({**TEXT, "x" * 1000: 1, "tab\there": 2})
+    (warning,) = read_jsonl_bytes(jsonl(*rows), "t.jsonl").warnings
+    assert warning.count == len(rows) and warning.fields == tuple(f"f{i}" for i in range(SHOWN_FIELDS))
+    data = read_jsonl_bytes(jsonl(TEXT, {**TEXT, "x" * 1000: 1, "tab\there": 2}), "t.jsonl")
+    assert data.warnings[0].fields == ("x" * 61 + "...", "tab\\u0009here")
+
+
+def test_rows_with_both_warnings_report_both_and_a_bad_file_none():
+    data = read_jsonl_bytes(jsonl({**TEXT, "rejected": "4", "note": 1}), "t.jsonl")
+    assert [w.code for w in data.warnings] == ["identical_pair", "unknown_fields"]
+    assert split_pairs(data).warnings == data.warnings
+    problems(jsonl({**TEXT, "rejected": "4"}, "oops"))  # a file with a bad line is refused, warnings or not
+
+
+# The validator one line at a time, as an upload streams through it.
+
+def test_validator_without_rows_summarizes_the_same_file():
+    lines = jsonl(TEXT, {**TEXT, "rejected": "4"}, UNPAIRED | {"prompt": "x"}).splitlines(keepends=True)[:2]
+    check = Validator("t.jsonl", keep_rows=False)
+    assert list(check.passing(lines)) == lines
+    summary = check.finish()
+    assert (summary.source, summary.format, summary.rows) == ("t.jsonl", "text", 2)
+    assert summary.warnings == tuple(read_jsonl_bytes(b"".join(lines), "t.jsonl").warnings)
+    assert check.rows == []
+
+
+def test_validator_passes_lines_until_the_first_bad_one_and_raises_at_the_end():
+    lines = jsonl(TEXT, TEXT, "oops", TEXT, {**TEXT, "chosen": 1}).splitlines(keepends=True)
+    check = Validator("t.jsonl", keep_rows=False)
+    passed = []
+    with pytest.raises(DataError) as info:
+        for line in check.passing(lines):
+            passed.append(line)
+    assert passed == lines[:2]  # the bad line and those after it are checked, not passed on
+    assert [(p.line, p.field) for p in info.value.problems] == [(3, None), (5, "chosen")]
+
+
+def test_validator_refuses_an_empty_stream():
+    check = Validator("t.jsonl", keep_rows=False)
+    with pytest.raises(DataError) as info:
+        list(check.passing([b"\n", b"  \n"]))
+    assert "no rows" in only(info.value).message
