@@ -3,7 +3,6 @@ api.main:create_app` (or another ASGI server) serves it too, migrating at start-
 `dpo-service api` adds for latency: a frozen heap and httptools' parser (api.server)."""
 from __future__ import annotations
 
-import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -16,7 +15,9 @@ from api import errors
 from api.auth import admin_key
 from api.deps import get_caller
 from api.dispatcher import Dispatcher
+from api.internal_errors import InternalErrors
 from api.limits import BodyLimit, InFlightLimit
+from api.logs import install_access_log_filter
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
 from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
@@ -25,8 +26,6 @@ from api.settings import Settings, get_settings
 from api.storage import LocalStorage
 from api.store.db import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
 from api.store.migrate import upgrade
-
-log = logging.getLogger("dpo.api")
 
 # Domain error -> (HTTP status, OpenAI error type). The only place errors become HTTP.
 HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
@@ -79,6 +78,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.state.storage = LocalStorage(settings.storage_dir)
         app.state.celery = make_celery(settings)
         app.state.admin_key, _ = admin_key(settings)
+        install_access_log_filter(app.state.admin_key)
         app.state.dispatcher = Dispatcher(app.state.sessionmaker, settings, app.state.celery)
         if settings.dispatcher:
             app.state.dispatcher.start()
@@ -104,7 +104,9 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     _install_error_handlers(app)
     _install_database_handler(app)
     app.add_middleware(BodyLimit, settings=settings)
-    app.add_middleware(InFlightLimit, settings=settings)  # added last: the outermost layer
+    app.add_middleware(InFlightLimit, settings=settings)
+    # Added last: the outermost layer, so an exception from any layer inside gets its 500 and error id.
+    app.add_middleware(InternalErrors, admin_key=lambda: getattr(app.state, "admin_key", None))
     app.openapi = lambda: openapi_with_errors(app)
     return app
 
@@ -117,7 +119,10 @@ def _error(status: int, type_: str, message: str, param=None, code=None, **extra
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.ServiceError)
     async def service_error(_: Request, err: errors.ServiceError) -> JSONResponse:
-        status, type_ = next((v for k, v in HTTP_ERRORS.items() if isinstance(err, k)), (500, "server_error"))
+        found = next((v for k, v in HTTP_ERRORS.items() if isinstance(err, k)), None)
+        if found is None:  # not meant for a client (LeaseLost): an internal error (api.internal_errors)
+            raise err
+        status, type_ = found
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         response = _error(status, type_, err.message, err.param, err.code, **err.extra)
         response.headers.update(headers or {})
@@ -139,10 +144,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return _error(err.status_code, "invalid_request_error", str(err.detail), code=_HTTP_CODES.get(err.status_code))
 
-    @app.exception_handler(Exception)
-    async def internal_error(_: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error")
-        return _error(500, "server_error", f"internal error ({type(err).__name__}); see the service log")
 
 
 def _install_database_handler(app: FastAPI) -> None:

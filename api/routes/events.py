@@ -11,7 +11,7 @@ from api.errors import InvalidInput
 from api.pagination import After, Limit, page
 from api.schemas.common import ListPublic
 from api.schemas.jobs import EventPublic
-from api.store.models import Event
+from api.store.models import Event, is_id
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/events", tags=["fine-tuning jobs"])
 
@@ -25,14 +25,18 @@ async def list_events(fine_tuning_job_id: str, request: Request, caller: Current
 
 def _list_events(session, _principal, job, after: str | None, limit: int,
                  descending: bool) -> ListPublic[EventPublic]:
-    anchor = (_seq(after),) if after else None
+    anchor = (_seq_of(session, job.id, after),) if after else None
     stmt = select(Event).where(Event.job_id == job.id)
     rows = page(session, stmt, (Event.seq,), anchor, limit, descending=descending)
     return ListPublic[EventPublic].page([EventPublic.of(e) for e in rows], limit)
 
 
-def _seq(event_id: str) -> int:
-    prefix, _, number = event_id.partition("-")
-    if prefix != "ftevent" or not number.isdigit():
-        raise InvalidInput(f"{event_id!r} is not an event id (ftevent-<number>)", param="after")
-    return int(number)
+def _seq_of(session, job_id: str, event_id: str) -> int:
+    """Where event `event_id` of this job stands in the order of events; 400 for any other string."""
+    seq = session.scalar(select(Event.seq).where(Event.id == event_id, Event.job_id == job_id)) \
+        if is_id(event_id, "ftevent") else None
+    if seq is None:
+        shown = event_id if len(event_id) <= 64 else f"{event_id[:64]}..."
+        raise InvalidInput(f"no event {shown!r} of job {job_id} to page after; pass an event id from this "
+                           "job's list", param="after")
+    return seq

@@ -16,6 +16,7 @@ class ErrorDetail(BaseModel):
     param: str | None = None
     code: str | None = None
     problems: list[dict] | None = Field(None, description="bad lines of an uploaded file (invalid_file)")
+    error_id: str | None = Field(None, description="an internal error's id, under which the service log holds its cause")
 
 
 class ErrorBody(BaseModel):

@@ -162,12 +162,8 @@ class EventPublic(BaseModel):
 
     @classmethod
     def of(cls, event: Event) -> EventPublic:
-        return cls(id=event_id(event.seq), created_at=event.created_at, level=event.level,
+        return cls(id=event.id, created_at=event.created_at, level=event.level,
                    message=event.message, type=event.type, data=event.data)
-
-
-def event_id(seq: int) -> str:
-    return f"ftevent-{seq}"
 
 
 class CheckpointPublic(BaseModel):

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from api.store.models import WAITING, Checkpoint, Event, Job, JobStatus, now
+from api.store.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
 
 ACTIVE = (*WAITING, JobStatus.RUNNING)
 
@@ -31,7 +31,8 @@ def job_row(session: Session, job_id: str) -> Row | None:
 def add_event(
     session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message", data=None
 ) -> Event:
-    event = Event(job_id=job_id, message=message, level=level, type=type, data=data, created_at=now())
+    event = Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data,
+                  created_at=now())
     session.add(event)
     return event
 

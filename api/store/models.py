@@ -235,10 +235,14 @@ class Run(Base):
 
 
 class Event(Base):
+    """A job's event. `seq` orders events, and is one sequence across every job of every team; `id`, the
+    public id and cursor, is random, so a team's event ids tell nothing of other teams' events."""
+
     __tablename__ = "events"
-    __table_args__ = (Index("ix_events_job_id_seq", "job_id", "seq"),)
+    __table_args__ = (Index("ix_events_job_id_seq", "job_id", "seq"), Index("uq_events_id", "id", unique=True))
 
     seq: Mapped[int] = mapped_column(BigIntKey, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), default=lambda: new_id("ftevent"))
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     level: Mapped[str] = mapped_column(String(16), default="info")

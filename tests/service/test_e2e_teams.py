@@ -113,6 +113,19 @@ def test_the_pool_shows_a_killed_worker_lost_and_a_stopped_one_stopped(service, 
     assert (by_type["cpu"]["idle_workers"], by_type["cpu"]["busy_workers"]) == (1, 0)
 
 
+def event_order(service) -> dict[str, int]:
+    """Each event's place among every job's events (events.seq), from the database: event ids are opaque."""
+    from sqlalchemy import text
+
+    from api.store.db import make_engine
+
+    engine = make_engine(service.env.get("DPO_DATABASE_URL") or f"sqlite:///{service.data_dir / 'dpo.sqlite'}")
+    with engine.connect() as conn:
+        order = dict(conn.execute(text("SELECT id, seq FROM events")).all())
+    engine.dispose()
+    return order
+
+
 def test_fair_share_with_one_worker(service, admin, task_files, tiny_model):
     """Team A submits 10 jobs, then team B 2: B's first job is the next to start when A's first ends."""
     a, b = make_team(admin, "fair-a"), make_team(admin, "fair-b")
@@ -127,11 +140,12 @@ def test_fair_share_with_one_worker(service, admin, task_files, tiny_model):
     for job_id in a_jobs[:2] + b_jobs[:1]:
         service.wait_for_job(job_id, timeout_s=60)
 
-    starts, ends = {}, {}
-    for job_id in a_jobs + b_jobs:
-        events = admin.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100})
-        for e in events.json()["data"]:
-            seq = int(e["id"].removeprefix("ftevent-"))
+    listed = {job_id: admin.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100})
+              .json()["data"] for job_id in a_jobs + b_jobs}
+    starts, ends, order_of = {}, {}, event_order(service)
+    for job_id, events in listed.items():
+        for e in events:
+            seq = order_of[e["id"]]
             status = (e["data"] or {}).get("status")
             if status == "running":
                 starts[job_id] = seq

@@ -3,6 +3,7 @@ on PostgreSQL, and running them again (or from several processes) is harmless.""
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from concurrent.futures import ProcessPoolExecutor
 
@@ -210,3 +211,41 @@ def test_files_before_warnings_postgresql():
 
     with fresh_postgres() as url:
         _check_files_before_warnings_get_none(url)
+
+
+def _check_existing_events_get_random_ids(url: str) -> None:
+    """Events from before 0007 (ids were `ftevent-<seq>`) get random ids, unique, not their seq."""
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0003")
+        conn.execute(text("INSERT INTO jobs (id, team_id, status, model, training_file, method, hyperparameters, "
+                          "spec, created_at, cancel_requested, result_files, priority, gpus) VALUES ('ftjob-old', "
+                          "'team-default', 'queued', 'm', 'file-old', '{}', '{}', '{}', 100, false, '[]', 0, 1)"))
+        for i in range(50):
+            conn.execute(text("INSERT INTO events (job_id, created_at, level, type, message) "
+                              "VALUES ('ftjob-old', 100, 'info', 'message', :m)"), {"m": f"event {i}"})
+        conn.commit()
+        command.upgrade(cfg, "head")
+        conn.commit()
+        rows = conn.execute(text("SELECT seq, id FROM events ORDER BY seq")).all()
+        assert len(rows) == 50 and len({r.id for r in rows}) == 50
+        for seq, event_id in rows:
+            assert re.fullmatch(r"ftevent-[0-9a-f]{24}", event_id) and event_id != f"ftevent-{seq}"
+        command.downgrade(cfg, "0003")
+        conn.commit()
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 50
+    engine.dispose()
+
+
+def test_existing_events_get_random_ids_sqlite(tmp_path):
+    _check_existing_events_get_random_ids(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
+
+
+@pytest.mark.postgres
+def test_existing_events_get_random_ids_postgresql():
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        _check_existing_events_get_random_ids(url)
