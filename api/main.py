@@ -140,7 +140,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "server_error", f"internal error ({type(err).__name__}); see the service log")
 
 
-_TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python"}
+_TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python", "constrained-float",
+              "constrained-int"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value"}
 
 

@@ -77,7 +77,7 @@ def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
     job_id = new_id("ftjob")
     built = jobspec.build(
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
-        str(storage.path(f"jobs/{job_id}")),
+        str(storage.path(f"jobs/{job_id}")), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
     )
     if built.spec.reference_model:
         _check_model(built.spec.reference_model, settings, "training.reference_model")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from api import jobspec
 from api.errors import InvalidInput
@@ -58,9 +59,10 @@ def test_conflicting_values_are_refused_not_silently_chosen():
 
 def test_every_problem_is_reported_with_its_parameter():
     with pytest.raises(InvalidInput) as err:
-        build(method=dpo(n_epochs=-1), training={"learning_rate": -1, "loss": {"type": "nope"}, "typo": 1})
+        build(method=dpo(beta=0.2), training={"learning_rate": -1, "loss": {"type": "nope", "beta": 0.2},
+                                              "typo": 1, "lora": {"r": 0}})
     message = err.value.message
-    for param in ("method.dpo.hyperparameters.n_epochs", "training.learning_rate", "training.loss", "training.typo"):
+    for param in ("training.learning_rate", "training.loss.type", "training.typo", "training.lora.r"):
         assert param in message
 
 
@@ -72,7 +74,14 @@ def test_deprecated_top_level_hyperparameters_are_accepted_but_not_twice():
     assert err.value.param == "hyperparameters"
 
 
-def test_non_positive_learning_rate_multiplier_is_refused():
-    with pytest.raises(InvalidInput) as err:
-        build(method=dpo(learning_rate_multiplier=0))
+def test_learning_rate_multiplier_and_the_rate_it_makes_are_both_in_range():
+    for bad in (0, -2, 1e40, True, "2"):
+        with pytest.raises(ValidationError) as err:
+            JobCreate(model="m", training_file="f", method=dpo(learning_rate_multiplier=bad))
+        assert {e["loc"][:4] for e in err.value.errors()} == {
+            ("method", "dpo", "hyperparameters", "learning_rate_multiplier")}
+    with pytest.raises(InvalidInput) as err:  # 1e-3 x 1000 = 1, above the 0.1 a learning rate may be
+        build(method=dpo(learning_rate_multiplier=1000), training={"learning_rate": 1e-3})
     assert err.value.param == "method.dpo.hyperparameters.learning_rate_multiplier"
+    assert build(method=dpo(learning_rate_multiplier=1e4)).spec.learning_rate == pytest.approx(0.05)
+    assert build(method=dpo(learning_rate_multiplier=1e-6)).spec.learning_rate == pytest.approx(5e-12)
