@@ -27,7 +27,7 @@ from dpo_core.spec import (
 
 HP = "method.dpo.hyperparameters"
 # OpenAI hyperparameter -> TrainingSpec field path it sets.
-_HP_FIELDS = {"beta": "loss.beta", "batch_size": "batch_size", "n_epochs": "num_epochs"}
+HP_FIELDS = {"beta": "loss.beta", "batch_size": "batch_size", "n_epochs": "num_epochs"}
 # Spec fields naming the job's files, and the request parameters that set them.
 _FILE_PARAMS = {"train_file": "training_file", "validation_file": "validation_file"}
 # A job runs on the devices its worker gives it (chosen with gpu_type and gpus): it may ask for the CPU
@@ -123,7 +123,7 @@ def _merge(training: dict[str, Any], hp: DpoHyperparameters, req: JobCreate) -> 
     data = {**training, "model": req.model}
     data["loss"] = dict(data["loss"]) if isinstance(data.get("loss"), dict) else data.get("loss", {})  # copy
     origin = {"model": "model"}
-    for name, path in _HP_FIELDS.items():
+    for name, path in HP_FIELDS.items():
         value = _number(getattr(hp, name))
         if value is not None:
             _set_once(data, path, value, f"{HP}.{name}")

@@ -81,10 +81,13 @@ GroupName = Annotated[str, Field(min_length=1, max_length=256)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
 
 
-def _doc(range_text: str | None = None, default_text: str | None = None) -> dict[str, str]:
-    """What the table of ranges shows where the schema alone cannot say it (dpo_core.fields)."""
-    extra = {"range_text": range_text, "default_text": default_text}
-    return {k: v for k, v in extra.items() if v is not None}
+def _doc(range_text: str | None = None, default_text: str | None = None, *, choices: tuple = (),
+         examples: tuple = ()) -> dict[str, Any]:
+    """What the table of ranges (dpo_core.fields) shows where the type alone cannot say it: the range or
+    default in words, the values of a string checked by a validator, values in range to test."""
+    extra = {"range_text": range_text, "default_text": default_text, "choices": list(choices),
+             "examples": list(examples)}
+    return {k: v for k, v in extra.items() if v}
 
 
 class SpecError(ValueError):
@@ -112,16 +115,17 @@ class _Strict(BaseModel):
 class GroupSpec(_Strict):
     """Per-group settings for multi-reward DPO."""
 
-    beta: Beta = Field(description="beta for rows of this group")
+    beta: Beta | None = Field(None, description="beta for rows of this group",
+                              json_schema_extra=_doc(default_text="loss.beta"))
     weight: Weight = Field(1.0, description="weight of this group's rows in the loss (0 leaves them out)")
 
 
 class LossSpec(_Strict):
     type: str = Field("sigmoid", description="the preference loss (docs/training.md, Losses)",
-                      json_schema_extra=_doc(", ".join(LOSS_TYPES)))
+                      json_schema_extra=_doc(choices=LOSS_TYPES))
     beta: Beta = Field(0.1, description="inverse temperature of the implicit reward")
     label_smoothing: Smoothing = Field(
-        0.0, description="sigmoid (cDPO) and robust only: assumed rate of flipped labels")
+        0.0, description="assumed rate of flipped labels; above 0 only with the sigmoid (cDPO) and robust losses")
     gamma: Margin = Field(0.5, description="simpo: target reward margin")
     orpo_lambda: Weight = Field(0.1, description="orpo: weight of the odds-ratio term")
     desirable_weight: PositiveWeight = Field(1.0, description="kto: weight of desirable rows")
@@ -157,7 +161,9 @@ class LossSpec(_Strict):
     def group(self, name: str | None) -> GroupSpec:
         """The beta and weight that apply to rows of group `name` (None: the default group)."""
         found = self.beta_by_group.get(name) if name is not None else None
-        return found if found is not None else GroupSpec(beta=self.beta, weight=1.0)
+        if found is None:
+            return GroupSpec(beta=self.beta, weight=1.0)
+        return found if found.beta is not None else GroupSpec(beta=self.beta, weight=found.weight)
 
     @property
     def needs_reference(self) -> bool:
@@ -174,7 +180,9 @@ class LoraSpec(_Strict):
     dropout: Dropout = Field(0.0, description="dropout on the adapters' input")
     target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=1024)] | str = Field(
         "all-linear", description="module names to adapt (1 to 1024), 'all-linear', or a regular expression "
-        "the whole module name must match", json_schema_extra=_doc("names, all-linear, or a regex"),
+        "the whole module name must match",
+        json_schema_extra=_doc("names, all-linear, or a regex",
+                               examples=("all-linear", ["q_proj", "v_proj"], "q_proj|v_proj")),
     )
 
     @field_validator("target_modules")
@@ -203,7 +211,7 @@ class TrainingSpec(_Strict):
     validation_file: str | None = None
     output_dir: str = "runs/dpo"
 
-    loss: LossSpec = Field(default_factory=LossSpec)
+    loss: LossSpec = Field(default_factory=LossSpec, description="the loss and its parameters")
 
     # Optimisation.
     learning_rate: LearningRate = Field(5e-6, description="AdamW's peak learning rate")
@@ -216,12 +224,13 @@ class TrainingSpec(_Strict):
     adam_epsilon: AdamEpsilon = Field(1e-8, description="AdamW's denominator term")
     batch_size: Rows = Field(8, description="preference pairs (or KTO rows) per optimizer step")
     micro_batch_size: Rows | None = Field(
-        None, description="rows per forward pass; gradient accumulation reaches batch_size. Default: batch_size; "
-        "above a batch_size left at its default it is cut to that", json_schema_extra=_doc(default_text="batch_size"),
+        None, description="rows per forward pass, at most batch_size (cut to a batch_size left at its default); "
+        "gradient accumulation reaches batch_size", json_schema_extra=_doc(default_text="batch_size"),
     )
     num_epochs: Epochs = Field(1.0, description=f"passes over the training rows; at most {MAX_STEPS:,} steps in all")
     max_steps: StepsOrZero | None = Field(
-        None, description="overrides num_epochs; 0: evaluate only (needs a validation file)")
+        None, description="overrides num_epochs; 0: evaluate only (needs a validation file)",
+        json_schema_extra=_doc(default_text="from num_epochs"))
     seed: Seed = Field(42, description="data order and initialisation")
 
     # Sequences.
@@ -230,7 +239,7 @@ class TrainingSpec(_Strict):
         json_schema_extra=_doc(default_text="1024, or 2 x max_prompt_length when that is set (at most 131072)"),
     )
     max_prompt_length: PromptLength | None = Field(
-        DEFAULT_MAX_PROMPT_LENGTH, description="the prompt keeps its last this many tokens; below max_length; "
+        DEFAULT_MAX_PROMPT_LENGTH, description="the prompt keeps its last this many tokens, below max_length; "
         "null: no limit of its own (as TRL 1.16)",
         json_schema_extra=_doc(default_text="min(512, max_length // 2)"),
     )
@@ -241,22 +250,25 @@ class TrainingSpec(_Strict):
     )
 
     # Compute.
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="bf16/fp16: autocast over fp32 weights")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: autocast over fp32 weights (fp16 with a grad scaler, not with fsdp)")
     gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
     device: str | None = Field(None, description="null: cuda if available, else cpu",
-                               json_schema_extra=_doc(DEVICE_RANGE))
+                               json_schema_extra=_doc(DEVICE_RANGE, examples=("cpu", "cuda", "cuda:0", "cuda:63")))
     logprob_chunk_size: ChunkSize = Field(1024, description="completion positions per LM-head chunk")
     lora: LoraSpec | None = Field(None, description="train LoRA adapters (PEFT) instead of every weight")
     distributed: Literal["ddp", "fsdp"] | None = Field(
-        None, description="how several processes share the work (dpo-train --nproc N, gpus > 1): ddp, or fsdp (FSDP2)",
+        None, description="how several processes (dpo-train --nproc N, a job's gpus) share the work; fsdp (FSDP2) "
+        "not with lora",
         json_schema_extra=_doc(default_text="ddp with several processes"),
     )
     reference_mode: Literal["model", "precomputed"] = Field(
-        "model", description="precomputed: tabulate the reference log-probs once, then free the reference model")
+        "model", description="precomputed: tabulate the reference log-probs once, then free the reference model "
+        "(losses with a reference only)")
     share_prompt: bool | Literal["auto"] = Field(
         False,
-        description="pairs: one row `prompt, chosen, rejected` per pair, so the prompt runs through the model "
-        "once (needs SDPA attention and a body/head model); auto: when the model allows it",
+        description="one row `prompt, chosen, rejected` per pair, so the prompt runs through the model once "
+        "(pairs only, not kto; needs SDPA attention and a body/head model); auto: when the model allows it",
     )
 
     # Logging, evaluation, checkpoints.

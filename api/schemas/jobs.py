@@ -56,7 +56,8 @@ class JobCreate(_Strict):
     hyperparameters: DpoHyperparameters | None = Field(
         None, description="deprecated OpenAI form of method.dpo.hyperparameters"
     )
-    seed: int | None = Field(None, strict=True, ge=0, le=INT64, description="sets training.seed")
+    seed: int | None = Field(None, strict=True, ge=0, le=INT64, description="sets training.seed",
+                             json_schema_extra={"default_text": "training.seed (42)"})
     suffix: str | None = Field(None, max_length=64, pattern=PRINTABLE)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="up to 16 pairs; keys up to 64 characters, values up to 512")
@@ -69,8 +70,9 @@ class JobCreate(_Strict):
     gpu_type: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
                                  description="extension: run only on workers of this GPU type (e.g. h100, cpu)")
     gpus: int = Field(1, strict=True, ge=1, le=64, description="extension: GPUs the job needs on one worker")
-    max_attempts: int | None = Field(None, strict=True, ge=1, le=100, description="extension: runs the job may lose to lost "
-                                     "workers before it fails (default DPO_JOB_MAX_ATTEMPTS, 3)")
+    max_attempts: int | None = Field(None, strict=True, ge=1, le=100, description="extension: runs the job may lose to "
+                                     "lost workers before it fails", json_schema_extra={"default_text":
+                                     "DPO_JOB_MAX_ATTEMPTS (3)"})
 
     @field_validator("gpu_type")
     @classmethod
