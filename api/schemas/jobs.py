@@ -66,7 +66,8 @@ class JobCreate(_Strict):
         description="dpo-service extension: TrainingSpec fields (loss, lora, max_length, learning_rate, "
         f"eval_steps, save_steps, precision, reference_mode, ...); not {', '.join(SERVER_PATH_FIELDS)}",
     )
-    priority: int = Field(0, strict=True, ge=-100, le=100, description="extension: among the team's waiting jobs, higher first")
+    priority: int = Field(0, strict=True, ge=-100, le=100,
+                          description="extension: among the team's waiting jobs, higher first")
     gpu_type: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
                                  description="extension: run only on workers of this GPU type (e.g. h100, cpu)")
     gpus: int = Field(1, strict=True, ge=1, le=64, description="extension: GPUs the job needs on one worker")
