@@ -3,19 +3,49 @@
 Precedence: `training` holds any TrainingSpec field; the OpenAI hyperparameters map onto four of them
 (beta -> loss.beta, batch_size, n_epochs -> num_epochs, learning_rate_multiplier scales learning_rate).
 Setting the same thing in both places with different values is an error, never a silent choice.
+What the trainer would refuse and can be known without a model (ranges, the data files' format and
+size) is refused here, naming the parameter, so that no such job is ever queued.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from api.errors import InvalidInput
 from api.schemas.jobs import DpoHyperparameters, JobCreate
-from dpo_core.spec import SERVER_PATH_FIELDS, SpecError, TrainingSpec, parse_spec
+from dpo_core.spec import (
+    MAX_LEARNING_RATE,
+    SERVER_PATH_FIELDS,
+    LearningRate,
+    SpecError,
+    TrainingSpec,
+    data_problems,
+    parse_spec,
+)
 
 HP = "method.dpo.hyperparameters"
 # OpenAI hyperparameter -> TrainingSpec field path it sets.
-_HP_FIELDS = {"beta": "loss.beta", "batch_size": "batch_size", "n_epochs": "num_epochs"}
+HP_FIELDS = {"beta": "loss.beta", "batch_size": "batch_size", "n_epochs": "num_epochs"}
+# Spec fields naming the job's files, and the request parameters that set them.
+_FILE_PARAMS = {"train_file": "training_file", "validation_file": "validation_file"}
+# A job runs on the devices its worker gives it (chosen with gpu_type and gpus): it may ask for the CPU
+# (any worker has one), never for a GPU by number, which could be another job's.
+SERVICE_DEVICES = (None, "cpu")
+_LEARNING_RATE = TypeAdapter(LearningRate)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """What the service knows of an uploaded file without reading it."""
+
+    rows: int
+    paired: bool  # not the unpaired (prompt/completion/label) format, see dpo_core.data
+
+    @classmethod
+    def of(cls, file) -> DataFile:
+        return cls(rows=file.rows, paired=file.format != "unpaired")
 
 
 @dataclass
@@ -26,8 +56,10 @@ class BuiltSpec:
 
 
 def build(req: JobCreate, train_path: str, validation_path: str | None, output_dir: str,
+          train: DataFile | None = None, validation: DataFile | None = None,
           keep_checkpoints: int | None = None) -> BuiltSpec:
     """Validate a job request into a TrainingSpec; raise InvalidInput naming every bad parameter.
+    With the files' facts (`train`, `validation`), also what the trainer would refuse about them.
     `keep_checkpoints`: the service's retention, the spec's save_total_limit unless the request sets one
     (null keeps every checkpoint)."""
     training = dict(req.training or {})
@@ -40,8 +72,10 @@ def build(req: JobCreate, train_path: str, validation_path: str | None, output_d
     try:
         spec = parse_spec(data)
     except SpecError as err:
-        problems = [(origin.get(loc, _training_param(loc)), msg) for loc, msg in err.problems]
-        raise InvalidInput("; ".join(f"{p}: {m}" for p, m in problems), param=problems[0][0]) from None
+        _refuse(err.problems, origin)
+        raise
+    if train is not None:
+        _refuse(data_problems(spec, train.rows, train.paired, validation.paired if validation else None), origin)
     resolved = {
         "beta": spec.loss.beta,
         "batch_size": spec.batch_size,
@@ -63,11 +97,23 @@ def runnable(stored: dict[str, Any], train_path: str, validation_path: str | Non
     return parse_spec(data)
 
 
+def _refuse(problems: list[tuple[str, str]], origin: dict[str, str]) -> None:
+    """InvalidInput naming every problem by its request parameter; nothing when there are none."""
+    if not problems:
+        return
+    named = [(origin.get(loc) or _FILE_PARAMS.get(loc) or _training_param(loc), msg) for loc, msg in problems]
+    raise InvalidInput("; ".join(f"{p}: {m}" for p, m in named), param=named[0][0])
+
+
 def _refuse_server_fields(training: dict[str, Any]) -> None:
     for name in (*SERVER_PATH_FIELDS, "model"):
         if name in training:
             where = "the top-level model" if name == "model" else "the service (from file ids and the job id)"
             raise InvalidInput(f"training.{name} is set by {where}; remove it from training", param=f"training.{name}")
+    if training.get("device") not in SERVICE_DEVICES:
+        raise InvalidInput("training.device: a job runs on the GPUs its worker gives it; choose them with gpu_type "
+                           "and gpus, and leave training.device null (or cpu, to run on the worker's CPU)",
+                           param="training.device")
 
 
 def _hyperparameters(req: JobCreate) -> DpoHyperparameters:
@@ -82,7 +128,7 @@ def _merge(training: dict[str, Any], hp: DpoHyperparameters, req: JobCreate) -> 
     data = {**training, "model": req.model}
     data["loss"] = dict(data["loss"]) if isinstance(data.get("loss"), dict) else data.get("loss", {})  # copy
     origin = {"model": "model"}
-    for name, path in _HP_FIELDS.items():
+    for name, path in HP_FIELDS.items():
         value = _number(getattr(hp, name))
         if value is not None:
             _set_once(data, path, value, f"{HP}.{name}")
@@ -92,13 +138,30 @@ def _merge(training: dict[str, Any], hp: DpoHyperparameters, req: JobCreate) -> 
         origin["seed"] = "seed"
     multiplier = _number(hp.learning_rate_multiplier)
     if multiplier is not None:
-        if not multiplier > 0:
-            raise InvalidInput("learning_rate_multiplier must be above 0", param=f"{HP}.learning_rate_multiplier")
         base = data.get("learning_rate", TrainingSpec.model_fields["learning_rate"].default)
-        if isinstance(base, int | float):
-            data["learning_rate"] = base * multiplier
+        if _valid_learning_rate(base):  # otherwise the spec names training.learning_rate
+            data["learning_rate"] = _scaled(base, multiplier)
             origin["learning_rate"] = f"{HP}.learning_rate_multiplier"
     return data, origin
+
+
+def _valid_learning_rate(value: Any) -> bool:
+    try:
+        _LEARNING_RATE.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _scaled(base: float, multiplier: float) -> float:
+    """The learning rate a multiplier makes, refused unless it is in learning_rate's own range."""
+    rate = base * multiplier
+    if not _valid_learning_rate(rate):
+        raise InvalidInput(
+            f"{HP}.learning_rate_multiplier: {multiplier:g} x the learning rate {base:g} is {rate:g}; the learning "
+            f"rate must be above 0 and at most {MAX_LEARNING_RATE:g}: lower the multiplier or training.learning_rate",
+            param=f"{HP}.learning_rate_multiplier")
+    return rate
 
 
 def _set_once(data: dict[str, Any], path: str, value: Any, param: str) -> None:

@@ -159,7 +159,8 @@ def _install_database_handler(app: FastAPI) -> None:
         app.add_exception_handler(error, database_unavailable)
 
 
-_TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python"}
+_TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python", "constrained-float",
+              "constrained-int"}
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value"}
 
 

@@ -79,15 +79,14 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import torch
-    import yaml
 
     from dpo_core import train
-    from dpo_core.spec import TrainingSpec
+    from dpo_core.spec import TrainingSpec, apply_overrides
 
     build = workload_model(args.gpu_model)
     steps = args.skip + args.profile
     w = bt.prepare(Path(args.work_dir), args.max_length, args.batch_size, steps, seed=0, build_model=build)
-    extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    extra = apply_overrides({}, args.set)  # as dpo-train --set: nested keys, 1e-4 a number
     spec = TrainingSpec(model=w.model, train_file=w.original_file, output_dir=str(Path(args.work_dir) / "run"),
                         max_length=args.max_length, max_prompt_length=None, batch_size=args.batch_size,
                         max_steps=steps, learning_rate=5e-6, loss={"type": "sigmoid", "beta": 0.1},

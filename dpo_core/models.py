@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dpo_core.errors import ModelLoadError
+from dpo_core.errors import ModelLoadError, TrainingError
 from dpo_core.spec import LoraSpec, TrainingSpec
 
 
@@ -58,7 +58,13 @@ def add_lora(model, lora: LoraSpec):
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # PEFT: no module matches target_modules, or one it cannot adapt
+        first = str(err).strip().splitlines()[0][:300]
+        raise TrainingError(f"lora.target_modules {lora.target_modules!r} does not fit this model: {first}; name "
+                            "its linear layers (e.g. q_proj, v_proj) or use all-linear",
+                            code="invalid_training_spec") from None
 
 
 def load_policy(spec: TrainingSpec, resume_dir: str | None):

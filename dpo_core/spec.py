@@ -1,15 +1,23 @@
 """TrainingSpec: the one schema of a training run, shared by `dpo-train`, the REST API and the worker.
 
 Imports no torch: the API validates specs with it and must stay light.
+
+Every number has a range (the table in docs/api.md is generated from this module, see dpo_core.fields):
+wide enough for real runs (7B models, 128k-token sequences, batches in the thousands), tight enough
+that no value in range makes the trainer overflow by construction or the worker refuse the run.
+Numbers are taken strictly: a boolean or a string is never a number (an int is a float). A value the
+user did not set never makes a spec invalid: a default that depends on another field follows it.
 """
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Kept in step with dpo_core.losses.LOSSES (a unit test checks both lists agree). It lives here too so
 # that validating a spec never needs torch.
@@ -22,6 +30,65 @@ UNPAIRED_LOSSES = frozenset({"kto"})
 # Fields that name paths on the machine that runs the job. The service sets them; requests may not.
 SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from")
 
+MAX_STEPS = 10_000_000  # optimizer steps of one run, however they are asked for (max_steps, epochs)
+MAX_ROWS = 65_536  # rows of one optimizer step, of one forward pass
+MAX_LENGTH = 131_072  # tokens of prompt + completion
+MAX_DEVICE_INDEX = 63  # cuda:N; a job asks for at most 64 GPUs
+MAX_LEARNING_RATE = 0.1
+DEFAULT_MAX_LENGTH = 1024
+DEFAULT_MAX_PROMPT_LENGTH = 512
+DEVICE_RANGE = f"cpu, cuda, cuda:0 ... cuda:{MAX_DEVICE_INDEX}"
+
+
+def _float(**bounds: float) -> Any:
+    """A finite float within `bounds` (ge, gt, le, lt); an int is taken, a bool or a string is not."""
+    return Annotated[float, Field(strict=True, allow_inf_nan=False, **bounds)]
+
+
+def _int(**bounds: int) -> Any:
+    """An int within `bounds`; a bool, a float (even 8.0) or a string is not taken."""
+    return Annotated[int, Field(strict=True, **bounds)]
+
+
+# Ranges. The loss sees beta times a difference of summed log-probs, and ipo 1 / (2 beta), squared: both
+# stay far inside float32 over this range. AdamW's update is about learning_rate per weight per step, and
+# weight decay shrinks a weight by learning_rate * weight_decay per step: both stay below 1.
+Beta = _float(ge=1e-4, le=100)
+LearningRate = _float(gt=0, le=MAX_LEARNING_RATE)
+WeightDecay = _float(ge=0, le=1)
+GradNorm = _float(gt=0, le=1e6)
+AdamBeta1 = _float(ge=0, le=0.9999)
+AdamBeta2 = _float(ge=0, le=0.99999)  # 1 - beta2 must stay distinct from 0 in float32
+AdamEpsilon = _float(ge=1e-12, le=1)  # a zero gradient gives 0 / (0 + eps): eps must be a float32 above 0
+Epochs = _float(gt=0, le=1000)
+Rows = _int(ge=1, le=MAX_ROWS)
+Steps = _int(ge=1, le=MAX_STEPS)
+StepsOrZero = _int(ge=0, le=MAX_STEPS)
+Seed = _int(ge=0, le=2**63 - 1)
+Length = _int(ge=2, le=MAX_LENGTH)
+PromptLength = _int(ge=1, le=MAX_LENGTH - 1)
+PadMultiple = _int(ge=1, le=1024)
+ChunkSize = _int(ge=1, le=MAX_LENGTH)
+Weight = _float(ge=0, le=100)
+PositiveWeight = _float(gt=0, le=100)
+Smoothing = _float(ge=0, le=0.49)  # robust divides by 1 - 2 * label_smoothing
+Margin = _float(ge=0, le=100)
+LoraRank = _int(ge=1, le=1024)
+LoraAlpha = _float(gt=0, le=4096)
+Dropout = _float(ge=0, le=0.9)  # kept activations are scaled by 1 / (1 - dropout)
+SaveLimit = _int(ge=1, le=1000)
+GroupName = Annotated[str, Field(min_length=1, max_length=256)]
+ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+def _doc(range_text: str | None = None, default_text: str | None = None, *, choices: tuple = (),
+         examples: tuple = ()) -> dict[str, Any]:
+    """What the table of ranges (dpo_core.fields) shows where the type alone cannot say it: the range or
+    default in words, the values of a string checked by a validator, values in range to test."""
+    extra = {"range_text": range_text, "default_text": default_text, "choices": list(choices),
+             "examples": list(examples)}
+    return {k: v for k, v in extra.items() if v}
+
 
 class SpecError(ValueError):
     """A training spec is invalid. `problems` lists every problem as (field path, message)."""
@@ -32,37 +99,63 @@ class SpecError(ValueError):
         super().__init__(f"invalid training spec ({len(problems)} problem{'s' * (len(problems) != 1)}):\n{lines}")
 
 
+class CrossFieldError(ValueError):
+    """Problems that involve several fields, each as (the field to change, message)."""
+
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in problems))
+
+
 class _Strict(BaseModel):
     # Unknown keys are typos more often than not: reject them instead of silently ignoring them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class GroupSpec(_Strict):
     """Per-group settings for multi-reward DPO."""
 
-    beta: float = Field(gt=0, description="beta for rows of this group")
-    weight: float = Field(1.0, ge=0, description="weight of this group's rows in the loss")
+    beta: Beta | None = Field(None, description="beta for rows of this group",
+                              json_schema_extra=_doc(default_text="loss.beta"))
+    weight: Weight = Field(1.0, description="weight of this group's rows in the loss (0 leaves them out)")
 
 
 class LossSpec(_Strict):
-    type: str = Field("sigmoid", description=f"one of {', '.join(LOSS_TYPES)}")
-    beta: float = Field(0.1, gt=0, description="inverse temperature of the implicit reward")
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO / robust: assumed label-flip rate")
-    gamma: float = Field(0.5, description="simpo: target reward margin")
-    orpo_lambda: float = Field(0.1, ge=0, description="orpo: weight of the odds-ratio term")
-    desirable_weight: float = Field(1.0, gt=0, description="kto: weight of desirable rows")
-    undesirable_weight: float = Field(1.0, gt=0, description="kto: weight of undesirable rows")
-    sft_weight: float = Field(0.0, ge=0, description="weight of an NLL term on the chosen completion (RPO)")
-    beta_by_group: dict[str, GroupSpec | float] = Field(
-        default_factory=dict, description="multi-reward DPO: a beta (and optional weight) per row `group`"
+    type: str = Field("sigmoid", description="the preference loss (docs/training.md, Losses)",
+                      json_schema_extra=_doc(choices=LOSS_TYPES))
+    beta: Beta = Field(0.1, description="inverse temperature of the implicit reward")
+    label_smoothing: Smoothing = Field(
+        0.0, description="assumed rate of flipped labels; above 0 only with the sigmoid (cDPO) and robust losses")
+    gamma: Margin = Field(0.5, description="simpo: target reward margin")
+    orpo_lambda: Weight = Field(0.1, description="orpo: weight of the odds-ratio term")
+    desirable_weight: PositiveWeight = Field(1.0, description="kto: weight of desirable rows")
+    undesirable_weight: PositiveWeight = Field(1.0, description="kto: weight of undesirable rows")
+    sft_weight: Weight = Field(0.0, description="weight of an NLL term on the chosen completion (RPO)")
+    beta_by_group: dict[GroupName, GroupSpec] = Field(
+        default_factory=dict, max_length=256,
+        description="multi-reward DPO: per row `group` (up to 256 names), a beta or {beta, weight}",
     )
 
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        if value not in LOSS_TYPES:
+            raise ValueError(f"unknown loss type {value!r}; choose one of {', '.join(LOSS_TYPES)}")
+        return value
+
+    @field_validator("beta_by_group", mode="before")
+    @classmethod
+    def _beta_alone(cls, value: Any) -> Any:
+        # `{group: 0.3}` is short for `{group: {beta: 0.3}}`; a bool stays a bool, and is refused.
+        if not isinstance(value, dict):
+            return value
+        return {k: {"beta": v} if _is_number(v) else v for k, v in value.items()}
+
     @model_validator(mode="after")
-    def _check_type(self) -> LossSpec:
-        if self.type not in LOSS_TYPES:
-            raise ValueError(f"unknown loss type {self.type!r}; choose one of {', '.join(LOSS_TYPES)}")
+    def _check_label_smoothing(self) -> LossSpec:
         if self.label_smoothing and self.type not in ("sigmoid", "robust"):
-            raise ValueError("label_smoothing applies only to the sigmoid and robust losses")
+            raise CrossFieldError([("label_smoothing", f"applies only to the sigmoid and robust losses, not "
+                                    f"{self.type!r}; remove it or set it to 0")])
         return self
 
     def group(self, name: str | None) -> GroupSpec:
@@ -70,7 +163,7 @@ class LossSpec(_Strict):
         found = self.beta_by_group.get(name) if name is not None else None
         if found is None:
             return GroupSpec(beta=self.beta, weight=1.0)
-        return found if isinstance(found, GroupSpec) else GroupSpec(beta=found, weight=1.0)
+        return found if found.beta is not None else GroupSpec(beta=self.beta, weight=found.weight)
 
     @property
     def needs_reference(self) -> bool:
@@ -82,12 +175,28 @@ class LossSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    r: int = Field(8, gt=0)
-    alpha: float = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | str = Field(
-        "all-linear", description="module names to adapt, or 'all-linear'"
+    r: LoraRank = Field(8, description="adapter rank")
+    alpha: LoraAlpha = Field(16, description="adapters are scaled by alpha / r")
+    dropout: Dropout = Field(0.0, description="dropout on the adapters' input")
+    target_modules: Annotated[list[ModuleName], Field(min_length=1, max_length=1024)] | str = Field(
+        "all-linear", description="module names to adapt (1 to 1024), 'all-linear', or a regular expression "
+        "the whole module name must match",
+        json_schema_extra=_doc("names, all-linear, or a regex",
+                               examples=("all-linear", ["q_proj", "v_proj"], "q_proj|v_proj")),
     )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _pattern_compiles(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, str):
+            if not value or len(value) > 1024:
+                raise ValueError("give 'all-linear', module names, or a regular expression of 1 to 1024 characters")
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is not a valid regular expression ({err}); give module names as "
+                                 "a list") from None
+        return value
 
 
 class TrainingSpec(_Strict):
@@ -102,78 +211,118 @@ class TrainingSpec(_Strict):
     validation_file: str | None = None
     output_dir: str = "runs/dpo"
 
-    loss: LossSpec = Field(default_factory=LossSpec)
+    loss: LossSpec = Field(default_factory=LossSpec, description="the loss and its parameters")
 
     # Optimisation.
-    learning_rate: float = Field(5e-6, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0, description="None disables clipping")
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    batch_size: int = Field(8, gt=0, description="preference pairs (or KTO rows) per optimizer step")
-    micro_batch_size: int | None = Field(
-        None, gt=0, description="rows per forward pass; gradient accumulation reaches batch_size"
+    learning_rate: LearningRate = Field(5e-6, description="AdamW's peak learning rate")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="after the warm-up")
+    warmup_steps: StepsOrZero = Field(0, description="steps of linear warm-up from 0")
+    weight_decay: WeightDecay = Field(0.0, description="AdamW's decoupled weight decay (not on 1-D weights)")
+    max_grad_norm: GradNorm | None = Field(1.0, description="gradient clipping; null disables it")
+    adam_beta1: AdamBeta1 = Field(0.9, description="AdamW's first-moment decay")
+    adam_beta2: AdamBeta2 = Field(0.999, description="AdamW's second-moment decay")
+    adam_epsilon: AdamEpsilon = Field(1e-8, description="AdamW's denominator term")
+    batch_size: Rows = Field(8, description="preference pairs (or KTO rows) per optimizer step")
+    micro_batch_size: Rows | None = Field(
+        None, description="rows per forward pass, at most batch_size (cut to a batch_size left at its default); "
+        "gradient accumulation reaches batch_size", json_schema_extra=_doc(default_text="batch_size"),
     )
-    num_epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=0, description="0: evaluate only; overrides num_epochs")
-    seed: int = 42
+    num_epochs: Epochs = Field(1.0, description=f"passes over the training rows; at most {MAX_STEPS:,} steps in all")
+    max_steps: StepsOrZero | None = Field(
+        None, description="overrides num_epochs; 0: evaluate only (needs a validation file)",
+        json_schema_extra=_doc(default_text="from num_epochs"))
+    seed: Seed = Field(42, description="data order and initialisation")
 
     # Sequences.
-    max_length: int = Field(1024, gt=1, description="prompt + completion tokens")
-    max_prompt_length: int | None = Field(512, gt=0)
+    max_length: Length = Field(
+        DEFAULT_MAX_LENGTH, description="prompt + completion tokens",
+        json_schema_extra=_doc(default_text="1024, or 2 x max_prompt_length when that is set (at most 131072)"),
+    )
+    max_prompt_length: PromptLength | None = Field(
+        DEFAULT_MAX_PROMPT_LENGTH, description="the prompt keeps its last this many tokens, below max_length; "
+        "null: no limit of its own (as TRL 1.16)",
+        json_schema_extra=_doc(default_text="min(512, max_length // 2)"),
+    )
     group_by_length: bool = Field(True, description="batch rows of similar length to cut padding")
-    pad_to_multiple_of: int | None = Field(
-        None, gt=0, description="round each batch's length up to a multiple of this; default: 64 on a GPU, 1 on a CPU"
+    pad_to_multiple_of: PadMultiple | None = Field(
+        None, description="round each batch's length up to a multiple of this",
+        json_schema_extra=_doc(default_text="64 on a GPU, 1 on a CPU"),
     )
 
     # Compute.
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    gradient_checkpointing: bool = False
-    device: str | None = Field(None, description="default: cuda if available, else cpu")
-    logprob_chunk_size: int = Field(1024, gt=0, description="completion positions per LM-head chunk")
-    lora: LoraSpec | None = None
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="bf16/fp16: autocast over fp32 weights (fp16 with a grad scaler, not with fsdp)")
+    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    device: str | None = Field(None, description="null: cuda if available, else cpu",
+                               json_schema_extra=_doc(DEVICE_RANGE, examples=("cpu", "cuda", "cuda:0", "cuda:63")))
+    logprob_chunk_size: ChunkSize = Field(1024, description="completion positions per LM-head chunk")
+    lora: LoraSpec | None = Field(None, description="train LoRA adapters (PEFT) instead of every weight")
     distributed: Literal["ddp", "fsdp"] | None = Field(
-        None, description="how several processes share the work (dpo-train --nproc N): ddp, or fsdp (FSDP2)"
+        None, description="how several processes (dpo-train --nproc N, a job's gpus) share the work; fsdp (FSDP2) "
+        "not with lora",
+        json_schema_extra=_doc(default_text="ddp with several processes"),
     )
-    reference_mode: Literal["model", "precomputed"] = "model"
+    reference_mode: Literal["model", "precomputed"] = Field(
+        "model", description="precomputed: tabulate the reference log-probs once, then free the reference model "
+        "(losses with a reference only)")
     share_prompt: bool | Literal["auto"] = Field(
         False,
-        description="pairs: one row `prompt, chosen, rejected` per pair, so the prompt runs through the model "
-        "once (needs SDPA attention and a body/head model); auto: when the model allows it",
+        description="one row `prompt, chosen, rejected` per pair, so the prompt runs through the model once "
+        "(pairs only, not kto; needs SDPA attention and a body/head model); auto: when the model allows it",
     )
 
     # Logging, evaluation, checkpoints.
-    logging_steps: int = Field(10, gt=0)
-    eval_steps: int | None = Field(None, gt=0, description="default: evaluate only at the end")
+    logging_steps: Steps = Field(10, description="a metrics record every this many steps")
+    eval_steps: Steps | None = Field(None, description="evaluate every this many steps; null: only at the end")
     eval_on_start: bool = Field(False, description="also evaluate before the first step (a 'before' baseline)")
-    eval_batch_size: int | None = Field(None, gt=0)
-    save_steps: int | None = Field(None, gt=0, description="default: only the final model")
-    save_total_limit: int | None = Field(None, gt=0)
+    eval_batch_size: Rows | None = Field(None, description="rows per evaluation forward pass",
+                                         json_schema_extra=_doc(default_text="the micro batch"))
+    save_steps: Steps | None = Field(None, description="a checkpoint every this many steps; null: only the final model")
+    save_total_limit: SaveLimit | None = Field(None, description="checkpoints kept; the oldest beyond it are deleted")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        found = re.fullmatch(r"cpu|cuda(?::(\d{1,2}))?", value) if value is not None else True
+        if not found or (found is not True and found.group(1) and int(found.group(1)) > MAX_DEVICE_INDEX):
+            raise ValueError(f"must be one of {DEVICE_RANGE}, or null to pick cuda when there is a GPU")
+        return value
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> TrainingSpec:
+        self._resolve_defaults()
         problems = []
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
-            problems.append("micro_batch_size must not exceed batch_size")
+            problems.append(("micro_batch_size", f"must not exceed batch_size ({self.batch_size})"))
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
-            problems.append("max_prompt_length must be below max_length, to leave room for the completion")
+            problems.append(("max_prompt_length", f"must be below max_length ({self.max_length}), to leave room "
+                             "for the completion"))
         if self.max_steps == 0 and not self.validation_file:
-            problems.append("max_steps: 0 evaluates only, and needs a validation_file")
+            problems.append(("max_steps", "0 evaluates only, and needs a validation_file"))
         if self.reference_mode == "precomputed" and not self.loss.needs_reference:
-            problems.append(f"loss {self.loss.type!r} uses no reference model; drop reference_mode: precomputed")
+            problems.append(("reference_mode", f"loss {self.loss.type!r} uses no reference model; drop "
+                             "reference_mode: precomputed"))
         if self.distributed == "fsdp" and self.lora is not None:
-            problems.append("fsdp shards full-model training; LoRA adapters are small, use distributed: ddp")
+            problems.append(("distributed", "fsdp shards full-model training; LoRA adapters are small, use ddp"))
         if self.distributed == "fsdp" and self.precision == "fp16":
-            problems.append("fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16")
+            problems.append(("precision", "fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16"))
         if self.share_prompt is True and self.loss.unpaired:
-            problems.append(f"share_prompt needs pairs; loss {self.loss.type!r} trains on unpaired rows")
+            problems.append(("share_prompt", f"needs pairs; loss {self.loss.type!r} trains on unpaired rows"))
         if problems:
-            raise ValueError("; ".join(problems))
+            raise CrossFieldError(problems)
         return self
+
+    def _resolve_defaults(self) -> None:
+        """Defaults that follow a field the user set, so that no default ever conflicts with it. Written
+        straight into the fields (no re-validation), so the spec as dumped is the spec that runs."""
+        given = self.model_fields_set
+        if "max_prompt_length" not in given:
+            self.__dict__["max_prompt_length"] = min(DEFAULT_MAX_PROMPT_LENGTH, self.max_length // 2)
+        elif "max_length" not in given and self.max_prompt_length is not None:
+            self.__dict__["max_length"] = min(MAX_LENGTH, max(DEFAULT_MAX_LENGTH, 2 * self.max_prompt_length))
+        if "batch_size" not in given and self.micro_batch_size is not None:
+            self.__dict__["micro_batch_size"] = min(self.micro_batch_size, self.batch_size)
 
     @property
     def micro_batch(self) -> int:
@@ -183,14 +332,57 @@ class TrainingSpec(_Strict):
     def accumulation_steps(self) -> int:
         return -(-self.batch_size // self.micro_batch)
 
+    def total_steps(self, num_rows: int) -> int:
+        """Optimizer steps of a run over `num_rows` training rows (KTO: rows after pairs are split)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return math.ceil(self.num_epochs * math.ceil(num_rows / self.batch_size))
+
+
+def data_problems(spec: TrainingSpec, train_rows: int, train_paired: bool,
+                  validation_paired: bool | None = None) -> list[tuple[str, str]]:
+    """What the trainer would refuse about the data files, known from their row count and format alone:
+    unpaired rows for a paired loss, and a run of more than MAX_STEPS steps. (field, message) pairs."""
+    problems = []
+    for field, paired in (("train_file", train_paired), ("validation_file", validation_paired)):
+        if paired is False and not spec.loss.unpaired:
+            problems.append((field, f"holds unpaired rows (prompt/completion/label), which loss {spec.loss.type!r} "
+                             "cannot train on; set loss.type: kto, or use a file of pairs"))
+    rows = train_rows * 2 if spec.loss.unpaired and train_paired else train_rows  # kto splits each pair
+    steps = spec.total_steps(rows)
+    if steps > MAX_STEPS:
+        problems.append(("num_epochs", f"{spec.num_epochs:g} epochs of {rows} rows at batch_size "
+                         f"{spec.batch_size} are {steps:,} steps, above the {MAX_STEPS:,} a run may take; lower "
+                         "num_epochs, raise batch_size or set max_steps"))
+    return problems
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+# Union members add a location part naming the member ('bool', "literal['auto']", 'list[...]'): no field.
+_TAG = re.compile(r"(bool|int|float|str|none|constrained-\w+|function-\w+)|.*\[.*")
+
+
+def _clean(loc: tuple) -> list[str]:
+    parts = [str(p) for p in loc]
+    return [p for i, p in enumerate(parts)
+            if not (_TAG.fullmatch(p) and (i == 0 or parts[i - 1] != "beta_by_group"))]
+
 
 def _problems(err: ValidationError) -> list[tuple[str, str]]:
-    out = []
+    """(field path, message) per field; a union's members' messages are joined with 'or'."""
+    merged: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "spec"
-        msg = e["msg"].removeprefix("Value error, ")
-        out.append((loc, msg))
-    return out
+        loc = _clean(e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, CrossFieldError):
+            for field, msg in cause.problems:
+                merged.setdefault(".".join([*loc, field]), []).append(msg)
+            continue
+        merged.setdefault(".".join(loc) or "spec", []).append(e["msg"].removeprefix("Value error, "))
+    return [(loc, " or ".join(dict.fromkeys(msgs))) for loc, msgs in merged.items()]
 
 
 def parse_spec(data: dict[str, Any]) -> TrainingSpec:
@@ -201,10 +393,24 @@ def parse_spec(data: dict[str, Any]) -> TrainingSpec:
         raise SpecError(_problems(err)) from None
 
 
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-4` as a number, as YAML 1.2 and JSON do (YAML 1.1 needs `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader
+
+
 def _parse_value(text: str) -> Any:
     # `--set loss.beta=0.2` and `--set lora=null` should give numbers and None, not strings.
     try:
-        return yaml.safe_load(text)
+        return _yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -232,7 +438,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingS
     if not path.is_file():
         raise SpecError([("config", f"file not found: {path}")])
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise SpecError([("config", f"{path} is not valid YAML or JSON: {err}")]) from None
     if not isinstance(data, dict):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dpo_core.data import PreferenceData
+from dpo_core.errors import TrainingError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -97,11 +98,12 @@ def _check(data: PreferenceData, tokenizer: Any, max_length: int, max_prompt_len
         raise ValueError(f"max_length must be positive, got {max_length}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be positive or None, got {max_prompt_length}")
+    # The user's to fix, not a bug: TrainingError, which the worker reports as the job's error.
     if data.conversational and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"{data.source} holds chat messages but the tokenizer has no chat template; "
+        raise TrainingError(f"{data.source} holds chat messages but the tokenizer has no chat template; "
                          "use a chat model's tokenizer, set tokenizer.chat_template, or use text data")
     if not data.conversational and tokenizer.eos_token is None:
-        raise ValueError("the tokenizer has no eos_token, which text completions need; set tokenizer.eos_token")
+        raise TrainingError("the tokenizer has no eos_token, which text completions need; set tokenizer.eos_token")
 
 
 def _encode(rows: list, fields: tuple[str, ...], tokenizer: Any, conversational: bool):

@@ -80,7 +80,8 @@ def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
     job_id = new_id("ftjob")
     built = jobspec.build(
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
-        str(storage.path(f"jobs/{job_id}")), keep_checkpoints=settings.keep_checkpoints,
+        str(storage.path(f"jobs/{job_id}")), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
+        keep_checkpoints=settings.keep_checkpoints,
     )
     if built.spec.reference_model:
         _check_model(built.spec.reference_model, settings, "training.reference_model")

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from api.schemas.common import PRINTABLE
 from api.store.models import Checkpoint, Event, Job, JobStatus
-from dpo_core.spec import SERVER_PATH_FIELDS
+from dpo_core.spec import SERVER_PATH_FIELDS, Beta, Epochs, Rows
 
 Auto = Literal["auto"]
 
@@ -19,14 +19,18 @@ class _Strict(BaseModel):
 
 
 INT64 = 2**63 - 1
+# Scales training.learning_rate; the product must be in learning_rate's own range too (api.jobspec).
+Multiplier = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=1e-6, le=1e4)]
 
 
 class DpoHyperparameters(_Strict):
-    beta: float | Auto | None = Field(None, description="loss.beta: strength of the pull towards the reference")
-    batch_size: int | Auto | None = Field(None, description="preference pairs per optimizer step")
-    n_epochs: float | Auto | None = Field(None, description="passes over the training file")
-    learning_rate_multiplier: float | Auto | None = Field(
-        None, description="scales the learning rate (training.learning_rate, default 5e-6)"
+    """The OpenAI hyperparameters; each sets a TrainingSpec field and takes that field's range."""
+
+    beta: Beta | Auto | None = Field(None, description="sets training.loss.beta: the pull towards the reference")
+    batch_size: Rows | Auto | None = Field(None, description="sets training.batch_size: pairs per optimizer step")
+    n_epochs: Epochs | Auto | None = Field(None, description="sets training.num_epochs: passes over the training file")
+    learning_rate_multiplier: Multiplier | Auto | None = Field(
+        None, description="scales training.learning_rate (default 5e-6); the product must be in learning_rate's range"
     )
 
 
@@ -52,7 +56,8 @@ class JobCreate(_Strict):
     hyperparameters: DpoHyperparameters | None = Field(
         None, description="deprecated OpenAI form of method.dpo.hyperparameters"
     )
-    seed: int | None = Field(None, ge=0, le=INT64)
+    seed: int | None = Field(None, strict=True, ge=0, le=INT64, description="sets training.seed",
+                             json_schema_extra={"default_text": "training.seed (42)"})
     suffix: str | None = Field(None, max_length=64, pattern=PRINTABLE)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16, description="up to 16 pairs; keys up to 64 characters, values up to 512")
@@ -61,12 +66,14 @@ class JobCreate(_Strict):
         description="dpo-service extension: TrainingSpec fields (loss, lora, max_length, learning_rate, "
         f"eval_steps, save_steps, precision, reference_mode, ...); not {', '.join(SERVER_PATH_FIELDS)}",
     )
-    priority: int = Field(0, ge=-100, le=100, description="extension: among the team's waiting jobs, higher first")
+    priority: int = Field(0, strict=True, ge=-100, le=100,
+                          description="extension: among the team's waiting jobs, higher first")
     gpu_type: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$",
                                  description="extension: run only on workers of this GPU type (e.g. h100, cpu)")
-    gpus: int = Field(1, ge=1, le=64, description="extension: GPUs the job needs on one worker")
-    max_attempts: int | None = Field(None, ge=1, le=100, description="extension: runs the job may lose to lost "
-                                     "workers before it fails (default DPO_JOB_MAX_ATTEMPTS, 3)")
+    gpus: int = Field(1, strict=True, ge=1, le=64, description="extension: GPUs the job needs on one worker")
+    max_attempts: int | None = Field(None, strict=True, ge=1, le=100, description="extension: runs the job may lose to "
+                                     "lost workers before it fails", json_schema_extra={"default_text":
+                                     "DPO_JOB_MAX_ATTEMPTS (3)"})
 
     @field_validator("gpu_type")
     @classmethod

@@ -53,7 +53,7 @@ def test_create_returns_a_queued_job_and_sends_only_its_id(client, train_id, set
     ({"training_file": "file-missing"}, "training_file"),
     ({"validation_file": "file-missing"}, "validation_file"),
     ({"training": {"output_dir": "/etc"}}, "training.output_dir"),
-    ({"training": {**TRAINING, "loss": {"type": "nope"}}}, "training.loss"),
+    ({"training": {**TRAINING, "loss": {"type": "nope"}}}, "training.loss.type"),
     ({"training": {**TRAINING, "lora": {"r": 0}}}, "training.lora.r"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": "high"}}}}, "method.dpo.hyperparameters.beta"),

@@ -188,6 +188,100 @@ def test_bad_job_requests_are_400_naming_the_parameter_and_store_nothing(api, fi
     assert stored(api) == before
 
 
+def hp(**values) -> dict:
+    return {"method": {"type": "dpo", "dpo": {"hyperparameters": values}}}
+
+
+# Absurd but finite numbers (they ran and "succeeded" with NaN weights, or failed on the worker as
+# internal_error), booleans for numbers, and a device that is no device.
+ABSURD = {
+    "beta 1e300": (hp(beta=1e300), "method.dpo.hyperparameters.beta"),
+    "loss.beta 1e300": ({"training": {**TRAINING, "loss": {"beta": 1e300}}}, "training.loss.beta"),
+    "learning_rate 1e200": ({"training": {**TRAINING, "learning_rate": 1e200}}, "training.learning_rate"),
+    "learning_rate_multiplier 1e40": (hp(learning_rate_multiplier=1e40),
+                                      "method.dpo.hyperparameters.learning_rate_multiplier"),
+    "a multiplier that takes the learning rate past 0.1": (
+        {**hp(learning_rate_multiplier=1000), "training": {**TRAINING, "learning_rate": 1e-3}},
+        "method.dpo.hyperparameters.learning_rate_multiplier"),
+    "lora.r 1e17": ({"training": {**TRAINING, "lora": {"r": 1e17}}}, "training.lora.r"),
+    "n_epochs 1e30": (hp(n_epochs=1e30), "method.dpo.hyperparameters.n_epochs"),
+    "num_epochs 1e30": ({"training": {**TRAINING, "num_epochs": 1e30}}, "training.num_epochs"),
+    "a shell command for a device": ({"training": {**TRAINING, "device": "cuda:99; rm -rf /"}}, "training.device"),
+    "another GPU than the worker's": ({"training": {**TRAINING, "device": "cuda:1"}}, "training.device"),
+    "beta true": (hp(beta=True), "method.dpo.hyperparameters.beta"),
+    "loss.beta true": ({"training": {**TRAINING, "loss": {"beta": True}}}, "training.loss.beta"),
+    "batch_size true": (hp(batch_size=True), "method.dpo.hyperparameters.batch_size"),
+    "a string for a batch size": (hp(batch_size="8"), "method.dpo.hyperparameters.batch_size"),
+    "gpus true": ({"gpus": True}, "gpus"),
+    "seed 1.5": ({"seed": 1.5}, "seed"),
+    "a group beta of 0": ({"training": {**TRAINING, "loss": {"beta_by_group": {"a": 0}}}},
+                          "training.loss.beta_by_group.a.beta"),
+    "a group beta of -1": ({"training": {**TRAINING, "loss": {"beta_by_group": {"a": -1}}}},
+                           "training.loss.beta_by_group.a.beta"),
+    "a max_length past 131072": ({"training": {"max_length": 10**6}}, "training.max_length"),
+}
+
+
+@pytest.mark.parametrize("case", list(ABSURD))
+def test_absurd_numbers_are_400_invalid_value_naming_the_parameter(api, file_id, case):
+    change, param = ABSURD[case]
+    before = stored(api)
+    error = refused(create(api, file_id, **change), 400)
+    assert (error["param"], error["code"]) == (param, "invalid_value"), error
+    assert stored(api) == before
+
+
+def _ends(end: int) -> dict:
+    """A request with every number (the job's, the hyperparameters, `training`'s) at one end of its range
+    (0: low, -1: high). The multiplier is left out: at its top it takes the top learning rate past 0.1."""
+    from api.ranges import request_ranges
+
+    body: dict = {"training": {}, **hp()}
+    for param, f, _, _ in request_ranges():
+        if not f.numeric or param.endswith("learning_rate_multiplier") or "<group>" in param:
+            continue
+        *parents, leaf = param.split(".")
+        node = body
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = [s for s in f.samples() if s != "auto"][end]
+    return body
+
+
+@pytest.mark.parametrize("end", [0, -1], ids=["low", "high"])
+def test_every_number_at_an_end_of_its_range_is_accepted(api, file_id, end):
+    body = {"model": "owner/tiny-model", "training_file": file_id, "validation_file": file_id, **_ends(end)}
+    r = api.post("/v1/fine_tuning/jobs", json=body)
+    assert r.status_code == 200, r.text
+    job = r.json()
+    hyper = body["method"]["dpo"]["hyperparameters"]
+    assert (job["training"]["loss"]["beta"], job["gpus"], job["priority"]) == (
+        hyper["beta"], body["gpus"], body["priority"])
+    assert job["training"]["lora"]["r"] == body["training"]["lora"]["r"]
+    api.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
+
+
+def test_only_max_length_set_is_a_valid_job_with_a_prompt_length_that_follows(api, file_id):
+    for length, prompt in ((512, 256), (384, 192)):
+        r = create(api, file_id, training={"max_length": length})
+        assert r.status_code == 200, r.text
+        assert (r.json()["training"]["max_length"], r.json()["training"]["max_prompt_length"]) == (length, prompt)
+        api.post(f"/v1/fine_tuning/jobs/{r.json()['id']}/cancel")
+
+
+def test_unpaired_rows_for_a_paired_loss_are_refused_at_submission(api, file_id):
+    row = b'{"prompt": "sort : n2 n1", "completion": " n1 n2", "label": true}\n'
+    unpaired = api.post("/v1/files", files={"file": ("u.jsonl", row * 4)}, data={"purpose": "fine-tune"}).json()["id"]
+    before = stored(api)
+    error = refused(create(api, unpaired), 400)
+    assert (error["param"], error["code"]) == ("training_file", "invalid_value")
+    assert stored(api) == before
+    r = create(api, unpaired, training={**TRAINING, "loss": {"type": "kto"}})
+    assert r.status_code == 200, r.text
+    api.post(f"/v1/fine_tuning/jobs/{r.json()['id']}/cancel")
+    api.delete(f"/v1/files/{unpaired}")
+
+
 def test_non_json_bodies_and_wrong_types_are_400(api, file_id):
     for body, ctype in ((b"{not json", "application/json"), (b"NaN", "application/json"),
                         (b'"a string"', "application/json"), (b"\xff\xfe", "application/json"),

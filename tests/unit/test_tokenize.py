@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerFast
 
 import dpo_core.tokenize as tokenize_module
 from dpo_core.data import read_jsonl_bytes, split_pairs
+from dpo_core.errors import TrainingError
 from dpo_core.tokenize import TokenizedPair, TokenizedRow, tokenize
 
 WORDS = ("<pad> <bos> <eos> <unk> <|im_start|> <|im_end|> user assistant system tools "
@@ -133,8 +134,9 @@ def test_batches_give_the_same_ids(monkeypatch):
 
 
 def test_conversational_data_needs_a_chat_template():
-    with pytest.raises(ValueError, match="no chat template"):
+    with pytest.raises(TrainingError) as err:  # the job's error, not an internal one
         tokenize(data(*CONV_ROWS), make_tokenizer(chat_template=None), max_length=100, max_prompt_length=None)
+    assert err.value.code == "training_error"
 
 
 # TRL 1.16 itself: its DPOTrainer/KTOTrainer._prepare_dataset uses only the tokenizer and the config, so it can be
