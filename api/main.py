@@ -3,6 +3,7 @@ api.main:create_app` (or another ASGI server) serves it too, migrating at start-
 `dpo-service api` adds for latency: a frozen heap and httptools' parser (api.server)."""
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -26,6 +27,8 @@ from api.settings import Settings, get_settings
 from api.storage import LocalStorage
 from api.store.db import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
 from api.store.migrate import upgrade
+
+log = logging.getLogger("dpo.api")
 
 # Domain error -> (HTTP status, OpenAI error type). The only place errors become HTTP.
 HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {

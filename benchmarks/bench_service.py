@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import os
 import random
 import secrets
 import signal
 import socket
 import ssl
-import statistics
 import subprocess
 import sys
 import tempfile

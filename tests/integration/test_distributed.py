@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from dpo_core import parse_spec, train
-from dpo_core.errors import RankFailedError
 from dpo_core.launch import launch
 
 pytestmark = pytest.mark.slow

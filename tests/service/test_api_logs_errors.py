@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.processes import API, REPO, Service, free_port
+from tests.service.processes import REPO, Service, free_port
 from tests.service.support import as_key, make_team
 
 pytestmark = pytest.mark.slow
