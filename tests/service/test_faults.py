@@ -93,6 +93,10 @@ def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_chec
     assert job["status"] == "running", job
     service.kill("worker")  # SIGKILL to the worker and its job process, mid-training
     killed_at_step = service.wait_for_job(job_id, until=("queued", "running")).get("progress", {}).get("step")
+    service.wait_for_job(job_id, until=("queued",))  # the lease ran out; no worker is left to take the job
+    waiting = _gpu_seconds(service)
+    time.sleep(2)  # the lost run ended at its last renewal: waiting for a worker costs the team nothing
+    assert _gpu_seconds(service) == pytest.approx(waiting), "GPU-seconds grew while the job waited in the queue"
     service.add_worker("w2")
 
     job = service.wait_for_job(job_id, timeout_s=240)
@@ -118,6 +122,11 @@ def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_chec
             assert f"{job['fine_tuned_model']}/config.json" in tar.getnames()
     service.wait_for_worker("w1", "lost")
     service.wait_for_worker("w2", "idle")
+
+
+def _gpu_seconds(service) -> float:
+    with service.client() as c:
+        return c.get("/v1/usage").json()["gpu_seconds"]
 
 
 def test_sigterm_checkpoints_at_the_next_step_and_hands_the_job_back(service, file_id, tiny_model):
