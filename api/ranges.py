@@ -11,6 +11,8 @@ from dpo_core.spec import SERVER_PATH_FIELDS, TrainingSpec
 
 BEGIN, END = "<!-- ranges:begin (python -m api.ranges) -->", "<!-- ranges:end -->"
 _JOB_FIELDS = ("seed", "priority", "gpus", "max_attempts")
+# Where the service sets a default of its own (api.jobspec.build) instead of TrainingSpec's.
+_SERVICE_DEFAULTS = {"save_total_limit": "DPO_KEEP_CHECKPOINTS (3)"}
 _KINDS = {"int": "int", "float": "number", "bool": "bool", "string": "string", "object": "object", "map": "object"}
 
 
@@ -29,7 +31,8 @@ def request_ranges() -> list[tuple[str, FieldRange, str, str]]:
             allowed = tuple(d for d in SERVICE_DEVICES if d is not None)
             f = dataclasses.replace(f, range_text=", ".join(allowed), examples=allowed, meaning="null: the GPUs "
                                     "the worker gives the job (gpu_type, gpus); cpu: the worker's CPU")
-        rows.append((f"training.{f.path}", f, default_text(f), range_text(f)))
+        default = _SERVICE_DEFAULTS.get(f.path) or default_text(f)
+        rows.append((f"training.{f.path}", f, default, range_text(f)))
     return rows
 
 
