@@ -278,7 +278,8 @@ class TrainingSpec(_Strict):
     eval_batch_size: Rows | None = Field(None, description="rows per evaluation forward pass",
                                          json_schema_extra=_doc(default_text="the micro batch"))
     save_steps: Steps | None = Field(None, description="a checkpoint every this many steps; null: only the final model")
-    save_total_limit: SaveLimit | None = Field(None, description="checkpoints kept: the latest this many, plus the best by eval_loss; null keeps every one")
+    save_total_limit: SaveLimit | None = Field(
+        None, description="checkpoints kept: the latest this many, plus the best by eval_loss; null keeps every one")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
 
     @field_validator("device")
