@@ -124,6 +124,7 @@ class JobRunner:
         except LeaseLost:
             raise
         except (SpecError, DataError, TrainingError) as err:
+            recorder.flush()  # the metrics logged before the failure (a diverged run's last finite ones)
             return self._fail(keeper, _code(err), one_line(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
             if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # the data volume: full, read-only, failing
