@@ -121,7 +121,10 @@ def list_files(session: SessionDep, principal: CurrentPrincipal, after: After = 
     """List the team's files (the admin: every team's), newest first."""
     anchor = None
     if after:
-        last = load_file(session, principal, after, param="after")
+        try:
+            last = load_file(session, principal, after, param="after")
+        except NotFound:
+            raise InvalidInput(f"no file {after!r} to page after", param="after") from None
         anchor = (last.created_at, last.id)
     stmt = select(File) if principal.is_admin else select(File).where(File.team_id == principal.team_id)
     if purpose:

@@ -73,7 +73,8 @@ def test_list_pages_with_a_cursor(client, task_files):
             break
         after = page["last_id"]
     assert sorted(seen) == sorted(ids) and len(seen) == 5
-    assert client.get("/v1/files", params={"after": "file-nope"}).status_code == 404
+    r = client.get("/v1/files", params={"after": "file-nope"})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "after")  # as every list answers a bad cursor
 
 
 def test_delete(client, task_files, settings):
