@@ -46,6 +46,13 @@ class Service:
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.key}"}, timeout=timeout)
 
+    def upload(self, path: Path) -> str:
+        """Upload a preference file (purpose fine-tune) with the service's key; its id."""
+        with self.client() as c:
+            r = c.post("/v1/files", files={"file": (path.name, path.read_bytes())}, data={"purpose": "fine-tune"})
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
     def logs(self, chars: int = 4000) -> str:
         out = []
         for name in self.procs:

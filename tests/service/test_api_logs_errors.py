@@ -4,7 +4,6 @@ and no key, sent in a query string, a header or a body, on good and erroring rou
 the process writes (its stdout and stderr, every file in its data directory)."""
 from __future__ import annotations
 
-import os
 import re
 import secrets
 import sqlite3
@@ -14,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.service.processes import REPO, Service, free_port
+from tests.service.processes import REPO, start_api
 from tests.service.support import as_key, make_team
 
 pytestmark = pytest.mark.slow
@@ -24,18 +23,10 @@ ADMIN_KEY = "operator-chosen-" + secrets.token_hex(16)  # not key-shaped: only i
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    root = tmp_path_factory.mktemp("api-logs")
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
     # Unbuffered: each line is in the log file once the response that it is about has arrived.
-    env.update(DPO_DATA_DIR=str(root / "data"), DPO_API_KEY=ADMIN_KEY, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    service = Service(url=f"http://127.0.0.1:{port}", key=ADMIN_KEY, data_dir=root / "data", env=env, port=port)
-    service.start_api()
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
+    service = start_api(tmp_path_factory.mktemp("api-logs"), ADMIN_KEY, {"PYTHONUNBUFFERED": "1"})
+    yield service
+    service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -36,11 +36,7 @@ def service(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def file_id(service, task_files) -> str:
-    with service.client() as c:
-        r = c.post("/v1/files", files={"file": (task_files[0].name, task_files[0].read_bytes())},
-                   data={"purpose": "fine-tune"})
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+    return service.upload(task_files[0])
 
 
 def submit(service, model, file_id, **training) -> str:

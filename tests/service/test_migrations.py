@@ -6,6 +6,7 @@ import json
 import re
 import secrets
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 from alembic import command
@@ -69,13 +70,36 @@ def test_postgresql():
         admin.dispose()
 
 
-def _rows_before_teams(url: str) -> None:
-    """A file and a running job as the schema before teams (0001) holds them."""
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request, tmp_path):
+    """An empty database of each kind the service runs on."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'dpo.sqlite'}"
+        return
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        yield url
+
+
+@contextmanager
+def migrated(url: str, revision: str):
+    """A connection to `url` with the schema at `revision`, and the Alembic config that moves it on."""
     engine = make_engine(url)
-    with engine.connect() as conn:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0001")
+    try:
+        with engine.connect() as conn:
+            cfg = alembic_config()
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, revision)
+            conn.commit()
+            yield conn, cfg
+    finally:
+        engine.dispose()
+
+
+def test_existing_rows_join_the_default_team(database_url):
+    """A file and a running job as the schema before teams (0001) holds them."""
+    with migrated(database_url, "0001") as (conn, cfg):
         conn.execute(text("INSERT INTO files (id, filename, purpose, bytes, format, rows, status, storage_key, "
                           "created_at) VALUES ('file-old', 'a.jsonl', 'fine-tune', 1, 'text', 1, 'processed', "
                           "'files/file-old.jsonl', 100)"))
@@ -83,70 +107,43 @@ def _rows_before_teams(url: str) -> None:
                           "created_at, started_at, cancel_requested, result_files) VALUES ('ftjob-old', 'running', "
                           "'m', 'file-old', '{}', '{}', '{}', 100, 160, false, '[]')"))
         conn.commit()
-    engine.dispose()
-
-
-def _check_existing_rows_join_the_default_team(url: str) -> None:
-    _rows_before_teams(url)
-    upgrade(url)
-    engine = make_engine(url)
-    with engine.connect() as conn:
+        command.upgrade(cfg, "head")
+        conn.commit()
         assert conn.execute(text("SELECT team_id FROM files")).scalar() == "team-default"
         job = conn.execute(text("SELECT team_id, priority, gpus, gpu_type, started_at FROM jobs")).one()
         assert tuple(job) == ("team-default", 0, 1, None, 160.0)
         assert conn.execute(text("SELECT name FROM teams")).scalar() == "default"
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0001")
         conn.commit()
         assert conn.execute(text("SELECT started_at FROM jobs")).scalar() == 160
-    engine.dispose()
 
 
-def test_existing_rows_join_the_default_team_sqlite(tmp_path):
-    _check_existing_rows_join_the_default_team(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
-
-
-@pytest.mark.postgres
-def test_existing_rows_join_the_default_team_postgresql():
-    from tests.service.support import fresh_postgres
-
-    with fresh_postgres() as url:
-        _check_existing_rows_join_the_default_team(url)
-
-
-def _rows_at_0003(url: str) -> None:
+def _rows_at_0003(conn) -> None:
     """Teams whose names differ only in case, and jobs in every state a run leaves, as 0003 holds them."""
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
-        for team_id, name, created, deleted in (("team-a", "Research", 10, None), ("team-b", "research", 20, None),
-                                                ("team-c", "RESEARCH", 30, 35), ("team-d", "vision", 40, None)):
-            conn.execute(text("INSERT INTO teams (id, name, created_at, deleted_at) VALUES (:i, :n, :c, :d)"),
-                         {"i": team_id, "n": name, "c": created, "d": deleted})
-        conn.execute(text("INSERT INTO files (id, team_id, filename, purpose, bytes, format, rows, status, "
-                          "storage_key, created_at) VALUES ('file-x', 'team-a', 'a.jsonl', 'fine-tune', 1, 'text', "
-                          "1, 'processed', 'files/file-x.jsonl', 100)"))
-        for job_id, status, started, finished, token, attempts, gpus in (
-                ("ftjob-run", "running", 100.5, None, 2, 2, 4), ("ftjob-done", "succeeded", 100.0, 160.25, 1, 1, 1),
-                ("ftjob-again", "queued", 100.0, None, 1, 1, 1), ("ftjob-never", "cancelled", None, 120.0, 0, 0, 1)):
-            conn.execute(text(
-                "INSERT INTO jobs (id, team_id, status, priority, gpus, model, training_file, method, hyperparameters, "
-                "spec, created_at, started_at, finished_at, cancel_requested, result_files, lease_token, attempts, "
-                "worker) VALUES (:i, 'team-a', :s, 0, :g, 'm', 'file-x', '{}', '{}', '{}', 90, :st, :f, false, '[]', "
-                ":t, :a, 'w1')"), {"i": job_id, "s": status, "st": started, "f": finished, "t": token, "a": attempts,
-                                   "g": gpus})
+    for team_id, name, created, deleted in (("team-a", "Research", 10, None), ("team-b", "research", 20, None),
+                                            ("team-c", "RESEARCH", 30, 35), ("team-d", "vision", 40, None)):
+        conn.execute(text("INSERT INTO teams (id, name, created_at, deleted_at) VALUES (:i, :n, :c, :d)"),
+                     {"i": team_id, "n": name, "c": created, "d": deleted})
+    conn.execute(text("INSERT INTO files (id, team_id, filename, purpose, bytes, format, rows, status, "
+                      "storage_key, created_at) VALUES ('file-x', 'team-a', 'a.jsonl', 'fine-tune', 1, 'text', "
+                      "1, 'processed', 'files/file-x.jsonl', 100)"))
+    for job_id, status, started, finished, token, attempts, gpus in (
+            ("ftjob-run", "running", 100.5, None, 2, 2, 4), ("ftjob-done", "succeeded", 100.0, 160.25, 1, 1, 1),
+            ("ftjob-again", "queued", 100.0, None, 1, 1, 1), ("ftjob-never", "cancelled", None, 120.0, 0, 0, 1)):
+        conn.execute(text(
+            "INSERT INTO jobs (id, team_id, status, priority, gpus, model, training_file, method, hyperparameters, "
+            "spec, created_at, started_at, finished_at, cancel_requested, result_files, lease_token, attempts, "
+            "worker) VALUES (:i, 'team-a', :s, 0, :g, 'm', 'file-x', '{}', '{}', '{}', 90, :st, :f, false, '[]', "
+            ":t, :a, 'w1')"), {"i": job_id, "s": status, "st": started, "f": finished, "t": token, "a": attempts,
+                               "g": gpus})
+    conn.commit()
+
+
+def test_upgrade_from_0003_makes_runs_and_parts_team_names(database_url):
+    with migrated(database_url, "0003") as (conn, cfg):
+        _rows_at_0003(conn)
+        command.upgrade(cfg, "head")
         conn.commit()
-    engine.dispose()
-
-
-def _check_upgrade_from_0003(url: str) -> None:
-    _rows_at_0003(url)
-    upgrade(url)
-    engine = make_engine(url)
-    with engine.connect() as conn:
         runs = conn.execute(text("SELECT job_id, team_id, gpus, token, attempt, worker, started_at, ended_at, outcome "
                                  "FROM runs ORDER BY job_id")).all()
         assert [tuple(r) for r in runs] == [("ftjob-done", "team-a", 1, 1, 1, "w1", 100.0, 160.25, "succeeded"),
@@ -159,34 +156,15 @@ def _check_upgrade_from_0003(url: str) -> None:
         conn.execute(text("UPDATE teams SET deleted_at = 60 WHERE id = 'team-d'"))  # a deleted team's name is free
         conn.execute(text("INSERT INTO teams (id, name, created_at) VALUES ('team-e', 'VISION', 50)"))
         conn.commit()
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
         command.downgrade(cfg, "0003")
         conn.commit()
         assert "runs" not in inspect(conn).get_table_names()
         assert conn.execute(text("SELECT started_at FROM jobs WHERE id = 'ftjob-again'")).scalar() == 100.0
-    engine.dispose()
 
 
-def test_upgrade_from_0003_makes_runs_and_parts_team_names_sqlite(tmp_path):
-    _check_upgrade_from_0003(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
-
-
-@pytest.mark.postgres
-def test_upgrade_from_0003_makes_runs_and_parts_team_names_postgresql():
-    from tests.service.support import fresh_postgres
-
-    with fresh_postgres() as url:
-        _check_upgrade_from_0003(url)
-
-
-def _check_files_before_warnings_get_none(url: str) -> None:
+def test_files_before_warnings_get_none(database_url):
     """A file uploaded before 0005 shows an empty list of warnings; downgrading drops the column."""
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    with migrated(database_url, "0003") as (conn, cfg):
         conn.execute(text("INSERT INTO files (id, team_id, filename, purpose, bytes, format, rows, status, "
                           "storage_key, created_at) VALUES ('file-old', 'team-default', 'a.jsonl', 'fine-tune', 1, "
                           "'text', 1, 'processed', 'files/file-old.jsonl', 100)"))
@@ -198,28 +176,11 @@ def _check_files_before_warnings_get_none(url: str) -> None:
         command.downgrade(cfg, "0003")
         conn.commit()
         assert "warnings" not in {c["name"] for c in inspect(conn).get_columns("files")}
-    engine.dispose()
 
 
-def test_files_before_warnings_sqlite(tmp_path):
-    _check_files_before_warnings_get_none(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
-
-
-@pytest.mark.postgres
-def test_files_before_warnings_postgresql():
-    from tests.service.support import fresh_postgres
-
-    with fresh_postgres() as url:
-        _check_files_before_warnings_get_none(url)
-
-
-def _check_existing_events_get_random_ids(url: str) -> None:
+def test_existing_events_get_random_ids(database_url):
     """Events from before 0007 (ids were `ftevent-<seq>`) get random ids, unique, not their seq."""
-    engine = make_engine(url)
-    with engine.connect() as conn:
-        cfg = alembic_config()
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0003")
+    with migrated(database_url, "0003") as (conn, cfg):
         conn.execute(text("INSERT INTO jobs (id, team_id, status, model, training_file, method, hyperparameters, "
                           "spec, created_at, cancel_requested, result_files, priority, gpus) VALUES ('ftjob-old', "
                           "'team-default', 'queued', 'm', 'file-old', '{}', '{}', '{}', 100, false, '[]', 0, 1)"))
@@ -236,16 +197,3 @@ def _check_existing_events_get_random_ids(url: str) -> None:
         command.downgrade(cfg, "0003")
         conn.commit()
         assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 50
-    engine.dispose()
-
-
-def test_existing_events_get_random_ids_sqlite(tmp_path):
-    _check_existing_events_get_random_ids(f"sqlite:///{tmp_path / 'dpo.sqlite'}")
-
-
-@pytest.mark.postgres
-def test_existing_events_get_random_ids_postgresql():
-    from tests.service.support import fresh_postgres
-
-    with fresh_postgres() as url:
-        _check_existing_events_get_random_ids(url)

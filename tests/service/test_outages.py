@@ -54,11 +54,7 @@ def service(tmp_path_factory, postgres, redis):
 
 @pytest.fixture(scope="module")
 def file_id(service, task_files) -> str:
-    with service.client() as c:
-        r = c.post("/v1/files", files={"file": (task_files[0].name, task_files[0].read_bytes())},
-                   data={"purpose": "fine-tune"})
-    assert r.status_code == 200, r.text
-    return r.json()["id"]
+    return service.upload(task_files[0])
 
 
 def wait_until(condition, timeout_s: float, what: str, service) -> None:

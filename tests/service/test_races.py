@@ -4,17 +4,15 @@ A file deleted while a job that uses it is being created: either the job exists 
 that differ only in case, created at once: exactly one team, the others 409 naming `name`."""
 from __future__ import annotations
 
-import os
 import secrets
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.service.processes import Service, free_port
-from tests.service.support import MODEL_DIRS, as_key, make_team
+from tests.service.processes import start_api
+from tests.service.support import as_key, make_team
 
 pytestmark = pytest.mark.slow
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -24,22 +22,10 @@ PAIRS = 60  # (create a job on file f, delete f) pairs, run 12 at a time
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def api(request, tmp_path_factory):
     """An API process alone (no worker: the jobs stay queued), on its own data directory."""
-    root = tmp_path_factory.mktemp(f"races-{request.param}")
-    data_dir = root / "data"
-    data_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
-    env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY="races-" + secrets.token_hex(8), HF_HUB_OFFLINE="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2]), DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
-    if request.param == "postgres":
-        env["DPO_DATABASE_URL"] = request.getfixturevalue("postgres_url")
-    port = free_port()
-    service = Service(url=f"http://127.0.0.1:{port}", key=env["DPO_API_KEY"], data_dir=data_dir, env=env, port=port)
-    service.start_api()
-    try:
-        service.wait_ready()
-        yield service
-    finally:
-        service.stop()
+    env = {"DPO_DATABASE_URL": request.getfixturevalue("postgres_url")} if request.param == "postgres" else {}
+    service = start_api(tmp_path_factory.mktemp(f"races-{request.param}"), "races-" + secrets.token_hex(8), env)
+    yield service
+    service.stop()
 
 
 def _upload(c: httpx.Client, key: str) -> str:
