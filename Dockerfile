@@ -5,6 +5,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY dpo_core ./dpo_core
+COPY service ./service
 COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations

@@ -25,7 +25,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 demo: install
-	$(PY) -m api.demo --data-dir $(DATA)/demo
+	$(PY) -m service.demo --data-dir $(DATA)/demo
 
 serve: install
 	$(VENV)/bin/dpo-service up --data-dir $(DATA)

@@ -10,19 +10,19 @@ from typing import Annotated, TypeVar
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.auth import Principal, authenticate, team_principal
 from api.dispatcher import Dispatcher
-from api.errors import Forbidden, NotFound, Unauthenticated
-from api.settings import Settings
-from api.storage import Storage
-from api.store.db import read_with_retry
-from api.store.jobs import job_row
-from api.store.models import File, Job, is_id
-from api.store.teams import key_and_job
+from service.artifacts import Storage
+from service.auth import Principal, authenticate, team_principal
+from service.db.engine import read_with_retry
+from service.db.jobs import job_row
+from service.db.models import File, Job, is_id
+from service.db.teams import key_and_job
+from service.errors import Forbidden, NotFound, Unauthenticated
+from service.settings import Settings
 
 T = TypeVar("T")
 
@@ -74,7 +74,7 @@ class Caller:
         return found
 
     def job(self, session: Session, job_id: str) -> tuple[Principal, Row]:
-        """The principal and job `job_id` as a row (api.store.jobs.JOB_FIELDS), for a team key in one
+        """The principal and job `job_id` as a row (service.db.jobs.JOB_FIELDS), for a team key in one
         query. 401 as `principal`; then 404 when there is no such job or the caller may not see it."""
         wanted = job_id if is_id(job_id, "ftjob") else None
         if self.admin:
@@ -113,7 +113,7 @@ async def get_principal(request: Request, caller: Annotated[Caller, Depends(get_
 
 
 async def read(request: Request, caller: Caller, fn: Callable[..., T], *args) -> T:
-    """`fn(session, principal, *args)` on a read session (api.store.db.make_read_sessionmaker), with the
+    """`fn(session, principal, *args)` on a read session (service.db.engine.make_read_sessionmaker), with the
     caller's key checked on that session first, all in one worker thread. For the routes clients poll:
     as a sync route with SessionDep, JobDep and a team key, the status route took five thread hops (key,
     job, route, response check, session close), each a turn at the GIL among every request in flight."""

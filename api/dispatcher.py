@@ -12,9 +12,9 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.queue import enqueue_job
-from api.scheduler import Assignment, dispatch_pass
-from api.settings import Settings
-from api.store.db import is_unavailable
+from service.db.engine import is_unavailable
+from service.scheduler import Assignment, dispatch_pass
+from service.settings import Settings
 
 log = logging.getLogger("dpo.dispatcher")
 

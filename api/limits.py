@@ -12,7 +12,7 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.settings import Settings
+from service.settings import Settings
 
 MULTIPART_ROOM = 64 * 1024  # boundaries, part headers and the purpose field around the file
 

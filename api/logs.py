@@ -9,7 +9,7 @@ import logging
 import re
 
 WITHHELD = "***"
-# A team key (api.store.teams: `dpo-sk-` + 43 characters) or a generated admin key (api.auth: `dpo-` + 43).
+# A team key (service.db.teams: `dpo-sk-` + 43 characters) or a generated admin key (service.auth: `dpo-` + 43).
 KEY_SHAPED = re.compile(r"dpo-[A-Za-z0-9_-]{20,}")
 # What a logged target keeps: path segments that are route words (`v1`, `fine_tuning`) or ids
 # (`ftjob-01a2...`), and query names that are words. No key the service makes has either shape.

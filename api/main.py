@@ -12,8 +12,6 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api import errors
-from api.auth import admin_key
 from api.deps import get_caller
 from api.dispatcher import Dispatcher
 from api.internal_errors import InternalErrors
@@ -22,11 +20,13 @@ from api.logs import install_access_log_filter
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
 from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
-from api.schemas.common import PRINTABLE
-from api.settings import Settings, get_settings
-from api.storage import LocalStorage
-from api.store.db import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
-from api.store.migrate import upgrade
+from service import errors
+from service.artifacts import LocalStorage
+from service.auth import admin_key
+from service.db.engine import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
+from service.db.migrate import upgrade
+from service.requests import PRINTABLE
+from service.settings import Settings, get_settings
 
 log = logging.getLogger("dpo.api")
 
@@ -42,9 +42,9 @@ HTTP_ERRORS: dict[type[errors.ServiceError], tuple[int, str]] = {
     errors.Unavailable: (503, "server_error"),
     errors.StorageFailed: (503, "server_error"),
 }
-# The database cannot answer now (down, restarting, unreachable; api.store.db.UNAVAILABLE): every route
+# The database cannot answer now (down, restarting, unreachable; service.db.engine.UNAVAILABLE): every route
 # answers 503 `database_unavailable` with Retry-After, and the connection stays open. The pools connect
-# anew once it is back (pool_pre_ping, api.store.db.read_with_retry).
+# anew once it is back (pool_pre_ping, service.db.engine.read_with_retry).
 DATABASE_RETRY_AFTER_S = 5
 
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 
-from api.jobspec import HP_FIELDS, SERVICE_DEVICES
-from api.schemas.jobs import DpoHyperparameters, JobCreate
 from dpo_core.fields import FieldRange, default_text, field_ranges, range_text
 from dpo_core.spec import SERVER_PATH_FIELDS, TrainingSpec
+from service.jobspec import HP_FIELDS, SERVICE_DEVICES
+from service.requests import DpoHyperparameters, JobCreate
 
 BEGIN, END = "<!-- ranges:begin (python -m api.ranges) -->", "<!-- ranges:end -->"
 _JOB_FIELDS = ("seed", "priority", "gpus", "max_attempts")
-# Where the service sets a default of its own (api.jobspec.build) instead of TrainingSpec's.
+# Where the service sets a default of its own (service.jobspec.build) instead of TrainingSpec's.
 _SERVICE_DEFAULTS = {"save_total_limit": "DPO_KEEP_CHECKPOINTS (3)"}
 _KINDS = {"int": "int", "float": "number", "bool": "bool", "string": "string", "object": "object", "map": "object"}
 
@@ -27,7 +27,7 @@ def request_ranges() -> list[tuple[str, FieldRange, str, str]]:
     for f in field_ranges(TrainingSpec):
         if f.path in (*SERVER_PATH_FIELDS, "model"):
             continue
-        if f.path == "device":  # what a service job may ask, see api.jobspec
+        if f.path == "device":  # what a service job may ask, see service.jobspec
             allowed = tuple(d for d in SERVICE_DEVICES if d is not None)
             f = dataclasses.replace(f, range_text=", ".join(allowed), examples=allowed, meaning="null: the GPUs "
                                     "the worker gives the job (gpu_type, gpus); cpu: the worker's CPU")

@@ -8,11 +8,11 @@ import socket
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.main import create_app
-from api.settings import get_settings
+from service.settings import get_settings
 
 
 def served_app():
-    """The app, built from the environment (api.settings); the CLI has migrated the database already."""
+    """The app, built from the environment (service.settings); the CLI has migrated the database already."""
     app = create_app(get_settings(), migrate=False)
     # What is built by now (modules, routes, schemas) lives as long as the process: freeze it, so the
     # collector's full passes stop walking it. Those walks paused every request in flight: with 200

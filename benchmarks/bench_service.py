@@ -312,7 +312,7 @@ def main(argv=None) -> None:
         env.update(DPO_DATA_DIR=str(root / "data"), DPO_API_KEY=key, DPO_DATABASE_URL=db_url,
                    DPO_BROKER_URL=args.broker_url, DPO_QUEUE=queue, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
         procs = Processes(root, env)
-        procs.start("api", ["-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+        procs.start("api", ["-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port),
                             "--workers", str(args.api_workers)])
         procs.start("worker", ["-m", "worker", "--loglevel", "INFO"])
         procs.wait_ready(url)

@@ -1,1 +1,1 @@
-"""Alembic migrations: the only way dpo-service's schema is made (see api.store.migrate)."""
+"""Alembic migrations: the only way dpo-service's schema is made (see service.db.migrate)."""

@@ -1,8 +1,8 @@
-"""Alembic environment. `api.store.migrate.upgrade` passes an open connection in; the `alembic` command
+"""Alembic environment. `service.db.migrate.upgrade` passes an open connection in; the `alembic` command
 line builds one from DPO_DATABASE_URL (or the embedded default) instead."""
 from alembic import context
 
-from api.store.models import Base
+from service.db.models import Base
 
 
 def _run(connection) -> None:
@@ -21,8 +21,8 @@ def main() -> None:
     if connection is not None:
         _run(connection)
         return
-    from api.settings import get_settings
-    from api.store.db import make_engine
+    from service.db.engine import make_engine
+    from service.settings import get_settings
 
     url = context.config.get_main_option("sqlalchemy.url") or get_settings().db_url
     with make_engine(url).connect() as conn:

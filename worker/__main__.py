@@ -16,10 +16,10 @@ import threading
 
 from pydantic import ValidationError
 
-from api.errors import Conflict
-from api.queue import declare_queue
-from api.settings import get_settings
-from api.store.migrate import upgrade
+from service.broker import declare_queue
+from service.db.migrate import upgrade
+from service.errors import Conflict
+from service.settings import get_settings
 from worker.app import create_worker_app, worker_argv
 from worker.membership import Membership, identity
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dpo-service worker: {err.message}", file=sys.stderr)
             return 2
         app = create_worker_app(settings, membership.worker_id)
-        declare_queue(app, membership.queue)  # before Celery consumes it (see api.queue.declare_queue)
+        declare_queue(app, membership.queue)  # before Celery consumes it (see service.broker.declare_queue)
         membership.start_heartbeats()
         _drain_on_shutdown(membership)
         _hold_sigterm_until_celery_listens()

@@ -1,4 +1,4 @@
-"""The worker's Celery app: the shared configuration (api.queue) plus the task module."""
+"""The worker's Celery app: the queue contract's configuration (service.broker) plus the task module."""
 from __future__ import annotations
 
 import os
@@ -6,16 +6,17 @@ import socket
 
 from celery import Celery
 
-from api.queue import make_celery
-from api.settings import Settings
+from service.broker import celery_config
+from service.settings import Settings
 
 
 def create_worker_app(settings: Settings, worker_id: str) -> Celery:
-    app = make_celery(settings)
+    app = Celery("dpo", broker=settings.broker, set_as_current=False)
+    app.conf.update(celery_config(settings))
     app.dpo_settings = settings  # the task reads its settings and identity from its app, not from globals
     app.dpo_worker_id = worker_id
     app.conf.include = ["worker.tasks"]
-    app.conf.worker_pool = "worker.pool:TaskPool"  # prefork, quicker to replace a finished job's process
+    app.conf.worker_pool = "worker.process_pool:TaskPool"  # prefork, quicker to replace a finished job's process
     import worker.tasks  # noqa: F401  - registers run_job (a shared task) with this app
 
     return app

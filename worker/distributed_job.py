@@ -13,11 +13,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from api.settings import get_settings
-from api.store.leases import Lease
 from dpo_core.data import DataError
 from dpo_core.errors import TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
+from service.db.leases import Lease
+from service.settings import get_settings
 
 
 def _outcome(lease: Lease, gpus: int, spec: TrainingSpec) -> dict:

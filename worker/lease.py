@@ -8,7 +8,7 @@ lease gone (another run owns the job, or it was cancelled), or when it could not
 lease period (the database is unreachable, so the reconciler may be giving the job away), the run
 counts as lost, writes nothing more, and stops at its next step.
 
-A database that cannot answer for a while (a restart, a failover: api.store.db.UNAVAILABLE) is ridden
+A database that cannot answer for a while (a restart, a failover: service.db.engine.UNAVAILABLE) is ridden
 out: the run trains on, its writes are held in the order it made them, and tried again with backoff.
 Once the database answers they are written together, in that order, in one transaction under the
 lease; a run that lost its lease meanwhile writes none of them.
@@ -23,10 +23,10 @@ from typing import TypeVar
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.errors import LeaseLost
-from api.store import leases
-from api.store.db import is_unavailable
-from api.store.leases import Lease
+from service.db import leases
+from service.db.engine import is_unavailable
+from service.db.leases import Lease
+from service.errors import LeaseLost
 
 log = logging.getLogger("dpo.worker")
 T = TypeVar("T")

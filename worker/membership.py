@@ -23,11 +23,10 @@ from pathlib import Path
 
 from sqlalchemy.pool import NullPool
 
-from api.reconciler import requeue_from_dead_worker
-from api.settings import Settings
-from api.store import leases
-from api.store import workers as store
-from api.store.db import is_unavailable, make_engine, make_sessionmaker
+from service.db import leases, workers
+from service.db.engine import is_unavailable, make_engine, make_sessionmaker
+from service.reconciler import requeue_from_dead_worker
+from service.settings import Settings
 
 log = logging.getLogger("dpo.worker")
 CPU = "cpu"
@@ -136,14 +135,14 @@ class Membership:
         self._drain: threading.Thread | None = None
 
     def join(self) -> None:
-        """Register (raises api.errors.Conflict while a live worker has this name). A worker that restarts
+        """Register (raises service.errors.Conflict while a live worker has this name). A worker that restarts
         after a crash takes its name over at once: when the name's holder ran on this host and its process
-        is gone, the runs it held are lost now and its jobs queued again (api.reconciler), instead of
+        is gone, the runs it held are lost now and its jobs queued again (service.reconciler), instead of
         after their leases run out."""
         with self.sessions.begin() as s:
-            dead = store.dead_holder(s, self.me.name, self.me.hostname, lambda pid, since: process_gone(
+            dead = workers.dead_holder(s, self.me.name, self.me.hostname, lambda pid, since: process_gone(
                 pid, since, self.me.pid))
-            row = store.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
+            row = workers.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
                                  queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
                                  lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None)
             self.worker_id, self.queue = row.id, row.queue
@@ -169,7 +168,7 @@ class Membership:
         self._stop.set()  # no more heartbeats: the worker is `stopped` from now on (its job renews its own lease)
         try:
             with no_fork, self.sessions.begin() as s:
-                store.mark_stopped(s, self.worker_id)
+                workers.mark_stopped(s, self.worker_id)
                 jobs = leases.request_handback(s, self.worker_id)
             log.info("worker %s is shutting down; asked %s to hand back", self.me.name, jobs or "no job")
         except Exception:  # noqa: BLE001 - the job still stops (SIGTERM reaches its process) or its lease runs out
@@ -187,7 +186,7 @@ class Membership:
                 pass
         if self.worker_id is not None:
             with self.sessions.begin() as s:
-                store.mark_stopped(s, self.worker_id)
+                workers.mark_stopped(s, self.worker_id)
             log.info("worker %s left the pool", self.me.name)
         self.engine.dispose()
 
@@ -195,7 +194,7 @@ class Membership:
         while not self._stop.wait(self.settings.worker_heartbeat_interval_s):
             try:
                 with no_fork, self.sessions.begin() as s:
-                    if not store.heartbeat(s, self.worker_id):
+                    if not workers.heartbeat(s, self.worker_id):
                         log.warning("worker %s is no longer registered; heartbeats go nowhere", self.me.name)
             except Exception as err:  # noqa: BLE001 - a database hiccup must not end the heartbeats
                 if not is_unavailable(err):

@@ -21,13 +21,13 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import Settings
-from api.storage import LocalStorage
-from api.store import jobs as store
-from api.store.db import is_unavailable
-from api.store.leases import Lease
-from api.store.models import Checkpoint, Job, JobStatus
 from dpo_core.callbacks import Callbacks
+from service.artifacts import LocalStorage
+from service.db import jobs
+from service.db.engine import is_unavailable
+from service.db.leases import Lease
+from service.db.models import Checkpoint, Job, JobStatus
+from service.settings import Settings
 from worker.lease import LeaseKeeper
 
 PROGRESS_INTERVAL_S = 1.0
@@ -64,8 +64,8 @@ class JobRecorder(Callbacks):
                        f"(attempt {self.lease.attempt})")
 
         def write(s: Session) -> None:
-            store.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
-            store.add_event(s, self.job_id, message, data=_jsonable(info))
+            jobs.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
+            jobs.add_event(s, self.job_id, message, data=_jsonable(info))
             if info.get("resumed_from"):
                 self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
         self.keeper.write(write)
@@ -76,7 +76,7 @@ class JobRecorder(Callbacks):
             return
         self._last_progress = now
         fields = dict(step=step, total_steps=total_steps, estimated_finish=self._eta(step, total_steps))
-        self.keeper.write(lambda s: store.update_job(s, self.job_id, **fields))
+        self.keeper.write(lambda s: jobs.update_job(s, self.job_id, **fields))
 
     def on_log(self, metrics: dict[str, Any]) -> None:
         step, total = metrics.get("step"), metrics.get("total_steps") or self.total_steps
@@ -87,7 +87,7 @@ class JobRecorder(Callbacks):
         event = self._metrics_event() if time.monotonic() - self._last_event >= self.metrics_interval_s else None
 
         def write(s: Session) -> None:
-            store.update_job(s, self.job_id, **fields)
+            jobs.update_job(s, self.job_id, **fields)
             if event is not None:
                 event(s)
         self.keeper.write(write)
@@ -96,8 +96,8 @@ class JobRecorder(Callbacks):
         shown = ", ".join(f"{k}={_fmt(metrics[k])}" for k in SHOWN_EVAL_METRICS if k in metrics)
 
         def write(s: Session) -> None:
-            store.update_job(s, self.job_id, eval_metrics=metrics)
-            store.add_event(s, self.job_id, f"Evaluation at step {metrics.get('step')}: {shown}",
+            jobs.update_job(s, self.job_id, eval_metrics=metrics)
+            jobs.add_event(s, self.job_id, f"Evaluation at step {metrics.get('step')}: {shown}",
                             type="metrics", data=metrics)
         self.keeper.write(write)
 
@@ -109,13 +109,13 @@ class JobRecorder(Callbacks):
             self._forget_pruned(s)
             if not self.storage.exists(key):
                 return  # pruned already, while this write waited for the database
-            ckpt = store.add_checkpoint(s, self.job_id, step, key, pending, size=size)
+            ckpt = jobs.add_checkpoint(s, self.job_id, step, key, pending, size=size)
             s.flush()
-            store.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
+            jobs.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
         self.keeper.write(write)
 
     def on_warning(self, message: str) -> None:
-        self.keeper.write(lambda s: store.add_event(s, self.job_id, message, level="warn"))
+        self.keeper.write(lambda s: jobs.add_event(s, self.job_id, message, level="warn"))
 
     def should_stop(self) -> bool:
         if self.stop_reason is None:
@@ -167,7 +167,7 @@ class JobRecorder(Callbacks):
         m, self._pending = self._pending, None
         self._last_event = time.monotonic()
         shown = ", ".join(f"{k}={_fmt(m[k])}" for k in SHOWN_METRICS if k in m)
-        return lambda s: store.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
+        return lambda s: jobs.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
                                          type="metrics", data=m)
 
     def _forget_pruned(self, s: Session) -> None:
@@ -186,7 +186,7 @@ class JobRecorder(Callbacks):
             match = _CHECKPOINT_DIR.match(child.name)
             key = self.storage.key_for(child)
             if match and (child / "state.json").is_file() and key not in known:
-                store.add_checkpoint(s, self.job_id, int(match.group(1)), key, None, size=self.storage.size(key))
+                jobs.add_checkpoint(s, self.job_id, int(match.group(1)), key, None, size=self.storage.size(key))
 
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step
@@ -213,7 +213,7 @@ def recorder_for_job(settings: Settings, lease: Lease) -> JobRecorder:
     """A JobRecorder built inside rank 0 of a multi-process job (dpo_core.launch): callbacks cannot cross
     the process boundary, so this process opens its own connection to the job store, and renews the
     run's lease from a thread of its own as well."""
-    from api.store.db import make_engine, make_sessionmaker
+    from service.db.engine import make_engine, make_sessionmaker
 
     sessions = make_sessionmaker(make_engine(settings.db_url))
     keeper = LeaseKeeper(sessions, lease, settings.job_lease_s, settings.worker_heartbeat_interval_s)

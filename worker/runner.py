@@ -29,19 +29,18 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.errors import LeaseLost
-from api.jobspec import runnable
-from api.model_paths import model_problem
-from api.settings import Settings
-from api.storage import LocalStorage
-from api.store import jobs as store
-from api.store import leases
-from api.store.db import make_engine, make_sessionmaker
-from api.store.leases import Lease
-from api.store.models import File, Job, JobStatus, Worker, new_id, now
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.spec import SpecError, TrainingSpec
+from service.artifacts import LocalStorage
+from service.db import jobs, leases
+from service.db.engine import make_engine, make_sessionmaker
+from service.db.leases import Lease
+from service.db.models import File, Job, JobStatus, Worker, new_id, now
+from service.errors import LeaseLost
+from service.jobspec import runnable
+from service.model_paths import model_problem
+from service.settings import Settings
 from worker.lease import LeaseKeeper, retrying
 from worker.recorder import JobRecorder, make_recorder
 
@@ -173,19 +172,19 @@ class JobRunner:
 
         def write(s: Session) -> None:
             fields = dict(trained_tokens=result.trained_tokens, step=result.global_step, estimated_finish=None)
-            if store.cancel_requested(s, lease.job_id):
+            if jobs.cancel_requested(s, lease.job_id):
                 leases.finish(s, lease, JobStatus.CANCELLED, **fields)
                 outcome["status"] = JobStatus.CANCELLED
                 return
             if result.stopped:  # not cancelled, and still ours: its worker is shutting down
                 name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
-                store.update_job(s, lease.job_id, **fields)
+                jobs.update_job(s, lease.job_id, **fields)
                 leases.hand_back(s, lease, name, result.global_step)
                 outcome["status"] = JobStatus.QUEUED
                 return
             if result.final_dir:
                 key = self.storage.key_for(result.final_dir)
-                final = store.add_checkpoint(s, lease.job_id, result.global_step, key,
+                final = jobs.add_checkpoint(s, lease.job_id, result.global_step, key,
                                              {**result.metrics, **(result.eval_metrics or {})}, final=True,
                                              size=self.storage.size(key))
                 s.flush()
@@ -224,7 +223,7 @@ class JobRunner:
         job_id = keeper.lease.job_id
 
         def write(s: Session) -> None:
-            store.add_event(s, job_id, message, level="error", data={"code": code, **(data or {})})
+            jobs.add_event(s, job_id, message, level="error", data={"code": code, **(data or {})})
             leases.finish(s, keeper.lease, JobStatus.FAILED, error_code=code, error_message=message,
                           estimated_finish=None)
         keeper.write_now(write)

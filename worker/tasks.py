@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from api.queue import RUN_JOB_TASK
+from service.broker import RUN_JOB_TASK
 
 
 @shared_task(name=RUN_JOB_TASK, bind=True)

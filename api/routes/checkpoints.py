@@ -9,12 +9,12 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import JobDep, SessionDep, StorageDep
-from api.errors import Conflict, InvalidInput, NotFound
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
-from api.storage import iter_tar, tar_entries
-from api.store.models import Checkpoint, JobStatus, is_id
+from service.artifacts import iter_tar, tar_entries
+from service.db.models import Checkpoint, JobStatus, is_id
+from service.errors import Conflict, InvalidInput, NotFound
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
 

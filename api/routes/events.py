@@ -7,11 +7,11 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 
 from api.deps import CurrentCaller, read_job
-from api.errors import InvalidInput
 from api.pagination import After, Limit, page
 from api.schemas.common import ListPublic
 from api.schemas.jobs import EventPublic
-from api.store.models import Event, is_id
+from service.db.models import Event, is_id
+from service.errors import InvalidInput
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/events", tags=["fine-tuning jobs"])
 

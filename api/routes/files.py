@@ -11,17 +11,18 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, FileDep, SessionDep, SettingsDep, StorageDep, load_file
-from api.errors import Conflict, InvalidInput, NotFound, StorageFailed, TooLarge
 from api.pagination import After, Limit, page
-from api.schemas.common import PRINTABLE, DeletedPublic, ListPublic
+from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
-from api.settings import Settings
-from api.storage import CHUNK, Storage, iter_file
-from api.store.jobs import ACTIVE
-from api.store.locks import lock_files
-from api.store.models import File, Job, new_id, now
-from api.store.quota import refuse_upload_over_quota
 from dpo_core.data import DataError, DataSummary, Validator
+from service.artifacts import CHUNK, Storage, iter_file
+from service.db.jobs import ACTIVE
+from service.db.locks import lock_files
+from service.db.models import File, Job, new_id, now
+from service.db.quota import refuse_upload_over_quota
+from service.errors import Conflict, InvalidInput, NotFound, StorageFailed, TooLarge
+from service.requests import PRINTABLE
+from service.settings import Settings
 
 router = APIRouter(prefix="/files", tags=["files"])
 PURPOSES = ("fine-tune",)

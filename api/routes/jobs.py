@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Request
 from sqlalchemy import func, select
 
-from api import jobspec
 from api.deps import (
     CurrentCaller,
     CurrentPrincipal,
@@ -24,16 +23,18 @@ from api.deps import (
     read,
     read_job,
 )
-from api.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
-from api.model_paths import model_problem
 from api.pagination import After, Limit, page
-from api.pool import queue_info
 from api.schemas.common import ListPublic
-from api.schemas.jobs import INT64, JobCreate, JobPublic
-from api.store import jobs as store
-from api.store.locks import lock_files, lock_team
-from api.store.models import WAITING, Job, JobStatus, Team, new_id, now
-from api.store.quota import refuse_job_over_quota
+from api.schemas.jobs import JobPublic
+from service import jobspec
+from service.db import jobs
+from service.db.locks import lock_files, lock_team
+from service.db.models import WAITING, Job, JobStatus, Team, new_id, now
+from service.db.quota import refuse_job_over_quota
+from service.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
+from service.model_paths import model_problem
+from service.queue_info import queue_info
+from service.requests import INT64, JobCreate
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine-tuning jobs"])
 
@@ -63,8 +64,8 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     refuse_job_over_quota(session, team, settings)
     session.add(job)
     session.flush()  # the row first: events reference it
-    store.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    store.transition(session, job.id, JobStatus.QUEUED, (JobStatus.VALIDATING_FILES,))
+    jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    jobs.transition(session, job.id, JobStatus.QUEUED, (JobStatus.VALIDATING_FILES,))
     session.commit()
     dispatcher.wake()
     session.refresh(job)
@@ -164,7 +165,7 @@ def _retrieve_job(session, _principal, job, settings) -> JobPublic:
 def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPublic:
     """Cancel a job. A queued job is cancelled at once; a running one stops within seconds (its status
     stays `running`, with `cancel_requested`, until the worker has stopped)."""
-    if store.request_cancel(session, job.id) is None:
+    if jobs.request_cancel(session, job.id) is None:
         session.rollback()
         raise Conflict(f"job {job.id} is already {job.status}; only unfinished jobs can be cancelled",
                        param="fine_tuning_job_id", code="job_finished")
@@ -174,7 +175,7 @@ def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPu
 
 
 def _public(session, settings, jobs: list) -> list[JobPublic]:
-    """`jobs`: Job objects, or rows of api.store.jobs.JOB_FIELDS (read the same way)."""
+    """`jobs`: Job objects, or rows of service.db.jobs.JOB_FIELDS (read the same way)."""
     info = queue_info(session, settings, jobs, time.time())
     return [JobPublic.of(j, *((info[j.id].position, info[j.id].reason) if j.id in info else ())) for j in jobs]
 

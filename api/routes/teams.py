@@ -6,12 +6,12 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, get_admin
-from api.errors import Conflict, InvalidInput
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.teams import KeyCreate, KeyCreatedPublic, KeyPublic, TeamCreate, TeamPublic, TeamUpdate
-from api.store import teams as store
-from api.store.models import ApiKey, Team, is_id
+from service.db import teams
+from service.db.models import ApiKey, Team, is_id
+from service.errors import Conflict, InvalidInput
 
 router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(get_admin)])
 
@@ -19,7 +19,7 @@ router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(
 @router.post("", response_model=TeamPublic)
 def create_team(req: TeamCreate, session: SessionDep) -> TeamPublic:
     """Create a team with its limits."""
-    team = store.create_team(session, req.name, req.max_running_jobs, req.max_queued_jobs, req.max_storage_bytes)
+    team = teams.create_team(session, req.name, req.max_running_jobs, req.max_queued_jobs, req.max_storage_bytes)
     _commit(session, req.name)
     return TeamPublic.of(team)
 
@@ -40,7 +40,7 @@ def list_teams(session: SessionDep, after: After = None, limit: Limit = 20) -> L
 @router.get("/{team_id}", response_model=TeamPublic)
 def retrieve_team(team_id: str, session: SessionDep) -> TeamPublic:
     """One team."""
-    return TeamPublic.of(store.get_team(session, team_id))
+    return TeamPublic.of(teams.get_team(session, team_id))
 
 
 @router.patch("/{team_id}", response_model=TeamPublic)
@@ -50,7 +50,7 @@ def update_team(team_id: str, req: TeamUpdate, session: SessionDep) -> TeamPubli
     changes = req.model_dump(exclude_unset=True)
     if "name" in changes and changes["name"] is None:
         raise InvalidInput("name: a team needs a name", param="name")
-    team = store.update_team(session, store.get_team(session, team_id), changes)
+    team = teams.update_team(session, teams.get_team(session, team_id), changes)
     _commit(session, changes.get("name", team.name))
     return TeamPublic.of(team)
 
@@ -59,7 +59,7 @@ def update_team(team_id: str, req: TeamUpdate, session: SessionDep) -> TeamPubli
 def delete_team(team_id: str, session: SessionDep) -> DeletedPublic:
     """Delete a team without unfinished jobs: its keys stop working at once; its files, jobs and usage
     stay visible to the admin."""
-    store.delete_team(session, store.get_team(session, team_id))
+    teams.delete_team(session, teams.get_team(session, team_id))
     session.commit()
     return DeletedPublic(id=team_id, object="team")
 
@@ -67,7 +67,7 @@ def delete_team(team_id: str, session: SessionDep) -> DeletedPublic:
 @router.post("/{team_id}/keys", response_model=KeyCreatedPublic)
 def create_key(team_id: str, session: SessionDep, req: KeyCreate | None = None) -> KeyCreatedPublic:
     """A new key for the team. The key is in this response only; the service keeps its hash."""
-    new = store.create_key(session, store.get_team(session, team_id), req.name if req else None)
+    new = teams.create_key(session, teams.get_team(session, team_id), req.name if req else None)
     session.commit()
     return KeyCreatedPublic(**KeyPublic.of(new.row).model_dump(), key=new.key)
 
@@ -75,7 +75,7 @@ def create_key(team_id: str, session: SessionDep, req: KeyCreate | None = None) 
 @router.get("/{team_id}/keys", response_model=ListPublic[KeyPublic])
 def list_keys(team_id: str, session: SessionDep) -> ListPublic[KeyPublic]:
     """The team's keys, revoked ones included, newest first (never the secrets)."""
-    team = store.get_team(session, team_id)
+    team = teams.get_team(session, team_id)
     rows = list(session.scalars(select(ApiKey).where(ApiKey.team_id == team.id)
                                 .order_by(ApiKey.created_at.desc(), ApiKey.id.desc())))
     return ListPublic[KeyPublic].page([KeyPublic.of(k) for k in rows], max(len(rows), 1))
@@ -84,8 +84,8 @@ def list_keys(team_id: str, session: SessionDep) -> ListPublic[KeyPublic]:
 @router.delete("/{team_id}/keys/{key_id}", response_model=KeyPublic)
 def revoke_key(team_id: str, key_id: str, session: SessionDep) -> KeyPublic:
     """Revoke a key: the next request with it gets 401."""
-    key = store.get_key(session, store.get_team(session, team_id), key_id)
-    store.revoke_key(session, key)
+    key = teams.get_key(session, teams.get_team(session, team_id), key_id)
+    teams.revoke_key(session, key)
     session.commit()
     return KeyPublic.of(key)
 

@@ -8,11 +8,11 @@ from fastapi import APIRouter, Depends, Query
 from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_admin
-from api.errors import InvalidInput
 from api.schemas.pool import JobCounts, UsageListPublic, UsagePublic
-from api.store.models import JobStatus, Team
-from api.store.quota import bytes_used, storage_limit
-from api.store.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
+from service.db.models import JobStatus, Team
+from service.db.quota import bytes_used, storage_limit
+from service.db.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
+from service.errors import InvalidInput
 
 router = APIRouter(tags=["usage"])
 Since = Annotated[float | None, Query(ge=0, le=1e12, description="Unix seconds; default: from the beginning")]

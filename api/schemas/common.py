@@ -6,8 +6,6 @@ from typing import Generic, Literal, TypeVar
 from pydantic import BaseModel, Field
 
 T = TypeVar("T")
-# Text the database keeps: no NUL or other control characters (PostgreSQL refuses NUL in text).
-PRINTABLE = r"^[^\x00-\x1f\x7f]*$"
 
 
 class ErrorDetail(BaseModel):

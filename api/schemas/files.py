@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from api.store.models import File
+from service.db.models import File
 
 
 class FileWarning(BaseModel):

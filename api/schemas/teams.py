@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.schemas.common import PRINTABLE
-from api.store.models import ApiKey, Team
+from service.db.models import ApiKey, Team
+from service.requests import PRINTABLE
 
 NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$"  # letters, digits, space, '.', '_' and '-'
 MAX_BYTES = (1 << 63) - 1  # what the database's BIGINT holds

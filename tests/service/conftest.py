@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
+from service.settings import Settings
 from tests.service import support
 from tests.service.support import API_KEY, fresh_postgres, make_settings, service_url
 
 
 def pytest_configure(config):
-    # Raised inside kombu's embedded-broker transport (see api/queue.py); not ours to fix.
+    # Raised inside kombu's embedded-broker transport (see service/broker.py); not ours to fix.
     config.addinivalue_line("filterwarnings", "ignore:The ``noload`` loader strategy:DeprecationWarning")
 
 

@@ -30,8 +30,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-API = ["-m", "api.cli", "api", "--host", "127.0.0.1"]  # `dpo-service api`
-WORKER = ["-m", "api.cli", "worker", "--loglevel", "INFO"]  # `dpo-service worker`
+API = ["-m", "service.cli", "api", "--host", "127.0.0.1"]  # `dpo-service api`
+WORKER = ["-m", "service.cli", "worker", "--loglevel", "INFO"]  # `dpo-service worker`
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from api.settings import Settings
+from service.settings import Settings
 
 API_KEY = "test-admin-key"
 # Where the tests' tiny models live (pytest's temporary directory); set by conftest.py for the session,
@@ -29,7 +29,7 @@ _ENGINES: dict = {}
 
 
 def _engine(url: str):
-    from api.store.db import make_engine
+    from service.db.engine import make_engine
 
     if url not in _ENGINES:
         _ENGINES[url] = make_engine(url)
@@ -43,7 +43,7 @@ def dispose_engine(url: str) -> None:
 
 
 def sessions_for(settings: Settings):
-    from api.store.db import make_sessionmaker
+    from service.db.engine import make_sessionmaker
 
     return make_sessionmaker(_engine(settings.db_url))
 
@@ -51,7 +51,7 @@ def sessions_for(settings: Settings):
 def register_worker(settings: Settings, name: str = "test-worker", gpu_type: str = "cpu", gpus: int = 1,
                     pid: int = 1) -> str:
     """A worker row as a real worker would register it (no process behind it); returns its id."""
-    from api.store.workers import register
+    from service.db.workers import register
 
     with sessions_for(settings).begin() as s:
         return register(s, name=name, gpu_type=gpu_type, gpus=gpus, queue_prefix=settings.queue,
@@ -60,7 +60,7 @@ def register_worker(settings: Settings, name: str = "test-worker", gpu_type: str
 
 def dispatch(settings: Settings, sent: list | None = None) -> list:
     """One scheduling pass that records what it would send instead of sending it."""
-    from api.scheduler import dispatch_pass
+    from service.scheduler import dispatch_pass
 
     out = sent if sent is not None else []
     return dispatch_pass(sessions_for(settings), settings, out.append)

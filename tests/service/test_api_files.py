@@ -100,7 +100,7 @@ def test_any_file_name_is_kept_for_display_only(client, task_files, settings):
 def test_an_upload_the_disk_cannot_hold_is_503_and_leaves_nothing(client, task_files, settings, monkeypatch):
     import errno
 
-    from api.storage import LocalStorage
+    from service.artifacts import LocalStorage
 
     real = LocalStorage.put_stream
 

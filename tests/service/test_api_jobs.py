@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from api.queue import RUN_JOB_TASK, make_celery
+from api.queue import make_celery
+from service.broker import RUN_JOB_TASK
 from tests.service.support import register_worker, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -151,7 +152,7 @@ def test_an_unreachable_broker_neither_refuses_nor_strands_a_job(tmp_path, task_
     from fastapi.testclient import TestClient
 
     from api.main import create_app
-    from api.scheduler import dispatch_pass
+    from service.scheduler import dispatch_pass
     from tests.service.support import API_KEY, make_settings, sessions_for
 
     settings = make_settings(tmp_path / "data", broker_url="redis://127.0.0.1:1/0")

@@ -117,7 +117,7 @@ def event_order(service) -> dict[str, int]:
     """Each event's place among every job's events (events.seq), from the database: event ids are opaque."""
     from sqlalchemy import text
 
-    from api.store.db import make_engine
+    from service.db.engine import make_engine
 
     engine = make_engine(service.env.get("DPO_DATABASE_URL") or f"sqlite:///{service.data_dir / 'dpo.sqlite'}")
     with engine.connect() as conn:
@@ -160,7 +160,7 @@ def test_fair_share_with_one_worker(service, admin, task_files, tiny_model):
 
 def test_the_admin_cli_manages_teams_over_http(service):
     def cli(*args) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "api.cli", "admin", "--url", service.url, "--key", service.key,
+        return subprocess.run([sys.executable, "-m", "service.cli", "admin", "--url", service.url, "--key", service.key,
                                *args], cwd=REPO, env=service.env, capture_output=True, text=True, timeout=60)
 
     import json

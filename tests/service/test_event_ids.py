@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.main import create_app
-from api.store.jobs import add_event
-from api.store.models import Event
+from service.db.jobs import add_event
+from service.db.models import Event
 from tests.service.support import API_KEY, as_key, fresh_postgres, make_settings, make_team, sessions_for
 
 GOOD = b'{"prompt": "sort : n2 n1", "chosen": " n1 n2", "rejected": " n2 n1"}\n'
@@ -46,7 +46,7 @@ def new_job(api, key: str) -> str:
 
 
 def write_events(settings, job_id: str, n: int) -> None:
-    """`n` events of `job_id`, written as a worker writes them (api.store.jobs.add_event)."""
+    """`n` events of `job_id`, written as a worker writes them (service.db.jobs.add_event)."""
     with sessions_for(settings).begin() as s:
         for i in range(n):
             add_event(s, job_id, f"Step {i}", type="metrics", data={"step": i})

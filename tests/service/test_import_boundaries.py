@@ -10,9 +10,9 @@ from tests.service.processes import REPO
 PROBE = r"""
 import json, sys, tempfile
 from pathlib import Path
-import api.main, api.cli
+import api.main, service.cli
 from fastapi.testclient import TestClient
-from api.settings import Settings
+from service.settings import Settings
 
 data = Path(tempfile.mkdtemp())
 settings = Settings(data_dir=data, api_key="k", database_url=None, broker_url=None)

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from api import jobspec, ranges
-from api.errors import InvalidInput
-from api.schemas.jobs import JobCreate
+from api import ranges
+from service import jobspec
+from service.errors import InvalidInput
+from service.requests import JobCreate
 
 PATHS = dict(train_path="/data/files/t.jsonl", validation_path=None, output_dir="/data/jobs/j")
 

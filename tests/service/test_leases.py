@@ -9,13 +9,12 @@ import time
 import pytest
 from sqlalchemy import select, update
 
-from api.errors import LeaseLost
-from api.reconciler import reconcile
-from api.scheduler import dispatch_pass, dispatch_to
-from api.store import jobs as jobs_store
-from api.store import leases
-from api.store.migrate import upgrade
-from api.store.models import DEFAULT_TEAM_ID, Checkpoint, Event, Job, JobStatus, Run, new_id
+from service.db import jobs, leases
+from service.db.migrate import upgrade
+from service.db.models import DEFAULT_TEAM_ID, Checkpoint, Event, Job, JobStatus, Run, new_id
+from service.errors import LeaseLost
+from service.reconciler import reconcile
+from service.scheduler import dispatch_pass, dispatch_to
 from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
 from worker.lease import LeaseKeeper
 
@@ -128,9 +127,9 @@ def test_a_stale_runs_late_writes_are_refused(settings):
     keeper = LeaseKeeper(sessions, stale, LEASE_S, 0.1)
     with pytest.raises(LeaseLost), sessions.begin() as s:  # a recorder's write: fence, then the rows
         keeper.hold(s)
-        jobs_store.update_job(s, job_id, step=999)
-        jobs_store.add_event(s, job_id, "stale metrics")
-        jobs_store.add_checkpoint(s, job_id, 999, f"jobs/{job_id}/checkpoint-999", None)
+        jobs.update_job(s, job_id, step=999)
+        jobs.add_event(s, job_id, "stale metrics")
+        jobs.add_checkpoint(s, job_id, 999, f"jobs/{job_id}/checkpoint-999", None)
     assert keeper.lost
 
     row = job(settings, job_id)
@@ -165,7 +164,7 @@ def test_cancelling_a_job_whose_worker_is_lost_ends_it_cancelled(settings):
     dispatch(settings)
     start(settings, job_id, w1)
     with sessions_for(settings).begin() as s:
-        assert jobs_store.request_cancel(s, job_id) == JobStatus.RUNNING
+        assert jobs.request_cancel(s, job_id) == JobStatus.RUNNING
     reconcile(sessions_for(settings), settings, expire(settings, job_id))
     assert job(settings, job_id).status == "cancelled"
     assert events(settings, job_id)[-1].data == {"status": "cancelled"}
@@ -258,7 +257,7 @@ def test_writes_held_through_a_database_outage_land_in_order_and_only_under_the_
     keeper = LeaseKeeper(sessions_for(settings), lease, settings.job_lease_s, 0.2)
 
     def event(message):
-        keeper.write(lambda s: jobs_store.add_event(s, job_id, message))
+        keeper.write(lambda s: jobs.add_event(s, job_id, message))
 
     event("before")
     pg.stop()

@@ -9,12 +9,12 @@ import time
 import pytest
 from sqlalchemy import select, update
 
-from api.errors import Conflict, LeaseLost
-from api.scheduler import dispatch_pass
-from api.store import leases
-from api.store.db import make_engine, make_sessionmaker
-from api.store.migrate import upgrade
-from api.store.models import DEFAULT_TEAM_ID, Event, Job, JobStatus, Worker, new_id
+from service.db import leases
+from service.db.engine import make_engine, make_sessionmaker
+from service.db.migrate import upgrade
+from service.db.models import DEFAULT_TEAM_ID, Event, Job, JobStatus, Worker, new_id
+from service.errors import Conflict, LeaseLost
+from service.scheduler import dispatch_pass
 from tests.service.support import make_settings, sessions_for
 from worker import membership
 from worker.membership import Identity, Membership, gpu_type_of, identity

@@ -14,8 +14,8 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
 
-from api.store.db import make_engine
-from api.store.migrate import alembic_config, upgrade
+from service.db.engine import make_engine
+from service.db.migrate import alembic_config, upgrade
 from tests.service.support import service_url
 
 TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints", "runs"}

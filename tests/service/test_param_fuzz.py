@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from api.main import create_app
-from api.store.jobs import add_checkpoint, add_event
+from service.db.jobs import add_checkpoint, add_event
 from tests.service.support import API_KEY, as_key, fresh_postgres, make_settings, make_team, sessions_for
 
 SCHEMA = create_app(make_settings(Path("/nonexistent/schema-only"))).openapi()

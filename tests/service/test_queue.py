@@ -6,7 +6,8 @@ import sqlite3
 from kombu.transport import sqlalchemy as kombu_sqla
 from sqlalchemy.exc import IntegrityError
 
-from api.queue import declare_queue, enqueue_job, make_celery
+from api.queue import enqueue_job, make_celery
+from service.broker import declare_queue
 from tests.service.support import make_settings
 
 

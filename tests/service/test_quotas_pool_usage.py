@@ -8,9 +8,9 @@ import time
 import pytest
 from sqlalchemy import update
 
-from api.reconciler import reconcile
-from api.store import leases
-from api.store.models import Job, JobStatus, Run, Worker
+from service.db import leases
+from service.db.models import Job, JobStatus, Run, Worker
+from service.reconciler import reconcile
 from tests.service.support import as_key, dispatch, make_team, register_worker, sessions_for, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}

@@ -1,4 +1,4 @@
-"""The read sessions the polled routes use (api.store.db.make_read_sessionmaker): a read leaves no
+"""The read sessions the polled routes use (service.db.engine.make_read_sessionmaker): a read leaves no
 transaction open on the database connection, and a write through one is refused, on SQLite and on
 PostgreSQL; a read whose pooled connection the server dropped is tried again on a new one. And the
 status route's one-query lookup of a key and a job."""
@@ -9,11 +9,11 @@ from sqlalchemy import create_engine, select, text
 from sqlalchemy.exc import DBAPIError
 
 from api.schemas.jobs import JobPublic
-from api.store.db import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker, read_with_retry
-from api.store.jobs import job_row
-from api.store.migrate import upgrade
-from api.store.models import ApiKey, Job, JobStatus, Team, new_id, now
-from api.store.teams import create_key, create_team, key_and_job, revoke_key
+from service.db.engine import make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker, read_with_retry
+from service.db.jobs import job_row
+from service.db.migrate import upgrade
+from service.db.models import ApiKey, Job, JobStatus, Team, new_id, now
+from service.db.teams import create_key, create_team, key_and_job, revoke_key
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -119,7 +119,7 @@ def _team_with_key_and_job(session, name: str):
 
 
 def test_one_query_finds_the_key_and_its_teams_job(db_url):
-    """api.store.teams.key_and_job, the status route's lookup: the key's team's job as a row named as
+    """service.db.teams.key_and_job, the status route's lookup: the key's team's job as a row named as
     Job's attributes; another team's job, an unknown id or no id give no row; a revoked key, nothing."""
     engine, reader = make_engine(db_url), make_read_engine(db_url)
     try:

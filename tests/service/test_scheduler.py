@@ -9,14 +9,12 @@ from collections import Counter
 import pytest
 from sqlalchemy import select, update
 
-from api.reconciler import reconcile
-from api.scheduler import dispatch_pass
-from api.store import leases
-from api.store import teams as teams_store
-from api.store import workers as workers_store
-from api.store.migrate import upgrade
-from api.store.models import Job, JobStatus, Run, Worker, new_id
-from api.store.usage import gpu_seconds_by_team
+from service.db import leases, teams, workers
+from service.db.migrate import upgrade
+from service.db.models import Job, JobStatus, Run, Worker, new_id
+from service.db.usage import gpu_seconds_by_team
+from service.reconciler import reconcile
+from service.scheduler import dispatch_pass
 from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
 
 
@@ -34,7 +32,7 @@ def settings(request, tmp_path):
 
 def team(settings, name, **limits) -> str:
     with sessions_for(settings).begin() as s:
-        return teams_store.create_team(s, name, limits.get("max_running_jobs"), limits.get("max_queued_jobs")).id
+        return teams.create_team(s, name, limits.get("max_running_jobs"), limits.get("max_queued_jobs")).id
 
 
 _created = iter(range(10**9))
@@ -61,7 +59,7 @@ def run(settings, job_id, seconds: float) -> None:
 
 
 def start(s, settings, job_id, at: float) -> leases.Lease:
-    """The job's worker starts it at `at` (api.store.leases.acquire, as worker.runner does)."""
+    """The job's worker starts it at `at` (service.db.leases.acquire, as worker.runner does)."""
     worker_id = s.scalar(select(Job.worker_id).where(Job.id == job_id))
     lease = leases.acquire(s, job_id, worker_id, "test-worker", settings.job_lease_s, at=at)
     assert lease is not None
@@ -175,8 +173,8 @@ def test_jobs_go_only_to_workers_that_can_serve_them(settings):
     (wants_h100,) = submit(settings, a, gpu_type="h100")
     (anything,) = submit(settings, a)
     assert sorted(dispatched(settings)) == sorted([wants_4, wants_h100, anything])
-    workers = {job: status(settings, job)[1] for job in (wants_4, wants_h100, anything)}
-    assert workers == {wants_4: "h100-8", wants_h100: "h100-1", anything: "cpu-1"}
+    served_by = {job: status(settings, job)[1] for job in (wants_4, wants_h100, anything)}
+    assert served_by == {wants_4: "h100-8", wants_h100: "h100-1", anything: "cpu-1"}
     assert status(settings, wants_a100) == ("queued", None)
     assert {cpu, big, small}
 
@@ -193,7 +191,7 @@ def test_lost_and_stopped_workers_get_nothing_and_give_back_what_they_did_not_st
     stopped = register_worker(settings, "stopped", pid=2)
     assert dispatched(settings) == [job]
     with sessions_for(settings).begin() as s:
-        workers_store.mark_stopped(s, stopped)
+        workers.mark_stopped(s, stopped)
     assert dispatched(settings) == []
     assert status(settings, job) == ("queued", None)
 

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from api.cli import process_threads
-from api.settings import Settings
+from service.cli import process_threads
+from service.settings import Settings
 from tests.service.processes import REPO, free_port
 
 pytestmark = pytest.mark.slow
@@ -25,7 +25,7 @@ def _env() -> dict:
 def test_up_generates_a_key_prints_it_and_stops_cleanly(tmp_path):
     port, out = free_port(), tmp_path / "up.log"
     with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "up", "--port", str(port), "--data-dir",
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", str(port), "--data-dir",
                                  str(tmp_path / "data")], cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
@@ -49,7 +49,7 @@ def test_up_generates_a_key_prints_it_and_stops_cleanly(tmp_path):
 
 
 def test_the_demo_runs_to_the_end(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "api.demo", "--data-dir", str(tmp_path / "demo"), "--steps", "48"],
+    out = subprocess.run([sys.executable, "-m", "service.demo", "--data-dir", str(tmp_path / "demo"), "--steps", "48"],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "The model learned to prefer sorted answers." in out.stdout
@@ -61,7 +61,7 @@ def test_api_serves_from_several_processes(tmp_path):
     """`dpo-service api --workers 2`: two processes share the port and the database; SIGTERM stops all."""
     port, out, data = free_port(), tmp_path / "api.log", tmp_path / "data"
     with out.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--host", "127.0.0.1", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port),
                                  "--data-dir", str(data), "--workers", "2"],
                                 cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -6,9 +6,11 @@ import stat
 import pytest
 from pydantic import ValidationError
 
-from api.auth import ADMIN, admin_key, authenticate
 from api.queue import make_celery
-from api.settings import REDIS_VISIBILITY_TIMEOUT_S, Settings
+from service.auth import ADMIN, admin_key, authenticate
+from service.broker import REDIS_VISIBILITY_TIMEOUT_S
+from service.settings import Settings
+from worker.app import create_worker_app
 
 
 def test_defaults_put_everything_in_the_data_dir(tmp_path, monkeypatch):
@@ -73,7 +75,7 @@ def test_the_processes_refuse_to_start_on_a_default_secret(tmp_path, command):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
     env.update(DPO_ENV="production", DPO_API_KEY="changeme", DPO_DATA_DIR=str(tmp_path), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "api.cli", *command], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "service.cli", *command], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "DPO_API_KEY is a well-known default" in out.stderr
     assert "changeme" not in out.stdout + out.stderr and not list(tmp_path.iterdir())
@@ -100,13 +102,16 @@ def test_authenticate():
     assert authenticate("k" * 1000, "k") is None and authenticate("", "k") is None
 
 
-def test_celery_is_configured_for_long_gpu_jobs(tmp_path):
-    conf = make_celery(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", queue="q")).conf
+@pytest.mark.parametrize("make_app", [make_celery, lambda settings: create_worker_app(settings, "w-1")],
+                         ids=["api", "worker"])
+def test_celery_is_configured_for_long_gpu_jobs(tmp_path, make_app):
+    """Both sides' apps take service.broker's configuration."""
+    conf = make_app(Settings(data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/0", queue="q")).conf
     assert not conf.task_acks_late  # acked on arrival: the database, not the broker, keeps jobs from being lost
     assert not conf.worker_cancel_long_running_tasks_on_connection_loss
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
     assert conf.task_default_queue == "q"
     assert conf.broker_transport_options == {"visibility_timeout": REDIS_VISIBILITY_TIMEOUT_S}
-    embedded = make_celery(Settings(data_dir=tmp_path)).conf
+    embedded = make_app(Settings(data_dir=tmp_path)).conf
     assert embedded.broker_url.startswith("sqla+sqlite:///")
     assert "visibility_timeout" not in embedded.broker_transport_options  # kombu would hand it to SQLAlchemy

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from api.storage import LocalStorage, iter_tar
+from service.artifacts import LocalStorage, iter_tar
 
 
 def test_put_open_exists_delete(tmp_path):

@@ -11,9 +11,17 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
-from api.store import jobs as jobs_store
-from tests.service.support import API_KEY, as_key, fresh_postgres, make_settings, make_team, run_on_worker, \
-    sessions_for, upload
+from service.db import jobs
+from tests.service.support import (
+    API_KEY,
+    as_key,
+    fresh_postgres,
+    make_settings,
+    make_team,
+    run_on_worker,
+    sessions_for,
+    upload,
+)
 
 FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32}
 
@@ -89,7 +97,7 @@ def test_a_teams_storage_counts_checkpoints_and_deleting_one_frees_it(client, se
 def test_a_checkpoint_of_an_unfinished_job_cannot_be_deleted(client, settings, task_files, tiny_model):
     job_id = _job(client, tiny_model, upload(client, task_files[0])["id"], None, max_steps=4)
     with sessions_for(settings).begin() as s:  # as a lost run leaves it: queued again, resuming from it
-        ckpt = jobs_store.add_checkpoint(s, job_id, 2, f"jobs/{job_id}/checkpoint-2", None)
+        ckpt = jobs.add_checkpoint(s, job_id, 2, f"jobs/{job_id}/checkpoint-2", None)
         s.flush()
         ckpt_id = ckpt.id
     r = client.delete(f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{ckpt_id}")

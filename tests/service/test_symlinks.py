@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from api.model_paths import model_problem
-from api.store import jobs as jobs_store
-from api.store.models import File, new_id, now
 from dpo_core.checkpoint import atomic_dir
 from dpo_core.errors import CheckpointError
+from service.db import jobs
+from service.db.models import File, new_id, now
+from service.model_paths import model_problem
 from tests.service.support import run_on_worker, sessions_for, upload
 
 SECRET = Path("/etc/passwd")
@@ -127,7 +127,7 @@ def _job_with_checkpoint(client, settings, train_id) -> tuple[str, dict, Path]:
     (directory / "config.json").write_text("{}")
     (directory / "sub" / "weights.bin").write_bytes(b"w" * 1000)
     with sessions_for(settings).begin() as s:
-        jobs_store.add_checkpoint(s, job_id, 1, key, None)
+        jobs.add_checkpoint(s, job_id, 1, key, None)
     (ckpt,) = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     return job_id, ckpt, directory
 

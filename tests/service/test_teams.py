@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from api.store import jobs as store
-from api.store.models import ApiKey, File
+from service.db import jobs
+from service.db.models import ApiKey, File
 from tests.service.isolation import ADMIN, CREATE, LIST, OBJECT, OWN_VIEW, TeamObjects, walk, walk_without_a_valid_key
 from tests.service.support import as_key, make_team, sessions_for, upload
 
@@ -141,7 +141,7 @@ def _team_a_objects(client, settings, a: dict, task_files) -> TeamObjects:
     (ckpt_dir / "config.json").write_text("{}")
     (settings.data_dir / "jobs" / job["id"] / "metrics.jsonl").write_text('{"step": 1}\n')
     with sessions_for(settings).begin() as s:
-        ckpt = store.add_checkpoint(s, job["id"], 1, f"jobs/{job['id']}/checkpoint-1", {"loss": 0.5})
+        ckpt = jobs.add_checkpoint(s, job["id"], 1, f"jobs/{job['id']}/checkpoint-1", {"loss": 0.5})
         results = File(team_id=a["id"], filename="m.jsonl", purpose="fine-tune-results", bytes=12, format="metrics",
                        rows=1, storage_key=f"jobs/{job['id']}/metrics.jsonl", created_at=0)
         s.add(results)

@@ -20,9 +20,8 @@ import torch
 
 import dpo_core.checkpoint
 import dpo_core.metrics
-from api.store import jobs as jobs_store
-from api.store import leases
-from api.store.models import Job
+from service.db import jobs, leases
+from service.db.models import Job
 from tests.service.support import dispatch, register_worker, run_on_worker, sessions_for, upload
 from worker import recorder as recorder_module
 from worker.runner import JobRunner
@@ -173,7 +172,7 @@ def test_a_full_disk_while_training_fails_the_job_with_a_storage_error(client, s
 
 def _cancel(settings, job_id):
     with sessions_for(settings).begin() as s:
-        jobs_store.request_cancel(s, job_id)
+        jobs.request_cancel(s, job_id)
 
 
 @pytest.mark.parametrize("moment", ["queued", "dispatched", "starting", "running", "mid-checkpoint"])

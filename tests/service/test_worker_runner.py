@@ -147,7 +147,7 @@ def test_a_worker_only_starts_jobs_dispatched_to_it(client, settings, task_files
     stranger = other if assignment.worker_id == mine else mine
     assert JobRunner(settings, stranger).run(job_id) == "skipped"
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "queued"
-    from api.store.workers import mark_stopped
+    from service.db.workers import mark_stopped
     from tests.service.support import sessions_for
 
     with sessions_for(settings).begin() as s:  # its worker is shutting down (SIGTERM): it starts nothing new

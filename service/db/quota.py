@@ -14,10 +14,10 @@ from collections.abc import Iterable
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.errors import QuotaExceeded
-from api.settings import Settings
-from api.store.locks import lock_team
-from api.store.models import Checkpoint, File, Job, Team
+from service.db.locks import lock_team
+from service.db.models import Checkpoint, File, Job, Team
+from service.errors import QuotaExceeded
+from service.settings import Settings
 
 CODE = "storage_quota_exceeded"
 _FREE_SPACE = ("delete files (DELETE /v1/files/{file_id}) or checkpoints (DELETE /v1/fine_tuning/jobs/{job_id}/"

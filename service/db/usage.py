@@ -1,6 +1,6 @@
 """What teams used: GPU-seconds (the GPUs of each run of a job times the part of the run inside a time
 range), jobs and trained tokens. The scheduler ranks teams by the same GPU-seconds over its recent
-window. A run is the time a worker held the job (api.store.models.Run), so a job waiting in the queue
+window. A run is the time a worker held the job (service.db.models.Run), so a job waiting in the queue
 between runs (after a lost worker, a hand-back) adds nothing."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Float, and_, case, func, literal, or_, select
 from sqlalchemy.orm import Session
 
-from api.store.models import Job, Run
+from service.db.models import Job, Run
 
 
 def _gpu_seconds(since: float | None, until: float):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
-from api.store.models import File, Team, Worker
+from service.db.models import File, Team, Worker
 
 
 def is_sqlite(session: Session) -> bool:

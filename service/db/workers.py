@@ -14,8 +14,9 @@ from enum import StrEnum
 from sqlalchemy import ColumnElement, and_, select, update
 from sqlalchemy.orm import Session
 
-from api.errors import Conflict
-from api.store.models import ON_WORKER, Job, Worker, new_id
+from service.broker import worker_queue
+from service.db.models import ON_WORKER, Job, Worker, new_id
+from service.errors import Conflict
 
 
 class WorkerState(StrEnum):
@@ -36,12 +37,6 @@ def state_of(worker: Worker, busy: bool, lost_after_s: float, at: float) -> Work
     if worker.last_heartbeat_at < at - lost_after_s:
         return WorkerState.LOST
     return WorkerState.BUSY if busy else WorkerState.IDLE
-
-
-def worker_queue(prefix: str, worker_id: str) -> str:
-    """Each worker listens on a queue of its own (`DPO_QUEUE.<worker id>`): the dispatcher, not the
-    broker, decides which worker runs a job."""
-    return f"{prefix}.{worker_id}"
 
 
 def current_jobs(session: Session, worker_ids: list[str] | None = None) -> dict[str, Job]:

@@ -9,9 +9,6 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
-# Redis re-delivers an unacknowledged task after its visibility timeout (default one hour). A job that
-# trains for longer would then run twice; 48 hours is above any job we expect.
-REDIS_VISIBILITY_TIMEOUT_S = 48 * 3600
 # With DPO_ENV=production the service refuses these as secrets (and any admin key shorter than this).
 DEFAULT_SECRETS = frozenset({"changeme", "change-me", "changeit", "secret", "password", "admin", "test", "dpo",
                              "postgres", "default", "test-admin-key", "dpo-secret", "example"})

@@ -75,7 +75,7 @@ class Team(Base):
     max_running_jobs: Mapped[int | None] = mapped_column(Integer)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer)
     # Bytes of uploads, checkpoints and result files the team may keep; None: the service's default
-    # (DPO_TEAM_STORAGE_BYTES), if any (api.store.quota).
+    # (DPO_TEAM_STORAGE_BYTES), if any (service.db.quota).
     max_storage_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
     deleted_at: Mapped[int | None] = mapped_column(BigInteger)
@@ -177,7 +177,7 @@ class Job(Base):
     # Runs that started and did not end in a clean hand-back; at max_attempts a lost run fails the job.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
-    # The lease on a running job (api.store.leases): the fencing token of the run that holds it, and
+    # The lease on a running job (service.db.leases): the fencing token of the run that holds it, and
     # until when. Every write of a run names its token; a stale run's writes find another and are refused.
     lease_token: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)
@@ -211,9 +211,9 @@ class RunOutcome(StrEnum):
 
 
 class Run(Base):
-    """One run of a job: from when a worker started it (api.store.leases.acquire) to when it ended
-    (api.store.leases.end_run); `ended_at` None while it runs. A team's GPU-seconds are the sum over
-    its runs of `gpus` x their length (api.store.usage), so time a job spends queued between runs never
+    """One run of a job: from when a worker started it (service.db.leases.acquire) to when it ended
+    (service.db.leases.end_run); `ended_at` None while it runs. A team's GPU-seconds are the sum over
+    its runs of `gpus` x their length (service.db.usage), so time a job spends queued between runs never
     counts."""
 
     __tablename__ = "runs"

@@ -70,7 +70,7 @@ def _start_service(data_dir: Path, key: str, port: int) -> subprocess.Popen:
     env.update(DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="1", HF_HUB_OFFLINE="1")
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
+            [sys.executable, "-m", "service.cli", "up", "--data-dir", str(data_dir), "--port", str(port)],
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -179,7 +179,7 @@ def _free_port() -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m api.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m service.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--data-dir", default=".dpo-data/demo")
     parser.add_argument("--port", type=int, default=0, help="default: a free port")
     parser.add_argument("--steps", type=int, default=256, help="optimizer steps of the demo job (4 epochs)")

@@ -11,7 +11,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import make_url
 
 import migrations
-from api.store.db import make_engine
+from service.db.engine import make_engine
 
 # Any constant works; it only has to be the same for every process migrating this database.
 PG_MIGRATION_LOCK = 0x6470_6F5F_6D69  # "dpo_mi"

@@ -1,5 +1,5 @@
 """Who is calling: the admin key (DPO_API_KEY, or generated into the data directory at first start) or
-a team's key (stored hashed in the database, see api.store.teams)."""
+a team's key (stored hashed in the database, see service.db.teams)."""
 from __future__ import annotations
 
 import hmac
@@ -10,9 +10,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from api.settings import Settings
-from api.store.models import DEFAULT_TEAM_ID
-from api.store.teams import hash_key, team_for_key
+from service.db.models import DEFAULT_TEAM_ID
+from service.db.teams import hash_key, team_for_key
+from service.settings import Settings
 
 KEY_FILE = "api_key"
 

@@ -13,8 +13,8 @@ import sys
 
 import httpx
 
-from api.auth import KEY_FILE
-from api.settings import Settings
+from service.auth import KEY_FILE
+from service.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

@@ -4,9 +4,9 @@
     dpo-service api     [--host H] [--port P] [--data-dir D] [--workers N]   the API alone (production)
     dpo-service worker  [--data-dir D]                         one worker alone (one per GPU)
     dpo-service migrate [--data-dir D]                         bring the database to the newest schema
-    dpo-service admin   teams|keys|usage|pool ...              the admin API over HTTP (see api.admin_cli)
+    dpo-service admin   teams|keys|usage|pool ...              the admin API over HTTP (see service.admin_cli)
 
-Settings come from DPO_* environment variables (api.settings.Settings); flags override them.
+Settings come from DPO_* environment variables (service.settings.Settings); flags override them.
 The worker runs as `python -m worker` in its own process, so this module never imports worker/.
 """
 from __future__ import annotations
@@ -21,10 +21,10 @@ import time
 import httpx
 from pydantic import ValidationError
 
-from api import admin_cli
-from api.auth import KEY_FILE, admin_key
-from api.settings import Settings, get_settings
-from api.store.migrate import upgrade
+from service import admin_cli
+from service.auth import KEY_FILE, admin_key
+from service.db.migrate import upgrade
+from service.settings import Settings, get_settings
 
 STOP_GRACE_S = 15
 
@@ -62,7 +62,7 @@ def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:
     threads = process_threads(settings, workers, os.environ)
     print(f"dpo-service API on http://{host}:{port} (docs at /docs), data in {settings.data_dir}"
           f"{f', {workers} processes, {threads} request threads each' if workers > 1 else ''}", flush=True)
-    # Each process builds its app from the environment (api.settings), so the flags travel there.
+    # Each process builds its app from the environment (service.settings), so the flags travel there.
     os.environ["DPO_DATA_DIR"], os.environ["DPO_API_THREADS"] = str(settings.data_dir), str(threads)
     uvicorn.run("api.server:served_app", factory=True, host=host, port=port, workers=workers, log_level="info",
                 http="api.server:NoDelayProtocol")
@@ -87,7 +87,7 @@ def _up(settings: Settings, host: str, port: int) -> int:
     if not created:
         key = "from DPO_API_KEY" if settings.api_key is not None else f"in {settings.data_dir / KEY_FILE}"
     env = {**os.environ, "DPO_DATA_DIR": str(settings.data_dir)}
-    api = subprocess.Popen([sys.executable, "-m", "api.cli", "api", "--host", host, "--port", str(port)], env=env)
+    api = subprocess.Popen([sys.executable, "-m", "service.cli", "api", "--host", host, "--port", str(port)], env=env)
     worker = subprocess.Popen([sys.executable, "-m", "worker", "--loglevel", "WARNING"], env=env)
     children = [api, worker]
     stop = _install_stop_handlers()

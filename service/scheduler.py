@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from sqlalchemy import Select, exists, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.reconciler import reconcile
-from api.settings import Settings
-from api.store import jobs as store
-from api.store.locks import lock_team, try_lock_worker
-from api.store.models import ON_WORKER, Job, JobStatus, Team, Worker
-from api.store.usage import gpu_seconds_by_team
-from api.store.workers import is_live
+from service.db import jobs
+from service.db.locks import lock_team, try_lock_worker
+from service.db.models import ON_WORKER, Job, JobStatus, Team, Worker
+from service.db.usage import gpu_seconds_by_team
+from service.db.workers import is_live
+from service.reconciler import reconcile
+from service.settings import Settings
 
 log = logging.getLogger("dpo.scheduler")
 
@@ -51,7 +51,7 @@ class Candidate:
 
 def dispatch_pass(sessions: sessionmaker[Session], settings: Settings, send: Callable[[Assignment], None],
                   at: float | None = None, dispatch: bool = True) -> list[Assignment]:
-    """Repair what faults left (api.reconciler), then (unless `dispatch` is False: the broker is down and
+    """Repair what faults left (service.reconciler), then (unless `dispatch` is False: the broker is down and
     the caller backs off) give every idle worker a job if one waits; returns what was sent. A send that
     fails puts its job back to `queued` and ends the pass (the next pass tries again)."""
     at = time.time() if at is None else at
@@ -92,7 +92,7 @@ def dispatch_to(sessions: sessionmaker[Session], settings: Settings, worker_id: 
             if chosen is None:
                 return None
             message = f"Dispatched to worker {worker.name} ({worker.gpu_type} x{worker.gpus})"
-            if store.transition(s, chosen.job_id, JobStatus.DISPATCHED, (JobStatus.QUEUED,), message=message,
+            if jobs.transition(s, chosen.job_id, JobStatus.DISPATCHED, (JobStatus.QUEUED,), message=message,
                                 data={"worker": worker.name}, worker_id=worker.id, worker=worker.name,
                                 dispatched_at=at):
                 return Assignment(chosen.job_id, worker.id, worker.name, worker.queue)
@@ -152,5 +152,5 @@ def _idle_workers(settings: Settings, at: float) -> Select:
 
 def _undo(sessions: sessionmaker[Session], a: Assignment, message: str) -> None:
     with sessions.begin() as s:
-        store.transition(s, a.job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.worker_id == a.worker_id,),
+        jobs.transition(s, a.job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.worker_id == a.worker_id,),
                          message=message, worker_id=None, worker=None, dispatched_at=None)

@@ -12,9 +12,9 @@ The check is an UPDATE of the job's row, so on PostgreSQL it holds the row lock 
 commits (the reconciler's conditional update waits for it), and on SQLite the database's one writer
 lock does the same.
 
-Each run is a row of `runs` (api.store.models.Run), opened by `acquire` and closed by `end_run`, the
+Each run is a row of `runs` (service.db.models.Run), opened by `acquire` and closed by `end_run`, the
 one way a run ends: a finish, a hand-back, or the reconciler taking back a lost run. GPU-seconds
-(api.store.usage) count only the time between the two.
+(service.db.usage) count only the time between the two.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from api.errors import LeaseLost
-from api.store.jobs import add_event, transition
-from api.store.models import Job, JobStatus, Run, RunOutcome
+from service.db.jobs import add_event, transition
+from service.db.models import Job, JobStatus, Run, RunOutcome
+from service.errors import LeaseLost
 
 
 @dataclass(frozen=True)

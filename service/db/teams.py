@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from sqlalchemy import Row, and_, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from api.errors import Conflict, NotFound
-from api.store.jobs import ACTIVE, JOB_FIELDS
-from api.store.locks import lock_team
-from api.store.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, is_id, new_id, now
+from service.db.jobs import ACTIVE, JOB_FIELDS
+from service.db.locks import lock_team
+from service.db.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, is_id, new_id, now
+from service.errors import Conflict, NotFound
 
 KEY_PREFIX = "dpo-sk-"
 HINT_CHARS = len(KEY_PREFIX) + 4
@@ -53,7 +53,7 @@ _KEY_AND_JOB = (
 
 def key_and_job(session: Session, presented: str, job_id: str | None) -> tuple[str, str, Row | None] | None:
     """(key id, team id, job) for a live key, the job `job_id` of the key's team as a row of
-    api.store.jobs.JOB_FIELDS (None: that team has no such job, or `job_id` is None), in one query.
+    service.db.jobs.JOB_FIELDS (None: that team has no such job, or `job_id` is None), in one query.
     None: not a live key. The stored hash is compared in constant time."""
     digest = hash_key(presented)
     row = session.execute(_KEY_AND_JOB, {"key_hash": digest, "job_id": job_id}).one_or_none()

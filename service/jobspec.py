@@ -13,8 +13,6 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from api.errors import InvalidInput
-from api.schemas.jobs import DpoHyperparameters, JobCreate
 from dpo_core.spec import (
     MAX_LEARNING_RATE,
     SERVER_PATH_FIELDS,
@@ -24,6 +22,8 @@ from dpo_core.spec import (
     data_problems,
     parse_spec,
 )
+from service.errors import InvalidInput
+from service.requests import DpoHyperparameters, JobCreate
 
 HP = "method.dpo.hyperparameters"
 # OpenAI hyperparameter -> TrainingSpec field path it sets.

@@ -1,5 +1,5 @@
 """The reconciler: puts the database right where a process or a message went away. It runs at the start
-of every dispatch pass (api.scheduler), in every API process; each repair is one conditional update,
+of every dispatch pass (service.scheduler), in every API process; each repair is one conditional update,
 so several processes running it at once repair each thing once.
 
 - A `running` job whose lease ran out (its worker was killed, lost its machine, or cannot reach the
@@ -13,7 +13,7 @@ so several processes running it at once repair each thing once.
 - A `dispatched` job its worker has not started within `dispatch_timeout_s` goes back to `queued`: its
   message was lost (a broker restarted without its data, an API process died between recording a
   dispatch and sending it). The next pass sends it again. A late copy of the old message is harmless:
-  a worker starts only a job dispatched to it (api.store.leases.acquire).
+  a worker starts only a job dispatched to it (service.db.leases.acquire).
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ import logging
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.settings import Settings
-from api.store.jobs import transition
-from api.store.leases import end_run
-from api.store.models import Job, JobStatus, RunOutcome, Worker
-from api.store.workers import is_live
+from service.db.jobs import transition
+from service.db.leases import end_run
+from service.db.models import Job, JobStatus, RunOutcome, Worker
+from service.db.workers import is_live
+from service.settings import Settings
 
 log = logging.getLogger("dpo.reconciler")
 REQUEUED = dict(worker_id=None, worker=None, dispatched_at=None)
