@@ -19,23 +19,19 @@ import sys
 import time
 
 import httpx
-from pydantic import ValidationError
 
 from service import admin_cli
 from service.auth import KEY_FILE, admin_key
 from service.db.migrate import upgrade
-from service.settings import Settings, get_settings
+from service.settings import Settings, settings_for_command
 
 STOP_GRACE_S = 15
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        settings = get_settings(data_dir=args.data_dir)
-    except ValidationError as err:
-        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
-        print(f"dpo-service: invalid settings: {problems}", file=sys.stderr)
+    settings = settings_for_command("dpo-service", data_dir=args.data_dir)
+    if settings is None:
         return 2
     if args.command == "admin":
         return admin_cli.run(args, settings)

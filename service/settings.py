@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
 
@@ -124,3 +125,13 @@ def _password(url: str | None) -> str | None:
 def get_settings(**overrides) -> Settings:
     """Settings from the environment, with explicit overrides (the CLI's flags) on top."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_for_command(prog: str, **overrides) -> Settings | None:
+    """get_settings for command `prog`; None after printing every problem to stderr (never a value)."""
+    try:
+        return get_settings(**overrides)
+    except ValidationError as err:
+        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
+        print(f"{prog}: invalid settings: {problems}", file=sys.stderr)
+        return None

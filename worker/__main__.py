@@ -14,12 +14,10 @@ import signal
 import sys
 import threading
 
-from pydantic import ValidationError
-
 from service.broker import declare_queue
 from service.db.migrate import upgrade
 from service.errors import Conflict
-from service.settings import get_settings
+from service.settings import settings_for_command
 from worker.app import create_worker_app, worker_argv
 from worker.membership import Membership, identity
 
@@ -30,11 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loglevel", default="INFO")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # keep the worker log readable
-    try:
-        settings = get_settings(data_dir=args.data_dir)
-    except ValidationError as err:
-        problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in err.errors())
-        print(f"dpo-service worker: invalid settings: {problems}", file=sys.stderr)
+    settings = settings_for_command("dpo-service worker", data_dir=args.data_dir)
+    if settings is None:
         return 2
     logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

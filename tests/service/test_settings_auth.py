@@ -65,8 +65,9 @@ def test_production_accepts_secrets_of_its_own(tmp_path):
     assert s.api_key.get_secret_value() == STRONG
 
 
-@pytest.mark.parametrize("command", [["api"], ["worker"]])
+@pytest.mark.parametrize("command", [["service.cli", "api"], ["service.cli", "worker"], ["worker"]])
 def test_the_processes_refuse_to_start_on_a_default_secret(tmp_path, command):
+    """`dpo-service api|worker` and the worker process itself (`python -m worker`)."""
     import os
     import subprocess
     import sys
@@ -75,7 +76,7 @@ def test_the_processes_refuse_to_start_on_a_default_secret(tmp_path, command):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
     env.update(DPO_ENV="production", DPO_API_KEY="changeme", DPO_DATA_DIR=str(tmp_path), PYTHONPATH=str(REPO))
-    out = subprocess.run([sys.executable, "-m", "service.cli", *command], cwd=REPO, env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", *command], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "DPO_API_KEY is a well-known default" in out.stderr
     assert "changeme" not in out.stdout + out.stderr and not list(tmp_path.iterdir())
