@@ -1,13 +1,66 @@
-"""The API process stays light: importing and using it loads no torch, no transformers, no worker/."""
+"""The packages' boundaries: api -> service <- worker, and dpo_core on its own.
+
+Every module's imports are read from its source (top-level and inside functions), and two probes import
+the real thing in a fresh interpreter: the API app loads no torch, transformers or worker/; the service
+core loads no FastAPI, Celery or torch.
+"""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.service.processes import REPO
 
-PROBE = r"""
+# What each package must never import (a package of this repository, or a third-party one).
+FORBIDDEN = {
+    "api": {"worker", "torch", "transformers", "peft"},
+    "worker": {"api"},
+    "service": {"api", "worker", "fastapi", "starlette", "celery", "torch", "transformers", "peft"},
+    "dpo_core": {"api", "service", "worker", "fastapi", "starlette", "celery", "sqlalchemy"},
+}
+
+
+def imported(source: str, module: str) -> set[str]:
+    """Top-level names of every module `source` (the module `module`) imports, wherever the import is."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolved against the importing module's package
+                base = module.split(".")[: -node.level]
+                names.add(".".join([*base, node.module] if node.module else base))
+            else:
+                names.add(node.module)
+    return {name.split(".")[0] for name in names if name}
+
+
+def violations(package: str) -> list[str]:
+    found = []
+    for path in sorted((REPO / package).rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+        for name in sorted(imported(path.read_text(), module) & FORBIDDEN[package]):
+            found.append(f"{path.relative_to(REPO)} imports {name}")
+    return found
+
+
+def test_the_scan_sees_imports_inside_functions_and_relative_ones():
+    source = "import os\nfrom .routes import x\ndef f():\n    from worker.runner import JobRunner\n    import torch.nn\n"
+    assert imported(source, "api.main") == {"os", "api", "worker", "torch"}
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_package_imports_across_its_boundary(package):
+    assert (REPO / package / "__init__.py").is_file()
+    assert violations(package) == []
+
+
+API_PROBE = r"""
 import json, sys, tempfile
 from pathlib import Path
 import api.main, service.cli
@@ -26,9 +79,29 @@ print(json.dumps({"status": job["status"], "loaded": sorted(
     m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "peft", "worker"))}))
 """
 
+SERVICE_PROBE = r"""
+import importlib, json, pkgutil, sys
+import service
+
+names = sorted(m.name for m in pkgutil.walk_packages(service.__path__, "service."))
+for name in names:
+    importlib.import_module(name)
+print(json.dumps({"imported": names, "loaded": sorted(m for m in sys.modules if m.split(".")[0] in
+                  ("fastapi", "starlette", "celery", "torch", "transformers", "peft", "api", "worker"))}))
+"""
+
+
+def _probe(code: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 
 def test_the_api_imports_no_torch_transformers_or_worker():
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"status": "queued", "loaded": []}
+    assert _probe(API_PROBE) == {"status": "queued", "loaded": []}
+
+
+def test_the_service_core_imports_no_fastapi_celery_or_torch():
+    result = _probe(SERVICE_PROBE)
+    assert {"service.db.models", "service.scheduler", "service.broker", "service.cli"} <= set(result["imported"])
+    assert result["loaded"] == []
