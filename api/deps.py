@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
-from celery import Celery
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Row
@@ -45,10 +44,6 @@ async def get_session(request: Request) -> AsyncIterator[Session]:
 
 async def get_storage(request: Request) -> Storage:
     return request.app.state.storage
-
-
-async def get_queue(request: Request) -> Celery:
-    return request.app.state.celery
 
 
 async def get_dispatcher(request: Request) -> Dispatcher:
@@ -145,11 +140,9 @@ async def get_admin(principal: Annotated[Principal, Depends(get_principal)]) -> 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage)]
-QueueDep = Annotated[Celery, Depends(get_queue)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
-AdminPrincipal = Annotated[Principal, Depends(get_admin)]
 
 
 def load_job(session: Session, principal: Principal, job_id: str) -> Job:

@@ -1,7 +1,8 @@
 """dpo_core: Direct Preference Optimization and its variants, as a library and the `dpo-train` command.
 
 `import dpo_core` and `dpo_core.spec` / `dpo_core.data` stay free of torch so that the API can validate
-specs and uploads cheaply; `train` and `evaluate` import the heavy stack when first used.
+specs and uploads cheaply; `train` imports the heavy stack when first used (an evaluation-only run is
+`train` with max_steps 0).
 """
 from dpo_core.callbacks import Callbacks
 from dpo_core.spec import LossSpec, SpecError, TrainingSpec, load_spec, parse_spec

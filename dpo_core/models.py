@@ -11,12 +11,6 @@ from dpo_core.errors import ModelLoadError, TrainingError
 from dpo_core.spec import LoraSpec, TrainingSpec
 
 
-def pick_device(spec: TrainingSpec) -> torch.device:
-    if spec.device:
-        return torch.device(spec.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
     hint = "a local directory with config.json" if not Path(name).exists() else "a directory saved by save_pretrained"
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -329,10 +329,6 @@ class TrainingSpec(_Strict):
     def micro_batch(self) -> int:
         return self.micro_batch_size or self.batch_size
 
-    @property
-    def accumulation_steps(self) -> int:
-        return -(-self.batch_size // self.micro_batch)
-
     def total_steps(self, num_rows: int) -> int:
         """Optimizer steps of a run over `num_rows` training rows (KTO: rows after pairs are split)."""
         if self.max_steps is not None:

@@ -24,7 +24,6 @@ log = logging.getLogger("dpo.storage")
 
 
 class Storage(Protocol):
-    def put(self, key: str, data: bytes) -> int: ...
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int: ...
     def open(self, key: str) -> BinaryIO: ...
     def path(self, key: str) -> Path: ...
@@ -49,9 +48,6 @@ class LocalStorage:
     def key_for(self, path: str | Path) -> str:
         """The key of a local path under root (for directories the trainer wrote)."""
         return Path(path).resolve().relative_to(self.root).as_posix()
-
-    def put(self, key: str, data: bytes) -> int:
-        return self.put_stream(key, (data,))
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
         """Write the chunks under `key` as they come; returns the bytes written. The key appears only once

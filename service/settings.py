@@ -91,10 +91,6 @@ class Settings(BaseSettings):
     def storage_dir(self) -> Path:
         return self.data_dir
 
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
-
 
 def _refuse_default_secrets(settings: Settings) -> None:
     """Production runs only on secrets of the operator's own; the messages never show a secret."""

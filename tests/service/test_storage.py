@@ -11,7 +11,7 @@ from service.artifacts import LocalStorage, iter_tar
 
 def test_put_open_exists_delete(tmp_path):
     storage = LocalStorage(tmp_path)
-    assert storage.put("files/a.jsonl", b"hello") == 5
+    assert storage.put_stream("files/a.jsonl", [b"hel", b"lo"]) == 5
     assert storage.exists("files/a.jsonl") and storage.open("files/a.jsonl").read() == b"hello"
     assert storage.path("files/a.jsonl") == tmp_path / "files" / "a.jsonl"
     assert storage.key_for(tmp_path / "files" / "a.jsonl") == "files/a.jsonl"
