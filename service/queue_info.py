@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ON_WORKER, Job, JobStatus, Team, Worker
+from service.db.models import ON_WORKER, WAITING, Job, JobStatus, Team, Worker
 from service.db.workers import is_live
 from service.settings import Settings
 
@@ -23,7 +23,7 @@ class QueueInfo:
 
 def queue_info(session: Session, settings: Settings, jobs: list[Job], at: float) -> dict[str, QueueInfo]:
     """Position and reason for each waiting job among `jobs` (others are absent)."""
-    waiting = [j for j in jobs if j.status in (JobStatus.QUEUED, JobStatus.VALIDATING_FILES, JobStatus.DISPATCHED)]
+    waiting = [j for j in jobs if j.status in WAITING]
     if not waiting:
         return {}
     positions = _positions(session, {j.team_id for j in waiting if j.status == JobStatus.QUEUED})
@@ -35,8 +35,6 @@ def queue_info(session: Session, settings: Settings, jobs: list[Job], at: float)
     for job in waiting:
         if job.status == JobStatus.DISPATCHED:
             out[job.id] = QueueInfo(0, f"handed to worker {job.worker}; starting")
-        elif job.status == JobStatus.VALIDATING_FILES:
-            out[job.id] = QueueInfo(None, "validating its files")
         else:
             position = positions.get(job.id)
             out[job.id] = QueueInfo(position, _reason(job, position, live, teams[job.team_id], running))

@@ -65,7 +65,7 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     session.add(job)
     session.flush()  # the row first: events reference it
     jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    jobs.transition(session, job.id, JobStatus.QUEUED, (JobStatus.VALIDATING_FILES,))
+    jobs.status_event(session, job.id, JobStatus.QUEUED)
     session.commit()
     dispatcher.wake()
     session.refresh(job)
@@ -88,7 +88,7 @@ def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
         _check_model(built.spec.reference_model, settings, "training.reference_model")
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
     return Job(
-        id=job_id, team_id=principal.team_id, status=JobStatus.VALIDATING_FILES.value, model=req.model,
+        id=job_id, team_id=principal.team_id, status=JobStatus.QUEUED.value, model=req.model,
         training_file=train.id, validation_file=val.id if val else None, method=method,
         hyperparameters=built.hyperparameters, training=req.training, spec=built.stored, seed=built.spec.seed,
         suffix=req.suffix, metadata_=req.metadata, created_at=now(), result_files=[], cancel_requested=False,

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from api.deps import CurrentPrincipal, SessionDep, SettingsDep, get_admin
 from api.schemas.pool import JobCounts, UsageListPublic, UsagePublic
-from service.db.models import JobStatus, Team
+from service.db.models import WAITING, JobStatus, Team
 from service.db.quota import bytes_used, storage_limit
 from service.db.usage import TeamUsage, gpu_seconds_by_team, usage_by_team
 from service.errors import InvalidInput
@@ -52,8 +52,7 @@ def _report(session, settings, teams: list[Team], since: float | None, until: fl
 
 def _public(team: Team, u: TeamUsage, since, until, window_seconds: float, window_s: float) -> UsagePublic:
     jobs = dict(u.jobs)
-    jobs[JobStatus.QUEUED] = sum(jobs.pop(s, 0) for s in (JobStatus.VALIDATING_FILES, JobStatus.QUEUED,
-                                                           JobStatus.DISPATCHED))
+    jobs[JobStatus.QUEUED] = sum(jobs.pop(s, 0) for s in WAITING)
     counts = JobCounts(total=sum(jobs.values()), **{str(k): v for k, v in jobs.items()})
     return UsagePublic(team_id=team.id, team=team.name, since=since, until=until, gpu_seconds=round(u.gpu_seconds, 3),
                        jobs=counts, trained_tokens=u.trained_tokens,

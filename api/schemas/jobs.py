@@ -27,7 +27,7 @@ class Progress(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    status: str = Field(description="validating_files | queued | running | succeeded | failed | cancelled")
+    status: str = Field(description="queued | running | succeeded | failed | cancelled")
     created_at: int
     started_at: int | None
     finished_at: int | None

@@ -24,7 +24,7 @@ class WorkerPublic(BaseModel):
 class TeamQueue(BaseModel):
     team_id: str
     team: str
-    queued: int = Field(description="jobs waiting (validating, queued, or handed to a worker)")
+    queued: int = Field(description="jobs waiting (queued, or handed to a worker)")
     running: int
 
 

@@ -54,14 +54,19 @@ def transition(
     )
     if result.rowcount != 1:
         return False
-    level = "error" if new == JobStatus.FAILED else "info"
-    data = data if new == JobStatus.DISPATCHED else {"status": new.value, **(data or {})}
-    add_event(session, job_id, message or _STATUS_MESSAGES[new], level=level, data=data)
+    status_event(session, job_id, new, message, data)
     return True
 
 
+def status_event(session: Session, job_id: str, new: JobStatus, message: str | None = None,
+                 data: dict | None = None) -> None:
+    """The event of a job's move to `new` (a job is created `queued`, so creating one records it too)."""
+    level = "error" if new == JobStatus.FAILED else "info"
+    data = data if new == JobStatus.DISPATCHED else {"status": new.value, **(data or {})}
+    add_event(session, job_id, message or _STATUS_MESSAGES[new], level=level, data=data)
+
+
 _STATUS_MESSAGES = {
-    JobStatus.VALIDATING_FILES: "Validating training file",
     JobStatus.QUEUED: "Job queued",
     JobStatus.DISPATCHED: "Job handed to a worker",
     JobStatus.RUNNING: "Job started",

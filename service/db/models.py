@@ -21,7 +21,8 @@ BigIntKey = BigInteger().with_variant(Integer, "sqlite")
 
 
 class JobStatus(StrEnum):
-    VALIDATING_FILES = "validating_files"
+    # A job is created `queued`: its files and spec are checked before the request returns, so OpenAI's
+    # `validating_files` never applies.
     QUEUED = "queued"  # waiting for the dispatcher
     DISPATCHED = "dispatched"  # given to one worker (jobs.worker_id), its id sent to that worker's queue
     RUNNING = "running"
@@ -35,7 +36,7 @@ class JobStatus(StrEnum):
 
 
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
-WAITING = (JobStatus.VALIDATING_FILES, JobStatus.QUEUED, JobStatus.DISPATCHED)  # what users see as queued
+WAITING = (JobStatus.QUEUED, JobStatus.DISPATCHED)  # what users see as queued
 ON_WORKER = (JobStatus.DISPATCHED, JobStatus.RUNNING)  # what keeps a worker busy
 DEFAULT_TEAM_ID = "team-default"  # made by the migration; the admin key's own files and jobs go here
 

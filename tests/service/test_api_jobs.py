@@ -3,9 +3,11 @@ read back here to check that only the job id travels."""
 from __future__ import annotations
 
 import pytest
+from sqlalchemy import event
 
 from api.queue import make_celery
 from service.broker import RUN_JOB_TASK
+from service.db.models import Job
 from tests.service.support import register_worker, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -47,6 +49,24 @@ def test_create_returns_a_queued_job_and_sends_only_its_id(client, train_id, set
     assert message.payload[0] == [job["id"]] and message.payload[1] == {}
     job = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()
     assert (job["status"], job["queue_position"], job["worker"]) == ("queued", 0, "test-worker")
+
+
+def test_a_job_row_is_written_queued_with_its_status_event(client, train_id):
+    """The files and spec are checked before the row is written: its first status is queued (OpenAI's
+    validating_files never applies), and the events record that status."""
+    inserted = []
+
+    def record(_mapper, _connection, job):
+        inserted.append(job.status)
+
+    event.listen(Job, "before_insert", record)
+    try:
+        job = create(client, train_id).json()
+    finally:
+        event.remove(Job, "before_insert", record)
+    assert inserted == ["queued"] and job["status"] == "queued"
+    events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"order": "asc"}).json()["data"]
+    assert [e["data"] for e in events] == [None, {"status": "queued"}]
 
 
 @pytest.mark.parametrize("change, param", [
