@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import json
 import re
-import secrets
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, inspect, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from service.db.engine import make_engine
 from service.db.migrate import alembic_config, upgrade
-from tests.service.support import service_url
+from tests.service.support import fresh_postgres
 
 TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints", "runs"}
 
@@ -54,20 +52,10 @@ def test_concurrent_start_ups_migrate_once(tmp_path):
 
 @pytest.mark.postgres
 def test_postgresql():
-    base = make_url(service_url("DPO_TEST_DATABASE_URL"))
-    name = f"dpo_test_{secrets.token_hex(4)}"
-    admin = create_engine(base, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        url = base.set(database=name).render_as_string(hide_password=False)
+    with fresh_postgres() as url:
         _check(url)
         with ProcessPoolExecutor(3) as pool:
             list(pool.map(upgrade, [url] * 3))
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -76,8 +64,6 @@ def database_url(request, tmp_path):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'dpo.sqlite'}"
         return
-    from tests.service.support import fresh_postgres
-
     with fresh_postgres() as url:
         yield url
 
