@@ -5,10 +5,11 @@ in PostgreSQL, and how soon an idle worker starts a submitted job.
     .venv/bin/python benchmarks/bench_service.py --quick    # 50 clients, 10k jobs, 10 s of polling
 
 Needs PostgreSQL and Redis, as CI has them (.ci/run): --database-url names a server database this
-script may create databases from (it makes `dpo_bench_<random>` and drops it afterwards), --broker-url
-a Redis (a queue of this run's own is used and deleted). It starts `dpo-service api` (uvicorn) and one
-worker (`python -m worker`) as their own processes on loopback, as an operator would, and talks HTTP only,
-with a new team's key (as a team's users would; `--as admin` sends the admin key, which needs no lookup).
+script may create databases from (it makes one of its own and drops it afterwards), --broker-url a
+Redis (a queue of this run's own is used and deleted). It starts `dpo-service api` (uvicorn) and one
+`dpo-service worker` as their own processes on loopback with the service's default settings, as an
+operator would (tests/service/processes.py starts them), and talks HTTP only, with a new team's key
+(as a team's users would; `--as admin` sends the admin key, which needs no lookup).
 
 1. Listing: one tiny job is created and run through the API, then its row is copied 100k times in SQL
    (the API would take an hour to create them), and GET /v1/fine_tuning/jobs is timed one request at a
@@ -29,10 +30,7 @@ import gc
 import os
 import random
 import secrets
-import signal
-import socket
 import ssl
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,9 +39,10 @@ from pathlib import Path
 import httpx
 import machine  # benchmarks/ is on sys.path when run as a script
 
-REPO = Path(__file__).resolve().parents[1]
-TERMINAL = ("succeeded", "failed", "cancelled")
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.service.processes import TERMINAL, WORKER, new_service  # noqa: E402  (after the path above)
+from tests.service.support import fresh_postgres  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -56,29 +55,7 @@ def summary(ms: list[float]) -> str:
             f"max {max(ms):.1f} ms")
 
 
-# ---------------------------------------------------------------- database and processes
-
-
-def create_database(admin_url: str) -> str:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"dpo_bench_{secrets.token_hex(4)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-
-
-def drop_database(admin_url: str, url: str) -> None:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)'))
-    admin.dispose()
+# ---------------------------------------------------------------- the jobs table
 
 
 def clone_jobs(db_url: str, template_id: str, n: int) -> list[str]:
@@ -103,50 +80,6 @@ def clone_jobs(db_url: str, template_id: str, n: int) -> list[str]:
         ids = list(conn.scalars(text("SELECT id FROM jobs ORDER BY created_at, id")))
     engine.dispose()
     return ids
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Processes:
-    """The API (uvicorn) and one worker, each in its own session so that stopping them stops their children."""
-
-    def __init__(self, root: Path, env: dict):
-        self.root, self.env, self.procs = root, env, {}
-
-    def start(self, name: str, args: list[str]) -> None:
-        log = (self.root / f"{name}.log").open("ab")
-        self.procs[name] = subprocess.Popen([sys.executable, *args], cwd=REPO, env=self.env, stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self, url: str, timeout_s: float = 90) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            dead = [n for n, p in self.procs.items() if p.poll() is not None]
-            if dead:
-                raise SystemExit(f"{dead} exited early; see the logs in {self.root}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise SystemExit(f"the service was not ready within {timeout_s:.0f}s; see the logs in {self.root}")
-
-    def stop(self, grace_s: float = 20) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 # ---------------------------------------------------------------- the measurements
@@ -301,30 +234,21 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     print(machine.describe(with_torch=False), flush=True)
     root = Path(tempfile.mkdtemp(prefix="dpo-bench-service-"))
-    db_url = create_database(args.database_url)
     queue = f"dpo-bench-{secrets.token_hex(4)}"
-    key = "bench-" + secrets.token_hex(8)
-    procs = None
-    try:
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
-        env.update(DPO_DATA_DIR=str(root / "data"), DPO_API_KEY=key, DPO_DATABASE_URL=db_url,
-                   DPO_BROKER_URL=args.broker_url, DPO_QUEUE=queue, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
-        procs = Processes(root, env)
-        procs.start("api", ["-m", "service.cli", "api", "--host", "127.0.0.1", "--port", str(port),
-                            "--workers", str(args.api_workers)])
-        procs.start("worker", ["-m", "worker", "--loglevel", "INFO"])
-        procs.wait_ready(url)
-        print(f"service up at {url} ({args.api_workers} API process(es), {args.caller} key); logs in {root}",
-              flush=True)
-        print()
-        print(run_all(args, url, key, db_url, root))
-    finally:
-        if procs:
-            procs.stop()
-        drop_database(args.database_url, db_url)
-        _drop_queue(args.broker_url, queue)
+    with fresh_postgres(args.database_url) as db_url:
+        service = new_service(root, "bench-" + secrets.token_hex(8), tuned=False, extra_env={
+            "DPO_DATABASE_URL": db_url, "DPO_BROKER_URL": args.broker_url, "DPO_QUEUE": queue})
+        try:
+            service.start_api("--workers", str(args.api_workers))
+            service.start("worker", WORKER)
+            service.wait_ready(timeout_s=90, watch=("api", "worker"))
+            print(f"service up at {service.url} ({args.api_workers} API process(es), {args.caller} key); logs in "
+                  f"{root}", flush=True)
+            print()
+            print(run_all(args, service.url, service.key, db_url, root))
+        finally:
+            service.stop()
+            _drop_queue(args.broker_url, queue)
 
 
 def team_key(url: str, admin_key: str) -> str:

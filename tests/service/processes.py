@@ -72,8 +72,9 @@ class Service:
         self.start(name, WORKER, {"DPO_WORKER_NAME": name, **env})
         self.wait_for_worker(name, ("idle", "busy"), timeout_s)
 
-    def start_api(self) -> None:
-        self.start("api", [*API, "--port", str(self.port)])
+    def start_api(self, *args: str) -> None:
+        """`dpo-service api` on this service's port; `args`: more of its flags (e.g. --workers)."""
+        self.start("api", [*API, "--port", str(self.port), *args])
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """`sig` to a process and its children, then wait for it to be gone."""
@@ -135,24 +136,30 @@ class Service:
                 time.sleep(0.3)
 
 
-def _service(root: Path, key: str, extra_env: dict[str, str] | None) -> Service:
-    """A service sharing `root/data`, its settings in `env`; nothing started yet."""
+def fast_settings() -> dict[str, str]:
+    """What every service a test starts runs with: short intervals, so that heartbeats, leases and
+    dispatches happen within seconds, and the tests' model directories."""
+    return dict(DPO_METRICS_EVENT_INTERVAL_S="0", DPO_CANCEL_POLL_INTERVAL_S="0.5", DPO_DISPATCH_INTERVAL_S="0.3",
+                DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5", DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3",
+                DPO_DISPATCH_TIMEOUT_S="10", DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
+
+
+def new_service(root: Path, key: str, extra_env: dict[str, str] | None = None, tuned: bool = True) -> Service:
+    """A service sharing `root/data` (its logs in `root`), its settings in `env`; nothing started yet.
+    `tuned`: with fast_settings (a benchmark leaves the service's defaults)."""
     data_dir = root / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("DPO_")}
-    env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY=key, DPO_METRICS_EVENT_INTERVAL_S="0",
-               DPO_CANCEL_POLL_INTERVAL_S="0.5", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
-               DPO_WORKER_NAME="worker", DPO_DISPATCH_INTERVAL_S="0.3", DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5",
-               DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3", DPO_DISPATCH_TIMEOUT_S="10",
-               DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
-    env.update(extra_env or {})
+    env.update(DPO_DATA_DIR=str(data_dir), DPO_API_KEY=key, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO),
+               DPO_WORKER_NAME="worker")
+    env.update({**(fast_settings() if tuned else {}), **(extra_env or {})})
     return Service(url=f"http://127.0.0.1:{port}", key=key, data_dir=data_dir, env=env, port=port)
 
 
 def start_api(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
     """The API process alone (no worker), sharing `root/data`; returns once /readyz answers 200."""
-    service = _service(root, key, extra_env)
+    service = new_service(root, key, extra_env)
     service.start_api()
     try:
         service.wait_ready()
@@ -165,7 +172,7 @@ def start_api(root: Path, key: str, extra_env: dict[str, str] | None = None) -> 
 def start_service(root: Path, key: str, extra_env: dict[str, str] | None = None) -> Service:
     """API and worker as two processes sharing `root/data`; returns once /readyz answers 200 and the
     worker has joined the pool."""
-    service = _service(root, key, extra_env)
+    service = new_service(root, key, extra_env)
     env = service.env
     service.start_api()
     service.start("worker", WORKER)

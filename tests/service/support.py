@@ -103,12 +103,13 @@ def service_url(env_name: str) -> str:
 
 
 @contextlib.contextmanager
-def fresh_postgres():
-    """A new database on the test PostgreSQL server (DPO_TEST_DATABASE_URL), dropped afterwards."""
+def fresh_postgres(server_url: str | None = None):
+    """A new database on PostgreSQL server `server_url` (default: the tests' DPO_TEST_DATABASE_URL),
+    dropped afterwards."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    base = make_url(service_url("DPO_TEST_DATABASE_URL"))
+    base = make_url(server_url or service_url("DPO_TEST_DATABASE_URL"))
     name = f"dpo_test_{secrets.token_hex(4)}"
     admin = create_engine(base, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
