@@ -48,6 +48,12 @@ def task_files(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="module")
+def file_id(service, task_files) -> str:
+    """The task's training file, uploaded to the test module's own `service` fixture (real processes)."""
+    return service.upload(task_files[0])
+
+
+@pytest.fixture(scope="module")
 def postgres_url():
     """A fresh database on the test PostgreSQL server, dropped afterwards."""
     with fresh_postgres() as url:

@@ -25,11 +25,6 @@ def service(tmp_path_factory):
     svc.stop()
 
 
-@pytest.fixture(scope="module")
-def file_id(service, task_files):
-    return service.upload(task_files[0])
-
-
 def _submit(service, model, file_id, **training) -> str:
     body = {"model": model, "training_file": file_id, "gpus": 2, "training": {**FAST, **training},
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 8}}}}

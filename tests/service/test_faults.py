@@ -34,11 +34,6 @@ def service(tmp_path_factory):
     svc.stop()
 
 
-@pytest.fixture(scope="module")
-def file_id(service, task_files) -> str:
-    return service.upload(task_files[0])
-
-
 def submit(service, model, file_id, **training) -> str:
     with service.client() as c:
         r = c.post("/v1/fine_tuning/jobs", json={

@@ -52,11 +52,6 @@ def service(tmp_path_factory, postgres, redis):
     svc.stop()
 
 
-@pytest.fixture(scope="module")
-def file_id(service, task_files) -> str:
-    return service.upload(task_files[0])
-
-
 def wait_until(condition, timeout_s: float, what: str, service) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
