@@ -18,6 +18,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
 
+from sqlalchemy.orm import Session
+
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 log = logging.getLogger("dpo.storage")
@@ -98,6 +100,14 @@ class LocalStorage:
         if not target.is_dir():
             return target.stat().st_size if target.is_file() else 0
         return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def delete_with_artifact(session: Session, storage: Storage, row) -> None:
+    """Delete `row` (a File or a Checkpoint: it names its artifact by `storage_key`), then the artifact.
+    The row is committed first: a failure after it leaves bytes no row names, never a row without them."""
+    session.delete(row)
+    session.commit()
+    storage.delete(row.storage_key)
 
 
 def iter_file(handle: BinaryIO) -> Iterator[bytes]:

@@ -12,7 +12,7 @@ from api.deps import JobDep, SessionDep, StorageDep
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
-from service.artifacts import iter_tar, tar_entries
+from service.artifacts import delete_with_artifact, iter_tar, tar_entries
 from service.db.models import Checkpoint, JobStatus, is_id
 from service.errors import Conflict, InvalidInput, NotFound
 
@@ -68,9 +68,7 @@ def delete_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep, stor
     if not JobStatus(job.status).terminal:
         raise Conflict(f"job {job.id} is {job.status}; delete its checkpoints once it has ended (until then it may "
                        "resume from them)", param="fine_tuning_job_id", code="job_not_finished")
-    session.delete(ckpt)
-    session.commit()
-    storage.delete(ckpt.storage_key)
+    delete_with_artifact(session, storage, ckpt)
     return DeletedPublic(id=ckpt.id, object="fine_tuning.job.checkpoint")
 
 

@@ -15,7 +15,7 @@ from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
 from dpo_core.data import DataError, DataSummary, Validator
-from service.artifacts import CHUNK, Storage, iter_file
+from service.artifacts import CHUNK, Storage, delete_with_artifact, iter_file
 from service.db.jobs import ACTIVE
 from service.db.locks import lock_files
 from service.db.models import File, Job, new_id, now
@@ -166,9 +166,7 @@ def delete_file(file: FileDep, session: SessionDep, storage: StorageDep) -> Dele
     if in_use:
         raise Conflict(f"file {file.id} is used by job {in_use}, which has not finished; cancel the job or wait "
                        "until it ends, then delete the file", param="file_id", code="file_in_use")
-    session.delete(file)
-    session.commit()
-    storage.delete(file.storage_key)
+    delete_with_artifact(session, storage, file)
     return DeletedPublic(id=file.id, object="file")
 
 
