@@ -118,23 +118,14 @@ def parameter_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(
-    out_dir,
-    *,
-    vocab_size: int | None = None,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    intermediate_size: int = 128,
-    max_position_embeddings: int = 1024,
-    seed: int = 0,
-    tokenizer=None,
-) -> str:
+def build_model(out_dir, *, vocab_size: int | None = None, seed: int = 0, tokenizer=None, **shape: int) -> str:
     """Save a randomly initialised LlamaForCausalLM and its tokenizer in `out_dir`; return the path.
 
     Without `tokenizer`, builds the toy one, padded with filler words up to `vocab_size` if given.
-    The vocabulary defaults to the tokenizer's size. `AutoModelForCausalLM.from_pretrained(out_dir)`
-    and `AutoTokenizer.from_pretrained(out_dir)` load the result.
+    The vocabulary defaults to the tokenizer's size. `shape`: llama_config's sizes (hidden_size,
+    num_layers, num_heads, intermediate_size, max_position_embeddings; PRESETS holds some).
+    `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)` load
+    the result.
     """
     import torch
     from transformers import LlamaForCausalLM
@@ -144,22 +135,13 @@ def build_model(
     vocab_size = vocab_size or len(tokenizer)
     if vocab_size < len(tokenizer):
         raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {len(tokenizer)} tokens; raise it")
-    config = llama_config(
-        vocab_size,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = llama_config(vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, **shape)
     # fork_rng: seed the initialisation without changing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
-    tokenizer.model_max_length = max_position_embeddings
+    tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
     return str(out_dir)
