@@ -1,6 +1,6 @@
 """The service's domain errors, one named exception per kind of failure.
 
-Routes and store code raise these; api.main turns them into HTTP responses (status code and the
+Routes and the service core raise these; api.main turns them into HTTP responses (status code and the
 OpenAI-style body `{"error": {"message", "type", "param", "code"}}`) at the edge, and nowhere else.
 Each kind is a class of its own (a docstring and a code, like dpo_core.errors'), so that code raises
 and catches it by name.
