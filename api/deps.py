@@ -110,8 +110,8 @@ async def get_principal(request: Request, caller: Annotated[Caller, Depends(get_
 async def read(request: Request, caller: Caller, fn: Callable[..., T], *args) -> T:
     """`fn(session, principal, *args)` on a read session (service.db.engine.make_read_sessionmaker), with the
     caller's key checked on that session first, all in one worker thread. For the routes clients poll:
-    as a sync route with SessionDep, JobDep and a team key, the status route took five thread hops (key,
-    job, route, response check, session close), each a turn at the GIL among every request in flight."""
+    as a sync route with SessionDep, JobDep and a team key, the status route would take five thread hops
+    (key, job, route, response check, session close), each a turn at the GIL among every request in flight."""
     return await run_in_threadpool(read_with_retry, request.app.state.reads, _as_principal, caller, fn, *args)
 
 
@@ -121,8 +121,8 @@ def _as_principal(session: Session, caller: Caller, fn: Callable[..., T], *args)
 
 async def read_job(request: Request, caller: Caller, job_id: str, fn: Callable[..., T], *args) -> T:
     """As `read`, for a route about one job: `fn(session, principal, job, *args)`, with the job as a row
-    (Caller.job). With a team key, the key and the job are one query: the API's CPU per status request
-    fell from 3.6 to 2.1 ms on a 2-core machine (docs/performance.md)."""
+    (Caller.job). With a team key, the key and the job are one query: one round trip and no ORM objects
+    for the request clients poll most."""
     return await run_in_threadpool(read_with_retry, request.app.state.reads, _with_job, caller, job_id, fn, *args)
 
 

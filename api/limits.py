@@ -93,7 +93,7 @@ class InFlightLimit:
     Sync routes and their database sessions run on a pool of `api_threads` threads, and a session gives
     its connection back only when its dependency exits, which needs a thread too. Without a cap, a burst
     of requests fills every thread with requests waiting for a connection while the connections are held
-    by finished requests waiting for a thread to close their session in: the API stalls (seen with 200
+    by finished requests waiting for a thread to close their session in: the API stalls (e.g. 200
     clients polling back to back). With the cap, every request in the app can get a thread and a connection.
     """
 

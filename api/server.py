@@ -15,8 +15,8 @@ def served_app():
     """The app, built from the environment (service.settings); the CLI has migrated the database already."""
     app = create_app(get_settings(), migrate=False)
     # What is built by now (modules, routes, schemas) lives as long as the process: freeze it, so the
-    # collector's full passes stop walking it. Those walks paused every request in flight: with 200
-    # clients polling, status p99 went from ~170 ms to ~45 ms on a 2-core machine (docs/performance.md).
+    # collector's full passes stop walking it: each such walk pauses every request in flight, and with
+    # many clients polling, those pauses show in the status route's tail latency.
     gc.collect()
     gc.freeze()
     return app
@@ -26,11 +26,10 @@ class NoDelayProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with Nagle's algorithm off on every connection. With --workers,
     uvicorn binds the socket itself without naming TCP as its protocol, so asyncio's own loop leaves
     Nagle on (uvloop sets TCP_NODELAY itself, but is not installed everywhere): a small response then
-    goes out as two segments, the second held until the client's delayed ACK, and sequential requests
-    took ~48 ms each instead of ~3 ms.
+    goes out as two segments, the second held until the client's delayed ACK, and each sequential
+    request waits out that delay.
 
-    httptools, not uvicorn's pure-Python h11: its parser in C took 10–15% less of the API's CPU per
-    status poll on a 2-core machine (docs/performance.md)."""
+    httptools, not uvicorn's pure-Python h11: its parser is C, so a status poll costs the API less CPU."""
 
     def connection_made(self, transport) -> None:
         sock = transport.get_extra_info("socket")

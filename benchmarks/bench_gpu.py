@@ -1,6 +1,6 @@
 """dpo_core against TRL's DPOTrainer on one GPU: tokens/s, MFU and peak GPU memory for a ~0.5B model.
 
-    python benchmarks/bench_gpu.py                      # the issue-6 GPU comparison, a few minutes on one H100/H200
+    python benchmarks/bench_gpu.py                      # the GPU comparison, a few minutes on one H100/H200
     python benchmarks/bench_gpu.py --max-length 1024 --json gpu.json
 
 The model is a Llama with the shape of Qwen2.5-0.5B (hidden 896, 24 layers, 14 query / 2 key-value heads,

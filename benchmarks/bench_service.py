@@ -1,7 +1,7 @@
 """Service latency against real processes: status polling under 200 clients, listing over 100k jobs
 in PostgreSQL, and how soon an idle worker starts a submitted job.
 
-    .venv/bin/python benchmarks/bench_service.py            # the issue-6 setting, about three minutes
+    .venv/bin/python benchmarks/bench_service.py            # the default setting, about three minutes
     .venv/bin/python benchmarks/bench_service.py --quick    # 50 clients, 10k jobs, 10 s of polling
 
 Needs PostgreSQL and Redis, as CI has them (.ci/run): --database-url names a server database this
@@ -20,7 +20,7 @@ operator would (tests/service/processes.py starts them), and talks HTTP only, wi
 3. Submit -> start: with the worker idle (its previous job ended --settle seconds ago), a tiny job is
    created over HTTP and polled every 20 ms until its status is `running`; then the same again with
    each job submitted the moment the previous one ended.
-The client runs on the same 2 cores as the server, so its own work is in the figures.
+The client runs on the same cores as the server, so its own work is in the figures.
 """
 from __future__ import annotations
 

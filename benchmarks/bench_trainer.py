@@ -1,7 +1,7 @@
 """dpo_core against TRL's DPOTrainer: tokens/s, peak memory and the loss curve, on one model and one data order.
 
     .venv/bin/python benchmarks/bench_trainer.py --quick             # smoke test, about two minutes
-    .venv/bin/python benchmarks/bench_trainer.py                     # the issue-6 setting (see docs/performance.md)
+    .venv/bin/python benchmarks/bench_trainer.py                     # the default setting (see docs/performance.md)
     .venv/bin/python benchmarks/bench_trainer.py --reference-mode precomputed --precision bf16
 
 Both contenders train the bench-20m Llama (32k vocabulary) on the same pairs, in the same order, with the
@@ -110,7 +110,7 @@ class Child:
             ours=c.ours,
             trl=c.trl or {},
         )
-        # Keep an inherited PYTHONPATH last: packages installed beside the system's (a GPU box's carried wheels).
+        # Keep an inherited PYTHONPATH last: wheels installed beside the system's packages.
         path = ":".join(x for x in (c.pythonpath, str(REPO), os.environ.get("PYTHONPATH")) if x)
         env = dict(os.environ, PYTHONPATH=path, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                    TOKENIZERS_PARALLELISM="false")

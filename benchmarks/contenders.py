@@ -116,8 +116,8 @@ def _timed(fn, clock: Clock):
 
 
 def _tolerant_dataset_hashing() -> None:
-    """datasets names its cache by hashing objects with dill. On the GPU box's Python 3.12.3 that raised
-    PicklingError on pyarrow's MonthDayNano type and stopped TRL before its first step. A random hash
+    """datasets names its cache by hashing objects with dill, which can raise PicklingError on pyarrow's
+    MonthDayNano type (under Python 3.12.3) and would stop TRL before its first step. A random hash
     there only means no cache reuse; the data and the training are the same."""
     import pickle
 

@@ -1,10 +1,8 @@
 """What a benchmark ran on, in one line, printed first by each benchmark.
 
-The project's 2-core build machine is not always the same CPU, and the figures move with it: the same
-dpo_core measured 5.5-6.2x TRL on a Zen 4, 4.1x on one Zen 5 and 5.4x on another of the same CPU
-model (half the first one's matmul rate), and the same service met its status target on one VM and
-not on a slower, stalling one (docs/performance.md, "The machine"). A figure without its machine
-cannot be compared, so the benchmarks say which one they ran on.
+The figures move with the machine: the same code gives different ratios to TRL on CPUs with different
+matrix rates, and a VM that stalls puts its stalls into the service's latency tail. A figure without
+its machine cannot be compared, so the benchmarks say which one they ran on (docs/performance.md).
 """
 from __future__ import annotations
 

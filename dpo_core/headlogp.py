@@ -14,7 +14,7 @@ softmax = exp(logits - lse), in place, and adds the gradient of g·logp, d/dlogi
 (the per-row factor applied to the small [n, H] operands, not the tile), then the onehot part as rows
 (dh_i += g_i W[t_i], dW[t_i] += g_i h_i).
 
-Why tiles: on CPU, the softmax passes over a [1024, 32000] chunk (131 MB) ran at memory speed and
+Why tiles: on CPU, the softmax passes over a [1024, 32000] chunk (131 MB) run at memory speed and
 cost as much as the matmuls; over a 4 MiB tile they stay in cache. On a GPU a tile is the whole
 vocabulary, as the passes there are cheap and fewer, larger kernels are what count.
 """

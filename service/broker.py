@@ -70,10 +70,9 @@ def declare_queue(app, name: str, attempts: int = 5) -> None:
 
     kombu's SQLAlchemy transport inserts a queue's row on first use, guarded by an in-process lock only:
     a worker starting to consume its queue and the API dispatching to it can both insert the row, and
-    the loser fails with IntegrityError (seen once here: a worker died at start-up), and its session is
-    left unusable. On a new broker database the same goes for kombu's tables, which it creates on first
-    use by checking, then creating: the loser gets OperationalError ("table already exists"; seen once
-    in a test run). So both declare the queue first, each on a fresh connection, and a lost race is
+    the loser fails with IntegrityError (a worker would die at start-up), and its session is left
+    unusable. On a new broker database the same goes for kombu's tables, which it creates on first use
+    by checking, then creating: the loser gets OperationalError ("table already exists"). So both declare the queue first, each on a fresh connection, and a lost race is
     retried there, where the row and tables are then found. A queue this app has declared is not
     declared again (the row stays), so a dispatch opens no extra connection. Other brokers need nothing.
     """

@@ -35,9 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)  # harmless when the API already did it: migrations run under a lock
     membership = Membership(settings, identity(settings))
-    # From here on a SIGTERM leaves the pool cleanly, wherever start-up is. One that came before the
-    # handler killed the worker unmarked, and one that came while the heartbeat thread started made
-    # `leave` fail; either way the pool then showed the worker lost, not stopped.
+    # From here on a SIGTERM, wherever start-up is, exits through `leave` (which copes with a heartbeat
+    # thread interrupted as it starts), so the pool shows the worker stopped, not lost. Without the
+    # handler, SIGTERM's default action would end the worker with its row unmarked.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         try:

@@ -16,9 +16,9 @@ from service.db.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id
 ACTIVE = (*WAITING, JobStatus.RUNNING)
 
 # A job as a plain row, its fields named as Job's attributes (`metadata_` included), for the routes
-# clients poll: JobPublic.of and service.queue_info.queue_info read it as they read a Job. Loading a Job through
-# the ORM took ~630 µs of CPU on a 2-core machine, this row ~360 µs (docs/performance.md). Table columns,
-# not Job's attributes, keep the statements below plain SQL, which the ORM layer passes straight through.
+# clients poll: JobPublic.of and service.queue_info.queue_info read it as they read a Job. A plain row skips the
+# ORM's identity map and object building, on the request clients poll most. Table columns, not
+# Job's attributes, keep the statements below plain SQL, which the ORM layer passes straight through.
 JOB_FIELDS = tuple(attr.columns[0].label(attr.key) for attr in Job.__mapper__.column_attrs)
 _JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("job_id"))
 

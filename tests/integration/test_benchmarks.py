@@ -1,4 +1,4 @@
-"""The issue-6 benchmarks run end to end and compare like with like. They print figures; these tests
+"""The benchmarks run end to end and compare like with like. They print figures; these tests
 check what the figures rest on (the same batches for both contenders, every run's record present),
 never a timing."""
 from __future__ import annotations

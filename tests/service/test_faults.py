@@ -77,7 +77,7 @@ def assert_no_partial_checkpoints(service, job_id) -> None:
 
 def test_a_worker_killed_mid_job_resumes_on_the_next_worker_from_its_latest_checkpoint(service, file_id,
                                                                                        tiny_model):
-    # Long enough that the kill lands mid-run even on an idle machine (the tiny model takes ~15 ms a step).
+    # Long enough that the kill lands mid-run even on an idle machine, where the tiny model's steps are quick.
     # save_total_limit null: every checkpoint is kept, to see that each step was saved exactly once.
     job_id = submit(service, tiny_model, file_id, max_steps=96, save_steps=8, save_total_limit=None)
     job = service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 10 or j["status"] == "failed")

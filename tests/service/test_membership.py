@@ -87,9 +87,9 @@ def test_a_worker_stopped_while_its_heartbeats_start_still_leaves_stopped(tmp_pa
 
 def test_a_process_forked_while_the_heartbeat_runs_can_use_the_database(tmp_path):
     """The worker's main process forks a process for each job while its heartbeat thread writes to the
-    database. A child forked in the middle of a heartbeat used to inherit SQLite's locks held by a thread it
-    does not have: its first query hung for good or failed with "database is locked" (with heartbeats this
-    fast, within the first few forks). Now a fork waits for the heartbeat to finish."""
+    database. A child forked in the middle of a heartbeat would inherit SQLite's locks held by a thread it
+    does not have: its first query would hang for good or fail with "database is locked" (with heartbeats
+    this fast, within the first few forks). A fork waits for the heartbeat to finish."""
     settings = make_settings(tmp_path / "data", worker_heartbeat_interval_s=0.001, worker_lost_after_s=1)
     upgrade(settings.db_url)
     member = Membership(settings, Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=10))

@@ -22,7 +22,7 @@ from tests.service.test_faults import FAST, checkpoints, events, statuses, submi
 pytestmark = pytest.mark.slow
 LEASE_S = 30
 OUTAGE_S = 10
-# One torch thread: on a small machine shared with other work, a second one spinning for its turn made
+# One torch thread: on a small machine shared with other work, a second one spinning for its turn makes
 # the tiny model's steps several times slower, and the jobs' lengths here assume fast steps.
 ENV = {"DPO_WORKER_NAME": "w1", "DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "DPO_JOB_LEASE_S": str(LEASE_S),
        "DPO_WORKER_HEARTBEAT_INTERVAL_S": "2", "DPO_WORKER_LOST_AFTER_S": str(LEASE_S), "DPO_DISPATCH_TIMEOUT_S": "30",

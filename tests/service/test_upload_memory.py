@@ -10,7 +10,7 @@ import pytest
 
 from tests.service.processes import PeakRss, start_api
 
-pytestmark = pytest.mark.slow  # a real API process and a 128 MB upload: about 10-25 s on 2 cores
+pytestmark = pytest.mark.slow  # a real API process and a 128 MB upload
 
 MIB = 1 << 20
 # About a kilobyte, as a typical row: the parse costs per line, and the bound is about memory, not lines.
