@@ -6,6 +6,19 @@ the positions that predict a completion token, and apply the LM head and log-sof
 chunks (dpo_core.headlogp: backward recomputes one chunk of logits at a time), so no more than one
 chunk of logits is alive at a time. When training a paired loss, the loss itself is handed in and its
 gradient formed during that head pass (dpo_core.pairhead), which saves the recompute.
+
+Four paths, each kept because a kind of model or step needs it, not for speed alone:
+- the full forward (`_full_forward_logps`): models whose logits are more than `head(hidden)` (soft-capped
+  or scaled, Gemma 2, Cohere); also the plain reference the tests compare the other paths with;
+- checkpointed chunks through autograd (`_chunked_logps`): a head that is not a plain Linear (LoRA on
+  the LM head);
+- the tiled head with its hand-written backward (dpo_core.headlogp): a Linear head without a paired
+  objective (the reference pass, evaluation, KTO, fp16);
+- the fused pair head (dpo_core.pairhead): paired training on a Linear head, the common case.
+Which of the last two pays on which GPU, and whether the others can go, is measured by
+benchmarks/bench_gpu.py (docs/performance.md#gpu). The step computes the paired loss a second time,
+without gradients, on [pairs]-sized tensors for its metrics (dpo_core.step.forward_loss): the fused
+pass returns only the loss.
 """
 from __future__ import annotations
 
