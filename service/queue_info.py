@@ -9,6 +9,7 @@ from enum import StrEnum
 from sqlalchemy import ColumnElement, false, or_, select
 from sqlalchemy.orm import Session
 
+from service.db.jobs import JobRow
 from service.db.models import WAITING, Job, JobStatus, Team, Worker
 from service.db.workers import is_live
 from service.dispatch_rules import at_running_limit, running_by_team, serves, team_rank
@@ -34,7 +35,7 @@ class QueueInfo:
     wait: Wait
 
 
-def queue_info(session: Session, settings: Settings, jobs: list[Job], at: float) -> dict[str, QueueInfo]:
+def queue_info(session: Session, settings: Settings, jobs: list[JobRow], at: float) -> dict[str, QueueInfo]:
     """Position and reason for each waiting job among `jobs` (others are absent)."""
     waiting = [j for j in jobs if j.status in WAITING]
     if not waiting:
@@ -55,7 +56,7 @@ def queue_info(session: Session, settings: Settings, jobs: list[Job], at: float)
     return out
 
 
-def _waiting(job: Job, position: int | None, servable: bool, live: list[Worker], team: Team,
+def _waiting(job: JobRow, position: int | None, servable: bool, live: list[Worker], team: Team,
              running: int) -> QueueInfo:
     if not live:
         return QueueInfo(position, "no live worker in the pool; the job waits until one registers", Wait.NO_WORKER)

@@ -23,7 +23,7 @@ from api.deps import (
     read,
     read_job,
 )
-from api.pagination import After, Limit, page
+from api.pagination import After, Limit, paged
 from api.schemas.common import ListPublic
 from api.schemas.jobs import JobPublic
 from service import jobspec
@@ -52,13 +52,13 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     429 when the team is at its max_queued_jobs. With an Idempotency-Key, a retry returns the same job."""
     digest = _request_hash(req) if idempotency_key else None
     if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
-        return _public(session, settings, [earlier])[0]
+        return _shown(session, settings, earlier.id)
     job = _new_job(req, session, storage, settings, principal)
     job.idempotency_key, job.request_hash = idempotency_key, digest
     team = lock_team(session, principal.team_id)  # locked until commit: no race past the checks below
     if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
         session.rollback()  # a twin request made it while we validated
-        return _public(session, settings, [earlier])[0]
+        return _shown(session, settings, earlier.id)
     _check_queue_quota(session, team)
     _files_still_there(session, job)
     refuse_job_over_quota(session, team, settings)
@@ -68,8 +68,7 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     jobs.status_event(session, job.id, JobStatus.QUEUED)
     session.commit()
     dispatcher.wake()
-    session.refresh(job)
-    return _public(session, settings, [job])[0]
+    return _shown(session, settings, job.id)
 
 
 def _new_job(req: JobCreate, session, storage, settings, principal) -> Job:
@@ -145,8 +144,10 @@ def _list_jobs(session, principal, settings, after: str | None, limit: int) -> L
     if after:
         last = _anchor_job(session, principal, after)
         anchor = (last.created_at, last.id)
-    stmt = select(Job) if principal.is_admin else select(Job).where(Job.team_id == principal.team_id)
-    rows = page(session, stmt, (Job.created_at, Job.id), anchor, limit)
+    stmt = select(*jobs.JOB_FIELDS)
+    if not principal.is_admin:
+        stmt = stmt.where(Job.team_id == principal.team_id)
+    rows = session.execute(paged(stmt, (Job.created_at, Job.id), anchor, limit)).all()
     return ListPublic[JobPublic].page(_public(session, settings, rows), limit)
 
 
@@ -170,14 +171,16 @@ def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPu
         raise Conflict(f"job {job.id} is already {job.status}; only unfinished jobs can be cancelled",
                        param="fine_tuning_job_id", code="job_finished")
     session.commit()
-    session.refresh(job)
-    return _public(session, settings, [job])[0]
+    return _shown(session, settings, job.id)
 
 
-def _public(session, settings, jobs: list) -> list[JobPublic]:
-    """`jobs`: Job objects, or rows of service.db.jobs.JOB_FIELDS (read the same way)."""
-    info = queue_info(session, settings, jobs, time.time())
-    return [JobPublic.of(j, *((info[j.id].position, info[j.id].reason) if j.id in info else ())) for j in jobs]
+def _shown(session, settings, job_id: str) -> JobPublic:
+    return _public(session, settings, [jobs.job_row(session, job_id)])[0]
+
+
+def _public(session, settings, rows: list[jobs.JobRow]) -> list[JobPublic]:
+    info = queue_info(session, settings, rows, time.time())
+    return [JobPublic.of(j, *((info[j.id].position, info[j.id].reason) if j.id in info else ())) for j in rows]
 
 
 def _files_still_there(session, job: Job) -> None:

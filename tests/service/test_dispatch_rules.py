@@ -8,17 +8,27 @@ from __future__ import annotations
 import random
 import time
 
+import pytest
 from sqlalchemy import select
 
 from service.db.jobs import JOB_FIELDS
+from service.db.migrate import upgrade
 from service.db.models import Job, JobStatus
 from service.queue_info import Wait, queue_info
 from service.scheduler import dispatch_to
-from tests.service.support import register_worker, sessions_for
-from tests.service.test_scheduler import run, settings, submit, team  # noqa: F401 - settings: SQLite and PostgreSQL
+from tests.service.support import make_settings, register_worker, sessions_for
+from tests.service.test_scheduler import run, submit, team
 
 WORKERS = [("cpu", 1), ("h100", 1), ("h100", 4), ("a100", 2)]
 ASKS = [(None, 1), (None, 2), ("h100", 1), ("h100", 4), ("a100", 1), ("a100", 4), ("tpu", 1), ("h100", 8)]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(request, tmp_path):
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    s = make_settings(tmp_path / "data", **({"database_url": url} if url else {}))
+    upgrade(s.db_url)
+    return s
 
 
 def queued_info(settings) -> tuple[dict, dict]:
@@ -29,7 +39,7 @@ def queued_info(settings) -> tuple[dict, dict]:
 
 
 def fits(worker: tuple[str, int], job) -> bool:
-    """The rule as docs/api.md states it, written out here independently of the service's SQL."""
+    """The rule as docs/api.md states it (gpu_type, gpus), written out here apart from the service's SQL."""
     return job.gpu_type in (None, worker[0]) and job.gpus <= worker[1]
 
 
