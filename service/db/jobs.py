@@ -12,6 +12,7 @@ from sqlalchemy import ColumnElement, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
+from service.errors import Conflict
 
 ACTIVE = (*WAITING, JobStatus.RUNNING)
 
@@ -93,6 +94,16 @@ def request_cancel(session: Session, job_id: str) -> JobStatus | None:
         add_event(session, job_id, "Cancellation requested; the job stops at its next step")
         return JobStatus.RUNNING
     return None
+
+
+def cancel(session: Session, job_id: str) -> JobStatus:
+    """request_cancel, as a user asks it: Conflict (job_finished) when the job had already finished."""
+    new = request_cancel(session, job_id)
+    if new is None:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        raise Conflict(f"job {job_id} is already {status}; only unfinished jobs can be cancelled",
+                       param="fine_tuning_job_id", code="job_finished")
+    return new
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:
