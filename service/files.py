@@ -9,7 +9,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dpo_core.data import DataError, DataSummary, Validator
-from service.artifacts import CHUNK, Storage, delete_with_artifact
+from service.artifacts import CHUNK, Storage, delete_with_artifact, upload_key
 from service.db.jobs import ACTIVE
 from service.db.locks import lock_files
 from service.db.models import File, Job, new_id, now
@@ -35,7 +35,7 @@ def upload(session: Session, storage: Storage, settings: Settings, team_id: str,
         refuse_upload_over_quota(session, team_id, size, settings)
         session.rollback()  # the lock is taken again, for good, once the size is final
     file_id = new_id("file")
-    key = f"files/{file_id}.jsonl"
+    key = upload_key(file_id)
     summary, size = _store_valid(storage, key, stream, filename, settings)
     row = File(id=file_id, team_id=team_id, filename=filename, purpose=purpose, bytes=size,
                format=summary.format, rows=summary.rows, warnings=[w.as_dict() for w in summary.warnings],

@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service import jobspec
-from service.artifacts import Storage
+from service.artifacts import Storage, job_key
 from service.auth import Principal, load_file
 from service.db import jobs
 from service.db.locks import lock_files, lock_team
@@ -63,7 +63,7 @@ def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Setti
     job_id = new_id("ftjob")
     built = jobspec.build(
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
-        str(storage.path(f"jobs/{job_id}")), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
+        str(storage.path(job_key(job_id))), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
         keep_checkpoints=settings.keep_checkpoints,
     )
     if built.spec.reference_model:
