@@ -1,8 +1,8 @@
-"""The scheduler and queue_info tell one story (service.dispatch_rules): over rounds of dispatching to
-live workers of several shapes, with teams at and under their max_running_jobs, the job the scheduler
-gives a worker is, of its team's jobs that worker can serve, the first in queue_info's positions (the
-team's position 1 whenever that worker can serve it); never one of a team queue_info says is at its
-limit; and a job queue_info says no live worker can serve is never dispatched."""
+"""The scheduler and queue_info tell one story (service.dispatch_rules). Over many dispatches to live
+workers of several shapes, with teams at and under their max_running_jobs: the job the scheduler gives a
+worker is, among its team's jobs that worker can serve, the first in queue_info's positions (position 1
+whenever that worker can serve it); never a job of a team queue_info says is at its limit; and never a
+job queue_info says no live worker can serve."""
 from __future__ import annotations
 
 import random
