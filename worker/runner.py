@@ -118,7 +118,7 @@ class JobRunner:
         try:
             with _handback_on_sigterm(recorder):
                 spec, gpus = keeper.read(lambda s: self._spec(s, lease.job_id)), self._gpus(keeper)
-                remove_partial(spec.output_dir)  # what a run that died was writing; this run holds the lease
+                remove_partial(spec.output_dir)  # a dead run's; this run holds the lease, no other writes there
                 result = self._launch(lease, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
         except LeaseLost:
             raise
