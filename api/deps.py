@@ -1,6 +1,6 @@
 """FastAPI dependencies: settings, database session, storage, the dispatcher, the caller, and objects
-from the path loaded as the caller may see them. The one place authentication and team scoping live:
-another team's object is "not found" (404, never 403: no leak of what exists)."""
+from the path loaded as the caller may see them (service.auth: another team's object is "not found",
+404, never 403)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
@@ -15,12 +15,19 @@ from starlette.concurrency import run_in_threadpool
 
 from api.dispatcher import Dispatcher
 from service.artifacts import Storage
-from service.auth import Principal, authenticate, team_principal
+from service.auth import (
+    Principal,
+    authenticate,
+    load_file,
+    load_job,
+    no_job,
+    team_principal,
+)
 from service.db.engine import read_with_retry
 from service.db.jobs import job_row
 from service.db.models import File, Job, is_id
 from service.db.teams import key_and_job
-from service.errors import Forbidden, NotFound, Unauthenticated
+from service.errors import Forbidden, Unauthenticated
 from service.settings import Settings
 
 T = TypeVar("T")
@@ -79,16 +86,12 @@ class Caller:
         else:
             principal, job = Principal(key_id=found[0], team_id=found[1]), found[2]
         if job is None:
-            raise _no_job(job_id)
+            raise no_job(job_id)
         return principal, job
 
 
 def _bad_key() -> Unauthenticated:
     return Unauthenticated("incorrect API key provided (or revoked)")
-
-
-def _no_job(job_id: str) -> NotFound:
-    return NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
 
 
 async def get_caller(
@@ -143,21 +146,6 @@ StorageDep = Annotated[Storage, Depends(get_storage)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 CurrentCaller = Annotated[Caller, Depends(get_caller)]
 CurrentPrincipal = Annotated[Principal, Depends(get_principal)]
-
-
-def load_job(session: Session, principal: Principal, job_id: str) -> Job:
-    """The job if it exists and the caller may see it; otherwise 404 (never 403: no leak of what exists)."""
-    job = session.get(Job, job_id) if is_id(job_id, "ftjob") else None
-    if job is None or not principal.may_see(job.team_id):
-        raise _no_job(job_id)
-    return job
-
-
-def load_file(session: Session, principal: Principal, file_id: str, param: str = "file_id") -> File:
-    file = session.get(File, file_id) if is_id(file_id, "file") else None
-    if file is None or not principal.may_see(file.team_id):
-        raise NotFound(f"no file {file_id!r}", param=param)
-    return file
 
 
 def job_from_path(fine_tuning_job_id: str, session: SessionDep, principal: CurrentPrincipal) -> Job:

@@ -1,11 +1,11 @@
 """Checkpoints: written atomically, found again for `resume_from: auto`, pruned to a limit.
 
-A checkpoint directory holds the model (or LoRA adapter) and tokenizer, `trainer_state.pt`
-(optimizer, scheduler, RNG) and `state.json` (step, data position, counters). It is written under a
-temporary name and renamed into place only when complete, so a crash mid-write never leaves
-something a resume would pick up. It holds only regular files and directories: a symbolic link (or a
-pipe, a device) that the model's own save code left in it fails the write, so no checkpoint, and no
-download of one, ever leads to a file outside it.
+A checkpoint directory (its name and files: dpo_core.layout) holds the model (or LoRA adapter) and
+tokenizer, `trainer_state.pt` (optimizer, scheduler, RNG) and `state.json` (step, data position,
+counters). It is written under a temporary name and renamed into place only when complete, so a crash
+mid-write never leaves something a resume would pick up. It holds only regular files and directories:
+a symbolic link (or a pipe, a device) that the model's own save code left in it fails the write, so no
+checkpoint, and no download of one, ever leads to a file outside it.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import stat
 from collections.abc import Collection, Iterable
@@ -23,10 +22,7 @@ from pathlib import Path
 import torch
 
 from dpo_core.errors import CheckpointError
-
-_NAME = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "state.json"
-TRAINER_FILE = "trainer_state.pt"
+from dpo_core.layout import STATE_FILE, TRAINER_FILE, checkpoint_dir, list_checkpoints, temporary_dir
 
 
 @dataclass
@@ -55,7 +51,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def atomic_dir(target: Path, write) -> None:
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp = temporary_dir(target)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
@@ -97,7 +93,7 @@ def save_checkpoint(output_dir: str, model, tokenizer, optimizer_state: dict, sc
                     model_state: dict | None = None) -> str:
     """Write checkpoint-<step>/ atomically. `optimizer_state` is keyed by parameter name, so it loads
     into any world size (dpo_core.distributed.optimizer_state)."""
-    target = Path(output_dir) / f"checkpoint-{progress.step}"
+    target = checkpoint_dir(output_dir, progress.step)
 
     def write(tmp: Path) -> None:
         _save_model(model, tmp, model_state)
@@ -118,18 +114,6 @@ def save_model_dir(target: str | Path, model, tokenizer, model_state: dict | Non
     target = Path(target)
     atomic_dir(target, lambda tmp: (_save_model(model, tmp, model_state), tokenizer.save_pretrained(tmp)))
     return str(target)
-
-
-def list_checkpoints(output_dir: str) -> list[tuple[int, Path]]:
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = _NAME.match(child.name)
-        if match and (child / STATE_FILE).is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
 
 
 def resolve_resume(resume_from: str | None, output_dir: str) -> str | None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dpo_core.layout import METRICS_FILE
 from dpo_core.losses import LossOutput
 
 
@@ -69,7 +70,7 @@ class MetricsFile:
     """metrics.jsonl in the output directory: one JSON object per logged step or evaluation."""
 
     def __init__(self, output_dir: str):
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / METRICS_FILE
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop records a crashed run wrote after its last checkpoint."""

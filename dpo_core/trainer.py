@@ -21,6 +21,7 @@ from dpo_core.batching import epoch_order, row_length, steps_per_epoch
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, split_pairs
 from dpo_core.errors import TrainingError
+from dpo_core.layout import FINAL_DIR
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
@@ -365,7 +366,7 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 def _save_final(run: Run) -> str:
     divergence.check_weights(run)
-    target = Path(run.spec.output_dir) / "final"
+    target = Path(run.spec.output_dir) / FINAL_DIR
     model_state = _model_state(run)
     if not run.dist.main:
         distributed.barrier(run.dist)

@@ -1,6 +1,7 @@
 """Artifacts (uploads, checkpoints, final models) behind one small interface.
 
-Keys are relative POSIX paths such as `files/file-abc.jsonl` or `jobs/ftjob-abc/checkpoint-10`.
+Keys are relative POSIX paths: an upload's is `upload_key` (`files/file-abc.jsonl`), and a job's output
+directory is `job_key` (`jobs/ftjob-abc`), laid out inside as dpo_core.layout says (`checkpoint-10/`, ...).
 `LocalStorage` keeps them under the data directory; a shared filesystem (NFS) mounted at the same
 path on every machine works unchanged, and an object store can implement the same six methods.
 `path()` exists because the trainer reads and writes local directories.
@@ -23,6 +24,15 @@ from sqlalchemy.orm import Session
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 log = logging.getLogger("dpo.storage")
+
+
+def upload_key(file_id: str) -> str:
+    return f"files/{file_id}.jsonl"
+
+
+def job_key(job_id: str) -> str:
+    """The key of the job's output directory: its checkpoints, final model and metrics (dpo_core.layout)."""
+    return f"jobs/{job_id}"
 
 
 class Storage(Protocol):

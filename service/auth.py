@@ -1,5 +1,6 @@
 """Who is calling: the admin key (DPO_API_KEY, or generated into the data directory at first start) or
-a team's key (stored hashed in the database, see service.db.teams)."""
+a team's key (stored hashed in the database, see service.db.teams); and what the caller may see: another
+team's object is "not found" (never "forbidden": no leak of what exists)."""
 from __future__ import annotations
 
 import hmac
@@ -10,8 +11,9 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from service.db.models import DEFAULT_TEAM_ID
+from service.db.models import DEFAULT_TEAM_ID, File, Job, is_id
 from service.db.teams import hash_key, team_for_key
+from service.errors import NotFound
 from service.settings import Settings
 
 KEY_FILE = "api_key"
@@ -66,3 +68,23 @@ def team_principal(session: Session, presented: str) -> Principal | None:
     """The team key's principal, or None (not a live team key)."""
     found = team_for_key(session, presented)
     return Principal(key_id=found[0], team_id=found[1]) if found else None
+
+
+def load_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """The job if it exists and the caller may see it; otherwise NotFound."""
+    job = session.get(Job, job_id) if is_id(job_id, "ftjob") else None
+    if job is None or not principal.may_see(job.team_id):
+        raise no_job(job_id)
+    return job
+
+
+def no_job(job_id: str) -> NotFound:
+    return NotFound(f"no fine-tuning job {job_id!r}", param="fine_tuning_job_id")
+
+
+def load_file(session: Session, principal: Principal, file_id: str, param: str = "file_id") -> File:
+    """The file if it exists and the caller may see it; otherwise NotFound."""
+    file = session.get(File, file_id) if is_id(file_id, "file") else None
+    if file is None or not principal.may_see(file.team_id):
+        raise NotFound(f"no file {file_id!r}", param=param)
+    return file

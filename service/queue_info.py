@@ -1,74 +1,90 @@
-"""A waiting job's place in its team's queue (`queue_position`) and why it waits (`queue_reason`).
-The decisions themselves are service.scheduler's."""
+"""A waiting job's place in its team's queue (`queue_position`) and why it waits (`queue_reason`), told
+with the scheduler's own rule (service.dispatch_rules). The decisions themselves are service.scheduler's."""
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from enum import StrEnum
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, false, or_, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ON_WORKER, WAITING, Job, JobStatus, Team, Worker
+from service.db.jobs import JobRow
+from service.db.models import WAITING, Job, JobStatus, Team, Worker
 from service.db.workers import is_live
+from service.dispatch_rules import at_running_limit, running_by_team, serves, team_rank
 from service.settings import Settings
 
 ANY = "any"
 
 
+class Wait(StrEnum):
+    """Why a job waits, as a code (`QueueInfo.reason` says it in words)."""
+
+    STARTING = "starting"  # handed to a worker, which is starting it
+    NO_WORKER = "no_worker"  # the pool has no live worker
+    NO_FIT = "no_fit"  # no live worker has the GPUs it asks for
+    TEAM_LIMIT = "team_limit"  # its team is at its max_running_jobs
+    FAIR_SHARE = "fair_share"  # its turn comes with a free worker
+
+
 @dataclass(frozen=True)
 class QueueInfo:
     position: int | None  # 1: the team's next job to start; 0: handed to a worker, starting
-    reason: str | None
+    reason: str
+    wait: Wait
 
 
-def queue_info(session: Session, settings: Settings, jobs: list[Job], at: float) -> dict[str, QueueInfo]:
+def queue_info(session: Session, settings: Settings, jobs: list[JobRow], at: float) -> dict[str, QueueInfo]:
     """Position and reason for each waiting job among `jobs` (others are absent)."""
     waiting = [j for j in jobs if j.status in WAITING]
     if not waiting:
         return {}
-    positions = _positions(session, {j.team_id for j in waiting if j.status == JobStatus.QUEUED})
     live = list(session.scalars(select(Worker).where(is_live(settings.worker_lost_after_s, at))))
+    queued = _queued(session, {j.team_id for j in waiting if j.status == JobStatus.QUEUED}, live)
     teams = {t.id: t for t in session.scalars(select(Team).where(Team.id.in_({j.team_id for j in waiting})))}
-    running = dict(session.execute(select(Job.team_id, func.count()).where(
-        Job.team_id.in_(list(teams)), Job.status.in_([s.value for s in ON_WORKER])).group_by(Job.team_id)).all())
+    running = running_by_team(session, list(teams))
     out = {}
     for job in waiting:
         if job.status == JobStatus.DISPATCHED:
-            out[job.id] = QueueInfo(0, f"handed to worker {job.worker}; starting")
-        else:
-            position = positions.get(job.id)
-            out[job.id] = QueueInfo(position, _reason(job, position, live, teams[job.team_id], running))
+            out[job.id] = QueueInfo(0, f"handed to worker {job.worker}; starting", Wait.STARTING)
+            continue
+        # A job no longer queued by now was taken by a worker that serves it (or cancelled).
+        position, servable = queued.get(job.id, (None, True))
+        team = teams[job.team_id]
+        out[job.id] = _waiting(job, position, servable, live, team, running.get(team.id, 0))
     return out
 
 
-def _reason(job: Job, position: int | None, live: list[Worker], team: Team, running: dict[str, int]) -> str:
+def _waiting(job: JobRow, position: int | None, servable: bool, live: list[Worker], team: Team,
+             running: int) -> QueueInfo:
     if not live:
-        return "no live worker in the pool; the job waits until one registers"
-    if not any(_serves(w, job) for w in live):
+        return QueueInfo(position, "no live worker in the pool; the job waits until one registers", Wait.NO_WORKER)
+    if not servable:
         asked = f"{job.gpus} GPU{'s' if job.gpus > 1 else ''} of type {job.gpu_type or ANY}"
         pool = ", ".join(f"{n} x {t} ({g} GPUs)" for (t, g), n in sorted(Counter((w.gpu_type, w.gpus)
                                                                                    for w in live).items()))
-        return f"no live worker can serve it: it asks for {asked}; the pool has {pool}"
-    if team.max_running_jobs is not None and running.get(team.id, 0) >= team.max_running_jobs:
-        return f"team {team.name} is at its max_running_jobs ({team.max_running_jobs}); it starts when one ends"
+        return QueueInfo(position, f"no live worker can serve it: it asks for {asked}; the pool has {pool}",
+                         Wait.NO_FIT)
+    if at_running_limit(team.max_running_jobs, running):
+        return QueueInfo(position, f"team {team.name} is at its max_running_jobs ({team.max_running_jobs}); it "
+                         "starts when one ends", Wait.TEAM_LIMIT)
     ahead = (position or 1) - 1
-    return f"waiting for a free worker (fair share across teams); {ahead} of the team's jobs ahead of it"
+    return QueueInfo(position, f"waiting for a free worker (fair share across teams); {ahead} of the team's jobs "
+                     "ahead of it", Wait.FAIR_SHARE)
 
 
-def _serves(worker: Worker, job: Job) -> bool:
-    return (job.gpu_type is None or job.gpu_type == worker.gpu_type) and job.gpus <= worker.gpus
-
-
-def _positions(session: Session, team_ids: set[str]) -> dict[str, int]:
-    """1-based place of every queued job in its team's queue: priority (higher first), then age."""
+def _queued(session: Session, team_ids: set[str], live: list[Worker]) -> dict[str, tuple[int, bool]]:
+    """Every queued job of these teams: its 1-based place in its team's queue, and whether a live worker
+    can serve it."""
     if not team_ids:
         return {}
-    rows = session.execute(select(Job.id, Job.team_id).where(
-        Job.team_id.in_(team_ids), Job.status == JobStatus.QUEUED.value
-    ).order_by(Job.team_id, Job.priority.desc(), Job.created_at, Job.id))
-    seen: Counter[str] = Counter()
-    out = {}
-    for job_id, team_id in rows:
-        seen[team_id] += 1
-        out[job_id] = seen[team_id]
-    return out
+    rows = session.execute(select(Job.id, team_rank(), _served_by(live)).where(
+        Job.team_id.in_(team_ids), Job.status == JobStatus.QUEUED.value))
+    return {job_id: (position, bool(servable)) for job_id, position, servable in rows}
+
+
+def _served_by(workers: list[Worker]) -> ColumnElement[bool]:
+    """SQL: a job one of `workers` can serve."""
+    shapes = sorted({(w.gpu_type, w.gpus) for w in workers})
+    return or_(*(serves(gpu_type, gpus) for gpu_type, gpus in shapes)) if shapes else false()

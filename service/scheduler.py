@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import Select, exists, func, or_, select
+from sqlalchemy import Select, exists, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import jobs
@@ -28,6 +28,7 @@ from service.db.locks import lock_team, try_lock_worker
 from service.db.models import ON_WORKER, Job, JobStatus, Team, Worker
 from service.db.usage import gpu_seconds_by_team
 from service.db.workers import is_live
+from service.dispatch_rules import at_running_limit, running_by_team, serves, team_rank
 from service.reconciler import reconcile
 from service.settings import Settings
 
@@ -105,39 +106,28 @@ def _choose(s: Session, settings: Settings, worker: Worker, at: float) -> Candid
     if not candidates:
         return None
     used = gpu_seconds_by_team(s, [c.team_id for c in candidates], at - settings.fair_share_window_s, at)
-    running = _running_by_team(s, [c.team_id for c in candidates])
+    running = running_by_team(s, [c.team_id for c in candidates])
     limits = dict(s.execute(select(Team.id, Team.max_running_jobs).where(
         Team.id.in_([c.team_id for c in candidates]))).all())
     ranked = sorted(candidates, key=lambda c: (used.get(c.team_id, 0.0), c.created_at, c.job_id))
     for c in ranked:
-        if limits.get(c.team_id) is not None and running.get(c.team_id, 0) >= limits[c.team_id]:
+        if at_running_limit(limits.get(c.team_id), running.get(c.team_id, 0)):
             continue
         team = lock_team(s, c.team_id)  # count again under the lock: another process may have just dispatched
         if team is None:
             return None
-        limit = team.max_running_jobs
-        if limit is not None and _running_by_team(s, [team.id]).get(team.id, 0) >= limit:
+        if at_running_limit(team.max_running_jobs, running_by_team(s, [team.id]).get(team.id, 0)):
             return None  # lost that race; keep one team lock per transaction and let the next pass retry
         return c
     return None
 
 
 def best_per_team(s: Session, gpu_type: str, gpus: int) -> list[Candidate]:
-    """Each team's next queued job (highest priority, then oldest) among those a worker like this can serve."""
-    rank = func.row_number().over(partition_by=Job.team_id,
-                                  order_by=(Job.priority.desc(), Job.created_at, Job.id)).label("rank")
-    fits = select(Job.id, Job.team_id, Job.created_at, rank).where(
-        Job.status == JobStatus.QUEUED.value, or_(Job.gpu_type.is_(None), Job.gpu_type == gpu_type),
-        Job.gpus <= gpus).subquery()
+    """Each team's next queued job (the first in its queue's order) among those a worker like this can serve."""
+    fits = select(Job.id, Job.team_id, Job.created_at, team_rank().label("rank")).where(
+        Job.status == JobStatus.QUEUED.value, serves(gpu_type, gpus)).subquery()
     rows = s.execute(select(fits.c.id, fits.c.team_id, fits.c.created_at).where(fits.c.rank == 1))
     return [Candidate(job_id, team_id, created_at) for job_id, team_id, created_at in rows]
-
-
-def _running_by_team(s: Session, team_ids: list[str]) -> dict[str, int]:
-    stmt = (select(Job.team_id, func.count()).where(Job.team_id.in_(team_ids),
-                                                    Job.status.in_([x.value for x in ON_WORKER]))
-            .group_by(Job.team_id))
-    return dict(s.execute(stmt).all())
 
 
 def _busy(worker_id):

@@ -11,7 +11,6 @@ down (a checkpoint first, so the job resumes there), or when it lost its lease (
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dpo_core.callbacks import Callbacks
+from dpo_core.layout import list_checkpoints
 from service.artifacts import LocalStorage
 from service.db import jobs
 from service.db.engine import is_unavailable
@@ -33,7 +33,6 @@ from worker.lease import LeaseKeeper
 PROGRESS_INTERVAL_S = 1.0
 SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 SHOWN_EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
-_CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
 
 # Why a run stopped early (JobRecorder.stop_reason).
 CANCEL, HANDBACK, LEASE_LOST = "cancel", "handback", "lease_lost"
@@ -182,11 +181,10 @@ class JobRecorder(Callbacks):
         just before its worker died and never recorded; forget rows whose directories are gone."""
         self._forget_pruned(s)
         known = {c.storage_key for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id))}
-        for child in sorted(output_dir.iterdir()):
-            match = _CHECKPOINT_DIR.match(child.name)
-            key = self.storage.key_for(child)
-            if match and (child / "state.json").is_file() and key not in known:
-                jobs.add_checkpoint(s, self.job_id, int(match.group(1)), key, None, size=self.storage.size(key))
+        for step, directory in list_checkpoints(output_dir):
+            key = self.storage.key_for(directory)
+            if key not in known:
+                jobs.add_checkpoint(s, self.job_id, step, key, None, size=self.storage.size(key))
 
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step

@@ -16,7 +16,6 @@ import faulthandler
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,8 +30,9 @@ from sqlalchemy.orm import Session
 
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
+from dpo_core.layout import METRICS_FILE, remove_partial
 from dpo_core.spec import SpecError, TrainingSpec
-from service.artifacts import LocalStorage
+from service.artifacts import LocalStorage, job_key
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
 from service.db.leases import Lease
@@ -118,7 +118,7 @@ class JobRunner:
         try:
             with _handback_on_sigterm(recorder):
                 spec, gpus = keeper.read(lambda s: self._spec(s, lease.job_id)), self._gpus(keeper)
-                _remove_partial_checkpoints(Path(spec.output_dir))
+                remove_partial(spec.output_dir)  # a dead run's; this run holds the lease, no other writes there
                 result = self._launch(lease, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
         except LeaseLost:
             raise
@@ -161,7 +161,7 @@ class JobRunner:
         for name in filter(None, (job.model, job.spec.get("reference_model"))):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
-        output_dir = str(self.storage.path(f"jobs/{job_id}"))
+        output_dir = str(self.storage.path(job_key(job_id)))
         # "auto": the latest complete checkpoint an earlier run of this job left, if any (a resumed job).
         return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
                         resume_from="auto")
@@ -197,7 +197,7 @@ class JobRunner:
 
     def _result_files(self, s, job_id: str) -> list[str]:
         """dpo_core's metrics.jsonl of the run, registered as a downloadable file (OpenAI's result_files)."""
-        key = f"jobs/{job_id}/metrics.jsonl"
+        key = f"{job_key(job_id)}/{METRICS_FILE}"
         if not self.storage.exists(key):
             return []
         path = self.storage.path(key)
@@ -298,15 +298,6 @@ def _handback_on_sigterm(recorder: JobRecorder):
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _remove_partial_checkpoints(output_dir: Path) -> None:
-    """Temporary directories of checkpoints (or a final model) an earlier run was writing when it died
-    (never resumed from: only a renamed, complete checkpoint is). This run holds the job's lease, so
-    none is being written."""
-    if output_dir.is_dir():
-        for tmp in output_dir.glob(".*.tmp-*"):  # .checkpoint-N.tmp-<pid>, .final.tmp-<pid>
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _missing_file(job: Job) -> Problem:

@@ -2,8 +2,6 @@
 once the job has ended."""
 from __future__ import annotations
 
-import os
-
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
@@ -12,9 +10,10 @@ from api.deps import JobDep, SessionDep, StorageDep
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
-from service.artifacts import delete_with_artifact, iter_tar, tar_entries
-from service.db.models import Checkpoint, JobStatus, is_id
-from service.errors import Conflict, InvalidInput, NotFound
+from service import checkpoints
+from service.artifacts import iter_tar
+from service.db.models import Checkpoint, is_id
+from service.errors import InvalidInput
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
 
@@ -37,7 +36,7 @@ def list_checkpoints(job: JobDep, session: SessionDep, after: After = None,
 @router.get("/{checkpoint_id}", response_model=CheckpointPublic)
 def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) -> CheckpointPublic:
     """One checkpoint."""
-    return CheckpointPublic.of(_checkpoint(session, job.id, checkpoint_id))
+    return CheckpointPublic.of(checkpoints.load(session, job.id, checkpoint_id))
 
 
 @router.get("/{checkpoint_id}/content", response_class=StreamingResponse,
@@ -46,16 +45,8 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
                        storage: StorageDep) -> StreamingResponse:
     """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained. Only its
     regular files and directories: a symbolic link in it is left out, never followed."""
-    ckpt = _checkpoint(session, job.id, checkpoint_id)
-    directory = storage.path(ckpt.storage_key)
-    try:
-        # A link on the way (the job's directory swapped for one) leads to files the job did not write.
-        if os.path.realpath(directory) != str(directory):
-            raise FileNotFoundError(str(directory))
-        entries = tar_entries(directory)
-    except FileNotFoundError:
-        raise NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit or by hand)",
-                       param="checkpoint_id", code="artifact_missing") from None
+    ckpt = checkpoints.load(session, job.id, checkpoint_id)
+    directory, entries = checkpoints.contents(storage, ckpt)
     return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar",
                              headers={"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
 
@@ -64,16 +55,6 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
 def delete_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep) -> DeletedPublic:
     """Delete a checkpoint (or the final model) of a job that has ended: its row and its files, so its bytes
     no longer count against the team's storage. 409 while the job has not ended: it may resume from them."""
-    ckpt = _checkpoint(session, job.id, checkpoint_id)
-    if not JobStatus(job.status).terminal:
-        raise Conflict(f"job {job.id} is {job.status}; delete its checkpoints once it has ended (until then it may "
-                       "resume from them)", param="fine_tuning_job_id", code="job_not_finished")
-    delete_with_artifact(session, storage, ckpt)
+    ckpt = checkpoints.load(session, job.id, checkpoint_id)
+    checkpoints.delete(session, storage, job, ckpt)
     return DeletedPublic(id=ckpt.id, object="fine_tuning.job.checkpoint")
-
-
-def _checkpoint(session, job_id: str, checkpoint_id: str) -> Checkpoint:
-    ckpt = session.get(Checkpoint, checkpoint_id) if is_id(checkpoint_id, "ftckpt") else None
-    if ckpt is None or ckpt.job_id != job_id:
-        raise NotFound(f"no checkpoint {checkpoint_id!r} of job {job_id}", param="checkpoint_id")
-    return ckpt

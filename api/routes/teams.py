@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
 from api.deps import SessionDep, get_admin
 from api.pagination import After, Limit, page
@@ -11,7 +10,7 @@ from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.teams import KeyCreate, KeyCreatedPublic, KeyPublic, TeamCreate, TeamPublic, TeamUpdate
 from service.db import teams
 from service.db.models import ApiKey, Team, is_id
-from service.errors import Conflict, InvalidInput
+from service.errors import InvalidInput
 
 router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(get_admin)])
 
@@ -20,7 +19,7 @@ router = APIRouter(prefix="/admin/teams", tags=["admin"], dependencies=[Depends(
 def create_team(req: TeamCreate, session: SessionDep) -> TeamPublic:
     """Create a team with its limits."""
     team = teams.create_team(session, req.name, req.max_running_jobs, req.max_queued_jobs, req.max_storage_bytes)
-    _commit(session, req.name)
+    teams.commit_named(session, req.name)
     return TeamPublic.of(team)
 
 
@@ -48,10 +47,8 @@ def update_team(team_id: str, req: TeamUpdate, session: SessionDep) -> TeamPubli
     """Rename a team or change its limits; fields left out stay, null removes a limit (max_storage_bytes:
     back to the service's default). Lower limits apply to what starts next: nothing running is stopped."""
     changes = req.model_dump(exclude_unset=True)
-    if "name" in changes and changes["name"] is None:
-        raise InvalidInput("name: a team needs a name", param="name")
     team = teams.update_team(session, teams.get_team(session, team_id), changes)
-    _commit(session, changes.get("name", team.name))
+    teams.commit_named(session, team.name)
     return TeamPublic.of(team)
 
 
@@ -88,12 +85,3 @@ def revoke_key(team_id: str, key_id: str, session: SessionDep) -> KeyPublic:
     teams.revoke_key(session, key)
     session.commit()
     return KeyPublic.of(key)
-
-
-def _commit(session, name: str) -> None:
-    try:
-        session.commit()
-    except IntegrityError:  # two requests took the same name at once; the unique index kept one
-        session.rollback()
-        raise Conflict(f"a team named {name!r} (in some case) exists already; team names are unique whatever "
-                       "their case", param="name", code="name_taken") from None

@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from service.db.models import Checkpoint, Event, Job, JobStatus
+from service.db.jobs import JobRow
+from service.db.models import Checkpoint, Event, JobStatus
 
 
 class JobError(BaseModel):
@@ -63,8 +64,8 @@ class JobPublic(BaseModel):
     max_attempts: int = Field(description="at this many lost runs the job fails with worker_lost")
 
     @classmethod
-    def of(cls, job: Job, position: int | None = None, reason: str | None = None) -> JobPublic:
-        """From a Job, or a row of service.db.jobs.JOB_FIELDS (the same names), as the status route reads it."""
+    def of(cls, job: JobRow, position: int | None = None, reason: str | None = None) -> JobPublic:
+        """From a job as the read paths read it (service.db.jobs.JobRow)."""
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
         # `dispatched` is ours: to OpenAI clients a job handed to a worker but not started is still queued.
         status = JobStatus.QUEUED.value if job.status == JobStatus.DISPATCHED else job.status

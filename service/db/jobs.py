@@ -6,25 +6,28 @@ worker's start or finish can race without either overwriting the other.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeAlias
 
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
+from service.errors import Conflict
 
 ACTIVE = (*WAITING, JobStatus.RUNNING)
 
-# A job as a plain row, its fields named as Job's attributes (`metadata_` included), for the routes
-# clients poll: JobPublic.of and service.queue_info.queue_info read it as they read a Job. A plain row skips the
-# ORM's identity map and object building, on the request clients poll most. Table columns, not
+# The one shape in which a job is read to be shown: a row of JOB_FIELDS (JobRow), its fields named as
+# Job's attributes (`metadata_` included). Every route that answers with jobs reads them so (create, list,
+# retrieve, cancel), and JobPublic.of and service.queue_info.queue_info take nothing else. A plain row
+# skips the ORM's identity map and object building, on the request clients poll most. Table columns, not
 # Job's attributes, keep the statements below plain SQL, which the ORM layer passes straight through.
 JOB_FIELDS = tuple(attr.columns[0].label(attr.key) for attr in Job.__mapper__.column_attrs)
+JobRow: TypeAlias = Row  # a row of JOB_FIELDS; read-only: changes go through the ORM or `transition`
 _JOB_BY_ID = select(*JOB_FIELDS).where(Job.__table__.c.id == bindparam("job_id"))
 
 
-def job_row(session: Session, job_id: str) -> Row | None:
-    """Job `job_id` as a row of JOB_FIELDS (read-only: changes go through the ORM or `transition`)."""
+def job_row(session: Session, job_id: str) -> JobRow | None:
+    """Job `job_id` as a JobRow."""
     return session.execute(_JOB_BY_ID, {"job_id": job_id}).one_or_none()
 
 
@@ -91,6 +94,16 @@ def request_cancel(session: Session, job_id: str) -> JobStatus | None:
         add_event(session, job_id, "Cancellation requested; the job stops at its next step")
         return JobStatus.RUNNING
     return None
+
+
+def cancel(session: Session, job_id: str) -> JobStatus:
+    """request_cancel, as a user asks it: Conflict (job_finished) when the job had already finished."""
+    new = request_cancel(session, job_id)
+    if new is None:
+        status = session.scalar(select(Job.status).where(Job.id == job_id))
+        raise Conflict(f"job {job_id} is already {status}; only unfinished jobs can be cancelled",
+                       param="fine_tuning_job_id", code="job_finished")
+    return new
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:

@@ -13,12 +13,13 @@ import secrets
 from dataclasses import dataclass
 
 from sqlalchemy import Row, and_, bindparam, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service.db.jobs import ACTIVE, JOB_FIELDS
 from service.db.locks import lock_team
 from service.db.models import DEFAULT_TEAM_ID, ApiKey, Job, Team, is_id, new_id, now
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, InvalidInput, NotFound
 
 KEY_PREFIX = "dpo-sk-"
 HINT_CHARS = len(KEY_PREFIX) + 4
@@ -79,11 +80,25 @@ def create_team(session: Session, name: str, max_running_jobs: int | None, max_q
 
 
 def update_team(session: Session, team: Team, changes: dict) -> Team:
+    """Set the fields in `changes` (a limit set to None: removed); a name cannot be removed."""
+    if "name" in changes and changes["name"] is None:
+        raise InvalidInput("name: a team needs a name", param="name")
     if "name" in changes and changes["name"] != team.name:
         _name_is_free(session, changes["name"], team.id)
     for field, value in changes.items():
         setattr(team, field, value)
     return team
+
+
+def commit_named(session: Session, name: str) -> None:
+    """Commit a team created or renamed `name`; Conflict (name_taken) when another request took the name
+    meanwhile (the unique index kept one)."""
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise Conflict(f"a team named {name!r} (in some case) exists already; team names are unique whatever "
+                       "their case", param="name", code="name_taken") from None
 
 
 def delete_team(session: Session, team: Team) -> None:
