@@ -93,8 +93,8 @@ def dispatch_to(sessions: sessionmaker[Session], settings: Settings, worker_id: 
                 return None
             message = f"Dispatched to worker {worker.name} ({worker.gpu_type} x{worker.gpus})"
             if jobs.transition(s, chosen.job_id, JobStatus.DISPATCHED, (JobStatus.QUEUED,), message=message,
-                                data={"code": "dispatched", "worker": worker.name}, worker_id=worker.id, worker=worker.name,
-                                dispatched_at=at):
+                                data={"code": "dispatched", "worker": worker.name}, worker_id=worker.id,
+                                worker=worker.name, dispatched_at=at):
                 return Assignment(chosen.job_id, worker.id, worker.name, worker.queue)
         return None
 

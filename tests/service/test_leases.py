@@ -185,7 +185,8 @@ def test_a_lost_message_is_sent_again(settings):
     late = at + settings.dispatch_timeout_s + 1  # w1 is alive all along (lost only after 120 s)
     dispatch_pass(sessions_for(settings), settings, resent.append, at=late)
     assert [a.job_id for a in resent] == [job_id]
-    assert {"status": "queued", "code": "dispatch_timeout", "worker": "w1"} in [e.data for e in events(settings, job_id)]
+    requeued = {"status": "queued", "code": "dispatch_timeout", "worker": "w1"}
+    assert requeued in [e.data for e in events(settings, job_id)]
     assert start(settings, job_id, w1) is not None
 
 
