@@ -55,8 +55,8 @@ def test_a_two_gpu_job_runs_as_two_ranks_end_to_end(service, file_id, tiny_model
     with service.client() as c:
         events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100}).json()["data"]
         ckpts = c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
-    started = next(e for e in events if e["message"].startswith("Training started"))
-    assert started["data"]["world_size"] == 2
+    (started,) = [e["data"] for e in events if (e["data"] or {}).get("code") == "training_started"]
+    assert started["world_size"] == 2
     assert sorted(c["step_number"] for c in ckpts) == [3, 6, 6]
     assert any(e["type"] == "metrics" for e in events)
 

@@ -122,7 +122,7 @@ def test_the_openai_sdk_drives_the_core_flow(service, task_files, tiny_model):
     assert retrieved.status == "succeeded" and retrieved.fine_tuned_model == done["fine_tuned_model"]
     assert retrieved.trained_tokens > 0
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=5))  # auto-paginates past 5
-    assert any(e.type == "metrics" for e in events) and events[0].message == "The job has successfully completed"
+    assert any(e.type == "metrics" for e in events) and events[0].data == {"status": "succeeded"}
     checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
     assert {c.step_number for c in checkpoints} == {2, 4} and all(c.fine_tuning_job_id == job.id for c in checkpoints)
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
