@@ -87,11 +87,11 @@ def test_cancel_stops_a_running_job_and_frees_the_worker(service, file_ids, tiny
     with service.client() as c:
         r = c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["cancel_requested"]
-    job = service.wait_for_job(job_id, timeout_s=15)
+    job = service.wait_for_job(job_id, timeout_s=120)  # a missed cancel would train on for 100,000 steps
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
     # The worker is free again: the next job runs to the end.
     next_id = create_job(service, tiny_model, file_ids[0], max_steps=2)
-    assert service.wait_for_job(next_id, timeout_s=90)["status"] == "succeeded"
+    assert service.wait_for_job(next_id, stall_s=120)["status"] == "succeeded"
 
 
 def test_a_model_that_does_not_exist_fails_with_a_clear_error(service, file_ids):
