@@ -79,23 +79,25 @@ def _reclaim(s: Session, row, settings: Settings, at: float, lost: str | None = 
     """The run `row` is lost: its lease ran out (`lost` None: only while it still has), or `lost` says how
     it is known dead."""
     end = dict(ended_at=_last_renewal(row, settings, at), where=(_expired(at),) if lost is None else ())
+    data = {"code": "worker_lost", "cause": "lease_expired" if lost is None else "worker_restarted",
+            "worker": row.worker, "step": row.step, "attempts": row.attempts, "max_attempts": row.max_attempts}
     lost = lost or f"worker {row.worker} stopped renewing the job's lease (for {settings.job_lease_s:g}s)"
     step = f" at step {row.step}" if row.step else ""
     if row.cancel_requested:
         return end_run(s, row.id, row.lease_token, JobStatus.CANCELLED, RunOutcome.LOST, **end,
-                       message=f"The job was cancelled ({lost} while it was stopping)")
+                       message=f"The job was cancelled ({lost} while it was stopping)", data=data)
     if row.attempts >= row.max_attempts:
         message = (f"{lost}{step}, and the job has lost {row.attempts} of its {row.max_attempts} attempts this way; "
                    "it is not retried. Look for what kills its workers (memory, preemption), then resubmit it")
         log.warning("job %s failed: %s", row.id, message)
         return end_run(s, row.id, row.lease_token, JobStatus.FAILED, RunOutcome.LOST, **end, message=message,
-                       data={"code": "worker_lost"}, error_code="worker_lost", error_message=message,
+                       data=data, error_code="worker_lost", error_message=message,
                        estimated_finish=None)
     log.warning("job %s: %s; queued again", row.id, lost)
     return end_run(s, row.id, row.lease_token, JobStatus.QUEUED, RunOutcome.LOST, **end,
                    message=f"Worker lost: {lost}{step}. The job is queued again and resumes from its latest "
                            f"checkpoint ({row.attempts} of {row.max_attempts} attempts used)",
-                   data={"attempts": row.attempts}, handback_requested=False, estimated_finish=None, **REQUEUED)
+                   data=data, handback_requested=False, estimated_finish=None, **REQUEUED)
 
 
 def _last_renewal(row, settings: Settings, at: float) -> float:
@@ -120,7 +122,8 @@ def requeue_from_gone_workers(sessions: sessionmaker[Session], settings: Setting
 
 def _requeue_dispatched(s: Session, job_id: str, name: str) -> bool:
     return transition(s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,),
-                      message=f"Worker {name} left before it started the job; queued again", **REQUEUED)
+                      message=f"Worker {name} left before it started the job; queued again",
+                      data={"code": "worker_left", "worker": name}, **REQUEUED)
 
 
 def requeue_stale_dispatches(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
@@ -135,5 +138,6 @@ def requeue_stale_dispatches(sessions: sessionmaker[Session], settings: Settings
             changed += transition(
                 s, job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.dispatched_at == dispatched_at,),
                 message=f"Worker {name} did not start the job within {settings.dispatch_timeout_s:g}s of its "
-                        "dispatch (its message was lost); queued again to be sent once more", **REQUEUED)
+                        "dispatch (its message was lost); queued again to be sent once more",
+                data={"code": "dispatch_timeout", "worker": name}, **REQUEUED)
     return changed

@@ -94,8 +94,8 @@ def dispatch_to(sessions: sessionmaker[Session], settings: Settings, worker_id: 
                 return None
             message = f"Dispatched to worker {worker.name} ({worker.gpu_type} x{worker.gpus})"
             if jobs.transition(s, chosen.job_id, JobStatus.DISPATCHED, (JobStatus.QUEUED,), message=message,
-                                data={"worker": worker.name}, worker_id=worker.id, worker=worker.name,
-                                dispatched_at=at):
+                                data={"code": "dispatched", "worker": worker.name}, worker_id=worker.id,
+                                worker=worker.name, dispatched_at=at):
                 return Assignment(chosen.job_id, worker.id, worker.name, worker.queue)
         return None
 
@@ -143,4 +143,5 @@ def _idle_workers(settings: Settings, at: float) -> Select:
 def _undo(sessions: sessionmaker[Session], a: Assignment, message: str) -> None:
     with sessions.begin() as s:
         jobs.transition(s, a.job_id, JobStatus.QUEUED, (JobStatus.DISPATCHED,), where=(Job.worker_id == a.worker_id,),
-                         message=message, worker_id=None, worker=None, dispatched_at=None)
+                         message=message, data={"code": "send_failed", "worker": a.worker_name}, worker_id=None,
+                         worker=None, dispatched_at=None)

@@ -64,7 +64,7 @@ class JobRecorder(Callbacks):
 
         def write(s: Session) -> None:
             jobs.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
-            jobs.add_event(s, self.job_id, message, data=_jsonable(info))
+            jobs.add_event(s, self.job_id, message, data={"code": "training_started", **_jsonable(info)})
             if info.get("resumed_from"):
                 self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
         self.keeper.write(write)
@@ -110,7 +110,8 @@ class JobRecorder(Callbacks):
                 return  # pruned already, while this write waited for the database
             ckpt = jobs.add_checkpoint(s, self.job_id, step, key, pending, size=size)
             s.flush()
-            jobs.add_event(s, self.job_id, f"Checkpoint saved at step {step}", data={"checkpoint": ckpt.id})
+            jobs.add_event(s, self.job_id, f"Checkpoint saved at step {step}",
+                           data={"code": "checkpoint_saved", "checkpoint": ckpt.id, "step": step})
         self.keeper.write(write)
 
     def on_warning(self, message: str) -> None:

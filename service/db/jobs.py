@@ -91,7 +91,8 @@ def request_cancel(session: Session, job_id: str) -> JobStatus | None:
         .execution_options(synchronize_session=False)
     )
     if result.rowcount == 1:
-        add_event(session, job_id, "Cancellation requested; the job stops at its next step")
+        add_event(session, job_id, "Cancellation requested; the job stops at its next step",
+                  data={"code": "cancel_requested"})
         return JobStatus.RUNNING
     return None
 

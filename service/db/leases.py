@@ -105,7 +105,7 @@ def hand_back(session: Session, lease: Lease, worker_name: str, step: int | None
     finish(session, lease, JobStatus.QUEUED, outcome=RunOutcome.HANDED_BACK, worker_id=None, worker=None,
            dispatched_at=None, handback_requested=False, attempts=Job.attempts - 1,
            message=f"Worker {worker_name} is shutting down; it handed the job back to the queue {where}",
-           data={"handed_back": True, "step": step})
+           data={"code": "handed_back", "handed_back": True, "worker": worker_name, "step": step})
 
 
 def request_handback(session: Session, worker_id: str) -> list[str]:
@@ -117,6 +117,6 @@ def request_handback(session: Session, worker_id: str) -> list[str]:
                                  .values(handback_requested=True).execution_options(synchronize_session=False))
         if result.rowcount == 1:
             add_event(session, job_id, "Its worker is shutting down; the job checkpoints at its next step "
-                                       "and goes back to the queue")
+                                       "and goes back to the queue", data={"code": "handback_requested"})
             asked.append(job_id)
     return asked

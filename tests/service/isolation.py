@@ -141,7 +141,9 @@ def _create(call, method, url, a, b_key, b_team_id):
         body = {"model": "m", "training_file": own_file, field: a.file_id}
         r = call(method, url, b_key, json=body)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
-        assert r.json()["error"]["message"] == f"no uploaded file {a.file_id!r}; upload it with POST /v1/files first"
+        # Exactly what a file id that does not exist gets, apart from the id itself: nothing tells them apart.
+        unknown = call(method, url, b_key, json={**body, field: "file-0"})
+        assert _without_ids(r.json(), a) == _without_ids(unknown.json(), a), (r.json(), unknown.json())
 
 
 def _own_view(call, method, url, a, b_key, b_team_id):

@@ -123,16 +123,22 @@ class Service:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
-    def wait_for_job(self, job_id: str, until=TERMINAL, timeout_s: float = 180, pred=None) -> dict:
-        """Poll a job until its status is in `until` (or `pred(job)` holds)."""
-        deadline = time.monotonic() + timeout_s
+    def wait_for_job(self, job_id: str, until=TERMINAL, timeout_s: float = 180, pred=None,
+                     stall_s: float | None = None) -> dict:
+        """Poll a job until its status is in `until` (or `pred(job)` holds), for up to `timeout_s`.
+        With `stall_s` instead: for as long as the job moves on (a new status or step) at least every
+        `stall_s` seconds, for a training run whose length depends on how loaded the machine is."""
+        deadline, seen = time.monotonic() + timeout_s, None
         with self.client() as c:
             while True:
                 job = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()
                 if (pred(job) if pred else job["status"] in until):
                     return job
+                if stall_s is not None and (job["status"], job["progress"]["step"]) != seen:
+                    seen, deadline = (job["status"], job["progress"]["step"]), time.monotonic() + stall_s
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s}s\n{self.logs()}")
+                    waited = f"{stall_s}s without progress" if stall_s is not None else f"{timeout_s}s"
+                    raise AssertionError(f"job {job_id} still {job['status']} after {waited}\n{self.logs()}")
                 time.sleep(0.3)
 
 

@@ -49,14 +49,14 @@ def _ranks(service) -> list[psutil.Process]:
 
 def test_a_two_gpu_job_runs_as_two_ranks_end_to_end(service, file_id, tiny_model):
     job_id = _submit(service, tiny_model, file_id, max_steps=6, save_steps=3, distributed="fsdp")
-    job = service.wait_for_job(job_id, timeout_s=240)
+    job = service.wait_for_job(job_id, stall_s=120)
     assert job["status"] == "succeeded", f"{job['error']}\n{service.logs()}"
     assert job["progress"]["step"] == 6 and job["trained_tokens"] > 0
     with service.client() as c:
         events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100}).json()["data"]
         ckpts = c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
-    started = next(e for e in events if e["message"].startswith("Training started"))
-    assert started["data"]["world_size"] == 2
+    (started,) = [e["data"] for e in events if (e["data"] or {}).get("code") == "training_started"]
+    assert started["world_size"] == 2
     assert sorted(c["step_number"] for c in ckpts) == [3, 6, 6]
     assert any(e["type"] == "metrics" for e in events)
 
@@ -67,7 +67,7 @@ def test_cancel_reaches_every_rank(service, file_id, tiny_model):
                          timeout_s=240)
     with service.client() as c:
         c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
-    assert service.wait_for_job(job_id, timeout_s=30)["status"] == "cancelled"
+    assert service.wait_for_job(job_id, timeout_s=120)["status"] == "cancelled"  # not its 100,000 steps
     _wait_no_ranks(service)
 
 
@@ -78,7 +78,7 @@ def test_a_killed_rank_fails_the_job_and_leaves_no_process(service, file_id, tin
     ranks = _ranks(service)
     assert len(ranks) == 2, service.logs()
     os.kill(ranks[1].pid, signal.SIGKILL)
-    job = service.wait_for_job(job_id, timeout_s=60)
+    job = service.wait_for_job(job_id, timeout_s=120)
     assert job["status"] == "failed" and job["error"]["code"] == "rank_failed", job["error"]
     assert "rank 1" in job["error"]["message"]
     _wait_no_ranks(service)

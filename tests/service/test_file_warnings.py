@@ -68,7 +68,7 @@ def test_a_job_on_such_a_file_warns_in_its_events_by_file_name(client, settings,
     assert r.status_code == 200, r.text
     assert run_on_worker(settings, r.json()["id"]) == "succeeded"
     log = client.get(f"/v1/fine_tuning/jobs/{r.json()['id']}/events", params={"limit": 100}).json()["data"]
-    warned = [e["message"] for e in log if e["level"] == "warn"]
+    (warned,) = [e["message"] for e in log if e["level"] == "warn"]
     (identical,) = made["warnings"]
-    assert warned == [f"{made['id']}.jsonl: {identical['message']}"]
-    assert str(settings.data_dir) not in warned[0]
+    # The file's own warning, named by the file's id, not by its path on the server.
+    assert identical["message"] in warned and made["id"] in warned and str(settings.data_dir) not in warned

@@ -305,7 +305,7 @@ def test_a_local_model_under_the_model_dirs_and_a_hub_id_are_accepted(api, file_
     link = models / "link"
     if not link.exists():
         os.symlink(outside, link)
-    error = refused(create(api, file_id, model=str(link)), 400, "outside the allowed model directories")
+    error = refused(create(api, file_id, model=str(link)), 400, "model", "DPO_MODEL_DIRS")
     assert error["code"] == "invalid_model"
 
 

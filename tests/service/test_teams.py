@@ -78,7 +78,8 @@ def test_a_team_with_unfinished_jobs_cannot_be_deleted_and_a_deleted_teams_keys_
     job = client.post("/v1/fine_tuning/jobs", headers=as_key(team["key"]),
                       json={"model": "m", "training_file": train["id"], "training": TRAINING}).json()
     r = client.delete(f"/v1/admin/teams/{team['id']}")
-    assert r.status_code == 409 and "unfinished" in r.json()["error"]["message"]
+    assert r.status_code == 409 and (r.json()["error"]["code"], r.json()["error"]["param"]) == ("conflict", "team_id")
+    assert team["id"] in r.json()["error"]["message"]
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=as_key(team["key"]))
     assert client.delete(f"/v1/admin/teams/{team['id']}").status_code == 200
     assert client.get("/v1/files", headers=as_key(team["key"])).status_code == 401

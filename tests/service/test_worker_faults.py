@@ -77,8 +77,8 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_resumes_ther
     step = job["progress"]["step"]
     assert job["status"] == "queued" and job["attempts"] == 0 and step == 2
     assert (settings.data_dir / "jobs" / job_id / f"checkpoint-{step}" / "state.json").is_file()
-    assert events(client, job_id)[-1]["message"].endswith(f"handed the job back to the queue after a checkpoint "
-                                                         f"at step {step}")
+    handed_back = events(client, job_id)[-1]["data"]
+    assert (handed_back["status"], handed_back["code"], handed_back["step"]) == ("queued", "handed_back", step)
 
     monkeypatch.setattr(recorder_module.JobRecorder, "on_step", real_step)
     assert run_on_worker(settings, job_id) == "succeeded"
@@ -86,7 +86,8 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_resumes_ther
     log = events(client, job_id)
     assert (job["progress"]["step"], job["attempts"]) == (8, 1)
     assert statuses(log) == ["queued", "running", "queued", "running", "succeeded"]
-    assert any(e["message"].startswith(f"Training resumed from checkpoint at step {step}:") for e in log)
+    starts = [e["data"]["resumed_from_step"] for e in log if (e["data"] or {}).get("code") == "training_started"]
+    assert starts == [None, step]
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted((c["step_number"], c["final"]) for c in ckpts) == [(step, False), (8, True)]
     metrics = client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()
@@ -167,7 +168,7 @@ def test_a_full_disk_while_training_fails_the_job_with_a_storage_error(client, s
     assert run_on_worker(settings, job_id) == "failed"
     error = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["error"]
     assert error["code"] == "storage_error" and "No space left on device" in error["message"]
-    assert "metrics.jsonl" in error["message"] and "intact" in error["message"]
+    assert "metrics.jsonl" in error["message"]
 
 
 def _cancel(settings, job_id):
@@ -197,16 +198,19 @@ def test_cancel_at_any_moment_ends_cancelled_frees_the_worker_and_is_the_last_ev
     assert [a.job_id for a in dispatch(settings)] == ([] if moment == "queued" else [job_id])
     if moment == "dispatched":
         _cancel(settings, job_id)
+    before = set(threading.enumerate())
     outcome = JobRunner(settings, worker_id).run(job_id)
     assert outcome == ("skipped" if moment in ("queued", "dispatched") else "cancelled")
+    # Nothing of the run writes after the end: every thread it started (its lease keeper's) has ended,
+    # and its recorder writes only from the run's own calls. So what is read now is final.
+    assert [t.name for t in threading.enumerate() if t not in before] == []
 
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["status"] == "cancelled" and job["fine_tuned_model"] is None
-    time.sleep(0.5)  # nothing of the run (its lease thread, a late metrics flush) writes after the end
     log = events(client, job_id)
     assert log[-1]["data"] == {"status": "cancelled"} and statuses(log).count("cancelled") == 1
     if moment == "mid-checkpoint":
-        assert any(e["message"] == "Checkpoint saved at step 3" for e in log)
+        assert 3 in [e["data"]["step"] for e in log if (e["data"] or {}).get("code") == "checkpoint_saved"]
     other = create(client, tiny_model, train_id, max_steps=1)
     assert [a.job_id for a in dispatch(settings)] == [other]  # the worker is free
 
@@ -221,4 +225,5 @@ def test_a_worker_refuses_a_model_outside_its_own_model_dirs(client, settings, t
     dispatch(worker_settings)
     assert JobRunner(worker_settings, worker_id).run(job_id) == "failed"
     error = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()["error"]
-    assert error["code"] == "model_not_allowed" and "outside the allowed model directories" in error["message"]
+    assert error["code"] == "model_not_allowed"
+    assert tiny_model in error["message"] and "DPO_MODEL_DIRS" in error["message"]  # names the model and the setting
