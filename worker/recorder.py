@@ -62,9 +62,12 @@ class JobRecorder(Callbacks):
             message = (f"Training resumed from checkpoint at step {self.first_step}: {rows} "
                        f"(attempt {self.lease.attempt})")
 
+        # resumed_from is a path on the worker: the team sees the step it resumed from, never the path.
+        shown = {k: v for k, v in _jsonable(info).items() if k != "resumed_from"}
+
         def write(s: Session) -> None:
             jobs.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
-            jobs.add_event(s, self.job_id, message, data={"code": "training_started", **_jsonable(info)})
+            jobs.add_event(s, self.job_id, message, data={"code": "training_started", **shown})
             if info.get("resumed_from"):
                 self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
         self.keeper.write(write)

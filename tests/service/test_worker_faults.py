@@ -88,6 +88,7 @@ def test_a_worker_shutting_down_hands_its_job_back_and_the_next_run_resumes_ther
     assert statuses(log) == ["queued", "running", "queued", "running", "succeeded"]
     starts = [e["data"]["resumed_from_step"] for e in log if (e["data"] or {}).get("code") == "training_started"]
     assert starts == [None, step]
+    assert str(settings.data_dir) not in json.dumps(log)  # the resumed run names its step, not the worker's path
     ckpts = client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
     assert sorted((c["step_number"], c["final"]) for c in ckpts) == [(step, False), (8, True)]
     metrics = client.get(f"/v1/files/{job['result_files'][0]}/content").text.splitlines()
