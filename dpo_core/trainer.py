@@ -75,23 +75,24 @@ class Run:
 
 def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> list:
     data = read_jsonl(path)
-    # By file name: under the service the path is the server's, and a team reads these as job events.
+    # Messages name the file, not its path: under the service the path is the server's, and a team reads
+    # these as job events and errors.
     for warning in data.warnings:
         callbacks.on_warning(f"{data.source}: {warning.message}")
     if spec.loss.unpaired:
         data = split_pairs(data)
     elif not data.paired:
         raise TrainingError(
-            f"{path} holds unpaired rows (prompt/completion/label); train it with loss.type: kto, or supply pairs"
+            f"{data.source} holds unpaired rows (prompt/completion/label); train it with loss.type: kto, or supply pairs"
         )
     result = tokenize(data, tokenizer, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length)
     if result.skipped:
         callbacks.on_warning(
-            f"{path}: skipped {result.skipped} of {len(data.rows)} rows whose completion does not fit in "
+            f"{data.source}: skipped {result.skipped} of {len(data.rows)} rows whose completion does not fit in "
             f"max_length={spec.max_length} after the prompt; raise max_length or shorten max_prompt_length"
         )
     if not result.rows:
-        raise TrainingError(f"{path}: no row fits in max_length={spec.max_length}")
+        raise TrainingError(f"{data.source}: no row fits in max_length={spec.max_length}")
     return result.rows
 
 

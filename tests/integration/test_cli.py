@@ -89,6 +89,8 @@ def test_rows_too_long_are_skipped_with_one_warning(tmp_path, tiny_model, capsys
     assert main([str(cfg)]) == 0
     err = capsys.readouterr().err
     assert err.count("skipped 1 of 5 rows") == 1
+    (warned,) = [line for line in err.splitlines() if "skipped 1 of 5 rows" in line]
+    assert "d.jsonl" in warned and str(tmp_path) not in warned  # the file's name: a service job shows it to teams
 
 
 def test_a_run_that_diverges_exits_3_and_leaves_only_its_finite_checkpoints(tmp_path, tiny_model, synthetic, capsys):
