@@ -48,7 +48,7 @@ def create_job(session: Session, principal: Principal, req: JobCreate, settings:
     refuse_job_over_quota(session, team, settings)
     session.add(job)
     session.flush()  # the row first: events reference it
-    jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    jobs.add_event(session, job.id, f"Created fine-tuning job: {job.id}", data={"code": "created"})
     jobs.status_event(session, job.id, JobStatus.QUEUED)
     session.commit()
     return Submitted(job.id, new=True)

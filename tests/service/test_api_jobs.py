@@ -66,7 +66,7 @@ def test_a_job_row_is_written_queued_with_its_status_event(client, train_id):
         event.remove(Job, "before_insert", record)
     assert inserted == ["queued"] and job["status"] == "queued"
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"order": "asc"}).json()["data"]
-    assert [e["data"] for e in events] == [None, {"status": "queued"}]
+    assert [e["data"] for e in events] == [{"code": "created"}, {"status": "queued"}]
 
 
 @pytest.mark.parametrize("change, param", [
@@ -117,7 +117,8 @@ def test_events_page_both_ways(client, train_id):
     job = create(client, train_id).json()
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     events = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events").json()["data"]
-    assert [e["data"] for e in events] == [{"status": "cancelled"}, {"status": "queued"}, None]  # newest first
+    # Newest first.
+    assert [e["data"] for e in events] == [{"status": "cancelled"}, {"status": "queued"}, {"code": "created"}]
     assert job["id"] in events[2]["message"]  # the creation event names the job
     assert {e["object"] for e in events} == {"fine_tuning.job.event"}
     page = client.get(f"/v1/fine_tuning/jobs/{job['id']}/events", params={"limit": 1, "after": events[0]["id"]}).json()
