@@ -45,7 +45,7 @@ def test_a_read_leaves_no_transaction_open(db_url):
 
 def test_the_ordinary_session_does_open_one_on_postgres(postgres_url):
     """The contrast that makes the test above mean something: psycopg2 begins a transaction for a
-    SELECT, so an ordinary session's read costs BEGIN and ROLLBACK round trips as well."""
+    SELECT, so a read in an ordinary session costs BEGIN and ROLLBACK round trips as well."""
     upgrade(postgres_url)
     engine = make_engine(postgres_url)
     try:
