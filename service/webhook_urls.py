@@ -90,9 +90,9 @@ def refusal(address: IPAddress) -> str | None:
     """Why a webhook may not reach `address` (a word for the message), or None for a public address."""
     if address.version == 6 and address.ipv4_mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
         address = address.ipv4_mapped
-    for why, bad in (("loopback", address.is_loopback), ("link-local", address.is_link_local),
-                     ("private", address.is_private), ("multicast", address.is_multicast),
-                     ("unspecified", address.is_unspecified), ("reserved", address.is_reserved)):
+    for why, bad in (("loopback", address.is_loopback), ("unspecified", address.is_unspecified),
+                     ("link-local", address.is_link_local), ("multicast", address.is_multicast),
+                     ("private", address.is_private), ("reserved", address.is_reserved)):
         if bad:
             return why
     return None if address.is_global else "non-global"
