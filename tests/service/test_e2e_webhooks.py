@@ -1,0 +1,182 @@
+"""End-to-end: webhooks from a real API process and a real worker to a real HTTP receiver on 127.0.0.1,
+which checks every signature with standardwebhooks itself. The tests share one service and one receiver."""
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from standardwebhooks import Webhook as Verifier
+from standardwebhooks import WebhookVerificationError
+
+from tests.service.processes import start_service
+from tests.service.support import as_key, make_team
+
+pytestmark = pytest.mark.slow
+FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32, "logging_steps": 2}
+CHECKPOINT, SUCCEEDED = "fine_tuning.job.checkpoint.created", "fine_tuning.job.succeeded"
+FAILED, CANCELLED = "fine_tuning.job.failed", "fine_tuning.job.cancelled"
+
+
+class Receiver:
+    """An HTTP server that records every POST by path, with the signature checked against the path's
+    secret, and answers each path's scripted statuses in turn (then 200)."""
+
+    def __init__(self):
+        self.secrets: dict[str, str] = {}
+        self.script: dict[str, list[int]] = {}
+        self.got: dict[str, list[dict]] = {}
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.record(self.path, dict(self.headers), body)
+                with receiver.lock:
+                    script = receiver.script.get(self.path) or []
+                    status = script.pop(0) if script else 200
+                answer = b"ok" if status == 200 else b"try again later"
+                self.send_response(status)
+                self.send_header("content-length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def record(self, path: str, headers: dict, body: bytes) -> None:
+        secret = self.secrets[path]
+        verifier = Verifier(secret) if secret.startswith("whsec_") else Verifier(secret.encode())
+        try:
+            event, verified = verifier.verify(body, headers), True
+        except WebhookVerificationError:
+            event, verified = json.loads(body), False
+        with self.lock:
+            self.got.setdefault(path, []).append({"event": event, "verified": verified, "id": headers["webhook-id"]})
+
+    def events(self, path: str) -> list[dict]:
+        with self.lock:
+            return list(self.got.get(path, []))
+
+    def wait_for(self, path: str, event_type: str, timeout_s: float = 60) -> list[dict]:
+        deadline = time.monotonic() + timeout_s
+        while not any(r["event"]["type"] == event_type for r in self.events(path)):
+            assert time.monotonic() < deadline, f"no {event_type} at {path} within {timeout_s}s: {self.events(path)}"
+            time.sleep(0.1)
+        return self.events(path)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    env = {"DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "DPO_WEBHOOK_RETRY_BASE_S": "0.5",
+           "DPO_WEBHOOK_POLL_INTERVAL_S": "0.2"}
+    svc = start_service(tmp_path_factory.mktemp("webhooks"), "e2e-" + secrets.token_hex(8), env)
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(service):
+    with service.client() as c:
+        yield c
+
+
+def hook(admin, receiver, team, path: str, events: list[str], secret: str | None = None) -> dict:
+    body = {"url": receiver.url + path, "events": events, **({"secret": secret} if secret else {})}
+    r = admin.post("/v1/webhooks", headers=as_key(team["key"]), json=body)
+    assert r.status_code == 200, r.text
+    receiver.secrets[path] = r.json()["secret"]
+    return r.json()
+
+
+def submit(admin, team, file_id, model, **training) -> dict:
+    r = admin.post("/v1/fine_tuning/jobs", headers=as_key(team["key"]),
+                   json={"model": model, "training_file": file_id, "training": {**FAST, **training},
+                         "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def upload(admin, team, path) -> str:
+    r = admin.post("/v1/files", headers=as_key(team["key"]), files={"file": (path.name, path.read_bytes())},
+                   data={"purpose": "fine-tune"})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+def test_a_job_delivers_what_each_webhook_asked_for(service, admin, receiver, task_files, tiny_model):
+    a, b = make_team(admin, "hooks-a"), make_team(admin, "hooks-b")
+    wanted = hook(admin, receiver, a, "/a/progress", [CHECKPOINT, SUCCEEDED])
+    hook(admin, receiver, a, "/a/problems", [FAILED, CANCELLED], secret="an-own-secret-of-32-characters-or-more")
+    theirs = hook(admin, receiver, b, "/b/all", [CHECKPOINT, SUCCEEDED, FAILED, CANCELLED])
+    job = submit(admin, a, upload(admin, a, task_files[0]), tiny_model, max_steps=4, save_steps=2)
+    done = service.wait_for_job(job["id"])
+    assert done["status"] == "succeeded", f"{done['error']}\n{service.logs()}"
+
+    got = receiver.wait_for("/a/progress", SUCCEEDED)
+    checkpoints = admin.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=as_key(a["key"])).json()["data"]
+    receiver.wait_for("/a/progress", CHECKPOINT)
+    time.sleep(1)  # let any delivery still on its way arrive, to be counted below
+    got = receiver.events("/a/progress")
+    assert all(r["verified"] for r in got) and len({r["id"] for r in got}) == len(got)
+    by_type: dict[str, list[dict]] = {}
+    for r in got:
+        by_type.setdefault(r["event"]["type"], []).append(r["event"])
+    assert set(by_type) == {CHECKPOINT, SUCCEEDED} and len(by_type[SUCCEEDED]) == 1
+    assert {e["data"]["checkpoint"]["id"] for e in by_type[CHECKPOINT]} == {c["id"] for c in checkpoints}
+    assert {e["data"]["checkpoint"]["step_number"] for e in by_type[CHECKPOINT]} == {2, 4}
+    succeeded = by_type[SUCCEEDED][0]
+    assert succeeded["object"] == "event" and succeeded["data"] == {
+        "id": job["id"], "status": "succeeded", "fine_tuned_model": done["fine_tuned_model"], "error": None}
+    assert receiver.events("/a/problems") == [] and receiver.events("/b/all") == []
+
+    shown = admin.get(f"/v1/webhooks/{wanted['id']}/deliveries", headers=as_key(a["key"])).json()["data"]
+    assert sorted(d["id"] for d in shown) == sorted(r["id"] for r in got)
+    for d in shown:
+        assert d["status"] == "delivered" and d["next_attempt_at"] is None
+        assert [(t["status_code"], t["response"], t["error"]) for t in d["attempts"]] == [(200, "ok", None)]
+
+    # Another team sees none of it, and its own webhook got nothing of A's job.
+    for url in (f"/v1/webhooks/{wanted['id']}", f"/v1/webhooks/{wanted['id']}/deliveries"):
+        assert admin.get(url, headers=as_key(b["key"])).status_code == 404
+    listed = admin.get("/v1/webhooks", headers=as_key(b["key"])).json()["data"]
+    assert [w["id"] for w in listed] == [theirs["id"]]
+
+
+def test_a_cancelled_job_is_delivered_after_a_failed_attempt(service, admin, receiver, task_files, tiny_model):
+    a = make_team(admin, "hooks-retry")
+    receiver.script["/retry"] = [500]
+    flaky = hook(admin, receiver, a, "/retry", [CANCELLED, SUCCEEDED])
+    job = submit(admin, a, upload(admin, a, task_files[0]), tiny_model, max_steps=100_000)
+    r = admin.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=as_key(a["key"]))
+    assert r.status_code == 200, r.text
+    assert service.wait_for_job(job["id"])["status"] == "cancelled"
+
+    deadline = time.monotonic() + 60
+    while (d := admin.get(f"/v1/webhooks/{flaky['id']}/deliveries",
+                          headers=as_key(a["key"])).json()["data"])[0]["status"] != "delivered":
+        assert time.monotonic() < deadline, d
+        time.sleep(0.2)
+    [delivery] = d
+    assert delivery["event_type"] == CANCELLED and delivery["job_id"] == job["id"]
+    assert [(t["status_code"], t["response"]) for t in delivery["attempts"]] == [(500, "try again later"), (200, "ok")]
+    assert delivery["attempts"][1]["at"] >= delivery["attempts"][0]["at"]
+    got = receiver.events("/retry")
+    assert [(r["id"], r["verified"], r["event"]["type"]) for r in got] == [(delivery["id"], True, CANCELLED)] * 2
+    assert got[0]["event"]["data"] == {"id": job["id"], "status": "cancelled", "fine_tuned_model": None,
+                                       "error": None}
