@@ -11,7 +11,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -55,15 +55,10 @@ def attempt(client: httpx.Client, claimed: Claimed, settings: Settings) -> dict[
     entry: dict[str, Any] = {"at": int(started), "status_code": None, "error": None, "response": None}
     try:
         target = webhook_urls.parse(claimed.url)
-        address = webhook_urls.resolve(target, settings.webhook_allow_private)[0]
+        addresses = webhook_urls.resolve(target, settings.webhook_allow_private)
         body = body_of(claimed.payload)
-        headers = signed_headers(claimed.secret, claimed.id, body, datetime.now(timezone.utc))
-        # The pinned address is the one just checked; the Host header and the TLS name stay the URL's.
-        extensions = {"sni_hostname": target.host} if target.scheme == "https" and not target.host_is_ip else {}
-        with client.stream("POST", target.pinned_url(address), content=body,
-                           headers={**headers, "host": target.host_header}, extensions=extensions) as response:
-            entry["status_code"] = response.status_code
-            entry["response"] = _first_bytes(response)
+        headers = signed_headers(claimed.secret, claimed.id, body, datetime.now(UTC))
+        entry["status_code"], entry["response"] = _post(client, target, addresses, body, headers)
     except InvalidInput as err:  # the URL now resolves to a refused address, or no longer resolves
         entry["error"] = f"{err.code}: {err.message}"
     except httpx.TimeoutException:
@@ -72,6 +67,23 @@ def attempt(client: httpx.Client, claimed: Claimed, settings: Settings) -> dict[
         entry["error"] = f"{type(err).__name__}: {err}"
     entry["duration_ms"] = int((time.time() - started) * 1000)
     return entry
+
+
+def _post(client: httpx.Client, target: webhook_urls.Target, addresses: list, body: bytes,
+          headers: dict[str, str]) -> tuple[int, str]:
+    """POST to the first of `addresses` (each one checked) that takes the connection: the request goes to
+    that address itself, never to a second lookup of the name; the Host header and the TLS name (SNI,
+    and the name the certificate must match) stay the URL's."""
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" and not target.host_is_ip else {}
+    for i, address in enumerate(addresses):
+        try:
+            with client.stream("POST", target.pinned_url(address), content=body,
+                               headers={**headers, "host": target.host_header}, extensions=extensions) as response:
+                return response.status_code, _first_bytes(response)
+        except httpx.ConnectError:
+            if i == len(addresses) - 1:
+                raise
+    raise AssertionError("resolve() returns at least one address")
 
 
 def _first_bytes(response: httpx.Response) -> str:

@@ -67,9 +67,10 @@ class Claimed:
 
 
 def claim_due(session: Session, at: float, limit: int, hold_s: float) -> list[Claimed]:
-    """Up to `limit` deliveries due at `at`, each claimed for `hold_s` seconds: a conditional update moves
-    its next_attempt_at past the attempt, so another process's claim of the same row changes nothing (on
-    PostgreSQL the second update waits for the first's row lock, then finds the row no longer due)."""
+    """Up to `limit` deliveries due at `at`, each claimed for `hold_s` seconds (committed here): a
+    conditional update moves its next_attempt_at past the attempt, so another process's claim of the same
+    row changes nothing (on PostgreSQL the second update waits for the first's row lock, then finds the
+    row no longer due)."""
     due = session.scalars(
         select(WebhookDelivery.id)
         .where(WebhookDelivery.status == DeliveryStatus.PENDING.value, WebhookDelivery.next_attempt_at <= at)

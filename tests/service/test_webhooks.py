@@ -10,7 +10,7 @@ import random
 import threading
 import time
 from contextlib import nullcontext
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -25,6 +25,7 @@ from service.db.webhooks import Claimed, claim_due
 from service.errors import InvalidInput
 from service.webhook_delivery import WebhookSender, backoff_s, body_of, next_step, signed_headers
 from service.webhooks import new_secret
+from tests.service.receiver import Receiver
 from tests.service.support import API_KEY, as_key, fresh_postgres, make_settings, make_team, sessions_for, upload
 
 HOOK = "http://127.0.0.1:9/hook"  # nothing listens: the in-process tests never wait for a receiver
@@ -36,7 +37,7 @@ def test_a_delivery_verifies_with_standardwebhooks(secret):
     payload = {"object": "event", "id": "whevt-1", "type": "fine_tuning.job.succeeded", "created_at": 1,
                "data": {"id": "ftjob-1", "status": "succeeded"}}
     body = body_of(payload)
-    headers = signed_headers(secret, "whevt-1", body, datetime.now(timezone.utc))
+    headers = signed_headers(secret, "whevt-1", body, datetime.now(UTC))
     verifier = Verifier(secret) if secret.startswith("whsec_") else Verifier(secret.encode())
     assert verifier.verify(body, headers) == payload
     assert headers["webhook-signature"].startswith("v1,")
@@ -245,6 +246,24 @@ def test_the_address_is_checked_again_when_sending(client, settings, task_files)
     [tried] = delivery["attempts"]
     assert tried["status_code"] is None and tried["error"].startswith("webhook_url_private_address")
     assert delivery["status"] == "pending" and delivery["next_attempt_at"] >= tried["at"]
+
+
+def test_a_name_is_sent_to_a_checked_address_under_its_own_host(client, settings, task_files):
+    """The attempt connects to an address it resolved and checked itself (trying the next when one refuses
+    the connection: `localhost` may be ::1 first, and the receiver listens on 127.0.0.1 only), and the
+    receiver still sees the URL's host."""
+    with Receiver() as receiver:
+        port = receiver.server.server_address[1]
+        r = client.post("/v1/webhooks", json={"url": f"http://localhost:{port}/named",
+                                              "events": ["fine_tuning.job.cancelled"]})
+        receiver.secrets["/named"] = r.json()["secret"]
+        client.post(f"/v1/fine_tuning/jobs/{_job(client, task_files, {})}/cancel")
+        sender = WebhookSender(sessions_for(settings), settings)
+        with sessions_for(settings)() as s:
+            [claimed] = claim_due(s, time.time(), 10, sender.hold_s)
+        assert sender.deliver_now(claimed) == DeliveryStatus.DELIVERED
+        [got] = receiver.events("/named")
+        assert got["verified"] and got["host"] == f"localhost:{port}" and got["id"] == claimed.id
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
