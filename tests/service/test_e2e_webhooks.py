@@ -101,7 +101,7 @@ def test_a_job_delivers_what_each_webhook_asked_for(service, admin, receiver, ta
 
 
 def test_a_cancelled_job_is_delivered_after_a_failed_attempt(service, admin, receiver, task_files, tiny_model):
-    a = make_team(admin, "hooks-retry")
+    a = make_team(admin, "hooks-retry", max_running_jobs=0)  # its job waits: cancelled by the API, not the worker
     receiver.script["/retry"] = [500]
     flaky = hook(admin, receiver, a, "/retry", [CANCELLED, SUCCEEDED])
     job = submit(admin, a, upload(admin, a, task_files[0]), tiny_model, max_steps=100_000)

@@ -248,6 +248,21 @@ def test_the_address_is_checked_again_when_sending(client, settings, task_files)
     assert delivery["status"] == "pending" and delivery["next_attempt_at"] >= tried["at"]
 
 
+def test_a_delivery_fails_once_its_retry_window_is_over(client, settings, task_files):
+    """Nothing listens at the URL: the attempt records the refused connection, and with the window over
+    the delivery is failed, with nothing more due."""
+    hook = client.post("/v1/webhooks", json={"url": HOOK, "events": ["fine_tuning.job.cancelled"]}).json()
+    client.post(f"/v1/fine_tuning/jobs/{_job(client, task_files, {})}/cancel")
+    sender = WebhookSender(sessions_for(settings), settings.model_copy(update={"webhook_retry_window_s": 0.001}))
+    with sessions_for(settings)() as s:
+        [claimed] = claim_due(s, time.time(), 10, sender.hold_s)
+    assert sender.deliver_now(claimed) == DeliveryStatus.FAILED
+    [delivery] = client.get(f"/v1/webhooks/{hook['id']}/deliveries", params={"status": "failed"}).json()["data"]
+    assert delivery["next_attempt_at"] is None and delivery["attempts"][0]["error"].startswith("ConnectError")
+    with sessions_for(settings)() as s:
+        assert claim_due(s, time.time() + 10 ** 6, 10, 60) == []
+
+
 def test_a_name_is_sent_to_a_checked_address_under_its_own_host(client, settings, task_files):
     """The attempt connects to an address it resolved and checked itself (trying the next when one refuses
     the connection: `localhost` may be ::1 first, and the receiver listens on 127.0.0.1 only), and the
