@@ -73,8 +73,9 @@ def resolve(target: Target, allow_private: bool) -> list[IPAddress]:
     if not allow_private:
         for address in addresses:
             if (why := refusal(address)) is not None:
-                raise _refused(f"the webhook URL's host {target.host!r} resolves to {address}, a {why} address; "
-                               "webhooks may only reach public addresses (the operator may allow others with "
+                # The address itself is not shown: a team learns nothing of the service's network from it.
+                raise _refused(f"the webhook URL's host {target.host!r} resolves to a {why} address; webhooks "
+                               "may only reach public addresses (the operator may allow others with "
                                "DPO_WEBHOOK_ALLOW_PRIVATE=1)", "webhook_url_private_address")
     return addresses
 
