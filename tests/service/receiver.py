@@ -64,9 +64,10 @@ class Receiver:
         with self.lock:
             return list(self.got.get(path, []))
 
-    def wait_for(self, path: str, event_type: str, timeout_s: float = 60) -> list[dict]:
+    def wait_for(self, path: str, count: int, timeout_s: float = 60) -> list[dict]:
+        """What `path` got, once it got at least `count` deliveries."""
         deadline = time.monotonic() + timeout_s
-        while not any(r["event"]["type"] == event_type for r in self.events(path)):
-            assert time.monotonic() < deadline, f"no {event_type} at {path} within {timeout_s}s: {self.events(path)}"
+        while len(self.events(path)) < count:
+            assert time.monotonic() < deadline, f"{path} got {self.events(path)} in {timeout_s}s, not {count}"
             time.sleep(0.1)
         return self.events(path)
