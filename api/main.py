@@ -19,7 +19,7 @@ from api.limits import BodyLimit, InFlightLimit
 from api.logs import install_access_log_filter
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
-from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
+from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage, webhooks
 from service import errors
 from service.artifacts import LocalStorage
 from service.auth import admin_key
@@ -27,6 +27,7 @@ from service.db.engine import UNAVAILABLE, make_engine, make_read_engine, make_r
 from service.db.migrate import upgrade
 from service.requests import PRINTABLE
 from service.settings import Settings, get_settings
+from service.webhook_delivery import WebhookSender
 
 log = logging.getLogger("dpo.api")
 
@@ -85,7 +86,11 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.state.dispatcher = Dispatcher(app.state.sessionmaker, settings, app.state.celery)
         if settings.dispatcher:
             app.state.dispatcher.start()
+        app.state.webhooks = WebhookSender(app.state.sessionmaker, settings)
+        if settings.webhook_delivery:
+            app.state.webhooks.start()
         yield
+        app.state.webhooks.stop()
         app.state.dispatcher.stop()
         engine.dispose()
         read_engine.dispose()
@@ -100,7 +105,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read
     # or api.deps.read_job.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
-    for module in (files, jobs, events, checkpoints, pool, usage, teams):
+    for module in (files, jobs, events, checkpoints, pool, usage, teams, webhooks):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)

@@ -62,6 +62,19 @@ class Settings(BaseSettings):
     team_storage_bytes: int | None = Field(None, gt=0, description="bytes a team may store (uploads, checkpoints, "
                                            "result files) unless the admin set the team's own; default: no limit")
 
+    # Webhooks (service.webhook_delivery): each API process runs a delivery loop unless told not to.
+    webhook_delivery: bool = Field(True, description="run the webhook delivery loop in this API process")
+    webhook_allow_private: bool = Field(False, description="let webhooks reach loopback, private, link-local and "
+                                        "other non-global addresses (tests; a receiver on the service's own network)")
+    webhook_timeout_s: float = Field(10.0, gt=0, description="the longest one delivery attempt may take")
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="how often the delivery loop looks for due events")
+    webhook_retry_base_s: float = Field(5.0, gt=0, description="the first retry's delay; each next one doubles, "
+                                        "with jitter, up to webhook_retry_max_s")
+    webhook_retry_max_s: float = Field(3600.0, gt=0, description="the longest delay between two attempts")
+    webhook_retry_window_s: float = Field(24 * 3600.0, gt=0, description="an event not delivered this long after "
+                                          "it happened is marked failed")
+    webhook_concurrency: int = Field(8, gt=0, le=256, description="deliveries each API process sends at once")
+
     @field_validator("model_dirs", mode="before")
     @classmethod
     def _split_dirs(cls, value):

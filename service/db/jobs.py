@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 from sqlalchemy import ColumnElement, Row, bindparam, select, update
 from sqlalchemy.orm import Session
 
+from service.db import webhooks
 from service.db.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
 from service.errors import Conflict
 
@@ -63,10 +64,12 @@ def transition(
 
 def status_event(session: Session, job_id: str, new: JobStatus, message: str | None = None,
                  data: dict | None = None) -> None:
-    """The event of a job's move to `new` (a job is created `queued`, so creating one records it too)."""
+    """The event of a job's move to `new` (a job is created `queued`, so creating one records it too),
+    and, for a terminal status, its webhook deliveries: in the same transaction as the move."""
     level = "error" if new == JobStatus.FAILED else "info"
     data = data if new == JobStatus.DISPATCHED else {"status": new.value, **(data or {})}
     add_event(session, job_id, message or _STATUS_MESSAGES[new], level=level, data=data)
+    webhooks.record_status(session, job_id, new)
 
 
 _STATUS_MESSAGES = {
@@ -122,10 +125,12 @@ def add_checkpoint(
     session: Session, job_id: str, step: int, storage_key: str, metrics: dict | None, final: bool = False,
     size: int = 0,
 ) -> Checkpoint:
-    """A checkpoint's row; `size`: its directory's bytes (Storage.size), what counts against the team's quota."""
+    """A checkpoint's row, and its webhook deliveries (checkpoint.created) in the same transaction;
+    `size`: its directory's bytes (Storage.size), what counts against the team's quota."""
     checkpoint = Checkpoint(
-        job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final, created_at=now(),
-        bytes=size,
+        id=new_id("ftckpt"), job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final,
+        created_at=now(), bytes=size,
     )
     session.add(checkpoint)
+    webhooks.record_checkpoint(session, checkpoint)
     return checkpoint

@@ -1,5 +1,5 @@
 """SQLAlchemy models of the job store: teams and their keys, files, jobs and their runs, events,
-checkpoints, workers.
+checkpoints, workers, webhooks and their deliveries.
 
 The schema is made only by the Alembic migrations in migrations/; keep the two in step.
 Times are Unix seconds (the OpenAI API's convention); the ones GPU-seconds are computed from
@@ -264,4 +264,50 @@ class Checkpoint(Base):
     storage_key: Mapped[str] = mapped_column(String(512))
     # Size of the directory when it was recorded, so a team's storage is a sum, not a disk walk.
     bytes: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class DeliveryStatus(StrEnum):
+    PENDING = "pending"  # not sent yet, or to be tried again at next_attempt_at
+    DELIVERED = "delivered"  # an attempt got a 2xx
+    FAILED = "failed"  # no attempt got a 2xx within the retry window (DPO_WEBHOOK_RETRY_WINDOW_S)
+
+
+class Webhook(Base):
+    """A team's endpoint for job events. The secret is kept as given (or generated): signing needs it."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (Index("ix_webhooks_team_id_created_at_id", "team_id", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("wh"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2048))
+    events: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True))
+    secret: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: the outbox row written in the transaction of the change it reports,
+    and the record of every attempt to send it (service.webhook_delivery). `id` is the event's id, the
+    same in every attempt (the `webhook-id` header receivers deduplicate on)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_webhook_id_created_at_id", "webhook_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("whevt"))
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_type: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]  # the event as sent, fixed when the change happened
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING.value)
+    # Each attempt: {at, status_code, error, response, duration_ms}, oldest first.
+    attempts: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list)
+    # When it is due (None once delivered or failed). A sender claims a due row by moving this past the
+    # attempt's longest duration and setting claim_token: a sender that dies mid-attempt leaves it due again.
+    next_attempt_at: Mapped[float | None] = mapped_column(Float)
+    claim_token: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)

@@ -41,12 +41,20 @@ ROUTES = {
     ("POST", "/v1/admin/teams/{team_id}/keys"): ADMIN,
     ("GET", "/v1/admin/teams/{team_id}/keys"): ADMIN,
     ("DELETE", "/v1/admin/teams/{team_id}/keys/{key_id}"): ADMIN,
+    ("POST", "/v1/webhooks"): CREATE,
+    ("GET", "/v1/webhooks"): LIST,
+    ("GET", "/v1/webhooks/{webhook_id}"): OBJECT,
+    ("DELETE", "/v1/webhooks/{webhook_id}"): OBJECT,
+    ("GET", "/v1/webhooks/{webhook_id}/deliveries"): OBJECT,
 }
+# A's webhook: the services the tests start let webhooks reach 127.0.0.1 (DPO_WEBHOOK_ALLOW_PRIVATE).
+WEBHOOK = {"url": "http://127.0.0.1:9/hook", "events": ["fine_tuning.job.succeeded"]}
 
 
 @dataclass
 class TeamObjects:
-    """Team A's objects the walk aims at (checkpoint: one of the job's; results: its metrics file)."""
+    """Team A's objects the walk aims at (checkpoint: one of the job's; results: its metrics file;
+    webhook: made with `a_webhook`)."""
 
     team_id: str
     key_id: str
@@ -54,6 +62,14 @@ class TeamObjects:
     job_id: str
     checkpoint_id: str
     results_file_id: str
+    webhook_id: str
+
+
+def a_webhook(call, a_key: str) -> str:
+    """A webhook of A's (`call` as `walk` takes it); its id."""
+    r = call("POST", "/v1/webhooks", a_key, json=WEBHOOK)
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
 
 
 def v1_routes(app) -> set[tuple[str, str]]:
@@ -74,7 +90,7 @@ def walk(app, call, a: TeamObjects, a_key: str, b_key: str, b_team_id: str) -> d
     assert not unlisted, f"routes missing from the isolation walk (add them to ROUTES): {sorted(unlisted)}"
     assert routes == set(ROUTES), f"ROUTES names routes the app does not have: {sorted(set(ROUTES) - routes)}"
     params = {"file_id": a.file_id, "fine_tuning_job_id": a.job_id, "checkpoint_id": a.checkpoint_id,
-              "team_id": a.team_id, "key_id": a.key_id}
+              "team_id": a.team_id, "key_id": a.key_id, "webhook_id": a.webhook_id}
     walked: dict[str, int] = {}
     for (method, path), kind in sorted(ROUTES.items()):
         # File routes are walked with the uploaded file and with the run's results file.
@@ -91,7 +107,7 @@ def walk_without_a_valid_key(app, call, a: TeamObjects, a_key: str, revoked_key:
     """Call every route with an unknown key and with a revoked one, on A's objects: 401 each time,
     before anything else is checked or done. Returns how many routes were walked."""
     params = {"file_id": a.file_id, "fine_tuning_job_id": a.job_id, "checkpoint_id": a.checkpoint_id,
-              "team_id": a.team_id, "key_id": a.key_id}
+              "team_id": a.team_id, "key_id": a.key_id, "webhook_id": a.webhook_id}
     routes = v1_routes(app)
     for method, path in sorted(routes):
         url = path.format(**params)
@@ -123,7 +139,7 @@ def _list(call, method, url, a, b_key, b_team_id):
     r = call(method, url, b_key, params={"limit": 100})
     assert r.status_code == 200, r.text
     _no_a_ids(r.text, a, f"{method} {url}")
-    for after, unknown in ((a.file_id, "file-0"), (a.job_id, "ftjob-0")):
+    for after, unknown in ((a.file_id, "file-0"), (a.job_id, "ftjob-0"), (a.webhook_id, "wh-0")):
         r = call(method, url, b_key, params={"after": after})
         r2 = call(method, url, b_key, params={"after": unknown})
         assert r.status_code in (400, 404), f"{method} {url}?after={after}: {r.status_code}"
@@ -135,6 +151,10 @@ def _create(call, method, url, a, b_key, b_team_id):
     r = call("POST", "/v1/files", b_key, files={"file": ("b.jsonl", row)}, data={"purpose": "fine-tune"})
     assert r.status_code == 200 and r.json()["id"] != a.file_id
     if url == "/v1/files":
+        return
+    if url == "/v1/webhooks":
+        r = call(method, url, b_key, json=WEBHOOK)
+        assert r.status_code == 200 and r.json()["id"] != a.webhook_id, r.text
         return
     own_file = r.json()["id"]
     for field in ("training_file", "validation_file"):
@@ -167,20 +187,20 @@ def _admin(call, method, url, a, b_key, b_team_id):
 def _still_there(call, a: TeamObjects, a_key: str):
     """B's cancel and delete calls changed nothing of A's."""
     for url in (f"/v1/files/{a.file_id}", f"/v1/files/{a.results_file_id}/content",
-                f"/v1/fine_tuning/jobs/{a.job_id}/checkpoints/{a.checkpoint_id}"):
+                f"/v1/fine_tuning/jobs/{a.job_id}/checkpoints/{a.checkpoint_id}", f"/v1/webhooks/{a.webhook_id}"):
         assert call("GET", url, a_key).status_code == 200, url
     job = call("GET", f"/v1/fine_tuning/jobs/{a.job_id}", a_key).json()
     assert not job["cancel_requested"] and job["status"] != "cancelled"
 
 
 def _no_a_ids(text: str, a: TeamObjects, where: str):
-    for value in (a.file_id, a.job_id, a.checkpoint_id, a.results_file_id, a.team_id, a.key_id):
+    for value in (a.file_id, a.job_id, a.checkpoint_id, a.results_file_id, a.team_id, a.key_id, a.webhook_id):
         assert value not in text, f"{where} shows team A's {value}"
 
 
 def _fakes(a: TeamObjects):
     return ((a.file_id, "file-0"), (a.results_file_id, "file-0"), (a.job_id, "ftjob-0"),
-            (a.checkpoint_id, "ftckpt-0"))
+            (a.checkpoint_id, "ftckpt-0"), (a.webhook_id, "wh-0"))
 
 
 def _without_ids(body: dict, a: TeamObjects) -> str:

@@ -144,8 +144,10 @@ class Service:
 
 def fast_settings() -> dict[str, str]:
     """What every service a test starts runs with: short intervals, so that heartbeats, leases and
-    dispatches happen within seconds, and the tests' model directories."""
+    dispatches happen within seconds, and the tests' model directories. Webhooks may reach the tests'
+    receivers on 127.0.0.1."""
     return dict(DPO_METRICS_EVENT_INTERVAL_S="0", DPO_CANCEL_POLL_INTERVAL_S="0.5", DPO_DISPATCH_INTERVAL_S="0.3",
+                DPO_WEBHOOK_ALLOW_PRIVATE="1",
                 DPO_WORKER_HEARTBEAT_INTERVAL_S="0.5", DPO_WORKER_LOST_AFTER_S="3", DPO_JOB_LEASE_S="3",
                 DPO_DISPATCH_TIMEOUT_S="10", DPO_MODEL_DIRS=os.pathsep.join(MODEL_DIRS))
 

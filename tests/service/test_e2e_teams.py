@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.service.isolation import TeamObjects, walk, walk_without_a_valid_key
+from tests.service.isolation import TeamObjects, a_webhook, walk, walk_without_a_valid_key
 from tests.service.processes import REPO, start_service
 from tests.service.support import as_key, make_team
 
@@ -58,11 +58,13 @@ def test_isolation_walk_on_a_trained_job(service, admin, task_files, tiny_model)
     done = service.wait_for_job(job["id"])
     assert done["status"] == "succeeded", f"{done['error']}\n{service.logs()}"
     checkpoint = admin.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints").json()["data"][-1]["id"]
-    objects = TeamObjects(team_id=a["id"], key_id=a["key_id"], file_id=job["training_file"], job_id=job["id"],
-                          checkpoint_id=checkpoint, results_file_id=done["result_files"][0])
 
     def call(method, url, key, **kw):
         return admin.request(method, url, headers=as_key(key), **kw)
+
+    objects = TeamObjects(team_id=a["id"], key_id=a["key_id"], file_id=job["training_file"], job_id=job["id"],
+                          checkpoint_id=checkpoint, results_file_id=done["result_files"][0],
+                          webhook_id=a_webhook(call, a["key"]))
 
     from api.main import create_app
 

@@ -16,7 +16,8 @@ from service.db.engine import make_engine
 from service.db.migrate import alembic_config, upgrade
 from tests.service.support import fresh_postgres
 
-TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints", "runs"}
+TABLES = {"alembic_version", "teams", "api_keys", "workers", "files", "jobs", "events", "checkpoints", "runs",
+          "webhooks", "webhook_deliveries"}
 
 
 def _check(url: str) -> None:

@@ -24,7 +24,7 @@ PARAMETERS = [(method.upper(), path, p["name"], p["in"]) for path, operations in
               for method, operation in operations.items() for p in operation.get("parameters", [])]
 GOOD = b'{"prompt": "sort : n2 n1", "chosen": " n1 n2", "rejected": " n2 n1"}\n'
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
-PREFIXES = ("ftjob", "file", "ftckpt", "ftevent", "team", "key")
+PREFIXES = ("ftjob", "file", "ftckpt", "ftevent", "team", "key", "wh", "whevt")
 BIG = ("9223372036854775808", "9" * 30, "9" * 5000)  # past int64; past Python's 4,300-digit int() limit
 KILLERS = [
     *BIG, "-9223372036854775809", "-1", "0", "1.5", "1e308", "1e309", "-1e309", "nan", "²", "", "../x", "..",
@@ -48,7 +48,7 @@ class Caller:
 
 
 def _objects(client, app_settings, key: str) -> dict[str, str]:
-    """A file, a job with an event and a checkpoint, all of the key's team."""
+    """A file, a job with an event and a checkpoint, a webhook, all of the key's team."""
     file_id = client.post("/v1/files", files={"file": ("t.jsonl", GOOD * 4)}, data={"purpose": "fine-tune"},
                           headers=as_key(key)).json()["id"]
     r = client.post("/v1/fine_tuning/jobs", headers=as_key(key),
@@ -60,7 +60,11 @@ def _objects(client, app_settings, key: str) -> dict[str, str]:
         checkpoint = add_checkpoint(s, job_id, 1, f"jobs/{job_id}/checkpoint-1", {"step": 1})
         s.flush()
         checkpoint_id = checkpoint.id
-    return {"file_id": file_id, "fine_tuning_job_id": job_id, "checkpoint_id": checkpoint_id}
+    webhook = client.post("/v1/webhooks", headers=as_key(key),
+                          json={"url": "http://127.0.0.1:9/hook", "events": ["fine_tuning.job.succeeded"]})
+    assert webhook.status_code == 200, webhook.text
+    return {"file_id": file_id, "fine_tuning_job_id": job_id, "checkpoint_id": checkpoint_id,
+            "webhook_id": webhook.json()["id"]}
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

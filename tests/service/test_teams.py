@@ -6,7 +6,17 @@ from sqlalchemy import select
 
 from service.db import jobs
 from service.db.models import ApiKey, File
-from tests.service.isolation import ADMIN, CREATE, LIST, OBJECT, OWN_VIEW, TeamObjects, walk, walk_without_a_valid_key
+from tests.service.isolation import (
+    ADMIN,
+    CREATE,
+    LIST,
+    OBJECT,
+    OWN_VIEW,
+    TeamObjects,
+    a_webhook,
+    walk,
+    walk_without_a_valid_key,
+)
 from tests.service.support import as_key, make_team, sessions_for, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
@@ -112,7 +122,7 @@ def test_every_v1_route_isolates_teams(client, settings, task_files):
         return client.request(method, url, headers=as_key(key), **kw)
 
     walked = walk(client.app, call, objects, a["key"], b["key"], b["id"])
-    assert walked == {OBJECT: 10, LIST: 2, CREATE: 2, OWN_VIEW: 2, ADMIN: 9}
+    assert walked == {OBJECT: 13, LIST: 3, CREATE: 3, OWN_VIEW: 2, ADMIN: 9}
     # The admin key sees A's objects on the same routes.
     assert client.get(f"/v1/fine_tuning/jobs/{objects.job_id}/checkpoints/{objects.checkpoint_id}").status_code == 200
 
@@ -127,7 +137,7 @@ def test_every_v1_route_refuses_an_unknown_or_revoked_key(client, settings, task
     def call(method, url, key, **kw):
         return client.request(method, url, headers=as_key(key), **kw)
 
-    assert walk_without_a_valid_key(client.app, call, objects, a["key"], gone["key"]) == 25
+    assert walk_without_a_valid_key(client.app, call, objects, a["key"], gone["key"]) == 30
 
 
 def _team_a_objects(client, settings, a: dict, task_files) -> TeamObjects:
@@ -148,5 +158,7 @@ def _team_a_objects(client, settings, a: dict, task_files) -> TeamObjects:
         s.add(results)
         s.flush()
         ids = ckpt.id, results.id
+    webhook_id = a_webhook(lambda method, url, key, **kw: client.request(method, url, headers=as_key(key), **kw),
+                           a["key"])
     return TeamObjects(team_id=a["id"], key_id=a["key_id"], file_id=train["id"], job_id=job["id"],
-                       checkpoint_id=ids[0], results_file_id=ids[1])
+                       checkpoint_id=ids[0], results_file_id=ids[1], webhook_id=webhook_id)
