@@ -322,8 +322,8 @@ async def event_stream(hub: EventHub, stream: Stream, heartbeat_s: float) -> Asy
                 if catching_up is not None and catching_up.exception() is not None:
                     raise catching_up.exception()
                 catching_up = asyncio.create_task(hub.catch_up(stream))
-            if loop.time() >= beat:
-                beat = max(beat + heartbeat_s, loop.time())
+            if (now := loop.time()) >= beat:
+                beat = beat + heartbeat_s if beat + heartbeat_s > now else now + heartbeat_s
                 yield KEEP_ALIVE
                 continue
             stream.wake.clear()
