@@ -145,9 +145,8 @@ class EventHub:
         """Give `stream` its job's events after its cursor, a page at a time as the client takes them;
         then end it (its job has ended) or hand it to the hub."""
         while not self.closed:
-            found = await self._retrying(self._page, stream.job_id, stream.cursor)
-            status, page = found
-            for job_id, seq, data, final in page:
+            status, page = await self._retrying(self._page, stream.job_id, stream.cursor)
+            for _job, seq, data, final in page:
                 stream.add(seq, data, final)
             if len(page) < PAGE:
                 if stream.final_seen or status is None or JobStatus(status).terminal:
@@ -185,7 +184,9 @@ class EventHub:
 
     async def _wake_once(self) -> None:
         if not self.live:
+            # Nothing to read for; SQLite's next poll starts from the newest event, not from where it stopped.
             self.due.clear()
+            self.seen = None
             return
         cursors = {job: min(s.cursor for s in streams) for job, streams in self.live.items()}
         due, sweep = self.due & cursors.keys(), self.sweep_due
