@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import threading
 import time
 
 import httpx
@@ -17,6 +18,7 @@ import pytest
 
 from tests.service.processes import TERMINAL, WORKER, PostgresServer, RedisServer, start_service
 from tests.service.support import as_key, make_team
+from tests.service.test_event_stream import Reader
 from tests.service.test_faults import FAST, STALL_S, checkpoints, coded, events, resumed_from, statuses, submit
 
 pytestmark = pytest.mark.slow
@@ -24,7 +26,8 @@ LEASE_S = 30
 OUTAGE_S = 10
 # One torch thread: on a small machine shared with other work, a second one spinning for its turn makes
 # the tiny model's steps several times slower, and the jobs' lengths here assume fast steps.
-ENV = {"DPO_WORKER_NAME": "w1", "DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "DPO_JOB_LEASE_S": str(LEASE_S),
+HEARTBEAT_S = 2
+ENV = {"DPO_STREAM_HEARTBEAT_S": str(HEARTBEAT_S), "DPO_WORKER_NAME": "w1", "DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "DPO_JOB_LEASE_S": str(LEASE_S),
        "DPO_WORKER_HEARTBEAT_INTERVAL_S": "2", "DPO_WORKER_LOST_AFTER_S": str(LEASE_S), "DPO_DISPATCH_TIMEOUT_S": "30",
        "DPO_CANCEL_POLL_INTERVAL_S": "0.5", "DPO_QUEUE": "outages", "OMP_NUM_THREADS": "1"}
 
@@ -72,8 +75,12 @@ def test_a_database_outage_shorter_than_the_lease_leaves_a_running_job_untouched
     job_id = submit(service, tiny_model, file_id, max_steps=steps, save_steps=save, logging_steps=logged,
                     save_total_limit=100)
     service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 1 or j["status"] in TERMINAL)
+    stream = StreamInThread(service, job_id)  # a live event stream, open across the outage
     postgres.stop()
     try:
+        with service.client() as c:  # a stream asked for meanwhile is refused, as any request is
+            refused = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"stream": "true"})
+        assert (refused.status_code, refused.json()["error"]["code"]) == (503, "database_unavailable")
         stopped, before = time.monotonic(), trained_steps(service, job_id)
         assert before < steps, "the job ended before the outage began"
         # The job process trains on (to its end, on a fast machine), its writes held, for the whole outage.
@@ -96,6 +103,28 @@ def test_a_database_outage_shorter_than_the_lease_leaves_a_running_job_untouched
     assert {c["id"] for c in listed if not c["final"]} == set(saved)
     assert [c["id"] for c in listed if c["final"]] == [job["fine_tuned_model"]]
     assert job["progress"]["step"] == steps
+    # The stream rode the outage out (kept alive meanwhile), gave every event once, and ended after the last.
+    stream.join(timeout=30)
+    assert stream.reader.ended and [m[0] for m in stream.reader.messages] == [e["id"] for e in log]
+    assert len(stream.reader.comments) >= OUTAGE_S // HEARTBEAT_S - 1
+
+
+class StreamInThread(threading.Thread):
+    """Reads a job's event stream to its end in the background."""
+
+    def __init__(self, service, job_id: str):
+        super().__init__(daemon=True)
+        self.client = service.client(timeout=LEASE_S)
+        self.reader = Reader(self.client, job_id)
+        self.start()
+
+    def run(self) -> None:
+        try:
+            while self.reader.next_message() is not None:
+                pass
+        finally:
+            self.reader.close()
+            self.client.close()
 
 
 def test_a_broker_outage_leaves_a_running_job_untouched_and_a_job_sent_meanwhile_starts_once_it_is_back(

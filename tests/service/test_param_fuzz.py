@@ -63,6 +63,9 @@ def _objects(client, app_settings, key: str) -> dict[str, str]:
     webhook = client.post("/v1/webhooks", headers=as_key(key),
                           json={"url": "http://127.0.0.1:9/hook", "events": ["fine_tuning.job.succeeded"]})
     assert webhook.status_code == 200, webhook.text
+    # Cancelled: a stream of its events (`stream` fuzzed to a true value) ends after them, where a job
+    # that no worker runs would keep it open.
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=as_key(key)).status_code == 200
     return {"file_id": file_id, "fine_tuning_job_id": job_id, "checkpoint_id": checkpoint_id,
             "webhook_id": webhook.json()["id"]}
 
