@@ -4,6 +4,17 @@
 import { h } from "./dom.js";
 import { num } from "./format.js";
 
+const HEIGHT = 170;
+// Steps are whole numbers: ticks at 1, 2, 5, 10, 20, 50, ... apart, never at 2.5.
+const STEP_INCRS = Array.from({ length: 24 }, (_, i) => [1, 2, 5][i % 3] * 10 ** Math.floor(i / 3));
+
+/** A tick label: short, and never wider than the axis (5e-4, not 0.00050000). */
+function tick(t) {
+  if (t === 0) return "0";
+  const a = Math.abs(t);
+  return a < 1e-3 || a >= 1e6 ? t.toExponential(0).replace("e+", "e") : String(Number(t.toPrecision(3)));
+}
+
 const BLUE = "#2f5bd3", ORANGE = "#e8590c", GREEN = "#2b8a3e", RED = "#c92a2a", VIOLET = "#7048e8";
 
 // What the trainer records (dpo_core.trainer._log, dpo_core.step.evaluate): `eval_` prefixes evaluations.
@@ -69,18 +80,19 @@ export class MetricChart {
     this.empty.hidden = points > 0;
     if (!this.plot) this.create(data);
     else this.plot.setData(data);
+    if (this.plot.cursor.left < 0 && data[0].length) this.plot.setLegend({ idx: data[0].length - 1 });  // the latest values
   }
 
   create(data) {
     const width = Math.max(this.body.clientWidth, 200);
     const axis = { stroke: "#5c6370", grid: { stroke: "#eceef2" }, ticks: { stroke: "#eceef2" } };
     this.plot = new window.uPlot({
-      width, height: 190,
+      width, height: HEIGHT,
       cursor: { sync: { key: this.syncKey }, points: { size: 6 } },
       scales: { x: { time: false } },
       legend: { live: true },
-      axes: [{ ...axis, label: "step", labelSize: 18, size: 32 },
-             { ...axis, size: 58, values: (_, ticks) => ticks.map((t) => num(t, 3)) }],
+      axes: [{ ...axis, label: "step", labelSize: 18, size: 32, incrs: STEP_INCRS },
+             { ...axis, size: 56, values: (_, ticks) => ticks.map(tick) }],
       series: [
         { label: "step", value: (_, v) => (v === null ? "" : v) },
         ...this.def.series.map((s) => ({
@@ -92,7 +104,7 @@ export class MetricChart {
     }, data, this.body);
     this.resizer = new ResizeObserver(() => {
       const w = Math.max(this.body.clientWidth, 200);
-      if (w !== this.plot.width) this.plot.setSize({ width: w, height: 190 });
+      if (w !== this.plot.width) this.plot.setSize({ width: w, height: HEIGHT });
     });
     this.resizer.observe(this.body);
   }
@@ -111,7 +123,7 @@ export function timeBars(container, xs, ys, label, color = BLUE) {
   const plot = new window.uPlot({
     width, height: 260,
     scales: { x: { time: true }, y: { range: (_, min, max) => [0, Math.max(max * 1.1, 1)] } },
-    axes: [axis, { ...axis, size: 64, values: (_, ticks) => ticks.map((t) => num(t, 3)) }],
+    axes: [axis, { ...axis, size: 64, values: (_, ticks) => ticks.map(tick) }],
     series: [{}, { label, stroke: color, fill: `${color}55`, paths: bars, points: { show: false },
                    value: (_, v) => (v === null ? "" : num(v)) }],
   }, [xs, ys], container);

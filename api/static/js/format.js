@@ -47,11 +47,10 @@ export function num(x, digits = 4) {
   return a !== 0 && (a < 1e-3 || a >= 1e6) ? x.toExponential(2) : String(Number(x.toPrecision(digits)));
 }
 
-/** A model shown short: the last part of a path or hub id, the whole in the title. */
+/** A model shown short: a hub id whole, a path by its last two parts (the whole in the title). */
 export function modelName(model) {
   if (!model) return "";
-  const parts = model.split("/").filter(Boolean);
-  return model.startsWith("/") ? parts.slice(-1)[0] : model;
+  return model.startsWith("/") ? model.split("/").filter(Boolean).slice(-2).join("/") : model;
 }
 
 export const TERMINAL = ["succeeded", "failed", "cancelled"];

@@ -168,7 +168,7 @@ class JobPage {
 function summaryItems(job) {
   const p = job.progress || {};
   const items = [
-    ["Model", h("span", { class: "mono wrap" }, job.model)],
+    ["Model", h("span", { class: "mono", title: job.model }, breakable(job.model))],
     ["Created", dateTime(job.created_at)],
     ["Duration", jobDuration(job) || "not started"],
     ["Progress", p.total_steps ? h("div", { class: "progress" },
@@ -189,4 +189,9 @@ function summaryItems(job) {
   if (job.fine_tuned_model) items.push(["Final model", h("span", { class: "mono" }, job.fine_tuned_model)]);
   if (job.error) items.push(["Error", h("span", { class: "error-text" }, `${job.error.code}: ${job.error.message}`)]);
   return items.map(([k, v]) => h("div", { class: "item" }, h("div", { class: "k" }, k), h("div", { class: "v" }, v)));
+}
+
+/** A path that may wrap after each "/", never inside a name. */
+function breakable(path) {
+  return path.split("/").flatMap((part, i) => (i ? ["/", h("wbr"), part] : [part]));
 }
