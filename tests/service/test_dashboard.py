@@ -141,6 +141,42 @@ def submit_unservable_job(service, key: str, like: str) -> str:
     return r.json()["id"]
 
 
+# Runs in the page: the dashboard's own stream reader (api/static/js/sse.js) against the real API, with the
+# first connection cut mid-message after `budget` bytes (the rest of the page's fetches go through).
+RESUME_AFTER_A_CUT = """async ([jobId, budget]) => {
+  const { followEvents, SseParser } = await import("/static/js/sse.js");
+  const parsed = [];
+  const parser = new SseParser((m) => parsed.push(m));
+  parser.feed(": keep-alive\\r\\n\\r\\nid: a\\r\\nevent: metrics\\r\\ndata: {\\"x\\"");
+  parser.feed(":1}\\r\\n\\r\\nid: b\\ndata: one\\ndata: two\\n\\n");
+  const realFetch = window.fetch, sentIds = [];
+  window.fetch = async (url, init) => {
+    if (!String(url).includes("stream=true")) return realFetch(url, init);
+    sentIds.push(init.headers["Last-Event-ID"] || null);
+    const response = await realFetch(url, init);
+    if (sentIds.length > 1) return response;
+    const reader = response.body.getReader();
+    let sent = 0;
+    const cut = new ReadableStream({ async pull(c) {
+      const { done, value } = await reader.read();
+      if (done) return c.close();
+      if (sent + value.length < budget) { sent += value.length; return c.enqueue(value); }
+      c.enqueue(value.slice(0, budget - sent));
+      reader.cancel();
+      c.error(new TypeError("connection reset"));
+    } });
+    return new Response(cut, { status: response.status, headers: response.headers });
+  };
+  const received = [];
+  try {
+    await followEvents(jobId, { signal: new AbortController().signal, onEvent: (e) => received.push(e.id) });
+  } finally {
+    window.fetch = realFetch;
+  }
+  return { parsed, sentIds, received };
+}"""
+
+
 def expect(locator):
     from playwright.sync_api import expect as playwright_expect
 
@@ -201,6 +237,14 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
 
     with service.client() as c:
         final = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]
+        listed = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100}).json()["data"]
+    resumed = page.evaluate(RESUME_AFTER_A_CUT, [job_id, 1500])
+    assert resumed["parsed"] == [{"id": "a", "event": "metrics", "data": '{"x":1}'},
+                                 {"id": "b", "event": "message", "data": "one\ntwo"}]
+    ids = [e["id"] for e in listed]
+    assert resumed["received"] == ids, "the stream lost or repeated events over a reconnect"
+    cut_after = resumed["sentIds"][1]
+    assert resumed["sentIds"][0] is None and cut_after in ids[:-1], resumed["sentIds"]  # resumed mid-job
     with page.expect_download() as download:
         page.click(f"[data-checkpoint={final}] [data-download]")
     saved = tmp_path / "final.tar"

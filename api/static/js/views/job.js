@@ -20,7 +20,7 @@ export function jobView(main, [jobId]) {
 
 class JobPage {
   constructor(main, jobId, signal) {
-    Object.assign(this, { main, jobId, signal, job: null, timer: null, drawPending: false });
+    Object.assign(this, { main, jobId, signal, job: null, timer: null, drawPending: false, pending: {} });
     this.store = new MetricStore();
     this.charts = JOB_CHARTS.map((def) => new MetricChart(def, `job-${jobId}`));
     this.head = h("div", { class: "page-head" });
@@ -44,6 +44,7 @@ class JobPage {
 
   stop() {
     clearTimeout(this.timer);
+    Object.values(this.pending).forEach(clearTimeout);
     this.charts.forEach((c) => c.destroy());
   }
 
@@ -106,8 +107,14 @@ class JobPage {
     }
     this.addEventRow(event);
     const code = event.data?.code, status = event.data?.status;
-    if (code === "checkpoint_saved" || (status && TERMINAL.includes(status))) this.loadCheckpoints();
-    if (status) this.refresh();
+    if (code === "checkpoint_saved" || (status && TERMINAL.includes(status))) this.soon("checkpoints", () => this.loadCheckpoints());
+    if (status) this.soon("job", () => this.refresh());
+  }
+
+  /** Run `fn` once after a burst of events (a finished job's stream replays all of them at once). */
+  soon(name, fn) {
+    clearTimeout(this.pending[name]);
+    this.pending[name] = setTimeout(() => { if (!this.signal.aborted) fn(); }, 250);
   }
 
   scheduleDraw() {
