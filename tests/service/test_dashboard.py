@@ -259,7 +259,9 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
 
     waiting = submit_unservable_job(service, team["key"], job_id)
     tab.go(f"#/jobs/{waiting}")
-    expect(page.locator(".summary")).to_contain_text("no live worker can serve it")
+    with service.client() as c:
+        reason = c.get(f"/v1/fine_tuning/jobs/{waiting}").json()["queue_reason"]
+    expect(page.locator(".summary")).to_contain_text(reason)  # why it waits, as the API says it
     page.once("dialog", lambda d: d.accept())
     page.click("#cancel")
     page.wait_for_selector("main h1 .badge-cancelled")
