@@ -72,6 +72,11 @@ export class MetricChart {
     this.plot = null;
   }
 
+  /** A finished job's empty chart will stay empty: say so. */
+  finished(done) {
+    this.empty.textContent = done ? "No data recorded" : "No data yet";
+  }
+
   /** Draw the store's data; the chart is made on first use, when its element is in the page. */
   update(store) {
     const data = store.columns(this.def.series);

@@ -52,14 +52,17 @@ export async function followEvents(jobId, { onEvent, onState, signal, lastId = n
     try {
       onState?.("live");
       const extraHeaders = { Accept: "text/event-stream", ...(lastId ? { "Last-Event-ID": lastId } : {}) };
+      const connection = new Watchdog(signal);
+      connection.arm();  // the answer's headers must come in time too
       const response = await raw(`/v1/fine_tuning/jobs/${encodeURIComponent(jobId)}/events?stream=true`,
-                                 { signal, extraHeaders });
+                                 { signal: connection.signal, extraHeaders });
       if (!(response.headers.get("Content-Type") || "").startsWith("text/event-stream")) {
+        connection.disarm();
         onState?.("stopped: this service does not stream events");
         return;
       }
       delay = 1000;
-      await read(response, (m) => {
+      await read(response, connection, (m) => {
         lastId = m.id || lastId;
         const event = JSON.parse(m.data);
         finished ||= event.type === "message" && TERMINAL.includes(event.data?.status);
@@ -83,14 +86,40 @@ export async function followEvents(jobId, { onEvent, onState, signal, lastId = n
   }
 }
 
-async function read(response, onMessage) {
+async function read(response, connection, onMessage) {
   const parser = new SseParser(onMessage);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  for (;;) {
-    const { done, value } = await reader.read();
-    if (done) break;
-    parser.feed(value);
+  try {
+    for (;;) {
+      connection.arm();
+      const { done, value } = await reader.read();
+      if (done) break;
+      parser.feed(value);
+    }
+  } finally {
+    connection.disarm();
   }
+}
+
+// The server sends a keep-alive every DPO_STREAM_HEARTBEAT_S (15 s by default); a connection silent for
+// much longer is dead without having said so (a sleeping laptop, a proxy that dropped it): drop it and resume.
+const SILENCE_MS = 60_000;
+
+/** One connection's abort signal: aborted with the page's, or after SILENCE_MS without a byte. */
+class Watchdog {
+  constructor(outer) {
+    this.controller = new AbortController();
+    this.signal = this.controller.signal;
+    outer.addEventListener("abort", () => this.controller.abort(), { once: true });
+    this.timer = null;
+  }
+
+  arm() {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.controller.abort(), SILENCE_MS);
+  }
+
+  disarm() { clearTimeout(this.timer); }
 }
 
 function sleep(ms, signal) {

@@ -83,6 +83,7 @@ class JobPage {
       h("h1", {}, h("span", { class: "mono" }, job.id), " ", badge(job.status))),
     h("div", { class: "actions" }, TERMINAL.includes(job.status) ? null : cancel));
     fill(this.summary, summaryItems(job));
+    this.charts.forEach((c) => c.finished(TERMINAL.includes(job.status)));
     const spec = dump(job.training || {}, { lineWidth: 100 });
     if (this.spec.textContent !== spec) this.spec.textContent = spec;
   }
