@@ -111,11 +111,13 @@ def fill_job_form(page, model: str) -> None:
 
 def watch_chart_grow(tab: Page, timeout_s: float = 240) -> list[tuple[str, int]]:
     """(status, points on the loss chart) as the page shows them, sampled until the job has finished."""
-    samples, deadline = [], time.monotonic() + timeout_s
+    samples, deadline, shot = [], time.monotonic() + timeout_s, False
     while time.monotonic() < deadline:
         points = int(tab.page.get_attribute("[data-chart=loss]", "data-points"))
         status = tab.status()
         samples.append((status, points))
+        if status == "running" and points >= 4 and not shot:
+            shot = bool(tab.shot("job-running"))
         if status in ("succeeded", "failed", "cancelled"):
             return samples
         time.sleep(0.1)
