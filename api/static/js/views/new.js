@@ -193,7 +193,7 @@ class JobForm {
       const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
       location.hash = `#/jobs/${job.id}`;
     } catch (err) {
-      if (!(err instanceof ApiError)) throw err;
+      if (!(err instanceof ApiError)) return this.showProblems([{ param: null, message: `the service did not answer: ${err.message}` }]);
       this.showProblems(err.problems?.length && err.problems[0].param !== undefined
         ? err.problems : [{ param: err.param, message: err.message }]);
     } finally {
