@@ -104,6 +104,7 @@ class JobPage {
   onEvent(event) {
     if (event.type === "metrics" && event.data) {
       this.store.add(event.data);
+      this.advance(event.data);
       this.scheduleDraw();
     }
     this.addEventRow(event);
@@ -118,12 +119,24 @@ class JobPage {
     this.pending[name] = setTimeout(() => { if (!this.signal.aborted) fn(); }, 250);
   }
 
+  /** A training record newer than the job as last fetched moves its progress on at once. */
+  advance(record) {
+    const progress = this.job?.progress;
+    if (!progress || "eval_loss" in record || !(record.step > (progress.step || 0))) return;
+    Object.assign(progress, { step: record.step, total_steps: record.total_steps ?? progress.total_steps,
+                              tokens_per_s: record.tokens_per_s ?? progress.tokens_per_s });
+    this.job.metrics = record;
+    this.summaryDue = true;
+  }
+
   scheduleDraw() {
     if (this.drawPending) return;
     this.drawPending = true;
     requestAnimationFrame(() => {
       this.drawPending = false;
       this.charts.forEach((c) => c.update(this.store));
+      if (this.summaryDue && this.summary.isConnected) fill(this.summary, summaryItems(this.job));
+      this.summaryDue = false;
     });
   }
 
