@@ -19,7 +19,7 @@ from api.limits import BodyLimit, InFlightLimit
 from api.logs import install_access_log_filter
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
-from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage, webhooks
+from api.routes import checkpoints, dashboard, events, files, health, jobs, pool, teams, usage, webhooks
 from api.streams import EventHub, end_streams_on_exit
 from service import errors
 from service.artifacts import LocalStorage
@@ -114,6 +114,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    dashboard.install(app)
     _install_error_handlers(app)
     _install_database_handler(app)
     app.add_middleware(BodyLimit, settings=settings)
@@ -151,7 +152,8 @@ def _install_error_handlers(app: FastAPI) -> None:
                               f"{e['loc'][-1]}", None, "invalid_json")
             problems.setdefault(_param(e["loc"]), []).append(_message(e))
         message = "; ".join(f"{p}: {' or '.join(m)}" if p else " or ".join(m) for p, m in problems.items())
-        return _error(400, "invalid_request_error", message, next(iter(problems), None), "invalid_value")
+        return _error(400, "invalid_request_error", message, next(iter(problems), None), "invalid_value",
+                      problems=[{"param": p, "message": " or ".join(m)} for p, m in problems.items()])
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:

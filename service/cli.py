@@ -56,7 +56,7 @@ def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:
         print(f"Generated the admin API key (shown once; kept in {settings.data_dir / 'api_key'}):\n  {key}",
               flush=True)
     threads = process_threads(settings, workers, os.environ)
-    print(f"dpo-service API on http://{host}:{port} (docs at /docs), data in {settings.data_dir}"
+    print(f"dpo-service API on http://{host}:{port} (dashboard at /, docs at /docs), data in {settings.data_dir}"
           f"{f', {workers} processes, {threads} request threads each' if workers > 1 else ''}", flush=True)
     # Each process builds its app from the environment (service.settings), so the flags travel there.
     os.environ["DPO_DATA_DIR"], os.environ["DPO_API_THREADS"] = str(settings.data_dir), str(threads)
@@ -89,8 +89,9 @@ def _up(settings: Settings, host: str, port: int) -> int:
     stop = _install_stop_handlers()
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     if _wait_healthy(url, api):
-        print(f"\ndpo-service is up\n  URL:     {url}  (API docs: {url}/docs)\n  API key: {key}\n"
-              f"  data:    {settings.data_dir}\nCtrl-C stops it.\n", flush=True)
+        print(f"\ndpo-service is up\n  URL:       {url}  (API docs: {url}/docs)\n"
+              f"  dashboard: {url}/  (sign in with the API key)\n  API key:   {key}\n"
+              f"  data:      {settings.data_dir}\nCtrl-C stops it.\n", flush=True)
     while not stop["requested"] and all(c.poll() is None for c in children):
         time.sleep(0.5)
     failed = [c for c in children if c.poll() not in (None, 0)]

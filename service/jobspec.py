@@ -102,7 +102,8 @@ def _refuse(problems: list[tuple[str, str]], origin: dict[str, str]) -> None:
     if not problems:
         return
     named = [(origin.get(loc) or _FILE_PARAMS.get(loc) or _training_param(loc), msg) for loc, msg in problems]
-    raise InvalidInput("; ".join(f"{p}: {m}" for p, m in named), param=named[0][0])
+    raise InvalidInput("; ".join(f"{p}: {m}" for p, m in named), param=named[0][0],
+                       problems=[{"param": p, "message": m} for p, m in named])
 
 
 def _refuse_server_fields(training: dict[str, Any]) -> None:

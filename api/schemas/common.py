@@ -13,7 +13,9 @@ class ErrorDetail(BaseModel):
     type: str
     param: str | None = None
     code: str | None = None
-    problems: list[dict] | None = Field(None, description="bad lines of an uploaded file (invalid_file)")
+    problems: list[dict] | None = Field(None, description="every problem found: the bad lines of an uploaded file "
+                                        "(invalid_file: line, field, message), or the bad parameters of a request "
+                                        "(invalid_value: param, message)")
     error_id: str | None = Field(None, description="an internal error's id, under which the service log holds its cause")
 
 

@@ -35,8 +35,10 @@ def test_up_generates_a_key_prints_it_and_stops_cleanly(tmp_path):
         key = (tmp_path / "data" / "api_key").read_text().strip()
         text = out.read_text()
         assert f"http://127.0.0.1:{port}" in text and key in text
+        assert f"dashboard: http://127.0.0.1:{port}/" in text
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as c:
             assert c.get("/v1/files", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert c.get("/").headers["content-type"].startswith("text/html")
             deadline = time.monotonic() + 30
             while c.get("/readyz").status_code != 200:  # the worker's queue may still be declaring
                 assert time.monotonic() < deadline

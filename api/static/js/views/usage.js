@@ -1,0 +1,72 @@
+// #/usage: the team's GPU-seconds over time (one /v1/usage query per bar), and what it stores. The
+// admin also sees every team's totals (/v1/admin/usage).
+
+import { api, session } from "../api.js";
+import { timeBars } from "../charts.js";
+import { card, errorBox, fill, h, table } from "../dom.js";
+import { bytes, num } from "../format.js";
+
+const RANGES = {
+  "24h": { label: "Last 24 hours", bucket: 3600, count: 24 },
+  "7d": { label: "Last 7 days", bucket: 6 * 3600, count: 28 },
+  "30d": { label: "Last 30 days", bucket: 86400, count: 30 },
+};
+
+export function usageView(main) {
+  let chart = null, stopped = false;
+  const range = h("select", { id: "usage-range", "aria-label": "Range", onchange: () => draw() },
+    Object.entries(RANGES).map(([k, r]) => h("option", { value: k, selected: k === "7d" }, r.label)));
+  const plot = h("div", { class: "usage-chart", id: "usage-chart" });
+  const totals = h("div", { id: "usage-totals" });
+  const teams = h("div", { id: "usage-teams" });
+  fill(main, h("div", { class: "page-head" }, h("h1", {}, "Usage"), h("div", { class: "actions" }, range)),
+    totals, card("GPU-seconds", plot), session.admin ? card("Every team", teams) : null);
+
+  async function draw() {
+    const { bucket, count } = RANGES[range.value];
+    const end = Math.ceil(Date.now() / 1000 / bucket) * bucket;
+    const starts = Array.from({ length: count }, (_, i) => end - (count - i) * bucket);
+    try {
+      const [overall, ...parts] = await Promise.all([api("/v1/usage"),
+        ...starts.map((s) => api(`/v1/usage?since=${s}&until=${s + bucket}`))]);
+      if (stopped) return;
+      fill(totals, summary(overall));
+      chart?.destroy();
+      fill(plot);
+      chart = timeBars(plot, starts, parts.map((u) => Math.round(u.gpu_seconds * 10) / 10), "GPU-seconds");
+      plot.dataset.bars = String(parts.length);
+    } catch (err) {
+      if (!stopped) fill(plot, errorBox(err));
+    }
+  }
+  draw();
+  if (session.admin) everyTeam(teams);
+  return () => { stopped = true; chart?.destroy(); };
+}
+
+function summary(u) {
+  const storage = u.storage_limit_bytes ? `${bytes(u.storage_bytes)} of ${bytes(u.storage_limit_bytes)}` : bytes(u.storage_bytes);
+  const items = [
+    ["Team", u.team], ["GPU-hours, all time", num(u.gpu_seconds / 3600, 3)], ["Trained tokens", num(u.trained_tokens)],
+    ["Jobs", `${u.jobs.total} (${u.jobs.running} running, ${u.jobs.queued} queued)`],
+    ["Fair-share GPU-hours", `${num(u.fair_share_gpu_seconds / 3600, 3)} in the last ${num(u.fair_share_window_s / 3600, 3)} h`],
+    ["Storage", storage],
+  ];
+  return h("div", { class: "summary" }, items.map(([k, v]) => h("div", { class: "item" }, h("div", { class: "k" }, k), h("div", { class: "v" }, v))));
+}
+
+async function everyTeam(el) {
+  try {
+    const all = await api("/v1/admin/usage");
+    fill(el, table([
+      { title: "Team", cell: (u) => u.team },
+      { title: "GPU-hours", class: "right", cell: (u) => num(u.gpu_seconds / 3600, 3) },
+      { title: "Jobs", class: "right", cell: (u) => String(u.jobs.total) },
+      { title: "Running", class: "right", cell: (u) => String(u.jobs.running) },
+      { title: "Queued", class: "right", cell: (u) => String(u.jobs.queued) },
+      { title: "Storage", class: "right", cell: (u) => bytes(u.storage_bytes) },
+    ], all.data));
+  } catch (err) {
+    fill(el, errorBox(err));
+  }
+}

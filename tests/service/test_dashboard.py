@@ -1,0 +1,299 @@
+"""The web dashboard in a real browser: Playwright driving Debian's chromium against a real API process and
+a real worker. A team signs in by pasting its key, uploads its data and starts a job through the form (a
+bad value first: the error shows under its field), watches the charts gain points while the job runs,
+downloads a checkpoint, and cancels a second job. Screenshots of each view go to the test's temporary
+directory; with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.processes import REPO, start_service
+from tests.service.support import make_team
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+def chromium_path() -> str:
+    """Debian's chromium; without it the test is skipped, except in CI, where it must run."""
+    path = os.environ.get("DPO_TEST_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if Path(path).is_file():
+        return path
+    if os.environ.get("CI") == "true" or os.environ.get("DPO_TEST_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"chromium not found at {path}; install it (apt-get install chromium): CI must run the browser test")
+    pytest.skip("chromium not found: apt-get install chromium to run the browser test")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    svc = start_service(tmp_path_factory.mktemp("dashboard"), "web-" + secrets.token_hex(8))
+    yield svc
+    svc.stop()
+
+
+@pytest.fixture(scope="module")
+def team(service) -> dict:
+    with service.client() as c:
+        return make_team(c, "web")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    executable = chromium_path()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+class Page:
+    """A browser tab on the dashboard that records every URL it requests and every script error."""
+
+    def __init__(self, browser, service, shots: Path):
+        self.context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(30_000)
+        self.url, self.shots, self.n = service.url, shots, 0
+        self.requested: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", lambda r: self.requested.append(r.url))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # A refused request is logged as an error too (the admin probe's 403, the bad form's 400): not counted.
+        self.page.on("console", lambda m: self.errors.append(m.text)
+                     if m.type == "error" and not m.text.startswith("Failed to load resource") else None)
+
+    def go(self, hash_: str) -> None:
+        self.page.evaluate(f"location.hash = {json.dumps(hash_)}")
+
+    def shot(self, name: str) -> Path:
+        self.n += 1
+        path = self.shots / f"{self.n:02d}-{name}.png"
+        self.page.screenshot(path=path)
+        return path
+
+    def status(self) -> str:
+        return self.page.locator("main h1 .badge").inner_text()
+
+
+def sign_in(tab: Page, key: str) -> None:
+    tab.page.goto(tab.url + "/")
+    tab.page.fill("#key", key)
+    tab.page.click("form.sign-in button[type=submit]")
+    tab.page.wait_for_selector("#jobs-list table")
+
+
+def fill_job_form(page, model: str) -> None:
+    page.fill("#model", model)
+    for field, value in {"#beta": "0.1", "#learning-rate": "1e-3", "#batch-size": "8", "#max-steps": "16",
+                         "#max-length": "64"}.items():
+        page.fill(field, value)
+    page.click("details summary")  # More settings
+    for field, value in {"#micro-batch-size": "4", "#max-prompt-length": "32", "#logging-steps": "1",
+                         "#eval-steps": "8", "#save-steps": "8"}.items():
+        page.fill(field, value)
+
+
+def watch_chart_grow(tab: Page, timeout_s: float = 240) -> list[tuple[str, int]]:
+    """(status, points on the loss chart) as the page shows them, sampled until the job has finished."""
+    samples, deadline, shot = [], time.monotonic() + timeout_s, False
+    while time.monotonic() < deadline:
+        points = int(tab.page.get_attribute("[data-chart=loss]", "data-points"))
+        status = tab.status()
+        samples.append((status, points))
+        if status == "running" and points >= 4 and not shot:
+            shot = bool(tab.shot("job-running"))
+        if status in ("succeeded", "failed", "cancelled"):
+            return samples
+        time.sleep(0.1)
+    raise AssertionError(f"the job did not finish within {timeout_s}s: {samples[-5:]}")
+
+
+def loss_points(service, job_id: str) -> int:
+    """The steps with a training loss plus those with an evaluation loss, as the API lists the job's events."""
+    with service.client() as c:
+        events = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"limit": 100}).json()["data"]
+    metrics = [e["data"] for e in events if e["type"] == "metrics"]
+    return len({m["step"] for m in metrics if "loss" in m}) + len({m["step"] for m in metrics if "eval_loss" in m})
+
+
+def submit_unservable_job(service, key: str, like: str) -> str:
+    """A job like job `like` that asks for a GPU type no worker has: it waits in the queue until cancelled."""
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=service.url, headers=headers, timeout=30) as c:
+        done = c.get(f"/v1/fine_tuning/jobs/{like}").json()
+        r = c.post("/v1/fine_tuning/jobs", json={"model": done["model"], "training_file": done["training_file"],
+                                                  "gpu_type": "h100"})
+    assert r.status_code == 200, r.text
+    return r.json()["id"]
+
+
+# Runs in the page: the dashboard's own stream reader (api/static/js/sse.js) against the real API, with the
+# first connection cut mid-message after `budget` bytes (the rest of the page's fetches go through).
+RESUME_AFTER_A_CUT = """async ([jobId, budget]) => {
+  const { followEvents, SseParser } = await import("/static/js/sse.js");
+  const parsed = [];
+  const parser = new SseParser((m) => parsed.push(m));
+  parser.feed(": keep-alive\\r\\n\\r\\nid: a\\r\\nevent: metrics\\r\\ndata: {\\"x\\"");
+  parser.feed(":1}\\r\\n\\r\\nid: b\\ndata: one\\ndata: two\\n\\n");
+  const realFetch = window.fetch, sentIds = [];
+  window.fetch = async (url, init) => {
+    if (!String(url).includes("stream=true")) return realFetch(url, init);
+    sentIds.push(init.headers["Last-Event-ID"] || null);
+    const response = await realFetch(url, init);
+    if (sentIds.length > 1) return response;
+    const reader = response.body.getReader();
+    let sent = 0;
+    const cut = new ReadableStream({ async pull(c) {
+      const { done, value } = await reader.read();
+      if (done) return c.close();
+      if (sent + value.length < budget) { sent += value.length; return c.enqueue(value); }
+      c.enqueue(value.slice(0, budget - sent));
+      reader.cancel();
+      c.error(new TypeError("connection reset"));
+    } });
+    return new Response(cut, { status: response.status, headers: response.headers });
+  };
+  const received = [];
+  try {
+    await followEvents(jobId, { signal: new AbortController().signal, onEvent: (e) => received.push(e.id) });
+  } finally {
+    window.fetch = realFetch;
+  }
+  return { parsed, sentIds, received };
+}"""
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    playwright_expect.set_options(timeout=30_000)  # a loaded machine: uploads and jobs take their time
+    return playwright_expect(locator)
+
+
+def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, team, browser, task_files, tiny_model,
+                                                                    tmp_path):
+    tab = Page(browser, service, tmp_path)
+    page = tab.page
+    response = httpx.get(service.url + "/")
+    assert response.status_code == 200 and "script-src 'self'" in response.headers["content-security-policy"]
+    assert "unsafe-inline" not in response.headers["content-security-policy"]
+    assert response.headers["cache-control"] == "no-store"
+
+    sign_in(tab, team["key"])
+    assert page.locator("#who-name").inner_text() == "team web"
+    assert not page.locator("[data-nav=teams]").is_visible()  # the admin's view only
+    tab.go("#/new")
+    page.set_input_files("#training-file-upload", str(task_files[0]))
+    expect(page.locator("#training-file")).to_have_value(re.compile("^file-"))
+    page.set_input_files("#validation-file-upload", str(task_files[1]))
+    expect(page.locator("#validation-file")).to_have_value(re.compile("^file-"))
+    assert "128 rows" in page.locator("#training-file-status").inner_text()
+
+    fill_job_form(page, tiny_model)
+    page.fill("#beta", "-1")
+    page.fill("#lora-r", "0")
+    page.click("#submit-job")
+    page.wait_for_selector("#error-beta:not(:empty)")
+    assert "greater than" in page.locator("#error-beta").inner_text()
+    assert page.get_attribute("#lora-r", "aria-invalid") == "true"
+    assert page.locator("#error-lora-r").inner_text() != ""
+    tab.shot("new-job-errors")
+    page.fill("#beta", "0.1")
+    page.fill("#lora-r", "")
+    page.click("#tab-yaml")  # the settings so far, as the YAML a dpo-train spec holds
+    assert "max_steps: 16" in page.input_value("#yaml") and "beta: 0.1" in page.input_value("#yaml")
+    page.fill("#yaml", "loss: [sigmoid\n")
+    page.click("#submit-job")
+    expect(page.locator("#error-yaml")).to_contain_text("not valid YAML")
+    page.click("#tab-form")
+    page.click("#submit-job")
+    page.wait_for_url("**/#/jobs/ftjob-*")
+    job_id = page.url.rsplit("/", 1)[-1]
+
+    samples = watch_chart_grow(tab)
+    running = [points for status, points in samples if status == "running"]
+    assert len({p for p in running if p > 0}) >= 2, f"the loss chart did not gain points while it ran: {samples}"
+    assert samples[-1][0] == "succeeded", service.logs()
+    page.wait_for_selector("#stream-state[data-state=ended]")
+    assert int(page.get_attribute("[data-chart=loss]", "data-points")) == loss_points(service, job_id)
+    page.wait_for_selector("[data-checkpoint] [data-download]")
+    readme_shot = tab.shot("job")
+    if os.environ.get("DPO_UPDATE_SCREENSHOTS") == "1":
+        shutil.copyfile(readme_shot, REPO / "docs" / "dashboard.png")
+
+    with service.client() as c:
+        final = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["fine_tuned_model"]
+        listed = c.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc", "limit": 100}).json()["data"]
+    resumed = page.evaluate(RESUME_AFTER_A_CUT, [job_id, 1500])
+    assert resumed["parsed"] == [{"id": "a", "event": "metrics", "data": '{"x":1}'},
+                                 {"id": "b", "event": "message", "data": "one\ntwo"}]
+    ids = [e["id"] for e in listed]
+    assert resumed["received"] == ids, "the stream lost or repeated events over a reconnect"
+    cut_after = resumed["sentIds"][1]
+    assert resumed["sentIds"][0] is None and cut_after in ids[:-1], resumed["sentIds"]  # resumed mid-job
+    with page.expect_download() as download:
+        page.click(f"[data-checkpoint={final}] [data-download]")
+    saved = tmp_path / "final.tar"
+    download.value.save_as(saved)
+    with tarfile.open(saved) as tar:
+        names = tar.getnames()
+        assert f"{final}/config.json" in names and f"{final}/model.safetensors" in names, names
+        tar.extractall(tmp_path / "final", filter="data")
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "final" / final).num_parameters() > 0
+
+    waiting = submit_unservable_job(service, team["key"], job_id)
+    tab.go(f"#/jobs/{waiting}")
+    with service.client() as c:
+        reason = c.get(f"/v1/fine_tuning/jobs/{waiting}").json()["queue_reason"]
+    expect(page.locator(".summary")).to_contain_text(reason)  # why it waits, as the API says it
+    page.once("dialog", lambda d: d.accept())
+    page.click("#cancel")
+    page.wait_for_selector("main h1 .badge-cancelled")
+    tab.shot("cancelled")
+
+    tab.go("#/jobs?status=cancelled")
+    page.wait_for_selector(f"#jobs-list tr[data-job='{waiting}']")
+    assert page.locator("#jobs-list tr[data-job]").evaluate_all("rows => rows.map(r => r.dataset.status)") == ["cancelled"]
+    tab.shot("jobs")
+    tab.go("#/pool")
+    page.wait_for_selector("#pool table")
+    assert page.locator("#pool .badge-idle, #pool .badge-busy").count() == 1
+    tab.shot("pool")
+    tab.go("#/usage")
+    page.wait_for_selector("#usage-chart canvas")
+    tab.shot("usage")
+
+    key = team["key"]
+    assert not [u for u in tab.requested if key in u], "the key appeared in a URL the page requested"
+    assert key not in page.evaluate("JSON.stringify(Object.entries(localStorage))")
+    assert page.evaluate("sessionStorage.getItem('dpo.key')") == key
+    assert tab.errors == [], tab.errors
+
+    page.click("#sign-out")  # the admin key also sees the teams and their keys
+    assert page.evaluate("sessionStorage.getItem('dpo.key')") is None
+    sign_in(tab, service.key)
+    tab.go("#/teams")
+    page.get_by_role("button", name="web").click()
+    expect(page.locator("#keys")).to_contain_text("web-ci")
+    tab.shot("teams")
+    assert not [u for u in tab.requested if service.key in u or key in u]
+    assert tab.errors == [], tab.errors
+    tab.context.close()
