@@ -54,13 +54,16 @@ def stored() -> dict[str, str]:
 
 def target() -> Target:
     """The service and key to use: the environment wins over the stored login."""
+    env_url, env_key = os.environ.get(URL_ENV), os.environ.get(KEY_ENV)
+    if env_url and env_key:
+        return Target(normalize_url(env_url), env_key, KEY_ENV)
     login = stored()
-    url = os.environ.get(URL_ENV) or login.get("base_url")
+    url = env_url or login.get("base_url")
     if not url:
         raise ClientError(f"no service to talk to: run `dpo login URL`, or set {URL_ENV} and {KEY_ENV}")
     url = normalize_url(url)
-    if os.environ.get(KEY_ENV):
-        return Target(url, os.environ[KEY_ENV], KEY_ENV)
+    if env_key:
+        return Target(url, env_key, KEY_ENV)
     if login.get("api_key") and login.get("base_url") and normalize_url(login["base_url"]) == url:
         return Target(url, login["api_key"], f"stored by `dpo login` in {config_path()}")
     raise ClientError(f"no API key for {url}: run `dpo login {url}`, or set {KEY_ENV}")
