@@ -95,6 +95,9 @@ class InFlightLimit:
     of requests fills every thread with requests waiting for a connection while the connections are held
     by finished requests waiting for a thread to close their session in: the API stalls (e.g. 200
     clients polling back to back). With the cap, every request in the app can get a thread and a connection.
+
+    An event stream (text/event-stream) gives its turn back once its response starts: it then holds no
+    thread and no connection (api.streams), and may stay open for hours.
     """
 
     def __init__(self, app: ASGIApp, settings: Settings):
@@ -109,5 +112,23 @@ class InFlightLimit:
 
         loop = id(asyncio.get_running_loop())
         slots = self._slots.setdefault(loop, asyncio.Semaphore(self.size))
-        async with slots:
-            await self.app(scope, receive, send)
+        held = True
+
+        async def streaming(message: Message) -> None:
+            nonlocal held
+            if held and message["type"] == "http.response.start" and _is_event_stream(message):
+                held = False
+                slots.release()
+            await send(message)
+
+        await slots.acquire()
+        try:
+            await self.app(scope, receive, streaming)
+        finally:
+            if held:
+                slots.release()
+
+
+def _is_event_stream(start: Message) -> bool:
+    return any(name == b"content-type" and value.startswith(b"text/event-stream")
+               for name, value in start.get("headers", []))

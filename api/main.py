@@ -20,6 +20,7 @@ from api.logs import install_access_log_filter
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
 from api.routes import checkpoints, events, files, health, jobs, pool, teams, usage
+from api.streams import EventHub, end_streams_on_exit
 from service import errors
 from service.artifacts import LocalStorage
 from service.auth import admin_key
@@ -85,7 +86,11 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.state.dispatcher = Dispatcher(app.state.sessionmaker, settings, app.state.celery)
         if settings.dispatcher:
             app.state.dispatcher.start()
+        app.state.event_hub = EventHub(app.state.reads, settings)
+        await app.state.event_hub.start()
+        end_streams_on_exit(app.state.event_hub)
         yield
+        await app.state.event_hub.stop()
         app.state.dispatcher.stop()
         engine.dispose()
         read_engine.dispose()

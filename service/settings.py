@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     dispatch_timeout_s: float = Field(60.0, gt=0, description="a dispatched job its worker has not started this "
                                       "long is queued again (its message was lost)")
 
+    # Live event streams (GET /v1/fine_tuning/jobs/{id}/events?stream=true).
+    stream_heartbeat_s: float = Field(15.0, gt=0, description="an open event stream sends a keep-alive comment "
+                                      "this often, so proxies and clients know it is alive")
+    stream_poll_s: float = Field(0.25, gt=0, description="how often open event streams look for new events on "
+                                 "SQLite (PostgreSQL notifies the API of each one instead)")
+
     # Storage: what a job keeps, and how much a team may keep (docs/operations.md, "Cleaning up").
     keep_checkpoints: int = Field(3, gt=0, description="checkpoints a job keeps unless its training.save_total_limit "
                                   "says otherwise: the latest N, plus the best by eval_loss, plus the final model")

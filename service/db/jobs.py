@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from typing import Any, TypeAlias
 
-from sqlalchemy import ColumnElement, Row, bindparam, select, update
+from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
+from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
 from service.errors import Conflict
 
 ACTIVE = (*WAITING, JobStatus.RUNNING)
@@ -34,10 +34,31 @@ def job_row(session: Session, job_id: str) -> JobRow | None:
 def add_event(
     session: Session, job_id: str, message: str, *, level: str = "info", type: str = "message", data=None
 ) -> Event:
+    """Record an event of job `job_id` (the one place events are written). On PostgreSQL the job's row is
+    locked until commit, so one job's events commit in the order of their seq, and a live stream that has
+    read up to one never sees an earlier one appear (SQLite commits one writer at a time, in seq order
+    already); and the commit notifies the API processes' streams (api.streams) on EVENTS_CHANNEL."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(_ANNOUNCE, {"job_id": job_id})
     event = Event(id=new_id("ftevent"), job_id=job_id, message=message, level=level, type=type, data=data,
                   created_at=now())
     session.add(event)
     return event
+
+
+# The PostgreSQL channel on which each commit that adds events names their job, once per transaction.
+EVENTS_CHANNEL = "dpo_events"
+_ANNOUNCE = (select(func.pg_notify(EVENTS_CHANNEL, Job.id)).where(Job.id == bindparam("job_id"))
+             .with_for_update(key_share=True))  # FOR NO KEY UPDATE: what an UPDATE of the job's status takes
+
+
+def is_final(type: str, data: Any) -> bool:
+    """Whether an event is a job's move to a terminal status: nothing is recorded of a job after the
+    transaction that writes it (a failure's error event comes before it, in the same transaction)."""
+    return type == "message" and isinstance(data, dict) and data.get("status") in _TERMINAL_VALUES
+
+
+_TERMINAL_VALUES = frozenset(s.value for s in TERMINAL)
 
 
 def transition(

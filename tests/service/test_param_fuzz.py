@@ -60,6 +60,9 @@ def _objects(client, app_settings, key: str) -> dict[str, str]:
         checkpoint = add_checkpoint(s, job_id, 1, f"jobs/{job_id}/checkpoint-1", {"step": 1})
         s.flush()
         checkpoint_id = checkpoint.id
+    # Cancelled: a stream of its events (`stream` fuzzed to a true value) ends after them, where a job
+    # that no worker runs would keep it open.
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel", headers=as_key(key)).status_code == 200
     return {"file_id": file_id, "fine_tuning_job_id": job_id, "checkpoint_id": checkpoint_id}
 
 
