@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -27,6 +28,7 @@ class Script:
 
     def __init__(self, answers: list):
         self.answers, self.cursors, self.status = answers, [], "running"
+        self.listing: list[int] | None = None  # event numbers, for a service that answers the list
 
 
 def serve(script: Script) -> ThreadingHTTPServer:
@@ -39,6 +41,8 @@ def serve(script: Script) -> ThreadingHTTPServer:
         def do_GET(self):
             if "/events" not in self.path:
                 return self._json(200, {"id": JOB, "status": script.status})
+            if script.listing is not None:
+                return self._list()
             script.cursors.append(self.headers.get("Last-Event-ID"))
             answer = script.answers.pop(0)
             if isinstance(answer, int):
@@ -51,6 +55,17 @@ def serve(script: Script) -> ThreadingHTTPServer:
                 self.wfile.write(f"id: {event(n)['id']}\nevent: message\ndata: {json.dumps(event(n))}\n\n".encode())
             if not script.answers:
                 script.status = "succeeded"
+
+        def _list(self):
+            """A service without streams: the list route's answer, `stream` ignored."""
+            query = parse_qs(urlsplit(self.path).query)
+            script.cursors.append(query.get("after", [None])[0])
+            start = next((i + 1 for i, n in enumerate(script.listing) if event(n)["id"] == script.cursors[-1]), 0)
+            page = [event(n) for n in script.listing[start:start + 2]]
+            if "stream" not in query and len(script.cursors) == 3:
+                script.listing.append(3)  # a new event while the client follows
+                script.status = "succeeded"
+            self._json(200, {"object": "list", "data": page, "has_more": start + 2 < len(script.listing)})
 
         def _json(self, status: int, body: dict):
             data = json.dumps(body).encode()
@@ -97,3 +112,9 @@ def test_a_client_error_is_not_retried(api_for):
     with pytest.raises(ClientError) as err:
         list(follow_events(api_for(Script([404])), JOB))
     assert err.value.status == 404 and err.value.code == "x"
+
+
+def test_a_service_without_streams_is_followed_by_paging_its_list(api_for):
+    script = Script([])
+    script.listing = [1, 2]
+    assert [e["message"] for e in follow_events(api_for(script), JOB)] == ["event 1", "event 2", "event 3"]
