@@ -49,19 +49,24 @@ class View:
             return "starting" if position == 0 else f"queued #{position}" if position else "queued"
         return "cancelling" if status == "running" and self.job.get("cancel_requested") else status
 
+    def steps(self) -> str:
+        step, total = self.progress()
+        return f"{step}/{total} steps •" if total else ""
+
     def times(self) -> str:
+        """Time since the job started (waiting: since it was made), and the time left."""
         now, job = time.time(), self.job
         if not job.get("started_at"):
             return f"waiting {duration(now - job['created_at'])}"
-        end = job.get("finished_at") or now
-        text = f"elapsed {duration(end - job['started_at'])}"
+        text = duration((job.get("finished_at") or now) - job["started_at"])
         if job["status"] == "running" and job.get("estimated_finish"):
             text += f" • ETA {duration(max(job['estimated_finish'] - now, 0))}"
         return text
 
     def details(self) -> Text:
+        """The line under the bar: the latest metrics, why the job waits, a lost connection."""
         reason = self.job.get("queue_reason") if self.job["status"] == "queued" else None
-        parts = [p for p in (reason, self.note) if p]
+        parts = [p for p in (train_summary(self.metrics), reason, self.note) if p]
         return Text("  " + " • ".join(parts), style="dim") if parts else Text("")
 
 
@@ -91,11 +96,12 @@ def watch(api: Api, job_id: str, console: Console) -> dict:
     console.print(f"Watching [bold]{job_id}[/] ({view.job['model']}); Ctrl-C stops watching, not the job")
     events: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(api, job_id, events), daemon=True, name="dpo-events").start()
-    columns = (_Mark(), TextColumn("[bold]{task.description:<10}"), BarColumn(),
-               TextColumn("{task.completed}/{task.fields[total_text]} steps"), TextColumn("• {task.fields[times]}"),
-               TextColumn("{task.fields[metrics]}"))
+    # One line of at most about 75 columns, so that it fits an 80-column terminal; metrics go under it.
+    columns = (_Mark(), TextColumn("[bold]{task.description:<10}"), BarColumn(bar_width=24),
+               TextColumn("{task.fields[steps]}"), TextColumn("{task.fields[times]}"))
     with _LiveProgress(*columns, console=console, refresh_per_second=4) as bar:
-        task = bar.add_task("", total=None, total_text="?", times="", metrics="", status="")
+        task = bar.add_task("", total=None, steps="", times="", status="")
+        _draw(view, bar, task)
         _loop(api, job_id, view, events, bar, task, console)
     return view.job
 
@@ -127,7 +133,7 @@ def _loop(api: Api, job_id: str, view: View, events: queue.Queue, bar: _LiveProg
 
 def _poll(api: Api, job_id: str, view: View) -> None:
     try:
-        view.job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
+        view.job, view.note = api.get(f"/v1/fine_tuning/jobs/{job_id}"), ""
     except Unreachable:
         view.note = f"the API at {api.url} does not answer; trying again"
     except ClientError as err:
@@ -150,16 +156,21 @@ def _on_event(event: dict, view: View, console: Console) -> None:
 
 def _draw(view: View, bar: _LiveProgress, task) -> None:
     step, total = view.progress()
-    bar.update(task, description=view.description(), completed=step or 0, total=total,
-               total_text=str(total) if total else "?", times=view.times(), status=view.job["status"],
-               metrics=f"• {metrics}" if (metrics := train_summary(view.metrics)) else "")
+    bar.update(task, description=view.description(), completed=step or 0, total=total, steps=view.steps(),
+               times=view.times(), status=view.job["status"])
     bar.details = view.details()
 
 
 def _pump(api: Api, job_id: str, events: queue.Queue) -> None:
     """The stream reader's thread: hands every event, lost connection and the end to the view."""
     def retrying(err: Exception, wait_s: float) -> None:
-        events.put(("retry", f"event stream lost ({type(err).__name__}); reconnecting in {wait_s:.1f}s"))
+        if isinstance(err, Unreachable):
+            why = f"the API at {api.url} does not answer"
+        elif isinstance(err, ClientError):
+            why = f"the API answered {err.status}"
+        else:
+            why = "the event stream was cut"
+        events.put(("retry", f"{why}; reconnecting in {wait_s:.1f}s"))
 
     try:
         for event in follow_events(api, job_id, on_retry=retrying):
