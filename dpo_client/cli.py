@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape as esc
+from rich.text import Text
 
 from dpo_client import config, render
 from dpo_client.api import Api
@@ -70,7 +72,8 @@ def login(url: Annotated[str, typer.Argument(help="The service, e.g. http://127.
     api = Api(Target(url, key, "given to `dpo login`"))
     usage = api.get("/v1/usage")
     path = config.save(url, key)
-    out.print(f"Logged in to {url} as team [bold]{usage['team']}[/] ({usage['team_id']}); stored in {path}")
+    out.print(f"Logged in to {esc(url)} as team [bold]{esc(usage['team'])}[/] ({usage['team_id']}); stored in "
+              f"{esc(str(path))}")
     for name in (config.URL_ENV, config.KEY_ENV):
         if os.environ.get(name):
             err.print(f"note: {name} is set in this shell and overrides the stored login")
@@ -79,7 +82,7 @@ def login(url: Annotated[str, typer.Argument(help="The service, e.g. http://127.
 @app.command()
 def logout() -> None:
     """Forget the stored login."""
-    out.print(f"Removed {config.config_path()}" if config.forget() else "No stored login")
+    out.print(f"Removed {config.config_path()}" if config.forget() else "No stored login", markup=False)
 
 
 # --- files -----------------------------------------------------------------------------------------------
@@ -98,10 +101,10 @@ def _upload(api: Api, path: Path, quiet: bool = False) -> dict:
         raise ClientError(f"{path}: no such file")
     uploaded = upload(api, path, err)
     if not quiet:
-        out.print(f"Uploaded {path.name}: [bold]{uploaded['id']}[/] ({uploaded.get('rows')} rows, "
+        out.print(f"Uploaded {esc(path.name)}: [bold]{uploaded['id']}[/] ({uploaded.get('rows')} rows, "
                   f"{uploaded.get('format')} format, {render.size(uploaded['bytes'])})")
         for warning in uploaded.get("warnings") or []:
-            out.print(f"  [yellow]warning[/] ({warning['code']}): {warning['message']}")
+            out.print(f"  [yellow]warning[/] ({warning['code']}): {esc(warning['message'])}")
     return uploaded
 
 
@@ -140,7 +143,7 @@ def jobs_create(
     api = _api()
     files, training, dropped = split_config(read_config(config_file, sets or []))
     for key in dropped:
-        err.print(f"note: {key} in the config is left out: the service keeps a job's outputs itself")
+        err.print(f"note: {key} in the config is left out: the service keeps a job's outputs itself", markup=False)
     model, train = model or files.get("model"), train or files.get("train_file")
     if not model or not train:
         raise ClientError("a job needs a model and training data: pass --model and --train (or set model and "
@@ -178,7 +181,7 @@ def _watch(api: Api, job_id: str) -> None:
     try:
         job = watch(api, job_id, out)
     except KeyboardInterrupt:
-        err.print(f"Stopped watching; the job goes on (`dpo jobs watch {job_id}` to follow it again)")
+        err.print(f"Stopped watching; the job goes on (`dpo jobs watch {job_id}` to follow it again)", markup=False)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     took = render.duration(job["finished_at"] - job["started_at"]) if job.get("started_at") else "-"
     if job["status"] == "succeeded":
@@ -186,7 +189,7 @@ def _watch(api: Api, job_id: str) -> None:
                   f"(`dpo jobs download {job_id}`)")
     elif job["status"] == "failed":
         error = job.get("error") or {}
-        err.print(f"[red]Job {job_id} failed[/]: {error.get('message')} ({error.get('code')})")
+        err.print(f"[red]Job {job_id} failed[/]: {esc(str(error.get('message')))} ({error.get('code')})")
     else:
         err.print(f"[yellow]Job {job_id} was cancelled[/]")
     raise typer.Exit(JOB_EXIT[job["status"]])
@@ -241,8 +244,7 @@ def _print_event(event: dict, as_json: bool) -> None:
         sys.stdout.flush()
     else:
         style = {"warn": "yellow", "error": "red"}.get(event["level"], "")
-        out.print(f"{render.clock(event['created_at'])} [{style}]{event['message']}[/]" if style else
-                  f"{render.clock(event['created_at'])} {event['message']}", markup=bool(style))
+        out.print(Text(f"{render.clock(event['created_at'])} {event['message']}", style=style))
 
 
 @jobs_app.command("cancel")
@@ -252,9 +254,10 @@ def jobs_cancel(job_id: JobId, as_json: Json = False) -> None:
     if as_json:
         return _print_json(job)
     if job["status"] == "cancelled":
-        out.print(f"Cancelled {job_id}")
+        out.print(f"Cancelled {job_id}", markup=False)
     else:
-        out.print(f"Cancelling {job_id}: it stops at its next step (`dpo jobs watch {job_id}` to see it end)")
+        out.print(f"Cancelling {job_id}: it stops at its next step (`dpo jobs watch {job_id}` to see it end)",
+                  markup=False)
 
 
 @jobs_app.command("download")
@@ -268,7 +271,7 @@ def jobs_download(job_id: JobId,
     api = _api()
     checkpoint_id = checkpoint or _pick_checkpoint(api, job_id, step)
     path = download(api, job_id, checkpoint_id, output, err)
-    out.print(f"Extracted {checkpoint_id} to {path}; load it with:")
+    out.print(f"Extracted {checkpoint_id} to {path}; load it with:", markup=False)
     out.print("  from transformers import AutoModelForCausalLM")
     out.print(f"  model = AutoModelForCausalLM.from_pretrained({json.dumps(str(path))})", markup=False)
 

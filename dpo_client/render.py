@@ -6,6 +6,7 @@ import time
 from collections.abc import Iterable
 
 from rich.table import Table
+from rich.text import Text
 
 # (metric, label, format) of the few numbers shown beside a bar or on one line.
 TRAIN_SHOWN = (("loss", "loss", ".4f"), ("rewards/accuracies", "acc", ".2f"), ("rewards/margins", "margin", ".3f"))
@@ -62,7 +63,7 @@ def eval_summary(record: dict | None) -> str:
 def table(*headers: str, rows: Iterable[Iterable]) -> Table:
     out = Table(*headers, box=None, header_style="bold", pad_edge=False)
     for row in rows:
-        out.add_row(*("-" if cell is None else str(cell) for cell in row))
+        out.add_row(*(Text("-" if cell is None else str(cell)) for cell in row))  # text, never markup
     return out
 
 
@@ -104,7 +105,7 @@ def _fields(pairs: Iterable[tuple[str, object]]) -> Table:
     grid.add_column()
     for name, value in pairs:
         if value not in (None, "", []):
-            grid.add_row(name, str(value))
+            grid.add_row(name, Text(str(value)))
     return grid
 
 

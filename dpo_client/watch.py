@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from rich.console import Console, Group
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn
 from rich.text import Text
 
@@ -93,7 +94,7 @@ class _LiveProgress(Progress):
 def watch(api: Api, job_id: str, console: Console) -> dict:
     """Show job `job_id` live until it ends; the job object at its end."""
     view = View(api.get(f"/v1/fine_tuning/jobs/{job_id}"))
-    console.print(f"Watching [bold]{job_id}[/] ({view.job['model']}); Ctrl-C stops watching, not the job")
+    console.print(f"Watching [bold]{job_id}[/] ({escape(view.job['model'])}); Ctrl-C stops watching, not the job")
     events: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(api, job_id, events), daemon=True, name="dpo-events").start()
     # One line of at most about 75 columns, so that it fits an 80-column terminal; metrics go under it.
@@ -147,7 +148,8 @@ def _on_event(event: dict, view: View, console: Console) -> None:
     data = event.get("data") or {}
     if event["type"] == "metrics":
         if any(k.startswith("eval_") for k in data):
-            console.print(f"{clock(event['created_at'])} evaluation at step {data.get('step')}: {eval_summary(data)}")
+            console.print(f"{clock(event['created_at'])} evaluation at step {data.get('step')}: {eval_summary(data)}",
+                          markup=False)
         else:
             view.metrics = data
         return
