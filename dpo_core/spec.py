@@ -429,8 +429,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingSpec:
-    """Read a YAML or JSON config file, apply overrides, validate."""
+def read_config(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read a YAML or JSON config file and apply overrides, without validating it (the `dpo` client sends
+    it to the service, which validates it)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError([("config", f"file not found: {path}")])
@@ -440,4 +441,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingS
         raise SpecError([("config", f"{path} is not valid YAML or JSON: {err}")]) from None
     if not isinstance(data, dict):
         raise SpecError([("config", f"{path} must hold a mapping of settings")])
-    return parse_spec(apply_overrides(data, overrides or []))
+    return apply_overrides(data, overrides or [])
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingSpec:
+    """Read a YAML or JSON config file, apply overrides, validate."""
+    return parse_spec(read_config(path, overrides))

@@ -1,9 +1,9 @@
 """`make demo`: the whole product in one command, over REST, on the embedded defaults.
 
 Builds a tiny local model and a synthetic preference task (sort five number words ascending), starts
-`dpo-service up`, uploads the data, runs a DPO job while showing its progress, downloads the final
-model and prints held-out metrics before and after training. Stops the service and exits 0 on success.
-Torch is only used by the child processes: this one talks HTTP.
+`dpo-service up`, uploads the data, runs a DPO job while `dpo jobs watch` shows its progress, downloads
+the final model and prints held-out metrics before and after training. Stops the service and exits 0 on
+success. Torch is only used by the child processes: this one talks HTTP.
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as api:
             _wait_ready(api, service, data_dir)
+            print(f"Dashboard: {url}/ (sign in there with the demo's key: {key})")
             job = _submit(api, model_dir, task_dir, args.steps)
-            job = _follow(api, job["id"])
+            job = _watch(api, job["id"], url, key)
             if job["status"] != "succeeded":
                 print(f"\nThe job ended {job['status']}: {job['error']}", file=sys.stderr)
                 return 1
@@ -114,22 +115,16 @@ def _submit(api: httpx.Client, model_dir: Path, task_dir: Path, steps: int) -> d
     r = api.post("/v1/fine_tuning/jobs", json=body)
     r.raise_for_status()
     job = r.json()
-    print(f"Created DPO job {job['id']} ({steps} steps); following it:")
+    print(f"Created DPO job {job['id']} ({steps} steps)")
     return job
 
 
-def _follow(api: httpx.Client, job_id: str) -> dict:
-    """Print the job's events as they come, until it ends."""
-    last_event = None
-    while True:
-        job = api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
-        params = {"order": "asc", "limit": 100, **({"after": last_event} if last_event else {})}
-        for event in api.get(f"/v1/fine_tuning/jobs/{job_id}/events", params=params).json()["data"]:
-            last_event = event["id"]
-            print(f"  [{time.strftime('%H:%M:%S', time.localtime(event['created_at']))}] {event['message']}")
-        if job["status"] in ("succeeded", "failed", "cancelled"):
-            return job
-        time.sleep(1)
+def _watch(api: httpx.Client, job_id: str, url: str, key: str) -> dict:
+    """Show the job with the `dpo` client's live view until it ends; the job at its end."""
+    print(f"Following it with `dpo jobs watch {job_id}`:")
+    env = {**os.environ, "DPO_BASE_URL": url, "DPO_API_KEY": key}
+    subprocess.run([sys.executable, "-m", "dpo_client", "jobs", "watch", job_id], env=env, check=False)
+    return api.get(f"/v1/fine_tuning/jobs/{job_id}").json()
 
 
 def _download(api: httpx.Client, job: dict, out_dir: Path) -> None:

@@ -21,6 +21,9 @@ FORBIDDEN = {
     "worker": {"api"},
     "service": {"api", "worker", "fastapi", "starlette", "celery", "torch", "transformers", "peft"},
     "dpo_core": {"api", "service", "worker", "fastapi", "starlette", "celery", "sqlalchemy"},
+    # The client talks HTTP only; it reads a --config with dpo_core.spec (torch-free, see CLIENT_PROBE).
+    "dpo_client": {"api", "service", "worker", "fastapi", "starlette", "celery", "sqlalchemy", "torch",
+                   "transformers", "peft"},
 }
 
 
@@ -104,3 +107,26 @@ def test_the_service_core_imports_no_fastapi_celery_or_torch():
     result = _probe(SERVICE_PROBE)
     assert {"service.db.models", "service.scheduler", "service.broker", "service.cli"} <= set(result["imported"])
     assert result["loaded"] == []
+
+
+CLIENT_PROBE = r"""
+import json, sys, tempfile
+from pathlib import Path
+import dpo_client.cli
+from dpo_client.request import read_config
+
+path = Path(tempfile.mkdtemp()) / "spec.yaml"
+path.write_text("model: m\nlearning_rate: 1e-4\nloss: {beta: 0.2}\n")
+config = read_config(path, ["lora.r=16"])
+print(json.dumps({"config": config, "loaded": sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in
+                  ("torch", "transformers", "peft", "fastapi", "sqlalchemy", "celery", "api", "service", "worker")})}))
+"""
+
+
+def test_the_client_reads_a_config_with_dpo_core_spec_only_and_loads_no_torch():
+    used = {node.module for path in (REPO / "dpo_client").rglob("*.py")
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dpo_core")}
+    assert used == {"dpo_core.spec"}
+    assert _probe(CLIENT_PROBE) == {"config": {"model": "m", "learning_rate": 1e-4, "loss": {"beta": 0.2},
+                                               "lora": {"r": 16}}, "loaded": []}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
-CODE_DIRS = ("api", "service", "worker", "dpo_core", "tests", "benchmarks")
+CODE_DIRS = ("api", "service", "worker", "dpo_core", "dpo_client", "tests", "benchmarks")
 PERFORMANCE_MAX_BYTES = 12_000
 
 # Phrases that narrate how the project was made rather than what the product does.
