@@ -244,6 +244,8 @@ class _Window:
     sums: MetricSums = field(default_factory=MetricSums)
     grad_norms: list = field(default_factory=list)
     tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0  # in the optimizer steps themselves, not in evaluations or checkpoints between
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -263,6 +265,7 @@ def _log(run: Run, window: _Window) -> dict:
         num_tokens=run.progress.num_tokens,
         elapsed_s=round(run.progress.elapsed_s, 3),
         tokens_per_s=round(window.tokens / seconds, 2),
+        step_time_s=round(window.step_seconds / max(window.steps, 1), 6),
     )
     if run.dist.main:
         run.metrics_file.append(record)
@@ -329,9 +332,12 @@ def _one_step(run: Run, rows: list, window: _Window) -> None:
     progress.step += 1
     progress.batch_in_epoch += 1
     progress.num_tokens += tokens
-    progress.elapsed_s += time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    progress.elapsed_s += seconds
     window.grad_norms.append(grad_norm)
     window.tokens += tokens
+    window.steps += 1
+    window.step_seconds += seconds
     if run.dist.main:
         run.callbacks.on_step(progress.step, run.total_steps)
 

@@ -39,6 +39,16 @@ def state_of(worker: Worker, busy: bool, lost_after_s: float, at: float) -> Work
     return WorkerState.BUSY if busy else WorkerState.IDLE
 
 
+def remembered(session: Session, lost_after_s: float, forget_after_s: float, at: float
+               ) -> list[tuple[Worker, Job | None, WorkerState]]:
+    """Every worker the pool still remembers (a heartbeat within `forget_after_s`), by name, with the job
+    it holds and its state: what the pool view and the metrics export both show."""
+    workers = list(session.scalars(select(Worker).where(Worker.last_heartbeat_at >= at - forget_after_s)
+                                   .order_by(Worker.name)))
+    busy = current_jobs(session, [w.id for w in workers])
+    return [(w, busy.get(w.id), state_of(w, w.id in busy, lost_after_s, at)) for w in workers]
+
+
 def current_jobs(session: Session, worker_ids: list[str] | None = None) -> dict[str, Job]:
     """Worker id -> the job dispatched to it or running on it."""
     stmt = select(Job).where(Job.status.in_([s.value for s in ON_WORKER]), Job.worker_id.is_not(None))
