@@ -26,6 +26,7 @@ from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
+from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
 from dpo_core.tokenize import tokenize
@@ -401,7 +402,7 @@ def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResu
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:
     """Run the training (or, with max_steps: 0, evaluation-only) job that `spec` describes."""
-    callbacks = callbacks or Callbacks()
+    callbacks = with_reporters(spec, callbacks or Callbacks())  # spec.report_to; a missing package fails here
     run, resume_dir = setup(spec, callbacks)
     if not run.dist.main:
         run.callbacks = Callbacks()  # only rank 0 reports
