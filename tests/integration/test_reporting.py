@@ -125,3 +125,17 @@ def test_a_tracker_that_is_not_installed_fails_the_run_before_it_loads_anything(
     assert err.value.code == "report_to_unavailable"
     assert "pip install wandb" in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_dpo_train_takes_report_to_on_the_command_line(tiny_model, synthetic, tmp_path, capsys):
+    import yaml
+
+    from dpo_core.cli import main
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_model, "train_file": synthetic[0], "output_dir": str(tmp_path / "out"),
+                                      "max_steps": 2, "batch_size": 4, "logging_steps": 1, "max_length": 64}))
+    assert main([str(config), "--report-to", "tensorboard,comet"]) == 2
+    assert "report_to" in capsys.readouterr().err
+    assert main([str(config), "--report-to", "tensorboard"]) == 0
+    assert list((tmp_path / "out" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
