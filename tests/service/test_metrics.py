@@ -3,6 +3,7 @@ requests matches what the service holds (read back with prometheus_client's own 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
@@ -106,3 +107,38 @@ def test_a_scrape_of_an_empty_service_parses(tmp_path):
         samples = scrape(client)
     assert value(samples, "dpo_jobs", team_id="team-default", team="default", status="queued") == 0
     assert not any(name == "dpo_workers" for name, _ in samples)
+
+
+@pytest.mark.postgres
+def test_run_times_are_bucketed_in_sql_on_postgresql():
+    """The grouped, bucketed query of dpo_job_run_seconds on PostgreSQL: a job's runs add up, jobs still
+    running or never run are left out."""
+    from service.db.migrate import upgrade
+    from service.db.models import DEFAULT_TEAM_ID, Job
+    from service.metrics import JOB_SECONDS_BUCKETS, read_snapshot
+    from tests.service.support import fresh_postgres
+
+    with fresh_postgres() as url:
+        upgrade(url)
+        settings = make_settings(Path("/nonexistent"), database_url=url)
+
+        def job(job_id: str, status: str, *runs: tuple[float, float | None]) -> None:
+            s.add(Job(id=job_id, team_id=DEFAULT_TEAM_ID, status=status, model="m", training_file="file-x",
+                      method={}, hyperparameters={}, spec={}))
+            s.flush()
+            for token, (start, end) in enumerate(runs):
+                s.add(Run(job_id=job_id, team_id=DEFAULT_TEAM_ID, gpus=1, token=token, attempt=token + 1,
+                          started_at=start, ended_at=end))
+
+        with sessions_for(settings).begin() as s:
+            job("ftjob-a", "succeeded", (0.0, 20.0), (100.0, 125.0))  # 45 s over two runs
+            job("ftjob-b", "succeeded", (0.0, 5.0))
+            job("ftjob-c", "running", (0.0, None))
+            job("ftjob-d", "cancelled")
+        with sessions_for(settings)() as s:
+            snap = read_snapshot(s, settings)
+    counts, total = snap.job_seconds[(DEFAULT_TEAM_ID, "succeeded")]
+    assert total == pytest.approx(50.0) and counts[-1] == 2
+    assert counts[:3] == [1, 1, 2] and JOB_SECONDS_BUCKETS[:3] == (10, 30, 60)  # 5 s, then 45 s
+    assert set(snap.job_seconds) == {(DEFAULT_TEAM_ID, "succeeded")}
+    assert snap.jobs[(DEFAULT_TEAM_ID, "running")] == 1
