@@ -9,10 +9,12 @@ first byte, not how long it read.
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,15 +26,21 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 class AppMetrics:
-    """One registry per app (so tests may build several apps in one process)."""
+    """One registry per app (so tests may build several apps in one process). Under `dpo-service api
+    --workers N`, PROMETHEUS_MULTIPROC_DIR is set (service.cli): each process then writes its request
+    histograms to files there, and a scrape of any process reads every process's (prometheus_client's
+    multiprocess mode)."""
 
     def __init__(self, read: Callable[[], Snapshot]):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(ServiceCollector(read))
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:
+            MultiProcessCollector(self.registry, path=shared)
         self.requests = Histogram("dpo_http_request_duration_seconds",
                                   "Time from a request's arrival until its response started, by route template, "
                                   "method and status class", ["route", "method", "status"],
-                                  buckets=LATENCY_BUCKETS, registry=self.registry)
+                                  buckets=LATENCY_BUCKETS, registry=None if shared else self.registry)
 
 
 class RequestTimer:

@@ -3,8 +3,8 @@
 `read_snapshot` is a handful of grouped queries on one session (jobs per team and status, the pool's
 workers, the run time of finished jobs bucketed in SQL, the latest step time of running jobs);
 `ServiceCollector` turns a snapshot into metric families. Every API process reads the same database,
-so any of them answers a scrape with the same numbers. The request latency histograms are each API
-process's own (api.metrics).
+so any of them answers a scrape with the same numbers. The request latency histograms are counted
+in the API processes (api.metrics).
 """
 from __future__ import annotations
 
