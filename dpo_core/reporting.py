@@ -123,6 +123,10 @@ class Reporting(Callbacks):
         self._each("on_end", result)  # the trackers' files are complete before the caller records the end
         self.inner.on_end(result)
 
+    def on_error(self, error):
+        self._each("on_error", error)  # each tracker's run ends failed, not left open
+        self.inner.on_error(error)
+
     def should_stop(self):
         return self.inner.should_stop()
 
@@ -227,6 +231,10 @@ class TensorBoardReporter(Reporter):
     def on_end(self, result):
         self.writer.close()
 
+    def on_error(self, error):
+        if self.writer is not None:
+            self.writer.close()
+
 
 class MlflowReporter(Reporter):
     name = "mlflow"
@@ -270,6 +278,10 @@ class MlflowReporter(Reporter):
     def on_end(self, result):
         self.client.set_terminated(self.run_id, status="KILLED" if result.stopped else "FINISHED")
 
+    def on_error(self, error):
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status="FAILED")
+
 
 class WandbReporter(Reporter):
     name = "wandb"
@@ -295,3 +307,7 @@ class WandbReporter(Reporter):
 
     def on_end(self, result):
         self.run.finish(exit_code=1 if result.stopped else 0)
+
+    def on_error(self, error):
+        if self.run is not None:
+            self.run.finish(exit_code=1)

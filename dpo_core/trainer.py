@@ -406,6 +406,17 @@ def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult
     run, resume_dir = setup(spec, callbacks)
     if not run.dist.main:
         run.callbacks = Callbacks()  # only rank 0 reports
+    try:
+        result = _train(run, resume_dir)
+    except Exception as err:
+        run.callbacks.on_error(err)
+        raise
+    run.callbacks.on_end(result)
+    return result
+
+
+def _train(run: Run, resume_dir: str | None) -> TrainResult:
+    spec = run.spec
     run.callbacks.on_start(
         {
             "total_steps": run.total_steps,
@@ -420,11 +431,8 @@ def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult
         _eval_and_report(run)
     last, stopped = _loop(run)
     if stopped:
-        result = _result(run, last, True, None)
-    else:
-        if run.eval_rows:
-            last["eval"] = _eval_and_report(run)
-        final = _save_final(run) if run.total_steps > 0 else None
-        result = _result(run, last, False, final)
-    run.callbacks.on_end(result)
-    return result
+        return _result(run, last, True, None)
+    if run.eval_rows:
+        last["eval"] = _eval_and_report(run)
+    final = _save_final(run) if run.total_steps > 0 else None
+    return _result(run, last, False, final)

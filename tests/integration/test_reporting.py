@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_core import parse_spec, train
+from dpo_core import Callbacks, parse_spec, train
 from dpo_core.errors import TrainingError
 from dpo_core.layout import TENSORBOARD_DIR
 
@@ -62,6 +62,15 @@ def test_tensorboard_and_mlflow_get_every_logged_step_and_evaluation(tiny_model,
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(r["step"], pytest.approx(r["loss"])) for r in logged]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/rewards/accuracies")] == [2, 4]
+
+    class Fails(Callbacks):
+        def on_log(self, metrics):
+            raise RuntimeError("the caller's own failure")
+
+    with pytest.raises(RuntimeError):
+        train(_spec(tiny_model, synthetic, tmp_path / "ftjob-failed", report_to=["mlflow"]), Fails())
+    failed = client.search_runs([experiment.experiment_id], "attributes.run_name = 'ftjob-failed'")
+    assert [r.info.status for r in failed] == ["FAILED"]  # ended, not left running
 
 
 def test_wandb_offline_writes_a_run_with_the_logged_history(tiny_model, synthetic, tmp_path, monkeypatch):
