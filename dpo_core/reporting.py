@@ -55,7 +55,7 @@ def available() -> list[str]:
 
 
 def install_hint(name: str) -> str:
-    return f"pip install {TRACKERS[name].package} (or {TRACKING_EXTRA} for every tracker)"
+    return f"pip install {TRACKERS[name].package}, or {TRACKING_EXTRA} for every tracker"
 
 
 def unavailable_message(name: str, where: str) -> str:
@@ -94,9 +94,11 @@ class Reporting(Callbacks):
                 getattr(reporter, hook)(*args)
             except Exception as err:  # noqa: BLE001 - a tracker's failure must not end the training
                 self.reporters.remove(reporter)
-                log.warning("report_to %s failed", reporter.name, exc_info=err)
-                self.inner.on_warning(f"report_to: {reporter.name} failed ({type(err).__name__}: "
-                                      f"{str(err).strip()[:300]}); the run goes on without it")
+                log.warning("report_to %s failed; the run goes on without it", reporter.name, exc_info=err)
+                # Only the error's kind: its text may hold a tracking URI with its credentials, and a
+                # service job shows its warnings to its team. The log has the rest.
+                self.inner.on_warning(f"report_to: {reporter.name} failed ({type(err).__name__}); the run goes "
+                                      "on without it (the trainer's log has the details)")
 
     def on_start(self, info):
         self.inner.on_start(info)

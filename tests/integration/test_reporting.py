@@ -148,3 +148,23 @@ def test_dpo_train_takes_report_to_on_the_command_line(tiny_model, synthetic, tm
     assert "report_to" in capsys.readouterr().err
     assert main([str(config), "--report-to", "tensorboard"]) == 0
     assert list((tmp_path / "out" / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
+
+
+def test_a_tracker_that_fails_while_the_run_trains_is_warned_about_once_and_left_out(tiny_model, synthetic,
+                                                                                    tmp_path):
+    class Warnings(Callbacks):
+        def __init__(self):
+            self.seen = []
+
+        def on_warning(self, message):
+            self.seen.append(message)
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / TENSORBOARD_DIR).write_text("a file where TensorBoard's directory goes")
+    warnings = Warnings()
+    result = train(_spec(tiny_model, synthetic, out, report_to=["tensorboard"], validation_file=None,
+                         eval_steps=None), warnings)
+    assert result.global_step == STEPS and result.final_dir is not None
+    failed = [w for w in warnings.seen if w.startswith("report_to: tensorboard failed")]
+    assert len(failed) == 1, warnings.seen
