@@ -42,7 +42,8 @@ def _worker(w: Worker, job: Job | None, state: WorkerState, principal: Principal
     job_id = job.id if job is not None and principal.may_see(job.team_id) else None
     return WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpu_type=w.gpu_type, gpus=w.gpus, state=state,
                         job=job_id, registered_at=int(w.registered_at), last_heartbeat_at=w.last_heartbeat_at,
-                        seconds_since_heartbeat=round(max(0.0, at - w.last_heartbeat_at), 3))
+                        seconds_since_heartbeat=round(max(0.0, at - w.last_heartbeat_at), 3),
+                        integrations=w.integrations)
 
 
 def _by_team(session: Session, jobs: list) -> list[TeamQueue]:

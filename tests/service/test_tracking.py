@@ -30,6 +30,8 @@ def test_a_tracker_no_live_worker_that_could_run_the_job_has_is_refused(client, 
     assert submit(client, train_id, training={"report_to": ["wandb"]}).status_code == 200
     register_worker(settings, "cpu-worker", integrations=["tensorboard"])
     register_worker(settings, "h100-worker", gpu_type="h100", gpus=8, pid=2, integrations=["wandb", "mlflow"])
+    shown = {w["name"]: w["integrations"] for w in client.get("/v1/pool").json()["workers"]}
+    assert shown == {"cpu-worker": ["tensorboard"], "h100-worker": ["wandb", "mlflow"]}
     refused = submit(client, train_id, training={"report_to": ["tensorboard", "wandb"]}, gpu_type="cpu")
     assert refused.status_code == 400, refused.text
     error = refused.json()["error"]
