@@ -168,3 +168,25 @@ def test_a_tracker_that_fails_while_the_run_trains_is_warned_about_once_and_left
     assert result.global_step == STEPS and result.final_dir is not None
     failed = [w for w in warnings.seen if w.startswith("report_to: tensorboard failed")]
     assert len(failed) == 1, warnings.seen
+
+
+def test_a_resumed_run_goes_on_in_the_same_tracker_runs(tiny_model, synthetic, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    store = f"file:{tmp_path / 'mlruns'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "ftjob-resumed"
+    common = dict(report_to=["tensorboard", "mlflow"], validation_file=None, eval_steps=None, logging_steps=1,
+                  save_steps=2)
+    train(_spec(tiny_model, synthetic, out, max_steps=2, **common))
+    train(_spec(tiny_model, synthetic, out, max_steps=4, resume_from="auto", **common))
+
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    client = MlflowClient(store)
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.run_name == "ftjob-resumed" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4]
