@@ -17,15 +17,24 @@ from api.dispatcher import Dispatcher
 from api.internal_errors import InternalErrors
 from api.limits import BodyLimit, InFlightLimit
 from api.logs import install_access_log_filter
+from api.metrics import AppMetrics, RequestTimer
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
-from api.routes import checkpoints, dashboard, events, files, health, jobs, pool, teams, usage, webhooks
+from api.routes import checkpoints, dashboard, events, files, health, jobs, metrics, pool, teams, usage, webhooks
 from api.streams import EventHub, end_streams_on_exit
 from service import errors
 from service.artifacts import LocalStorage
 from service.auth import admin_key
-from service.db.engine import UNAVAILABLE, make_engine, make_read_engine, make_read_sessionmaker, make_sessionmaker
+from service.db.engine import (
+    UNAVAILABLE,
+    make_engine,
+    make_read_engine,
+    make_read_sessionmaker,
+    make_sessionmaker,
+    read_with_retry,
+)
 from service.db.migrate import upgrade
+from service.metrics import read_snapshot
 from service.requests import PRINTABLE
 from service.settings import Settings, get_settings
 from service.webhook_delivery import WebhookSender
@@ -115,10 +124,14 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.include_router(v1)
     app.include_router(health.router)
     dashboard.install(app)
+    app.include_router(metrics.router)
+    app.state.metrics = AppMetrics(lambda: read_with_retry(app.state.reads, read_snapshot, app.state.settings))
     _install_error_handlers(app)
     _install_database_handler(app)
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(InFlightLimit, settings=settings)
+    # Outside the limits: a request's latency includes its wait for a turn.
+    app.add_middleware(RequestTimer, metrics=app.state.metrics)
     # Added last: the outermost layer, so an exception from any layer inside gets its 500 and error id.
     app.add_middleware(InternalErrors, admin_key=lambda: getattr(app.state, "admin_key", None))
     app.openapi = lambda: openapi_with_errors(app)

@@ -22,6 +22,8 @@ V1_ERRORS = {
     "503": "storage or a backing service failed; nothing was stored",
 }
 HEALTH_ERRORS = {"400": "invalid request", "413": "request body over its limit"}
+METRICS_ERRORS = {**HEALTH_ERRORS, "401": "missing or wrong key", "403": "a team key (only the admin key or "
+                  "DPO_METRICS_TOKEN may read it)", "503": "the database cannot answer just now"}
 
 
 def openapi_with_errors(app: FastAPI) -> dict[str, Any]:
@@ -35,7 +37,7 @@ def openapi_with_errors(app: FastAPI) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         components.pop(name, None)
     for path, operations in schema.get("paths", {}).items():
-        errors = V1_ERRORS if path.startswith("/v1/") else HEALTH_ERRORS
+        errors = V1_ERRORS if path.startswith("/v1/") else METRICS_ERRORS if path == "/metrics" else HEALTH_ERRORS
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
             responses.pop("422", None)

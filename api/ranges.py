@@ -13,7 +13,8 @@ BEGIN, END = "<!-- ranges:begin (python -m api.ranges) -->", "<!-- ranges:end --
 _JOB_FIELDS = ("seed", "priority", "gpus", "max_attempts")
 # Where the service sets a default of its own (service.jobspec.build) instead of TrainingSpec's.
 _SERVICE_DEFAULTS = {"save_total_limit": "DPO_KEEP_CHECKPOINTS (3)"}
-_KINDS = {"int": "int", "float": "number", "bool": "bool", "string": "string", "object": "object", "map": "object"}
+_KINDS = {"int": "int", "float": "number", "bool": "bool", "string": "string", "object": "object", "map": "object",
+          "list": "list"}
 
 
 def request_ranges() -> list[tuple[str, FieldRange, str, str]]:

@@ -30,6 +30,10 @@ class Callbacks:
     def on_end(self, result) -> None:
         """Called once when the run returns (finished, or stopped on request) with its TrainResult."""
 
+    def on_error(self, error: Exception) -> None:
+        """Called once when the run fails after its set-up (diverged, a failed checkpoint, ...), just
+        before the error propagates; on_end is not called then."""
+
     def should_stop(self) -> bool:
         """Checked before every optimizer step; returning True stops the run cleanly (cancellation)."""
         return False

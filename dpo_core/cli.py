@@ -15,10 +15,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML or JSON file with TrainingSpec keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set loss.beta=0.2 --set lora.r=16 (repeatable)")
+    p.add_argument("--report-to", metavar="NAMES", default=None,
+                   help="also report metrics to these, comma-separated: tensorboard, mlflow, wandb (the config's "
+                        "report_to; each needs its package: pip install 'dpo-service[tracking]')")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="processes (GPUs) to train on, launched with PyTorch's elastic launcher; "
                         "`distributed` in the config picks ddp (default) or fsdp")
     return p
+
+
+def _report_to(names: str | None) -> list[str]:
+    """--report-to as an override of report_to ("" clears it)."""
+    if names is None:
+        return []
+    return ["report_to=[" + ", ".join(n.strip() for n in names.split(",") if n.strip()) + "]"]
 
 
 def _run(spec, nproc: int, console):
@@ -34,7 +44,7 @@ def _run(spec, nproc: int, console):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        spec = load_spec(args.config, args.overrides)
+        spec = load_spec(args.config, args.overrides + _report_to(args.report_to))
     except SpecError as err:
         print(f"dpo-train: {err}", file=sys.stderr)
         return EXIT_USAGE

@@ -20,7 +20,7 @@ from pydantic_core import PydanticUndefined
 @dataclass(frozen=True)
 class FieldRange:
     path: str  # "loss.beta"; a dict's key is written <group>
-    kind: str  # int, float, bool, string, choice, object, map
+    kind: str  # int, float, bool, string, choice, object, map, list
     nullable: bool
     default: Any  # PydanticUndefined when the field is required
     default_text: str | None  # a default that follows other fields, said in words
@@ -118,7 +118,8 @@ def _ranges(path: str, info: FieldInfo) -> list[FieldRange]:
     if typing.get_origin(base) is Annotated:
         base, *more = typing.get_args(base)
         constraints += [m for fi in more if isinstance(fi, FieldInfo) for m in fi.metadata]
-    kind = {int: "int", float: "float", bool: "bool", str: "string"}.get(base, "string")
+    kind = "list" if typing.get_origin(base) is list else {int: "int", float: "float", bool: "bool", str: "string"}.get(
+        base, "string")
     return [FieldRange(kind=kind, also=literals, **row, **_bounds(constraints))]
 
 

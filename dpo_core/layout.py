@@ -7,6 +7,9 @@ Torch-free, so that reading the layout never loads the trainer's stack.
                            trainer_state.pt, and state.json, written last: its presence marks it complete
       final/               the final model, which `from_pretrained` loads
       metrics.jsonl        one JSON object per logged step or evaluation
+      tensorboard/         TensorBoard event files (report_to: tensorboard)
+      tensorboard.tar      the service's worker packs tensorboard/ into it when a job succeeds (a result file)
+      tracking.json        the MLflow and W&B run ids of the run (report_to), so a resumed run goes on in them
       .<name>.tmp-<pid>    a directory being written; renamed to <name> once complete
 """
 from __future__ import annotations
@@ -20,6 +23,9 @@ STATE_FILE = "state.json"
 TRAINER_FILE = "trainer_state.pt"
 FINAL_DIR = "final"
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_TAR = "tensorboard.tar"
+TRACKING_FILE = "tracking.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TMP = ".tmp-"
 

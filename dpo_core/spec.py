@@ -27,6 +27,10 @@ REFERENCE_FREE_LOSSES = frozenset({"simpo", "orpo"})
 # Losses that train on unpaired (prompt, completion, label) rows.
 UNPAIRED_LOSSES = frozenset({"kto"})
 
+# Where a run can report its metrics besides metrics.jsonl (dpo_core.reporting), each an optional package.
+REPORT_TO = ("tensorboard", "mlflow", "wandb")
+ReportTo = Literal["tensorboard", "mlflow", "wandb"]
+
 # Fields that name paths on the machine that runs the job. The service sets them; requests may not.
 SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from")
 
@@ -281,6 +285,19 @@ class TrainingSpec(_Strict):
     save_total_limit: SaveLimit | None = Field(
         None, description="checkpoints kept: the latest this many, plus the best by eval_loss; null keeps every one")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
+    report_to: Annotated[list[ReportTo], Field(max_length=len(REPORT_TO))] = Field(
+        default_factory=list, description="also report metrics to these (docs/training.md, Tracking); each needs "
+        "its package where the run trains",
+        json_schema_extra=_doc("a list of: " + ", ".join(REPORT_TO), "[]",
+                               examples=([], ["tensorboard"], list(REPORT_TO))),
+    )
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("names a tracker twice; list each once")
+        return value
 
     @field_validator("device")
     @classmethod

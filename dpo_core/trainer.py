@@ -26,6 +26,7 @@ from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
+from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
 from dpo_core.tokenize import tokenize
@@ -244,6 +245,8 @@ class _Window:
     sums: MetricSums = field(default_factory=MetricSums)
     grad_norms: list = field(default_factory=list)
     tokens: int = 0
+    steps: int = 0
+    step_seconds: float = 0.0  # in the optimizer steps themselves, not in evaluations or checkpoints between
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -263,6 +266,7 @@ def _log(run: Run, window: _Window) -> dict:
         num_tokens=run.progress.num_tokens,
         elapsed_s=round(run.progress.elapsed_s, 3),
         tokens_per_s=round(window.tokens / seconds, 2),
+        step_time_s=round(window.step_seconds / max(window.steps, 1), 6),
     )
     if run.dist.main:
         run.metrics_file.append(record)
@@ -329,9 +333,12 @@ def _one_step(run: Run, rows: list, window: _Window) -> None:
     progress.step += 1
     progress.batch_in_epoch += 1
     progress.num_tokens += tokens
-    progress.elapsed_s += time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    progress.elapsed_s += seconds
     window.grad_norms.append(grad_norm)
     window.tokens += tokens
+    window.steps += 1
+    window.step_seconds += seconds
     if run.dist.main:
         run.callbacks.on_step(progress.step, run.total_steps)
 
@@ -395,10 +402,21 @@ def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResu
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:
     """Run the training (or, with max_steps: 0, evaluation-only) job that `spec` describes."""
-    callbacks = callbacks or Callbacks()
+    callbacks = with_reporters(spec, callbacks or Callbacks())  # spec.report_to; a missing package fails here
     run, resume_dir = setup(spec, callbacks)
     if not run.dist.main:
         run.callbacks = Callbacks()  # only rank 0 reports
+    try:
+        result = _train(run, resume_dir)
+    except Exception as err:
+        run.callbacks.on_error(err)
+        raise
+    run.callbacks.on_end(result)
+    return result
+
+
+def _train(run: Run, resume_dir: str | None) -> TrainResult:
+    spec = run.spec
     run.callbacks.on_start(
         {
             "total_steps": run.total_steps,
@@ -413,11 +431,8 @@ def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult
         _eval_and_report(run)
     last, stopped = _loop(run)
     if stopped:
-        result = _result(run, last, True, None)
-    else:
-        if run.eval_rows:
-            last["eval"] = _eval_and_report(run)
-        final = _save_final(run) if run.total_steps > 0 else None
-        result = _result(run, last, False, final)
-    run.callbacks.on_end(result)
-    return result
+        return _result(run, last, True, None)
+    if run.eval_rows:
+        last["eval"] = _eval_and_report(run)
+    final = _save_final(run) if run.total_steps > 0 else None
+    return _result(run, last, False, final)

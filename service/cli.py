@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -60,9 +62,21 @@ def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:
           f"{f', {workers} processes, {threads} request threads each' if workers > 1 else ''}", flush=True)
     # Each process builds its app from the environment (service.settings), so the flags travel there.
     os.environ["DPO_DATA_DIR"], os.environ["DPO_API_THREADS"] = str(settings.data_dir), str(threads)
+    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(_metrics_dir(settings, port))
     uvicorn.run("api.server:served_app", factory=True, host=host, port=port, workers=workers, log_level="info",
                 http="api.server:NoDelayProtocol")
     return 0
+
+
+def _metrics_dir(settings: Settings, port: int) -> Path:
+    """Where the processes of one `dpo-service api --workers N` keep their request histograms, so that a
+    scrape of any of them counts every one's requests (api.metrics). Emptied at start: the counts of an
+    earlier start are not this one's."""
+    path = settings.data_dir / "prometheus" / f"api-{port}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
 
 
 def process_threads(settings: Settings, workers: int, environ) -> int:

@@ -18,10 +18,12 @@ def team_rank() -> Over:
     return func.row_number().over(partition_by=Job.team_id, order_by=TEAM_ORDER)
 
 
-def serves(gpu_type: str, gpus: int) -> ColumnElement[bool]:
+def serves(gpu_type, gpus, job_gpu_type=Job.gpu_type, job_gpus=Job.gpus) -> ColumnElement[bool]:
     """SQL: a job that a worker with `gpus` GPUs of type `gpu_type` can run (the job's gpu_type, if it
-    names one, is the worker's, and the job asks for no more GPUs than the worker has)."""
-    return and_(or_(Job.gpu_type.is_(None), Job.gpu_type == gpu_type), Job.gpus <= gpus)
+    names one, is the worker's, and the job asks for no more GPUs than the worker has). Each side is a
+    value or a column: the jobs a worker serves (the default), or the workers that serve a job not yet
+    stored (`serves(Worker.gpu_type, Worker.gpus, literal(...), literal(...))`)."""
+    return and_(or_(job_gpu_type.is_(None), job_gpu_type == gpu_type), job_gpus <= gpus)
 
 
 def running_by_team(session: Session, team_ids: list[str]) -> dict[str, int]:

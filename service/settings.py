@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="default: SQLite file dpo.sqlite in data_dir")
     broker_url: str | None = Field(None, description="default: embedded SQLite broker in data_dir")
     api_key: SecretStr | None = Field(None, description="admin key; default: generated into data_dir")
+    metrics_token: SecretStr | None = Field(None, description="a Bearer token that may read GET /metrics and "
+                                            "nothing else (the admin key may too); default: none")
     env: Literal["development", "test", "production"] = "development"
     queue: str = Field("dpo-jobs", description="Celery queue the jobs travel on")
     api_threads: int = Field(40, gt=0, description="threads serving sync routes in each API process; its "
@@ -119,6 +121,10 @@ def _refuse_default_secrets(settings: Settings) -> None:
         problems.append("DPO_ENV=production needs DPO_API_KEY set to a secret of your own")
     elif key.strip().lower() in DEFAULT_SECRETS or len(key) < MIN_PRODUCTION_KEY_CHARS:
         problems.append(f"DPO_API_KEY is a well-known default or shorter than {MIN_PRODUCTION_KEY_CHARS} "
+                        "characters; set a random one (e.g. openssl rand -hex 32)")
+    token = settings.metrics_token.get_secret_value() if settings.metrics_token is not None else None
+    if token is not None and (token.strip().lower() in DEFAULT_SECRETS or len(token) < MIN_PRODUCTION_KEY_CHARS):
+        problems.append(f"DPO_METRICS_TOKEN is a well-known default or shorter than {MIN_PRODUCTION_KEY_CHARS} "
                         "characters; set a random one (e.g. openssl rand -hex 32)")
     for name, url in (("DPO_DATABASE_URL", settings.database_url), ("DPO_BROKER_URL", settings.broker_url)):
         password = _password(url)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -22,6 +23,7 @@ from service.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from service.model_paths import model_problem
 from service.requests import INT64, JobCreate
 from service.settings import Settings
+from service.tracking import refuse_unavailable_trackers
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Setti
     )
     if built.spec.reference_model:
         _check_model(built.spec.reference_model, settings, "training.reference_model")
+    refuse_unavailable_trackers(session, built.spec.report_to, req.gpu_type, req.gpus, settings.worker_lost_after_s,
+                                time.time())
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
     return Job(
         id=job_id, team_id=principal.team_id, status=JobStatus.QUEUED.value, model=req.model,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sqlalchemy.pool import NullPool
 
+from dpo_core import reporting
 from service.db import leases, workers
 from service.db.engine import is_unavailable, make_engine, make_sessionmaker
 from service.reconciler import requeue_from_dead_worker
@@ -50,6 +51,7 @@ class Identity:
     gpus: int
     hostname: str
     pid: int
+    integrations: tuple[str, ...] = ()  # the trackers of training.report_to this worker can import
 
 
 def identity(settings: Settings) -> Identity:
@@ -63,7 +65,7 @@ def identity(settings: Settings) -> Identity:
             log.warning("this worker sees different GPUs (%s); it registers as %s", ", ".join(names), gpu_type)
         gpus = gpus or max(len(names), 1)
     return Identity(name=settings.worker_name or f"{hostname}-{pid}", gpu_type=gpu_type.lower(), gpus=gpus or 1,
-                    hostname=hostname, pid=pid)
+                    hostname=hostname, pid=pid, integrations=tuple(reporting.available()))
 
 
 def detect_gpus() -> list[str]:
@@ -144,14 +146,15 @@ class Membership:
                 pid, since, self.me.pid))
             row = workers.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
                                  queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
-                                 lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None)
+                                 lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None,
+                                 integrations=list(self.me.integrations))
             self.worker_id, self.queue = row.id, row.queue
             requeued = requeue_from_dead_worker(s, self.settings, row.id, time.time()) if dead else []
         if dead:
             log.warning("worker %s took its name over from its dead process on this host; its jobs %s were "
                         "queued again", self.me.name, requeued or "(none)")
-        log.info("worker %s (%s) joined the pool: %s x%d, queue %s", self.me.name, self.worker_id,
-                 self.me.gpu_type, self.me.gpus, self.queue)
+        log.info("worker %s (%s) joined the pool: %s x%d, queue %s, report_to %s", self.me.name, self.worker_id,
+                 self.me.gpu_type, self.me.gpus, self.queue, ", ".join(self.me.integrations) or "none")
 
     def start_heartbeats(self) -> None:
         self._thread = threading.Thread(target=self._beat, name="dpo-heartbeat", daemon=True)

@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session
 
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
-from dpo_core.layout import METRICS_FILE, remove_partial
+from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR, remove_partial
 from dpo_core.spec import SpecError, TrainingSpec
-from service.artifacts import LocalStorage, job_key
+from service.artifacts import LocalStorage, iter_tar, job_key
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
 from service.db.leases import Lease
@@ -169,6 +169,7 @@ class JobRunner:
     def _finish(self, keeper: LeaseKeeper, result) -> str:
         """Record the run's outcome; waits out a database that cannot answer (LeaseLost once the lease is lost)."""
         lease, outcome = keeper.lease, {}
+        tensorboard = self._pack_tensorboard(lease.job_id) if not result.stopped else None
 
         def write(s: Session) -> None:
             fields = dict(trained_tokens=result.trained_tokens, step=result.global_step, estimated_finish=None)
@@ -189,24 +190,42 @@ class JobRunner:
                                              size=self.storage.size(key))
                 s.flush()
                 fields["fine_tuned_model"] = final.id
-            fields["result_files"] = self._result_files(s, lease.job_id)
+            fields["result_files"] = self._result_files(s, lease.job_id, tensorboard)
             leases.finish(s, lease, JobStatus.SUCCEEDED, **fields)
             outcome["status"] = JobStatus.SUCCEEDED
         keeper.write_now(write)
         return outcome["status"].value
 
-    def _result_files(self, s, job_id: str) -> list[str]:
-        """dpo_core's metrics.jsonl of the run, registered as a downloadable file (OpenAI's result_files)."""
-        key = f"{job_key(job_id)}/{METRICS_FILE}"
-        if not self.storage.exists(key):
-            return []
-        path = self.storage.path(key)
+    def _result_files(self, s, job_id: str, tensorboard: tuple[str, int] | None) -> list[str]:
+        """The run's outputs registered as downloadable files (OpenAI's result_files): dpo_core's
+        metrics.jsonl, and the TensorBoard event files packed as one tar (report_to: tensorboard)."""
         team_id = s.scalar(select(Job.team_id).where(Job.id == job_id))
-        file = File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-metrics.jsonl", purpose="fine-tune-results",
-                    bytes=path.stat().st_size, format="metrics", rows=sum(1 for _ in path.open("rb")),
-                    status="processed", storage_key=key, created_at=now())
-        s.add(file)
-        return [file.id]
+        files = []
+        key = f"{job_key(job_id)}/{METRICS_FILE}"
+        if self.storage.exists(key):
+            path = self.storage.path(key)
+            files.append(File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-metrics.jsonl",
+                              purpose="fine-tune-results", bytes=path.stat().st_size, format="metrics",
+                              rows=sum(1 for _ in path.open("rb")), status="processed", storage_key=key,
+                              created_at=now()))
+        if tensorboard is not None:
+            key, event_files = tensorboard
+            files.append(File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-{TENSORBOARD_TAR}",
+                              purpose="fine-tune-results", bytes=self.storage.size(key), format="tensorboard",
+                              rows=event_files, status="processed", storage_key=key, created_at=now()))
+        s.add_all(files)
+        return [f.id for f in files]
+
+    def _pack_tensorboard(self, job_id: str) -> tuple[str, int] | None:
+        """The job's TensorBoard directory as one uncompressed tar next to it (its key, and how many event
+        files it holds); None when the run wrote none. Written before the job is recorded as finished, so
+        its result files are complete when they are listed."""
+        directory = self.storage.path(f"{job_key(job_id)}/{TENSORBOARD_DIR}")
+        if not directory.is_dir():
+            return None
+        key = f"{job_key(job_id)}/{TENSORBOARD_TAR}"
+        self.storage.put_stream(key, iter_tar(directory, TENSORBOARD_DIR))
+        return key, sum(1 for p in directory.rglob("events.out.tfevents.*") if p.is_file())
 
     def _fail_internal(self, keeper: LeaseKeeper, err: Exception) -> str:
         """An error no code path names: the team gets its kind and an error id, never the traceback (it

@@ -12,7 +12,7 @@ from api.deps import CurrentPrincipal, SessionDep, SettingsDep
 from api.schemas.pool import GpuTypeQueue, PoolPublic, TeamQueue, WorkerPublic
 from service.auth import Principal
 from service.db.models import WAITING, Job, JobStatus, Team, Worker
-from service.db.workers import WorkerState, current_jobs, state_of
+from service.db.workers import WorkerState, remembered
 from service.queue_info import ANY
 from service.settings import Settings
 
@@ -27,10 +27,9 @@ def get_pool(session: SessionDep, settings: SettingsDep, principal: CurrentPrinc
 
 def pool_view(session: Session, settings: Settings, principal: Principal, at: float) -> PoolPublic:
     """Every worker the pool still remembers, and the queues; a team key sees only its own team's jobs."""
-    workers = list(session.scalars(select(Worker).where(
-        Worker.last_heartbeat_at >= at - settings.worker_forget_after_s).order_by(Worker.name)))
-    busy = current_jobs(session, [w.id for w in workers])
-    shown = [_worker(w, busy.get(w.id), principal, settings, at) for w in workers]
+    pool = remembered(session, settings.worker_lost_after_s, settings.worker_forget_after_s, at)
+    workers = [w for w, _, _ in pool]
+    shown = [_worker(w, job, state, principal, at) for w, job, state in pool]
     jobs = list(session.execute(select(Job.team_id, Job.status, Job.gpu_type, Job.gpus).where(
         Job.status.in_([s.value for s in (*WAITING, JobStatus.RUNNING)]))))
     mine = [j for j in jobs if principal.may_see(j.team_id)]
@@ -39,12 +38,12 @@ def pool_view(session: Session, settings: Settings, principal: Principal, at: fl
                       by_team=_by_team(session, mine), by_gpu_type=_by_gpu_type(jobs, workers, shown))
 
 
-def _worker(w: Worker, job: Job | None, principal: Principal, settings: Settings, at: float) -> WorkerPublic:
-    state = state_of(w, job is not None, settings.worker_lost_after_s, at)
+def _worker(w: Worker, job: Job | None, state: WorkerState, principal: Principal, at: float) -> WorkerPublic:
     job_id = job.id if job is not None and principal.may_see(job.team_id) else None
     return WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpu_type=w.gpu_type, gpus=w.gpus, state=state,
                         job=job_id, registered_at=int(w.registered_at), last_heartbeat_at=w.last_heartbeat_at,
-                        seconds_since_heartbeat=round(max(0.0, at - w.last_heartbeat_at), 3))
+                        seconds_since_heartbeat=round(max(0.0, at - w.last_heartbeat_at), 3),
+                        integrations=w.integrations)
 
 
 def _by_team(session: Session, jobs: list) -> list[TeamQueue]:

@@ -19,6 +19,9 @@ class WorkerPublic(BaseModel):
     registered_at: int
     last_heartbeat_at: float
     seconds_since_heartbeat: float
+    integrations: list[str] | None = Field(
+        description="the trackers of training.report_to it can import (tensorboard, mlflow, wandb); null: it "
+        "did not say")
 
 
 class TeamQueue(BaseModel):

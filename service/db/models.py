@@ -118,6 +118,8 @@ class Worker(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     last_heartbeat_at: Mapped[float] = mapped_column(Float)
     stopped_at: Mapped[float | None] = mapped_column(Float)
+    # The trackers (training.report_to) the worker can import; None: a worker that did not say (unknown).
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class File(Base):

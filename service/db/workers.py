@@ -39,6 +39,16 @@ def state_of(worker: Worker, busy: bool, lost_after_s: float, at: float) -> Work
     return WorkerState.BUSY if busy else WorkerState.IDLE
 
 
+def remembered(session: Session, lost_after_s: float, forget_after_s: float, at: float
+               ) -> list[tuple[Worker, Job | None, WorkerState]]:
+    """Every worker the pool still remembers (a heartbeat within `forget_after_s`), by name, with the job
+    it holds and its state: what the pool view and the metrics export both show."""
+    workers = list(session.scalars(select(Worker).where(Worker.last_heartbeat_at >= at - forget_after_s)
+                                   .order_by(Worker.name)))
+    busy = current_jobs(session, [w.id for w in workers])
+    return [(w, busy.get(w.id), state_of(w, w.id in busy, lost_after_s, at)) for w in workers]
+
+
 def current_jobs(session: Session, worker_ids: list[str] | None = None) -> dict[str, Job]:
     """Worker id -> the job dispatched to it or running on it."""
     stmt = select(Job).where(Job.status.in_([s.value for s in ON_WORKER]), Job.worker_id.is_not(None))
@@ -57,10 +67,11 @@ def dead_holder(session: Session, name: str, hostname: str, gone: Callable[[int,
 
 
 def register(session: Session, *, name: str, gpu_type: str, gpus: int, queue_prefix: str, hostname: str,
-             pid: int, lost_after_s: float, holder_dead: bool = False) -> Worker:
+             pid: int, lost_after_s: float, holder_dead: bool = False, integrations: list[str] | None = None
+             ) -> Worker:
     """Add this worker to the pool, or take over its row when it restarts under the same name.
     Refused while another live process holds the name, unless the caller knows that process is dead
-    (`holder_dead`, see dead_holder)."""
+    (`holder_dead`, see dead_holder). `integrations`: the trackers it can import (service.tracking)."""
     at = time.time()
     worker = session.scalars(select(Worker).where(Worker.name == name).with_for_update()).one_or_none()
     if worker is None:
@@ -71,6 +82,7 @@ def register(session: Session, *, name: str, gpu_type: str, gpus: int, queue_pre
         raise Conflict(f"a worker named {name!r} is alive on {worker.hostname} (pid {worker.pid}); "
                        "give this one another DPO_WORKER_NAME, or stop that one first", param="worker_name")
     worker.gpu_type, worker.gpus, worker.hostname, worker.pid = gpu_type, gpus, hostname, pid
+    worker.integrations = integrations
     worker.queue = worker_queue(queue_prefix, worker.id)
     worker.registered_at = worker.last_heartbeat_at = at
     worker.stopped_at = None

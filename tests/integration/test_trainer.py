@@ -57,9 +57,9 @@ def test_metrics_file_has_the_documented_keys(tiny_model, synthetic, tmp_path):
     record = [r for r in _records(tmp_path) if "loss" in r][-1]
     for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
                 "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "num_tokens",
-                "elapsed_s", "tokens_per_s"):
+                "elapsed_s", "tokens_per_s", "step_time_s"):
         assert key in record, key
-    assert record["num_tokens"] > 0 and record["tokens_per_s"] > 0
+    assert record["num_tokens"] > 0 and record["tokens_per_s"] > 0 and 0 < record["step_time_s"] <= record["elapsed_s"]
 
 
 def test_lora_leaves_base_untouched_and_yields_adapter_and_merged_model(tiny_model, synthetic, tmp_path):

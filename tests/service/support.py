@@ -50,13 +50,16 @@ def sessions_for(settings: Settings):
 
 
 def register_worker(settings: Settings, name: str = "test-worker", gpu_type: str = "cpu", gpus: int = 1,
-                    pid: int = 1) -> str:
-    """A worker row as a real worker would register it (no process behind it); returns its id."""
+                    pid: int = 1, integrations: list[str] | None = None) -> str:
+    """A worker row as a real worker would register it (no process behind it); returns its id.
+    `integrations`: the trackers it says it can import (default: those this process can)."""
+    from dpo_core.reporting import available
     from service.db.workers import register
 
     with sessions_for(settings).begin() as s:
         return register(s, name=name, gpu_type=gpu_type, gpus=gpus, queue_prefix=settings.queue,
-                        hostname="test-host", pid=pid, lost_after_s=settings.worker_lost_after_s).id
+                        hostname="test-host", pid=pid, lost_after_s=settings.worker_lost_after_s,
+                        integrations=available() if integrations is None else integrations).id
 
 
 def dispatch(settings: Settings, sent: list | None = None) -> list:

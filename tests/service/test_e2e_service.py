@@ -7,6 +7,7 @@ import secrets
 import tarfile
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.service.processes import start_service
 
@@ -83,8 +84,17 @@ def test_whole_lifecycle_over_http(service, file_ids, tiny_model, tmp_path):
 
 def test_cancel_stops_a_running_job_and_frees_the_worker(service, file_ids, tiny_model):
     job_id = create_job(service, tiny_model, file_ids[0], max_steps=100_000)
-    service.wait_for_job(job_id, pred=lambda j: (j["progress"]["step"] or 0) >= 1 or j["status"] in ("failed",))
+    job = service.wait_for_job(job_id, pred=lambda j: j["metrics"] is not None or j["status"] in ("failed",))
+    assert job["status"] == "running", job["error"]
     with service.client() as c:
+        # While it runs, /metrics shows it: its worker busy, its step time from its latest record.
+        samples = {(s.name, frozenset(s.labels.items())): s.value
+                   for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples}
+        steps = [v for (name, labels), v in samples.items()
+                 if name == "dpo_job_step_seconds" and ("job", job_id) in labels]
+        assert len(steps) == 1 and steps[0] > 0
+        assert sum(v for (name, labels), v in samples.items()
+                   if name == "dpo_workers" and ("state", "busy") in labels) == 1
         r = c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["cancel_requested"]
     job = service.wait_for_job(job_id, timeout_s=120)  # a missed cancel would train on for 100,000 steps

@@ -8,6 +8,7 @@ import sys
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from service.cli import process_threads
@@ -82,6 +83,12 @@ def test_api_serves_from_several_processes(tmp_path):
         for _ in range(20):  # new connections: the kernel hands them to either process
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
                 assert [f["id"] for f in c.get("/v1/files").json()["data"]] == [made]
+        for _ in range(4):  # whichever process answers a scrape counts both processes' requests
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=auth) as c:
+                listed = [s for f in text_string_to_metric_families(c.get("/metrics").text) for s in f.samples
+                          if s.name == "dpo_http_request_duration_seconds_count" and s.labels["route"] == "/v1/files"
+                          and s.labels["method"] == "GET"]
+            assert [s.value for s in listed] == [20]
         assert "2 processes, 20 request threads each" in out.read_text()  # the default 40 shared out
     finally:
         children = _children(proc.pid)

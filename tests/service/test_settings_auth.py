@@ -47,6 +47,8 @@ STRONG = "k" * 16 + "3f9a0c7e1b2d4f6a8c0e2b4d6f8a1c3e"
     ({"api_key": STRONG, "database_url": "postgresql+psycopg2://dpo:dpo@db/dpo"}, "DPO_DATABASE_URL"),
     ({"api_key": STRONG, "database_url": "postgresql+psycopg2://postgres:postgres@db/dpo"}, "DPO_DATABASE_URL"),
     ({"api_key": STRONG, "broker_url": "redis://:password@redis:6379/0"}, "DPO_BROKER_URL"),
+    ({"api_key": STRONG, "metrics_token": "changeme"}, "DPO_METRICS_TOKEN"),
+    ({"api_key": STRONG, "metrics_token": "short-but-random-7f3a"}, "DPO_METRICS_TOKEN"),
 ])
 def test_production_refuses_default_secrets_without_showing_them(tmp_path, overrides, named):
     with pytest.raises(ValidationError) as err:
