@@ -1,6 +1,6 @@
 """The `dpo` client's event-stream reader against a scripted local HTTP server: a stream cut mid-job is
 taken up again after the last event received (Last-Event-ID), a 503 is waited out, a 404 is not.
-The real service's stream is exercised end to end in tests/service/test_cli.py."""
+The real service's stream is exercised end to end in tests/service/test_client_cli.py."""
 from __future__ import annotations
 
 import json
