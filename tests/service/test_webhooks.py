@@ -32,7 +32,8 @@ HOOK = "http://127.0.0.1:9/hook"  # nothing listens: the in-process tests never 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
 
 
-@pytest.mark.parametrize("secret", [new_secret(), "a-secret-of-our-own-at-least-32-characters"], ids=["generated", "own"])
+@pytest.mark.parametrize("secret", [new_secret(), "a-secret-of-our-own-at-least-32-characters"],
+                         ids=["generated", "own"])
 def test_a_delivery_verifies_with_standardwebhooks(secret):
     payload = {"object": "event", "id": "whevt-1", "type": "fine_tuning.job.succeeded", "created_at": 1,
                "data": {"id": "ftjob-1", "status": "succeeded"}}
