@@ -60,7 +60,8 @@ def download(api: Api, job_id: str, checkpoint_id: str, out_dir: Path, console: 
     try:
         path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content"
         with _bar(console, "Downloading") as progress, api.stream("GET", path, timeout=DOWNLOAD_TIMEOUT) as r:
-            task = progress.add_task(checkpoint_id, total=None)
+            length = r.headers.get("Content-Length")  # the service sends the tar's exact length
+            task = progress.add_task(checkpoint_id, total=int(length) if length and length.isdigit() else None)
             body = _Body(r.iter_bytes(), lambda n: progress.advance(task, n))
             _extract(body, staging, checkpoint_id)
         (staging / checkpoint_id).rename(target)

@@ -160,25 +160,47 @@ def tar_entries(directory: Path) -> list[tuple[Path, os.stat_result]]:
     return sorted(entries, key=lambda e: e[0])
 
 
+def _members(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]]
+             ) -> Iterator[tuple[Path, bytes, int | None]]:
+    """Each entry's path, tar header and file size (None for a directory) as the listing saw them: the one
+    description of the archive that both iter_tar and tar_size read."""
+    for path, info_stat in entries:
+        name = arcname if path == directory else f"{arcname}/{path.relative_to(directory).as_posix()}"
+        if stat.S_ISDIR(info_stat.st_mode):
+            yield path, _header(name, info_stat, tarfile.DIRTYPE, 0), None
+        else:
+            yield path, _header(name, info_stat, tarfile.REGTYPE, info_stat.st_size), info_stat.st_size
+
+
+def tar_size(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]]) -> int:
+    """The exact length in bytes of iter_tar(directory, arcname, entries): each header as written (PAX
+    extended headers for long names included), file data padded to 512-byte blocks, the two end blocks."""
+    total = 2 * tarfile.BLOCKSIZE
+    for _path, header, size in _members(directory, arcname, entries):
+        total += len(header) + (size or 0) + (-(size or 0) % tarfile.BLOCKSIZE)
+    return total
+
+
 def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None
              ) -> Iterator[bytes]:
-    """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files.
-    Only directories and regular files are written; each file is opened without following a link at
-    any step below `directory`, so one swapped for a link after the listing is left out too."""
+    """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files;
+    exactly tar_size() bytes, so a response can announce its length. Only directories and regular files
+    are written, each file with the size the listing saw (a file that changed since is cut or padded).
+    Each file is opened without following a link at any step below `directory`: one swapped for a link
+    (or for something not a regular file) after the listing breaks the download off (OSError) rather
+    than send a file from elsewhere or fewer bytes than announced."""
     entries = entries if entries is not None else tar_entries(directory)
     root = os.open(directory, _DIR_FLAGS)
     try:
-        for path, info_stat in entries:
-            name = arcname if path == directory else f"{arcname}/{path.relative_to(directory).as_posix()}"
-            if stat.S_ISDIR(info_stat.st_mode):
-                yield _header(name, info_stat, tarfile.DIRTYPE, 0)
+        for path, header, size in _members(directory, arcname, entries):
+            if size is None:
+                yield header
                 continue
             fd = _open_below(root, path.relative_to(directory).parts)
             if fd is None:
-                continue
+                raise OSError(errno.ELOOP, "swapped for a link or a special file since the listing", str(path))
             with os.fdopen(fd, "rb") as handle:
-                size = os.fstat(handle.fileno()).st_size
-                yield _header(name, info_stat, tarfile.REGTYPE, size)
+                yield header
                 yield from _exactly(handle, size)
             if pad := -size % tarfile.BLOCKSIZE:
                 yield b"\0" * pad

@@ -11,7 +11,7 @@ from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
 from service import checkpoints
-from service.artifacts import iter_tar
+from service.artifacts import iter_tar, tar_size
 from service.db.models import Checkpoint, is_id
 from service.errors import InvalidInput
 
@@ -43,12 +43,13 @@ def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) ->
             responses={200: {"content": {"application/x-tar": {}}}})
 def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
                        storage: StorageDep) -> StreamingResponse:
-    """A tar of the checkpoint directory; extracted, `transformers` loads it with from_pretrained. Only its
-    regular files and directories: a symbolic link in it is left out, never followed."""
+    """A tar of the checkpoint directory, with its exact Content-Length; extracted, `transformers` loads it with
+    from_pretrained. Only its regular files and directories: a symbolic link in it is left out, never followed."""
     ckpt = checkpoints.load(session, job.id, checkpoint_id)
     directory, entries = checkpoints.contents(storage, ckpt)
-    return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar",
-                             headers={"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
+    headers = {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"',
+               "Content-Length": str(tar_size(directory, ckpt.id, entries))}
+    return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar", headers=headers)
 
 
 @router.delete("/{checkpoint_id}", response_model=DeletedPublic)

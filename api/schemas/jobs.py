@@ -114,6 +114,8 @@ class CheckpointPublic(BaseModel):
     metrics: dict[str, Any] | None
     final: bool = Field(description="the job's final model (its fine_tuned_model)")
     download_url: str = Field(description="GET it for a tar of the checkpoint directory")
+    bytes: int = Field(description="size of the checkpoint's files when it was saved (what counts against the team's "
+                       "storage); the download is a little larger (tar headers), exactly its Content-Length")
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> CheckpointPublic:
@@ -121,4 +123,5 @@ class CheckpointPublic(BaseModel):
             id=ckpt.id, created_at=ckpt.created_at, fine_tuned_model_checkpoint=ckpt.id,
             fine_tuning_job_id=ckpt.job_id, step_number=ckpt.step_number, metrics=ckpt.metrics,
             final=ckpt.final, download_url=f"/v1/fine_tuning/jobs/{ckpt.job_id}/checkpoints/{ckpt.id}/content",
+            bytes=ckpt.bytes or 0,
         )
