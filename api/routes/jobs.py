@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Header, Query, Request
 from sqlalchemy import select
 
 from api.deps import (
@@ -24,7 +24,7 @@ from api.schemas.jobs import JobPublic
 from service import submit
 from service.auth import load_job
 from service.db import jobs
-from service.db.models import Job
+from service.db.models import Job, stored_statuses
 from service.errors import InvalidInput, NotFound
 from service.queue_info import queue_info
 from service.requests import JobCreate
@@ -49,14 +49,19 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     return _shown(session, settings, submitted.job_id)
 
 
+StatusFilter = Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query(
+    description="only jobs with this status (ours; OpenAI's API has no such filter)")]
+
+
 @router.get("", response_model=ListPublic[JobPublic])
 async def list_jobs(request: Request, settings: SettingsDep, caller: CurrentCaller, after: After = None,
-                    limit: Limit = 20) -> ListPublic[JobPublic]:
-    """List the team's jobs (the admin: every team's), newest first."""
-    return await read(request, caller, _list_jobs, settings, after, limit)
+                    limit: Limit = 20, status: StatusFilter = None) -> ListPublic[JobPublic]:
+    """List the team's jobs (the admin: every team's), newest first; with `status`, only those."""
+    return await read(request, caller, _list_jobs, settings, after, limit, status)
 
 
-def _list_jobs(session, principal, settings, after: str | None, limit: int) -> ListPublic[JobPublic]:
+def _list_jobs(session, principal, settings, after: str | None, limit: int,
+               status: str | None) -> ListPublic[JobPublic]:
     anchor = None
     if after:
         last = _anchor_job(session, principal, after)
@@ -64,6 +69,8 @@ def _list_jobs(session, principal, settings, after: str | None, limit: int) -> L
     stmt = select(*jobs.JOB_FIELDS)
     if not principal.is_admin:
         stmt = stmt.where(Job.team_id == principal.team_id)
+    if status is not None:
+        stmt = stmt.where(Job.status.in_(stored_statuses(status)))
     rows = session.execute(paged(stmt, (Job.created_at, Job.id), anchor, limit)).all()
     return ListPublic[JobPublic].page(_public(session, settings, rows), limit)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from service.db.jobs import JobRow
-from service.db.models import Checkpoint, Event, JobStatus
+from service.db.models import Checkpoint, Event, public_status
 
 
 class JobError(BaseModel):
@@ -67,8 +67,7 @@ class JobPublic(BaseModel):
     def of(cls, job: JobRow, position: int | None = None, reason: str | None = None) -> JobPublic:
         """From a job as the read paths read it (service.db.jobs.JobRow)."""
         error = JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None
-        # `dispatched` is ours: to OpenAI clients a job handed to a worker but not started is still queued.
-        status = JobStatus.QUEUED.value if job.status == JobStatus.DISPATCHED else job.status
+        status = public_status(job.status)
         return cls(
             id=job.id, status=status, created_at=job.created_at, started_at=_int(job.started_at),
             finished_at=_int(job.finished_at), model=job.model, training_file=job.training_file,

@@ -38,6 +38,17 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 WAITING = (JobStatus.QUEUED, JobStatus.DISPATCHED)  # what users see as queued
 ON_WORKER = (JobStatus.DISPATCHED, JobStatus.RUNNING)  # what keeps a worker busy
+
+
+def public_status(status: str) -> str:
+    """The status users see: `dispatched` is ours, and to them (and OpenAI's clients) a job handed to a
+    worker but not started is still queued."""
+    return JobStatus.QUEUED.value if status == JobStatus.DISPATCHED else status
+
+
+def stored_statuses(public: str) -> tuple[str, ...]:
+    """The stored statuses a status users see stands for (the inverse of public_status)."""
+    return tuple(s.value for s in WAITING) if public == JobStatus.QUEUED else (public,)
 DEFAULT_TEAM_ID = "team-default"  # made by the migration; the admin key's own files and jobs go here
 
 
@@ -148,13 +159,15 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_created_at_id", "created_at", "id"),
         Index("ix_jobs_team_id_created_at_id", "team_id", "created_at", "id"),
-        Index("ix_jobs_team_id_status", "team_id", "status"),
+        # The listing filtered by status (newest first), per team and for the admin; also any status lookup.
+        Index("ix_jobs_team_id_status_created_at_id", "team_id", "status", "created_at", "id"),
+        Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
         Index("uq_jobs_team_id_idempotency_key", "team_id", "idempotency_key", unique=True),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("ftjob"))
     team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
-    status: Mapped[str] = mapped_column(String(32), index=True)
+    status: Mapped[str] = mapped_column(String(32))
     # What the job asks of the pool, and how it ranks among its team's waiting jobs (higher first).
     priority: Mapped[int] = mapped_column(Integer, default=0)
     gpu_type: Mapped[str | None] = mapped_column(String(64))

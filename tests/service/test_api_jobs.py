@@ -8,7 +8,7 @@ from sqlalchemy import event
 from api.queue import make_celery
 from service.broker import RUN_JOB_TASK
 from service.db.models import Job
-from tests.service.support import register_worker, upload
+from tests.service.support import as_key, make_team, register_worker, sessions_for, upload
 
 TRAINING = {"max_length": 64, "max_prompt_length": 32}
 
@@ -103,6 +103,46 @@ def test_list_retrieve_and_cursor_pagination(client, train_id):
         r = client.get("/v1/fine_tuning/jobs", params={"after": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "after"
     assert client.get("/v1/fine_tuning/jobs", params={"limit": 0}).status_code == 400
+
+
+def test_list_by_status_pages_and_spans_teams_for_the_admin(client, train_id, settings, task_files):
+    team = make_team(client, "status-team")
+    theirs = upload(client, task_files[0], headers=as_key(team["key"]))["id"]
+    ids = [create(client, train_id).json()["id"] for _ in range(4)]
+    their_ids = [client.post("/v1/fine_tuning/jobs", headers=as_key(team["key"]), json={
+        "model": "tiny-org/tiny-model", "training_file": theirs, "training": TRAINING}).json()["id"] for _ in range(2)]
+    stored = {ids[0]: "running", ids[1]: "dispatched", ids[2]: "failed", ids[3]: "failed",
+              their_ids[0]: "failed", their_ids[1]: "succeeded"}
+    with sessions_for(settings).begin() as s:
+        for job_id, status in stored.items():
+            s.get(Job, job_id).status = status
+
+    def listed(headers=None, **params):
+        r = client.get("/v1/fine_tuning/jobs", params=params, headers=headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def walk(status, headers=None):  # every page of 1
+        seen, after = [], None
+        while True:
+            page = listed(headers, status=status, limit=1, **({"after": after} if after else {}))
+            seen += page["data"]
+            if not page["has_more"]:
+                return seen
+            after = page["last_id"]
+
+    failed = walk("failed")  # the admin: every team's, newest first
+    assert [j["id"] for j in failed] == [their_ids[0], ids[3], ids[2]]
+    assert all(j["status"] == "failed" for j in failed)
+    assert [j["id"] for j in walk("failed", as_key(team["key"]))] == [their_ids[0]]
+    assert [j["id"] for j in walk("queued")] == [ids[1]]  # dispatched is queued to users
+    assert listed(status="queued")["data"][0]["status"] == "queued"
+    assert [j["id"] for j in walk("running")] == [ids[0]]
+    assert walk("succeeded", as_key(team["key"]))[0]["id"] == their_ids[1]
+    assert walk("cancelled") == []
+    for bad in ("dispatched", "done", "FAILED", ""):
+        r = client.get("/v1/fine_tuning/jobs", params={"status": bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "status", bad
 
 
 def test_cancel_a_queued_job_then_again(client, train_id):
