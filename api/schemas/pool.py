@@ -58,6 +58,12 @@ class JobCounts(BaseModel):
     cancelled: int = 0
 
 
+class UsageBucket(BaseModel):
+    start: float = Field(description="Unix seconds; the bucket is [start, end)")
+    end: float
+    gpu_seconds: float = Field(description="GPUs x seconds of the team's runs inside the bucket")
+
+
 class UsagePublic(BaseModel):
     object: Literal["usage"] = "usage"
     team_id: str
@@ -73,6 +79,8 @@ class UsagePublic(BaseModel):
                                "final models), whatever since and until")
     storage_limit_bytes: int | None = Field(None, description="its storage limit (null: none); an upload past it, or a "
                                             "job while at it, gets 429 storage_quota_exceeded")
+    buckets: list[UsageBucket] | None = Field(None, description="with `bucket`: gpu_seconds per bucket of that many "
+                                              "seconds from since to until, oldest first; they sum to gpu_seconds")
 
 
 class UsageListPublic(BaseModel):

@@ -4,20 +4,23 @@ window. A run is the time a worker held the job (service.db.models.Run), so a jo
 between runs (after a lost worker, a hand-back) adds nothing."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sqlalchemy import Float, and_, case, func, literal, or_, select
+from sqlalchemy import ColumnElement, Float, Integer, and_, case, func, literal, literal_column, or_, select
 from sqlalchemy.orm import Session
 
 from service.db.models import Job, Run
 
 
-def _gpu_seconds(since: float | None, until: float):
-    """SQL: the GPU-seconds of a run clipped to [since, until]; a run still going counts up to `until`."""
-    until_ = literal(until, Float)
-    start = Run.started_at if since is None else case((Run.started_at > since, Run.started_at),
-                                                      else_=literal(since, Float))
+def _gpu_seconds(since, until):
+    """SQL: the GPU-seconds of a run clipped to [since, until]; a run still going counts up to `until`.
+    `since` (None: from the beginning) and `until` are numbers or SQL expressions (a bucket's edges)."""
+    until_ = until if isinstance(until, ColumnElement) else literal(until, Float)
+    if since is not None and not isinstance(since, ColumnElement):
+        since = literal(since, Float)
+    start = Run.started_at if since is None else case((Run.started_at > since, Run.started_at), else_=since)
     end = func.coalesce(Run.ended_at, until_)
     end = case((end < until_, end), else_=until_)
     overlaps = [Run.started_at < until_]
@@ -35,6 +38,32 @@ def gpu_seconds_by_team(session: Session, team_ids: Iterable[str] | None, since:
     if team_ids is not None:
         stmt = stmt.where(Run.team_id.in_(list(team_ids)))
     return {team: float(total or 0.0) for team, total in session.execute(stmt)}
+
+
+def gpu_seconds_by_bucket(session: Session, team_ids: Iterable[str] | None, since: float, until: float,
+                          bucket: float) -> dict[str, list[float]]:
+    """GPU-seconds per team in each bucket of `bucket` seconds from `since` (the last one ends at `until`),
+    in one query: the buckets are a recursive CTE joined to the runs they overlap, each run clipped to each
+    bucket by _gpu_seconds. Teams with none are absent; the buckets of a team sum to its total over
+    [since, until]."""
+    count = math.ceil((until - since) / bucket)
+    if count <= 0:
+        return {}
+    steps = select(literal_column("0", Integer).label("i")).cte("buckets", recursive=True)
+    steps = steps.union_all(select(steps.c.i + 1).where(steps.c.i < count - 1))
+    # Both edges from the bucket's index, so one bucket's end is exactly the next one's start.
+    lo = literal(since, Float) + steps.c.i * literal(bucket, Float)
+    hi = literal(since, Float) + (steps.c.i + 1) * literal(bucket, Float)
+    hi = case((hi < until, hi), else_=literal(until, Float))
+    amount, overlaps = _gpu_seconds(lo, hi)
+    stmt = (select(Run.team_id, steps.c.i, func.sum(amount)).select_from(steps).join(Run, overlaps)
+            .group_by(Run.team_id, steps.c.i))
+    if team_ids is not None:
+        stmt = stmt.where(Run.team_id.in_(list(team_ids)))
+    out: dict[str, list[float]] = {}
+    for team, i, total in session.execute(stmt):
+        out.setdefault(team, [0.0] * count)[int(i)] = float(total or 0.0)
+    return out
 
 
 @dataclass
