@@ -196,9 +196,11 @@ def _watch(api: Api, job_id: str) -> None:
 
 
 @jobs_app.command("list")
-def jobs_list(limit: Limit = None, as_json: Json = False) -> None:
-    """The team's jobs, newest first."""
-    items, more = _api().pages("/v1/fine_tuning/jobs", limit)
+def jobs_list(limit: Limit = None, status: Annotated[str | None, typer.Option(
+        help="Only jobs with this status: queued, running, succeeded, failed or cancelled.")] = None,
+        as_json: Json = False) -> None:
+    """The team's jobs (the admin key: every team's), newest first."""
+    items, more = _api().pages("/v1/fine_tuning/jobs", limit, status=status)
     if as_json:
         return _print_json(_as_list(items, more))
     out.print(render.jobs_table(items))

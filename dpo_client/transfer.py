@@ -16,6 +16,7 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     SpinnerColumn,
+    TaskProgressColumn,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -30,7 +31,7 @@ DOWNLOAD_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
 
 def _bar(console: Console, verb: str) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn(f"{verb} [bold]{{task.description}}"), BarColumn(), DownloadColumn(),
+    return Progress(SpinnerColumn(), TextColumn(f"{verb} [bold]{{task.description}}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
                     disable=not console.is_terminal)
 

@@ -2,6 +2,7 @@
 and a worker process on the embedded defaults), as a user would run it."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import secrets
@@ -11,6 +12,11 @@ import sys
 
 import pytest
 
+from rich.console import Console
+
+from dpo_client import transfer
+from dpo_client.api import Api
+from dpo_client.config import Target
 from tests.service.processes import REPO, free_port, start_service
 
 pytestmark = pytest.mark.slow
@@ -145,6 +151,11 @@ def test_a_job_from_a_config_runs_watched_to_the_end_and_downloads(service, home
     AutoModelForCausalLM.from_pretrained(model_dir)
     dpo("jobs", "download", job_id, "--step", "2", "-o", str(tmp_path / "models"), home=home, env=env)
     assert len(list((tmp_path / "models").glob("ftckpt-*/config.json"))) == 2
+    # On a terminal the bar knows the total (the service sends Content-Length): a percentage, done at 100%.
+    screen = io.StringIO()
+    transfer.download(Api(Target(service.url, service.key, "test")), job_id, job["fine_tuned_model"],
+                      tmp_path / "again", Console(file=screen, force_terminal=True, width=160))
+    assert "100%" in screen.getvalue()
 
 
 def test_watch_exits_non_zero_for_a_cancelled_and_a_failed_job(service, home, env, task_files):
@@ -162,6 +173,11 @@ def test_watch_exits_non_zero_for_a_cancelled_and_a_failed_job(service, home, en
         watcher.kill()
     assert watcher.returncode == 4, stdout + stderr
     assert f"Job {job_id} was cancelled" in stderr
+    cancelled = json.loads(dpo("jobs", "list", "--status", "cancelled", "--json", home=home, env=env).stdout)
+    assert job_id in [j["id"] for j in cancelled["data"]] and {j["status"] for j in cancelled["data"]} == {"cancelled"}
+    running = json.loads(dpo("jobs", "list", "--status", "running", "--json", home=home, env=env).stdout)
+    assert job_id not in [j["id"] for j in running["data"]]
+    assert "status" in one_line_error(dpo("jobs", "list", "--status", "done", home=home, env=env, ok=False))
 
     out = dpo("jobs", "create", "--model", "no-such-org/missing-model", "--train", str(task_files[0]), *TRAIN,
               "--set", "max_steps=2", "--watch", home=home, env=env, ok=False)

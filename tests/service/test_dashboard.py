@@ -272,6 +272,7 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     tab.go("#/jobs?status=cancelled")
     page.wait_for_selector(f"#jobs-list tr[data-job='{waiting}']")
     assert page.locator("#jobs-list tr[data-job]").evaluate_all("rows => rows.map(r => r.dataset.status)") == ["cancelled"]
+    assert [u for u in tab.requested if "/v1/fine_tuning/jobs?status=cancelled" in u]  # filtered by the API
     tab.shot("jobs")
     tab.go("#/pool")
     page.wait_for_selector("#pool table")
@@ -279,6 +280,9 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     tab.shot("pool")
     tab.go("#/usage")
     page.wait_for_selector("#usage-chart canvas")
+    assert page.get_attribute("#usage-chart", "data-bars") == "28"  # 7 days of 6-hour bars
+    (bucketed,) = [u for u in tab.requested if "/v1/usage?" in u]  # one request draws every bar
+    assert "bucket=21600" in bucketed
     tab.shot("usage")
 
     key = team["key"]

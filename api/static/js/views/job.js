@@ -161,6 +161,7 @@ class JobPage {
         { title: "", cell: (c) => (c.final ? h("span", { class: "badge badge-succeeded" }, "final") : "") },
         { title: "Loss", cell: (c) => num(c.metrics?.loss) },
         { title: "Created", cell: (c) => dateTime(c.created_at) },
+        { title: "Size", class: "right", cell: (c) => bytes(c.bytes) },
         { title: "", class: "right", cell: (c) => this.downloadButton(c) },
       ], items, { empty: "No checkpoint yet.", rowAttrs: (c) => ({ dataset: { checkpoint: c.id } }) }));
     } catch (err) {
@@ -173,7 +174,9 @@ class JobPage {
                                  onclick: async () => {
       button.disabled = true;
       try {
-        await download(ckpt.download_url, `${ckpt.id}.tar`, (got) => { button.textContent = `${bytes(got)}…`; });
+        await download(ckpt.download_url, `${ckpt.id}.tar`, (got, total) => {
+          button.textContent = total ? `${Math.floor((100 * got) / total)}%` : `${bytes(got)}…`;
+        });
         button.textContent = "Downloaded";
       } catch (err) {
         button.textContent = "Download failed";

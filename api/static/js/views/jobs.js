@@ -1,6 +1,6 @@
 // #/jobs: the team's jobs (the admin's: every team's), newest first, refreshed every few seconds.
 
-import { api } from "../api.js";
+import { listAll } from "../api.js";
 import { badge, card, errorBox, fill, h, table } from "../dom.js";
 import { ago, dateTime, jobDuration, modelName } from "../format.js";
 
@@ -35,18 +35,10 @@ export function jobsView(main, [status]) {
   return () => { stopped = true; clearTimeout(timer); };
 }
 
-/** Up to `want` jobs with `status` (any when empty): the API lists all, newest first; filter as they come. */
+/** Up to `want` jobs with `status` (any when empty), newest first: the API filters by status. */
 async function fetchJobs(status, want) {
-  const items = [];
-  let after = null, hasMore = true, pages = 0;
-  while (items.length < want && hasMore && pages < 20) {
-    const page = await api(`/v1/fine_tuning/jobs?limit=100${after ? `&after=${after}` : ""}`);
-    items.push(...page.data.filter((j) => !status || j.status === status));
-    hasMore = page.has_more;
-    after = page.last_id;
-    pages++;
-  }
-  return { items: items.slice(0, want), hasMore: hasMore || items.length > want };
+  const items = await listAll(`/v1/fine_tuning/jobs${status ? `?status=${encodeURIComponent(status)}` : ""}`, want + 1);
+  return { items: items.slice(0, want), hasMore: items.length > want };
 }
 
 function jobsTable(jobs) {

@@ -1,4 +1,4 @@
-// #/usage: the team's GPU-seconds over time (one /v1/usage query per bar), and what it stores. The
+// #/usage: the team's GPU-seconds over time (one /v1/usage query with `bucket`), and what it stores. The
 // admin also sees every team's totals (/v1/admin/usage).
 
 import { api, session } from "../api.js";
@@ -24,17 +24,19 @@ export function usageView(main) {
 
   async function draw() {
     const { bucket, count } = RANGES[range.value];
-    const end = Math.ceil(Date.now() / 1000 / bucket) * bucket;
-    const starts = Array.from({ length: count }, (_, i) => end - (count - i) * bucket);
+    // Bars on whole buckets; the last one ends now (the service counts a running job up to `until`).
+    const now = Date.now() / 1000;
+    const since = Math.ceil(now / bucket) * bucket - count * bucket;
     try {
-      const [overall, ...parts] = await Promise.all([api("/v1/usage"),
-        ...starts.map((s) => api(`/v1/usage?since=${s}&until=${s + bucket}`))]);
+      const [overall, over] = await Promise.all([api("/v1/usage"),
+        api(`/v1/usage?since=${since}&until=${now}&bucket=${bucket}`)]);
       if (stopped) return;
       fill(totals, summary(overall));
       chart?.destroy();
       fill(plot);
-      chart = timeBars(plot, starts, parts.map((u) => Math.round(u.gpu_seconds * 10) / 10), "GPU-seconds");
-      plot.dataset.bars = String(parts.length);
+      chart = timeBars(plot, over.buckets.map((b) => b.start),
+        over.buckets.map((b) => Math.round(b.gpu_seconds * 10) / 10), "GPU-seconds");
+      plot.dataset.bars = String(over.buckets.length);
     } catch (err) {
       if (!stopped) fill(plot, errorBox(err));
     }
