@@ -62,7 +62,7 @@ def _report(session, settings, teams: list[Team], since: float | None, until: fl
 def _buckets(session, ids: list[str], since: float | None, until: float, bucket: float):
     """team id -> its UsageBucket list, from one query (service.db.usage.gpu_seconds_by_bucket)."""
     if since is None:
-        raise InvalidInput("bucket needs since: pass the start of the range to divide", param="since")
+        raise InvalidInput("bucket needs since: pass the start of the range to divide", param="bucket")
     count = math.ceil((until - since) / bucket)
     if count > MAX_BUCKETS:
         raise InvalidInput(f"{count} buckets of {bucket:g} s from since to until; at most {MAX_BUCKETS}: pass a "

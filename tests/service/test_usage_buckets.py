@@ -69,7 +69,7 @@ def test_buckets_hold_each_runs_share_and_sum_to_the_total(api, task_files):
 
 @pytest.mark.parametrize("params, param", [
     ({"since": 0, "until": 600, "bucket": 59}, "bucket"),
-    ({"until": 600, "bucket": 60}, "since"),
+    ({"until": 600, "bucket": 60}, "bucket"),
     ({"since": 0, "until": 60 * 501, "bucket": 60}, "bucket"),
     ({"since": 0, "until": 600, "bucket": "x"}, "bucket"),
 ])
