@@ -31,7 +31,8 @@ DOWNLOAD_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 
 
 def _bar(console: Console, verb: str) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn(f"{verb} [bold]{{task.description}}"), BarColumn(), TaskProgressColumn(), DownloadColumn(),
+    return Progress(SpinnerColumn(), TextColumn(f"{verb} [bold]{{task.description}}"), BarColumn(),
+                    TaskProgressColumn(), DownloadColumn(),
                     TransferSpeedColumn(), TimeRemainingColumn(), console=console, transient=True,
                     disable=not console.is_terminal)
 

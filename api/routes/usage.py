@@ -70,7 +70,7 @@ def _buckets(session, ids: list[str], since: float | None, until: float, bucket:
     by_team = gpu_seconds_by_bucket(session, ids, since, until, bucket)
     edges = [(since + i * bucket, min(since + (i + 1) * bucket, until)) for i in range(count)]
     return lambda team_id: [UsageBucket(start=lo, end=hi, gpu_seconds=round(s, 3)) for (lo, hi), s in
-                            zip(edges, by_team.get(team_id, [0.0] * count))]
+                            zip(edges, by_team.get(team_id, [0.0] * count), strict=True)]
 
 
 def _public(team: Team, u: TeamUsage, since, until, window_seconds: float, window_s: float) -> UsagePublic:
