@@ -1,6 +1,7 @@
 """training.report_to through the service: refused at submission when no live worker that could run the
-job can import its trackers (the scheduler's own rule, on SQLite and PostgreSQL), taken when none is alive (a worker without it then fails the job as a user error),
-and the TensorBoard event files of a job downloadable as a result file."""
+job can import its trackers (the scheduler's own rule, on SQLite and PostgreSQL), taken when none is
+alive (a worker that did not say what it has, and lacks it, then fails the job as a user error), and the
+TensorBoard event files of a job downloadable as a result file."""
 from __future__ import annotations
 
 import io
@@ -13,7 +14,7 @@ import pytest
 from service.db.migrate import upgrade
 from service.errors import InvalidInput
 from service.tracking import refuse_unavailable_trackers
-from tests.service.support import make_settings, register_worker, run_on_worker, sessions_for, upload
+from tests.service.support import dispatch, make_settings, register_worker, run_on_worker, sessions_for, upload
 
 JOB = {"max_steps": 2, "max_length": 64, "logging_steps": 1, "batch_size": 4}
 
@@ -99,9 +100,21 @@ def test_a_job_is_taken_only_if_one_worker_that_could_run_it_has_all_its_tracker
 
 def test_a_worker_without_the_package_fails_the_job_as_a_user_error(client, settings, train_id, tiny_model,
                                                                      monkeypatch):
+    """A worker that says it lacks the tracker never gets the job; one that did not say (NULL) may, and
+    then fails it with the same code as at submission."""
+    from sqlalchemy import update
+
+    from service.db.models import Worker
+    from worker.runner import JobRunner
+
     job_id = submit(client, train_id, tiny_model, training={"report_to": ["wandb"]}).json()["id"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` does where it is not installed
-    assert run_on_worker(settings, job_id) == "failed"
+    worker_id = register_worker(settings)  # says what this process can import: not wandb
+    assert dispatch(settings) == []
+    with sessions_for(settings).begin() as s:  # a worker registered before workers said (NULL)
+        s.execute(update(Worker).where(Worker.id == worker_id).values(integrations=None))
+    assert [a.job_id for a in dispatch(settings)] == [job_id]
+    assert JobRunner(settings, worker_id).run(job_id) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["error"]["code"] == "report_to_unavailable" and "pip install wandb" in job["error"]["message"]
 
