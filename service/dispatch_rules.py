@@ -1,12 +1,16 @@
 """The pieces of the dispatch rule, each defined once: the order of a team's queue, what a worker can
-serve, and whether a team is at its running limit. service.scheduler decides with them; service.queue_info
-tells a waiting job's place and reason with the same ones, so what users are told cannot drift from what
-the scheduler does."""
+serve (its GPUs, and the trackers of the job's training.report_to), and whether a team is at its running
+limit. service.scheduler decides with them; service.queue_info tells a waiting job's place and reason
+with the same ones, and service.tracking refuses at submission a job no live worker could serve, so what
+users are told cannot drift from what the scheduler does."""
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, Over, and_, func, or_, select
+import json
+
+from sqlalchemy import ColumnElement, Over, Text, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
+from dpo_core.reporting import TRACKERS
 from service.db.models import ON_WORKER, Job
 
 # Within a team: the highest priority first, then the oldest (the id breaks a tie of the same second).
@@ -18,12 +22,38 @@ def team_rank() -> Over:
     return func.row_number().over(partition_by=Job.team_id, order_by=TEAM_ORDER)
 
 
-def serves(gpu_type, gpus, job_gpu_type=Job.gpu_type, job_gpus=Job.gpus) -> ColumnElement[bool]:
-    """SQL: a job that a worker with `gpus` GPUs of type `gpu_type` can run (the job's gpu_type, if it
-    names one, is the worker's, and the job asks for no more GPUs than the worker has). Each side is a
-    value or a column: the jobs a worker serves (the default), or the workers that serve a job not yet
-    stored (`serves(Worker.gpu_type, Worker.gpus, literal(...), literal(...))`)."""
+def serves(gpu_type, gpus, integrations, job_gpu_type=Job.gpu_type, job_gpus=Job.gpus,
+           job_report_to=Job.report_to) -> ColumnElement[bool]:
+    """SQL: a job that a worker with `gpus` GPUs of type `gpu_type` that can import the trackers
+    `integrations` can run: it `fits` the worker's GPUs and the worker `imports` its report_to. Each side
+    is a value or a column: the jobs a worker serves (the default), or the workers that serve a job not
+    yet stored (`serves(Worker.gpu_type, Worker.gpus, Worker.integrations, literal(...), literal(...),
+    report_to)`)."""
+    return and_(fits(gpu_type, gpus, job_gpu_type, job_gpus), imports(integrations, job_report_to))
+
+
+def fits(gpu_type, gpus, job_gpu_type=Job.gpu_type, job_gpus=Job.gpus) -> ColumnElement[bool]:
+    """SQL: the job's gpu_type, if it names one, is the worker's, and it asks for no more GPUs than the
+    worker has."""
     return and_(or_(job_gpu_type.is_(None), job_gpu_type == gpu_type), job_gpus <= gpus)
+
+
+def imports(integrations, job_report_to=Job.report_to) -> ColumnElement[bool]:
+    """SQL: the worker can import every tracker the job's report_to names. A worker that did not say what
+    it has (NULL) counts as able, as at submission (service.tracking); a worker without the package fails
+    the job when it starts. Both sides are JSON lists of tracker names (a column, or a list given here,
+    None for NULL), matched as text per known tracker (`"mlflow"` in the list's JSON), which SQLite and
+    PostgreSQL evaluate alike and which needs neither side unnested."""
+    have, want = _as_text(integrations), _as_text(job_report_to)
+    quoted = [f'%{json.dumps(name)}%' for name in TRACKERS]
+    return or_(have.is_(None), and_(*(or_(~want.like(q), have.like(q)) for q in quoted)))
+
+
+def _as_text(names) -> ColumnElement[str]:
+    """A JSON list of tracker names as SQL text: a column's stored JSON, or a list given here."""
+    if names is None or isinstance(names, (list, tuple)):
+        return literal(None if names is None else json.dumps(list(names)), Text)
+    return cast(names, Text)
 
 
 def running_by_team(session: Session, team_ids: list[str]) -> dict[str, int]:

@@ -1,7 +1,8 @@
 """Fair-share scheduling: which queued job the next free worker runs.
 
 For each idle live worker: among the teams with a queued job that worker can serve (its `gpu_type`, if
-the job names one, and at least the job's `gpus`) and that are below their `max_running_jobs`, the
+the job names one, at least the job's `gpus`, and every tracker of the job's training.report_to among
+the worker's integrations, see service.dispatch_rules.serves) and that are below their `max_running_jobs`, the
 team that used the fewest GPU-seconds over the last `fair_share_window_s` gets the worker (ties: the
 team whose waiting job is oldest); within that team the job with the highest `priority`, then the
 oldest. The job becomes `dispatched` to that worker in the database, and only then is its id sent to
@@ -102,7 +103,7 @@ def dispatch_to(sessions: sessionmaker[Session], settings: Settings, worker_id: 
 
 def _choose(s: Session, settings: Settings, worker: Worker, at: float) -> Candidate | None:
     """The fair-share pick for `worker`, with its team locked and below its running limit."""
-    candidates = best_per_team(s, worker.gpu_type, worker.gpus)
+    candidates = best_per_team(s, worker.gpu_type, worker.gpus, worker.integrations)
     if not candidates:
         return None
     used = gpu_seconds_by_team(s, [c.team_id for c in candidates], at - settings.fair_share_window_s, at)
@@ -122,10 +123,10 @@ def _choose(s: Session, settings: Settings, worker: Worker, at: float) -> Candid
     return None
 
 
-def best_per_team(s: Session, gpu_type: str, gpus: int) -> list[Candidate]:
+def best_per_team(s: Session, gpu_type: str, gpus: int, integrations: list[str] | None) -> list[Candidate]:
     """Each team's next queued job (the first in its queue's order) among those a worker like this can serve."""
     fits = select(Job.id, Job.team_id, Job.created_at, team_rank().label("rank")).where(
-        Job.status == JobStatus.QUEUED.value, serves(gpu_type, gpus)).subquery()
+        Job.status == JobStatus.QUEUED.value, serves(gpu_type, gpus, integrations)).subquery()
     rows = s.execute(select(fits.c.id, fits.c.team_id, fits.c.created_at).where(fits.c.rank == 1))
     return [Candidate(job_id, team_id, created_at) for job_id, team_id, created_at in rows]
 

@@ -76,10 +76,10 @@ def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Setti
     return Job(
         id=job_id, team_id=principal.team_id, status=JobStatus.QUEUED.value, model=req.model,
         training_file=train.id, validation_file=val.id if val else None, method=method,
-        hyperparameters=built.hyperparameters, training=req.training, spec=built.stored, seed=built.spec.seed,
-        suffix=req.suffix, metadata_=req.metadata, created_at=now(), result_files=[], cancel_requested=False,
-        priority=req.priority, gpu_type=req.gpu_type, gpus=req.gpus,
-        max_attempts=req.max_attempts or settings.job_max_attempts,
+        hyperparameters=built.hyperparameters, training=req.training, spec=built.stored,
+        report_to=list(built.spec.report_to), seed=built.spec.seed, suffix=req.suffix, metadata_=req.metadata,
+        created_at=now(), result_files=[], cancel_requested=False, priority=req.priority, gpu_type=req.gpu_type,
+        gpus=req.gpus, max_attempts=req.max_attempts or settings.job_max_attempts,
     )
 
 

@@ -180,6 +180,8 @@ class Job(Base):
     # The request's `training` extension as given, and the validated TrainingSpec without server paths.
     training: Mapped[dict[str, Any] | None]
     spec: Mapped[dict[str, Any]]
+    # The spec's report_to (a JSON list of tracker names), apart so the scheduler can match it to workers.
+    report_to: Mapped[list[Any]] = mapped_column(JSON(none_as_null=True), default=list, server_default=text("'[]'"))
     seed: Mapped[int | None] = mapped_column(BigInteger)
     suffix: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON(none_as_null=True))

@@ -184,3 +184,29 @@ def test_existing_events_get_random_ids(database_url):
         command.downgrade(cfg, "0003")
         conn.commit()
         assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 50
+
+
+def test_stored_jobs_get_their_specs_report_to_and_keep_their_events(database_url):
+    """0010 fills jobs.report_to from each stored spec, and adds the column in place: a job's events,
+    runs and checkpoints (ON DELETE CASCADE) survive the upgrade and the downgrade."""
+    with migrated(database_url, "0009") as (conn, cfg):
+        for job_id, spec in (("ftjob-mlflow", {"report_to": ["mlflow", "tensorboard"]}),
+                             ("ftjob-none", {"report_to": []}), ("ftjob-old", {})):
+            conn.execute(text("INSERT INTO jobs (id, team_id, status, model, training_file, method, "
+                              "hyperparameters, spec, created_at, cancel_requested, result_files, priority, gpus) "
+                              "VALUES (:i, 'team-default', 'queued', 'm', 'file-x', '{}', '{}', :s, 100, false, "
+                              "'[]', 0, 1)"), {"i": job_id, "s": json.dumps(spec)})
+            conn.execute(text("INSERT INTO events (id, job_id, created_at, level, type, message) "
+                              "VALUES (:e, :i, 100, 'info', 'message', 'created')"), {"e": f"ftevent-{job_id}",
+                                                                                       "i": job_id})
+        conn.commit()
+        command.upgrade(cfg, "head")
+        conn.commit()
+        rows = dict(conn.execute(text("SELECT id, report_to FROM jobs")).all())
+        assert {k: json.loads(v) if isinstance(v, str) else v for k, v in rows.items()} == {
+            "ftjob-mlflow": ["mlflow", "tensorboard"], "ftjob-none": [], "ftjob-old": []}
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 3
+        command.downgrade(cfg, "0009")
+        conn.commit()
+        assert "report_to" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
+        assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 3

@@ -9,10 +9,11 @@ from collections import Counter
 import pytest
 from sqlalchemy import select, update
 
-from service.db import leases, teams, workers
+from service.db import jobs, leases, teams, workers
 from service.db.migrate import upgrade
 from service.db.models import Job, JobStatus, Run, Worker, new_id
 from service.db.usage import gpu_seconds_by_team
+from service.queue_info import Wait, queue_info
 from service.reconciler import reconcile
 from service.scheduler import dispatch_pass
 from tests.service.support import fresh_postgres, make_settings, register_worker, sessions_for
@@ -38,14 +39,15 @@ def team(settings, name, **limits) -> str:
 _created = iter(range(10**9))
 
 
-def submit(settings, team_id, n=1, priority=0, gpu_type=None, gpus=1) -> list[str]:
+def submit(settings, team_id, n=1, priority=0, gpu_type=None, gpus=1, report_to=()) -> list[str]:
     """Queued jobs as the API stores them, each created one second after the last (age order is certain)."""
     ids = []
     with sessions_for(settings).begin() as s:
         for _ in range(n):
             job = Job(id=new_id("ftjob"), team_id=team_id, status=JobStatus.QUEUED.value, model="m",
                       training_file="file-x", method={}, hyperparameters={}, spec={}, created_at=next(_created),
-                      result_files=[], cancel_requested=False, priority=priority, gpu_type=gpu_type, gpus=gpus)
+                      result_files=[], cancel_requested=False, priority=priority, gpu_type=gpu_type, gpus=gpus,
+                      report_to=list(report_to))
             s.add(job)
             ids.append(job.id)
     return ids
@@ -177,6 +179,41 @@ def test_jobs_go_only_to_workers_that_can_serve_them(settings):
     assert served_by == {wants_4: "h100-8", wants_h100: "h100-1", anything: "cpu-1"}
     assert status(settings, wants_a100) == ("queued", None)
     assert {cpu, big, small}
+
+
+def waiting(settings, job_id):
+    """queue_info's answer for one job, as the API shows it."""
+    with sessions_for(settings)() as s:
+        return queue_info(s, settings, [jobs.job_row(s, job_id)], time.time())[job_id]
+
+
+def test_a_job_goes_only_to_a_worker_that_can_import_its_trackers(settings):
+    """Two live workers, one with mlflow and one without: a job with report_to [mlflow] goes only to the
+    one with it, and says why it waits while only the other is free or when no live worker has it."""
+    with_mlflow = register_worker(settings, "with-mlflow", pid=1, integrations=["mlflow", "tensorboard"])
+    plain = register_worker(settings, "plain", pid=2, integrations=["tensorboard"])
+    a = team(settings, "a")
+    (filler,) = submit(settings, a)
+    assert dispatched(settings) == [filler] and status(settings, filler) == ("dispatched", "with-mlflow")
+    (tracked,) = submit(settings, a, report_to=["mlflow"])
+    assert dispatched(settings) == []  # only the plain worker is free
+    info = waiting(settings, tracked)
+    assert info.wait == Wait.FAIR_SHARE and "free worker that can import mlflow" in info.reason
+    (board,) = submit(settings, a, report_to=["tensorboard"])
+    assert dispatched(settings) == [board] and status(settings, board) == ("dispatched", "plain")
+    run(settings, filler, 1)
+    assert dispatched(settings) == [tracked] and status(settings, tracked) == ("dispatched", "with-mlflow")
+    run(settings, tracked, 1)
+    run(settings, board, 1)
+    with sessions_for(settings).begin() as s:  # the worker with mlflow is lost: no live worker has it
+        s.execute(update(Worker).where(Worker.id == with_mlflow).values(last_heartbeat_at=time.time() - 3600))
+    (again,) = submit(settings, a, report_to=["mlflow"])
+    assert dispatched(settings) == []
+    info = waiting(settings, again)
+    assert info.wait == Wait.NO_TRACKER and "mlflow" in info.reason
+    with sessions_for(settings).begin() as s:  # a worker that never said what it has counts as able
+        s.execute(update(Worker).where(Worker.id == plain).values(integrations=None))
+    assert dispatched(settings) == [again] and status(settings, again) == ("dispatched", "plain")
 
 
 def test_lost_and_stopped_workers_get_nothing_and_give_back_what_they_did_not_start(settings):

@@ -1,15 +1,20 @@
 """training.report_to through the service: refused at submission when no live worker that could run the
-job has the tracker, taken when none is alive (a worker without it then fails the job as a user error),
-and the TensorBoard event files of a job downloadable as a result file."""
+job can import its trackers (the scheduler's own rule, on SQLite and PostgreSQL), taken when none is
+alive (a worker that did not say what it has, and lacks it, then fails the job as a user error), and the
+TensorBoard event files of a job downloadable as a result file."""
 from __future__ import annotations
 
 import io
 import sys
 import tarfile
+import time
 
 import pytest
 
-from tests.service.support import register_worker, run_on_worker, upload
+from service.db.migrate import upgrade
+from service.errors import InvalidInput
+from service.tracking import refuse_unavailable_trackers
+from tests.service.support import dispatch, make_settings, register_worker, run_on_worker, sessions_for, upload
 
 JOB = {"max_steps": 2, "max_length": 64, "logging_steps": 1, "batch_size": 4}
 
@@ -58,11 +63,58 @@ def test_a_worker_that_never_said_what_it_has_never_causes_a_refusal(client, set
     assert submit(client, train_id, training={"report_to": ["mlflow"]}).status_code == 200
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def pool_settings(request, tmp_path):
+    """Settings on an empty, migrated database of each kind the service runs on."""
+    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
+    s = make_settings(tmp_path / "pool", **({"database_url": url} if url else {}))
+    upgrade(s.db_url)
+    return s
+
+
+def refusal(settings, report_to: list[str], gpu_type: str | None = None, gpus: int = 1) -> InvalidInput | None:
+    with sessions_for(settings)() as s:
+        try:
+            refuse_unavailable_trackers(s, report_to, gpu_type, gpus, settings.worker_lost_after_s, time.time())
+        except InvalidInput as err:
+            return err
+    return None
+
+
+def test_a_job_is_taken_only_if_one_worker_that_could_run_it_has_all_its_trackers(pool_settings):
+    """Two live workers, one with mlflow and one without: [mlflow] is taken (the scheduler gives it to
+    the one with it); trackers that no single worker has together, or that only a worker that cannot run
+    the job has, are refused."""
+    register_worker(pool_settings, "with-mlflow", pid=1, integrations=["mlflow"])
+    register_worker(pool_settings, "plain", pid=2, integrations=["wandb"])
+    register_worker(pool_settings, "h100", gpu_type="h100", pid=3, integrations=["wandb"])
+    assert refusal(pool_settings, ["mlflow"]) is None
+    assert refusal(pool_settings, ["wandb"], gpu_type="h100") is None
+    together = refusal(pool_settings, ["mlflow", "wandb"])
+    assert (together.code, together.param) == ("report_to_unavailable", "training.report_to")
+    assert "all of mlflow, wandb" in together.message
+    elsewhere = refusal(pool_settings, ["mlflow"], gpu_type="h100")
+    assert elsewhere.code == "report_to_unavailable" and "pip install mlflow-skinny" in elsewhere.message
+    assert refusal(pool_settings, ["tensorboard"]).code == "report_to_unavailable"
+
+
 def test_a_worker_without_the_package_fails_the_job_as_a_user_error(client, settings, train_id, tiny_model,
                                                                      monkeypatch):
+    """A worker that says it lacks the tracker never gets the job; one that did not say (NULL) may, and
+    then fails it with the same code as at submission."""
+    from sqlalchemy import update
+
+    from service.db.models import Worker
+    from worker.runner import JobRunner
+
     job_id = submit(client, train_id, tiny_model, training={"report_to": ["wandb"]}).json()["id"]
     monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` does where it is not installed
-    assert run_on_worker(settings, job_id) == "failed"
+    worker_id = register_worker(settings)  # says what this process can import: not wandb
+    assert dispatch(settings) == []
+    with sessions_for(settings).begin() as s:  # a worker registered before workers said (NULL)
+        s.execute(update(Worker).where(Worker.id == worker_id).values(integrations=None))
+    assert [a.job_id for a in dispatch(settings)] == [job_id]
+    assert JobRunner(settings, worker_id).run(job_id) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{job_id}").json()
     assert job["error"]["code"] == "report_to_unavailable" and "pip install wandb" in job["error"]["message"]
 
