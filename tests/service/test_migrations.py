@@ -187,9 +187,9 @@ def test_existing_events_get_random_ids(database_url):
 
 
 def test_stored_jobs_get_their_specs_report_to_and_keep_their_events(database_url):
-    """0010 fills jobs.report_to from each stored spec, and adds the column in place: a job's events,
+    """0011 fills jobs.report_to from each stored spec, and adds the column in place: a job's events,
     runs and checkpoints (ON DELETE CASCADE) survive the upgrade and the downgrade."""
-    with migrated(database_url, "0009") as (conn, cfg):
+    with migrated(database_url, "0010") as (conn, cfg):
         for job_id, spec in (("ftjob-mlflow", {"report_to": ["mlflow", "tensorboard"]}),
                              ("ftjob-none", {"report_to": []}), ("ftjob-old", {})):
             conn.execute(text("INSERT INTO jobs (id, team_id, status, model, training_file, method, "
@@ -206,7 +206,7 @@ def test_stored_jobs_get_their_specs_report_to_and_keep_their_events(database_ur
         assert {k: json.loads(v) if isinstance(v, str) else v for k, v in rows.items()} == {
             "ftjob-mlflow": ["mlflow", "tensorboard"], "ftjob-none": [], "ftjob-old": []}
         assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 3
-        command.downgrade(cfg, "0009")
+        command.downgrade(cfg, "0010")
         conn.commit()
         assert "report_to" not in {c["name"] for c in inspect(conn).get_columns("jobs")}
         assert conn.execute(text("SELECT count(*) FROM events")).scalar() == 3

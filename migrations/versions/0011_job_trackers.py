@@ -4,15 +4,15 @@ The scheduler serves a job only from a worker that can import every tracker it a
 SQL against workers.integrations, so the list lives beside the job's other asks (gpu_type, gpus)
 rather than only inside its spec. Jobs stored before this get their spec's report_to.
 
-Revision ID: 0010
-Revises: 0009
+Revision ID: 0011
+Revises: 0010
 Create Date: 2026-12-03 09:00:00
 """
 import sqlalchemy as sa
 from alembic import op
 
-revision = '0010'
-down_revision = '0009'
+revision = '0011'
+down_revision = '0010'
 branch_labels = None
 depends_on = None
 
