@@ -155,6 +155,7 @@ BODIES = {
     ("post", "/v1/admin/teams"): lambda ids: {"name": "outage-" + secrets.token_hex(3)},
     ("patch", "/v1/admin/teams/{team_id}"): lambda ids: {"max_queued_jobs": 50},
     ("post", "/v1/admin/teams/{team_id}/keys"): lambda ids: {"name": "outage"},
+    ("post", "/v1/webhooks"): lambda ids: {"url": "http://127.0.0.1:9/hook", "events": ["fine_tuning.job.failed"]},
 }
 
 
@@ -182,12 +183,13 @@ def test_every_route_answers_503_while_the_database_is_down_and_answers_again_on
         team = make_team(c, "outage")
         extra_key = c.post(f"/v1/admin/teams/{team['id']}/keys", json={"name": "to-delete"}).json()["id"]
         own_file = c.post("/v1/files", files={"file": ("t.jsonl", upload)}, data={"purpose": "fine-tune"}).json()["id"]
+        webhook = c.post("/v1/webhooks", json=BODIES[("post", "/v1/webhooks")]({})).json()["id"]
         schema = c.get("/openapi.json").json()
     job_id = submit(service, tiny_model, own_file, max_steps=2, save_steps=1)
     job = service.wait_for_job(job_id)
     assert job["status"] == "succeeded", service.logs()
     ids = dict(file_id=own_file, fine_tuning_job_id=job_id, checkpoint_id=job["fine_tuned_model"],
-               team_id=team["id"], key_id=extra_key, model=tiny_model)
+               team_id=team["id"], key_id=extra_key, webhook_id=webhook, model=tiny_model)
     calls = every_route(schema, ids, upload)
     keys = {"admin": service.key, "team": team["key"]}
 
