@@ -1,6 +1,7 @@
 """api.server: what `dpo-service api` gives uvicorn."""
 from __future__ import annotations
 
+import asyncio
 import socket
 
 from uvicorn.config import Config
@@ -36,6 +37,10 @@ def test_connections_get_nodelay_on_a_socket_bound_as_uvicorn_binds_it_for_worke
             conn, _ = listener.accept()
             with conn:
                 assert conn.proto == 0 and not _nodelay(conn)  # what asyncio would leave alone
-                protocol = NoDelayProtocol(config=config, server_state=ServerState(), app_state={})
-                protocol.connection_made(_Transport(conn))
-                assert _nodelay(conn)
+                loop = asyncio.new_event_loop()  # its own: another test may have left none current
+                try:
+                    protocol = NoDelayProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop)
+                    protocol.connection_made(_Transport(conn))
+                    assert _nodelay(conn)
+                finally:
+                    loop.close()
