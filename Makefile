@@ -6,6 +6,9 @@ PY     := $(VENV)/bin/python
 # pulling a multi-GB CUDA build to satisfy the range in pyproject.toml.
 TORCH  ?= torch==2.13.0
 DATA   ?= .dpo-data
+# Test processes (pytest-xdist): one module's waits on its API and worker processes overlap another
+# module's work. A module stays on one runner, so its module-scoped service is started once.
+JOBS   ?= 2
 
 .PHONY: install test test-fast demo serve clean
 
@@ -19,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q --timeout=900
+	$(PY) -m pytest -q --timeout=900 -n $(JOBS) --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS) --dist loadfile
 
 demo: install
 	$(PY) -m service.demo --data-dir $(DATA)/demo
