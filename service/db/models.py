@@ -131,6 +131,8 @@ class Worker(Base):
     stopped_at: Mapped[float | None] = mapped_column(Float)
     # The trackers (training.report_to) the worker can import; None: a worker that did not say (unknown).
     integrations: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
+    # Memory of one of its devices (one GPU; a CPU worker: its RAM); None: a worker that did not say.
+    memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class File(Base):
@@ -216,6 +218,10 @@ class Job(Base):
     estimated_finish: Mapped[int | None] = mapped_column(BigInteger)
     metrics: Mapped[dict[str, Any] | None]
     eval_metrics: Mapped[dict[str, Any] | None]
+    # The pre-flight estimate the job was created with (service.preflight), and what its run measured
+    # (train seconds, tokens/s, peak memory, model size, precision, gpu type), which calibrates estimates.
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    measured: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
 
 
 class RunOutcome(StrEnum):
@@ -328,3 +334,17 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[float | None] = mapped_column(Float)
     claim_token: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
+class Preflight(Base):
+    """A pre-flight report's estimate, kept so that a job created from the same request soon after
+    carries it (matched by team and request hash)."""
+
+    __tablename__ = "preflights"
+    __table_args__ = (Index("ix_preflights_team_id_request_hash", "team_id", "request_hash", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("ftpre"))
+    team_id: Mapped[str] = mapped_column(ForeignKey("teams.id"))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
