@@ -20,6 +20,7 @@ from dpo_client import config, render
 from dpo_client.api import Api
 from dpo_client.config import Target
 from dpo_client.errors import EXIT_INTERRUPTED, JOB_EXIT, ClientError
+from dpo_client.preflight import preflight_view
 from dpo_client.request import job_body, model_name, read_config, split_config
 from dpo_client.stream import follow_events
 from dpo_client.transfer import download, upload
@@ -137,9 +138,14 @@ def jobs_create(
     gpus: Annotated[int | None, typer.Option(help="GPUs the job needs on one worker.")] = None,
     follow: Annotated[bool, typer.Option("--watch", help="Then watch it until it ends (as `dpo jobs watch`).")]
     = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Create nothing: print the service's pre-flight report "
+                                                            "(the data as the trainer sees it, warnings, time and "
+                                                            "memory per GPU type, queue position).")] = False,
     as_json: Json = False,
 ) -> None:
-    """Create a fine-tuning job; local data files are uploaded first."""
+    """Create a fine-tuning job (with --dry-run, only check it); local data files are uploaded first."""
+    if dry_run and follow:
+        raise ClientError("--dry-run creates no job to watch: leave out --watch, or --dry-run to create the job")
     api = _api()
     files, training, dropped = split_config(read_config(config_file, sets or []))
     for key in dropped:
@@ -151,6 +157,9 @@ def jobs_create(
     validation = validation or files.get("validation_file")
     body = job_body(model_name(model), _file_id(api, train, as_json), validation and _file_id(api, validation, as_json),
                     training, suffix, priority, gpu_type, gpus)
+    if dry_run:
+        report = api.post("/v1/fine_tuning/jobs/preflight", json=body)
+        return _print_json(report) if as_json else out.print(preflight_view(report))
     job = api.post("/v1/fine_tuning/jobs", json=body)
     if as_json:
         _print_json(job)
@@ -208,7 +217,7 @@ def jobs_list(limit: Limit = None, status: Annotated[str | None, typer.Option(
 
 @jobs_app.command("show")
 def jobs_show(job_id: JobId, as_json: Json = False) -> None:
-    """One job: status, progress, metrics, error and checkpoints."""
+    """One job: status, progress, metrics, error, estimate and actual, checkpoints."""
     api = _api()
     job = api.get(f"/v1/fine_tuning/jobs/{job_id}")
     if as_json:

@@ -126,7 +126,35 @@ def job_details(job: dict) -> Table:
         ("metrics", train_summary(job.get("metrics"))), ("evaluation", eval_summary(job.get("eval_metrics"))),
         ("error", f"{error.get('message')} ({error.get('code')})" if error else None),
         ("final model", job.get("fine_tuned_model")),
+        ("estimate", estimate_line(job.get("estimate"))), ("actual", actual_line(job.get("actual"), job.get("estimate"))),
     ])
+
+
+def estimate_line(estimate: dict | None) -> str | None:
+    """What the pre-flight just before the job's creation expected of it."""
+    if not estimate:
+        return None
+    return (f"{duration(estimate.get('seconds'))} of training, {size(estimate.get('peak_memory_bytes'))} peak memory, "
+            f"{estimate.get('steps')} steps, {estimate.get('tokens') or 0:,} tokens on {estimate.get('gpu_type')} "
+            f"({estimate.get('preflight_id')})")
+
+
+def actual_line(actual: dict | None, estimate: dict | None) -> str | None:
+    """What the run measured, beside the estimate when there is one (+10% = took or used 10% more)."""
+    if not actual:
+        return None
+    estimate = estimate or {}
+    took = _versus(actual.get("train_seconds"), estimate.get("seconds"))
+    peak = _versus(actual.get("peak_memory_bytes"), estimate.get("peak_memory_bytes"))
+    return (f"{duration(actual.get('train_seconds'))}{took} of training, {size(actual.get('peak_memory_bytes'))}{peak} "
+            f"peak memory ({actual.get('memory_kind')}), {actual.get('steps')} steps, {actual.get('tokens') or 0:,} "
+            f"tokens at {number(actual.get('tokens_per_s'))} tokens/s")
+
+
+def _versus(actual: float | None, expected: float | None) -> str:
+    if not actual or not expected:
+        return ""
+    return f" ({(actual - expected) / expected:+.0%} vs estimate)"
 
 
 def pool_view(pool: dict) -> Table:
