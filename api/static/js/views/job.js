@@ -1,4 +1,4 @@
-// #/jobs/ID: one job. Status and spec, live metric charts and the events tail (both fed by the job's
+// #/jobs/ID: one job. Status and spec (with the estimate beside the measured run), live metric charts and the events tail (both fed by the job's
 // event stream), its checkpoints with downloads, and cancel.
 
 import { api, download, listAll } from "../api.js";
@@ -6,6 +6,7 @@ import { JOB_CHARTS, MetricChart, MetricStore } from "../charts.js";
 import { badge, card, errorBox, fill, h, table } from "../dom.js";
 import { bytes, dateTime, duration, jobDuration, num, TERMINAL } from "../format.js";
 import { followEvents } from "../sse.js";
+import { estimateItems } from "./preflight.js";
 import { dump } from "../../vendor/js-yaml/js-yaml.esm.min.js";
 
 const POLL_MS = 2000;
@@ -210,6 +211,7 @@ function summaryItems(job) {
   if (job.worker) items.push(["Worker", job.worker]);
   if (job.metrics?.loss !== undefined) items.push(["Loss", num(job.metrics.loss)]);
   if (job.eval_metrics?.eval_loss !== undefined) items.push(["Eval loss", num(job.eval_metrics.eval_loss)]);
+  items.push(...estimateItems(job));
   if (job.fine_tuned_model) items.push(["Final model", h("span", { class: "mono" }, job.fine_tuned_model)]);
   if (job.error) items.push(["Error", h("span", { class: "error-text" }, `${job.error.code}: ${job.error.message}`)]);
   return items.map(([k, v]) => h("div", { class: "item" }, h("div", { class: "k" }, k), h("div", { class: "v" }, v)));

@@ -1,10 +1,12 @@
 // #/new: start a job. Pick or upload the training (and validation) file, choose the model, then either
 // the main settings or a pasted dpo-train YAML spec. The API checks the whole request at once; each
-// problem it names (error.problems: param, message) is shown under the field it is about.
+// problem it names (error.problems: param, message) is shown under the field it is about. "Check" sends
+// the same body to the pre-flight route and shows its report above the buttons; nothing is queued.
 
 import { api, ApiError } from "../api.js";
 import { card, fill, h } from "../dom.js";
 import { num } from "../format.js";
+import { preflightReport } from "./preflight.js";
 import { dump, load } from "../../vendor/js-yaml/js-yaml.esm.min.js";
 
 const LOSSES = ["sigmoid", "ipo", "hinge", "robust", "simpo", "orpo", "kto"];
@@ -61,6 +63,11 @@ class JobForm {
     this.yamlError = h("div", { class: "field-error", id: "error-yaml" });
     this.general = h("div", { class: "alert", role: "alert", id: "form-error", hidden: true });
     this.submit = h("button", { type: "submit", class: "primary", id: "submit-job" }, "Start job");
+    this.check = h("button", { type: "button", class: "secondary", id: "check-job", onclick: () => this.runCheck(),
+                               title: "What the data looks like to the trainer, the time and memory per GPU type, and the queue; nothing is queued" },
+    "Check");
+    this.report = h("section", { class: "card preflight", id: "preflight", hidden: true, "aria-live": "polite" });
+    this.staleNote = h("p", { class: "stale-note" }, "The form changed since this check: check again to see its report.");
     this.el = this.build();
   }
 
@@ -92,12 +99,13 @@ class JobForm {
       h("p", { class: "muted" }, "The same YAML as dpo-train takes (docs/training.md). ",
         "train_file, validation_file and output_dir are set by the service from the files chosen above; model comes from the Model field when it is filled."),
       h("label", { for: "yaml" }, "Spec"), this.yaml, this.yamlError);
-    return h("form", { class: "job-form", novalidate: true, onsubmit: (e) => { e.preventDefault(); this.send(); } },
+    return h("form", { class: "job-form", novalidate: true, onsubmit: (e) => { e.preventDefault(); this.send(); },
+                       oninput: () => this.reportStale(), onchange: () => this.reportStale() },
       card("Data", h("div", { class: "grid two" }, this.train.el, this.validation.el)),
       card("Model", this.model.el, this.models),
       card("Training", tabs, this.formPane, this.yamlPane),
       card("Job", h("div", { class: "grid" }, JOB.map((d) => this.input(d).el))),
-      this.general, h("div", { class: "form-actions" }, this.submit));
+      this.general, this.report, h("div", { class: "form-actions" }, this.check, this.submit));
   }
 
   async loadChoices() {
@@ -180,24 +188,61 @@ class JobForm {
     this.general.hidden = true;
   }
 
-  async send() {
+  /** The request body, or null after showing what is missing or unreadable under its field. */
+  checkedBody() {
     this.clearErrors();
     const body = this.body();
-    if (!body) return;
+    if (!body) return null;
     const missing = [];
     if (!body.training_file) missing.push(["training_file", "choose or upload a training file"]);
     if (!body.model) missing.push(["model", "give the model to train"]);
-    if (missing.length) return this.showProblems(missing.map(([param, message]) => ({ param, message })));
-    this.submit.disabled = true;
-    try {
+    if (!missing.length) return body;
+    this.showProblems(missing.map(([param, message]) => ({ param, message })));
+    return null;
+  }
+
+  async send() {
+    const body = this.checkedBody();
+    if (!body) return;
+    await this.request(async () => {
       const job = await api("/v1/fine_tuning/jobs", { method: "POST", json: body });
       location.hash = `#/jobs/${job.id}`;
+    });
+  }
+
+  /** The pre-flight report of the form as it is; an error hides the last report and shows under its field. */
+  async runCheck() {
+    const body = this.checkedBody();
+    if (!body) return;
+    this.check.textContent = "Checking…";
+    const ok = await this.request(async () => {
+      const report = await api("/v1/fine_tuning/jobs/preflight", { method: "POST", json: body });
+      fill(this.report, this.staleNote, preflightReport(report));
+      this.report.classList.remove("stale");
+      this.report.hidden = false;
+      this.report.scrollIntoView({ block: "nearest", behavior: "smooth" });
+    });
+    if (!ok) this.report.hidden = true;
+    this.check.textContent = "Check";
+  }
+
+  reportStale() {
+    if (!this.report.hidden) this.report.classList.add("stale");
+  }
+
+  /** Run one request with both buttons off; its error goes under the fields it names. Whether it went through. */
+  async request(fn) {
+    this.submit.disabled = this.check.disabled = true;
+    try {
+      await fn();
+      return true;
     } catch (err) {
-      if (!(err instanceof ApiError)) return this.showProblems([{ param: null, message: `the service did not answer: ${err.message}` }]);
-      this.showProblems(err.problems?.length && err.problems[0].param !== undefined
+      if (!(err instanceof ApiError)) this.showProblems([{ param: null, message: `the service did not answer: ${err.message}` }]);
+      else this.showProblems(err.problems?.length && err.problems[0].param !== undefined
         ? err.problems : [{ param: err.param, message: err.message }]);
+      return false;
     } finally {
-      this.submit.disabled = false;
+      this.submit.disabled = this.check.disabled = false;
     }
   }
 
