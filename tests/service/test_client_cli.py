@@ -17,6 +17,7 @@ from rich.console import Console
 from dpo_client import transfer
 from dpo_client.api import Api
 from dpo_client.config import Target
+from dpo_client.preflight import basis as render_basis
 from tests.service.processes import REPO, free_port, start_service
 
 pytestmark = pytest.mark.slow
@@ -64,6 +65,10 @@ def one_line_error(out: subprocess.CompletedProcess) -> str:
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("dpo: "), out.stderr
     return lines[0]
+
+
+def job_ids(home, env: dict) -> list[str]:
+    return [j["id"] for j in json.loads(dpo("jobs", "list", "--json", home=home, env=env).stdout)["data"]]
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +161,35 @@ def test_a_job_from_a_config_runs_watched_to_the_end_and_downloads(service, home
     transfer.download(Api(Target(service.url, service.key, "test")), job_id, job["fine_tuned_model"],
                       tmp_path / "again", Console(file=screen, force_terminal=True, width=160))
     assert "100%" in screen.getvalue()
+
+
+def test_a_dry_run_prints_the_preflight_report_and_queues_nothing(service, home, env, tiny_model, task_files):
+    jobs_before = job_ids(home, env)
+    train = service.upload(task_files[0])
+    args = ("jobs", "create", "--model", tiny_model, "--train", train, "--validation", str(task_files[1]), *TRAIN,
+            "--set", "max_steps=4", "--dry-run")
+    report = json.loads(dpo(*args, "--json", home=home, env=env).stdout)
+    assert report["object"] == "fine_tuning.preflight" and report["model"] == tiny_model
+    training, validation = report["data"]["training_file"], report["data"]["validation_file"]
+    assert training["rows"] == 128 and validation["rows"] == 32 and report["estimate"]["steps"] == 4
+
+    shown = dpo(*args, home=home, env=env).stdout
+    assert f"Pre-flight {report['id']}" not in shown  # each dry run is a report of its own
+    assert "Pre-flight ftpre-" in shown and "nothing was queued" in shown
+    rows = {line.split("  ")[0]: line.split()[-2:] for line in shown.splitlines() if line and line[0] != " "}
+    assert rows["rows"] == ["128", "32"]
+    assert rows["tokens, one epoch"] == [f"{training['tokens']['total']:,}", f"{validation['tokens']['total']:,}"]
+    prompt = training["lengths"]["prompt"]
+    assert f"{prompt['p50']} / {prompt['p90']} / {prompt['p99']} / {prompt['max']}" in shown
+    for warning in report["warnings"]:
+        assert f"{warning['code']}  {warning['count']} in {warning['param']}" in shown and warning["message"] in shown
+    for gpu in report["estimate"]["by_gpu_type"]:
+        assert any(line.startswith(gpu["gpu_type"]) and render_basis(gpu) in line for line in shown.splitlines())
+    assert f"position {report['queue']['position']}" in shown
+
+    line = one_line_error(dpo(*args, "--set", "loss.beta=-1", home=home, env=env, ok=False))
+    assert "training.loss.beta" in line
+    assert job_ids(home, env) == jobs_before, "a dry run queued a job"
 
 
 def test_watch_exits_non_zero_for_a_cancelled_and_a_failed_job(service, home, env, task_files):

@@ -1,6 +1,6 @@
 """The web dashboard in a real browser: Playwright driving Debian's chromium against a real API process and
-a real worker. A team signs in by pasting its key, uploads its data and starts a job through the form (a
-bad value first: the error shows under its field), watches the charts gain points while the job runs,
+a real worker. A team signs in by pasting its key, uploads its data, checks the job (a bad value first: the
+error shows under its field; then the pre-flight report) and starts it through the form, watches the charts gain points while the job runs,
 downloads a checkpoint, and cancels a second job. Screenshots of each view go to the test's temporary
 directory; with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
@@ -109,6 +109,28 @@ def fill_job_form(page, model: str) -> None:
         page.fill(field, value)
 
 
+def check_the_job(tab: Page) -> None:
+    """Check: the pre-flight report shows above the buttons, with the counts the API gave; nothing is queued."""
+    page = tab.page
+    with page.expect_response("**/v1/fine_tuning/jobs/preflight") as answer:
+        page.click("#check-job")
+    report = answer.value.json()
+    expect(page.locator("#preflight")).to_be_visible()
+    assert page.locator("#preflight h2").inner_text().endswith(f"{report['id']} · nothing queued")
+    training = report["data"]["training_file"]
+    rows = page.locator("#preflight tbody tr").evaluate_all(
+        "rows => Object.fromEntries(rows.map(r => [r.cells[0].innerText, [...r.cells].slice(1).map(c => c.innerText)]))")
+    assert rows["Rows"] == ["128", "32"] and rows["Tokens, one epoch"][0] == f"{training['tokens']['total']:,}"
+    codes = page.locator(".preflight-warning").evaluate_all("ws => ws.map(w => w.dataset.code)")
+    assert codes == [w["code"] for w in report["warnings"]]
+    gpu_types = page.locator("#preflight-estimate tr[data-gpu-type]").evaluate_all("rs => rs.map(r => r.dataset.gpuType)")
+    assert gpu_types == [g["gpu_type"] for g in report["estimate"]["by_gpu_type"]] and gpu_types
+    expect(page.locator("#preflight-queue")).to_contain_text(f"Position {report['queue']['position']}")
+    tab.shot("new-job-check")
+    page.fill("#max-steps", "16")  # any change marks the report as stale until checked again
+    expect(page.locator("#preflight.stale .stale-note")).to_be_visible()
+
+
 def watch_chart_grow(tab: Page, timeout_s: float = 240) -> list[tuple[str, int]]:
     """(status, points on the loss chart) as the page shows them, sampled until the job has finished."""
     samples, deadline, shot = [], time.monotonic() + timeout_s, False
@@ -208,6 +230,9 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     fill_job_form(page, tiny_model)
     page.fill("#beta", "-1")
     page.fill("#lora-r", "0")
+    page.click("#check-job")  # the pre-flight check names the same problems as a submission
+    expect(page.locator("#error-beta")).to_contain_text("greater than")
+    assert page.locator("#preflight").is_hidden()
     page.click("#submit-job")
     page.wait_for_selector("#error-beta:not(:empty)")
     assert "greater than" in page.locator("#error-beta").inner_text()
@@ -222,6 +247,7 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     page.click("#submit-job")
     expect(page.locator("#error-yaml")).to_contain_text("not valid YAML")
     page.click("#tab-form")
+    check_the_job(tab)
     page.click("#submit-job")
     page.wait_for_url("**/#/jobs/ftjob-*")
     job_id = page.url.rsplit("/", 1)[-1]
