@@ -126,7 +126,8 @@ def job_details(job: dict) -> Table:
         ("metrics", train_summary(job.get("metrics"))), ("evaluation", eval_summary(job.get("eval_metrics"))),
         ("error", f"{error.get('message')} ({error.get('code')})" if error else None),
         ("final model", job.get("fine_tuned_model")),
-        ("estimate", estimate_line(job.get("estimate"))), ("actual", actual_line(job.get("actual"), job.get("estimate"))),
+        ("estimate", estimate_line(job.get("estimate"))),
+        ("actual", actual_line(job.get("actual"), job.get("estimate"))),
     ])
 
 

@@ -1,8 +1,8 @@
 """The web dashboard in a real browser: Playwright driving Debian's chromium against a real API process and
 a real worker. A team signs in by pasting its key, uploads its data, checks the job (a bad value first: the
-error shows under its field; then the pre-flight report) and starts it through the form, watches the charts gain points while the job runs,
-downloads a checkpoint, and cancels a second job. Screenshots of each view go to the test's temporary
-directory; with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
+error shows under its field; then the pre-flight report) and starts it through the form, watches the charts
+gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint,
+and cancels a second job. Screenshots of each view go to the test's temporary directory; with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
 from __future__ import annotations
 
@@ -119,11 +119,13 @@ def check_the_job(tab: Page) -> None:
     assert page.locator("#preflight h2").inner_text().endswith(f"{report['id']} · nothing queued")
     training = report["data"]["training_file"]
     rows = page.locator("#preflight tbody tr").evaluate_all(
-        "rows => Object.fromEntries(rows.map(r => [r.cells[0].innerText, [...r.cells].slice(1).map(c => c.innerText)]))")
+        "rows => Object.fromEntries(rows.map(r => [r.cells[0].innerText, [...r.cells].slice(1).map(c => c.innerText)]))"
+    )
     assert rows["Rows"] == ["128", "32"] and rows["Tokens, one epoch"][0] == f"{training['tokens']['total']:,}"
     codes = page.locator(".preflight-warning").evaluate_all("ws => ws.map(w => w.dataset.code)")
     assert codes == [w["code"] for w in report["warnings"]]
-    gpu_types = page.locator("#preflight-estimate tr[data-gpu-type]").evaluate_all("rs => rs.map(r => r.dataset.gpuType)")
+    gpu_types = page.locator("#preflight-estimate tr[data-gpu-type]").evaluate_all(
+        "rows => rows.map(r => r.dataset.gpuType)")
     assert gpu_types == [g["gpu_type"] for g in report["estimate"]["by_gpu_type"]] and gpu_types
     expect(page.locator("#preflight-queue")).to_contain_text(f"Position {report['queue']['position']}")
     tab.shot("new-job-check")
