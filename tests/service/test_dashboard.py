@@ -2,7 +2,8 @@
 a real worker. A team signs in by pasting its key, uploads its data, checks the job (a bad value first: the
 error shows under its field; then the pre-flight report) and starts it through the form, watches the charts
 gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint,
-and cancels a second job. Screenshots of each view go to the test's temporary directory; with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
+and cancels a second job. Screenshots of each view go to the test's temporary directory; with
+DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
 from __future__ import annotations
 
