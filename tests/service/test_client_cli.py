@@ -163,26 +163,29 @@ def test_a_job_from_a_config_runs_watched_to_the_end_and_downloads(service, home
     assert "100%" in screen.getvalue()
 
 
-def test_a_dry_run_prints_the_preflight_report_and_queues_nothing(service, home, env, tiny_model, task_files):
+def test_a_dry_run_prints_the_preflight_report_and_queues_nothing(service, home, env, tiny_model, task_files,
+                                                                   tmp_path):
     jobs_before = job_ids(home, env)
-    train = service.upload(task_files[0])
+    data = tmp_path / "pairs.jsonl"  # the task, and a pair whose chosen equals its rejected: a warning
+    data.write_text(task_files[0].read_text() + json.dumps({"prompt": "p", "chosen": " a", "rejected": " a"}) + "\n")
+    train = service.upload(data)
     args = ("jobs", "create", "--model", tiny_model, "--train", train, "--validation", str(task_files[1]), *TRAIN,
             "--set", "max_steps=4", "--dry-run")
     report = json.loads(dpo(*args, "--json", home=home, env=env).stdout)
     assert report["object"] == "fine_tuning.preflight" and report["model"] == tiny_model
     training, validation = report["data"]["training_file"], report["data"]["validation_file"]
-    assert training["rows"] == 128 and validation["rows"] == 32 and report["estimate"]["steps"] == 4
+    assert training["rows"] == 129 and validation["rows"] == 32 and report["estimate"]["steps"] == 4
+    assert [(w["code"], w["lines"]) for w in report["warnings"]] == [("identical_pairs", [129])]
 
     shown = dpo(*args, home=home, env=env).stdout
     assert f"Pre-flight {report['id']}" not in shown  # each dry run is a report of its own
     assert "Pre-flight ftpre-" in shown and "nothing was queued" in shown
     rows = {line.split("  ")[0]: line.split()[-2:] for line in shown.splitlines() if line and line[0] != " "}
-    assert rows["rows"] == ["128", "32"]
+    assert rows["rows"] == ["129", "32"]
     assert rows["tokens, one epoch"] == [f"{training['tokens']['total']:,}", f"{validation['tokens']['total']:,}"]
     prompt = training["lengths"]["prompt"]
     assert f"{prompt['p50']} / {prompt['p90']} / {prompt['p99']} / {prompt['max']}" in shown
-    for warning in report["warnings"]:
-        assert f"{warning['code']}  {warning['count']} in {warning['param']}" in shown and warning["message"] in shown
+    assert "identical_pairs  1 in training_file, line(s) 129" in shown and report["warnings"][0]["message"] in shown
     for gpu in report["estimate"]["by_gpu_type"]:
         assert any(line.startswith(gpu["gpu_type"]) and render_basis(gpu) in line for line in shown.splitlines())
     assert f"position {report['queue']['position']}" in shown
