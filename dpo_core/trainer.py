@@ -24,12 +24,13 @@ from dpo_core.errors import TrainingError
 from dpo_core.layout import FINAL_DIR
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
-from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
+from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
 from dpo_core.tokenize import tokenize
+from dpo_core.tokenizer_loading import load_tokenizer
 
 
 @dataclass
