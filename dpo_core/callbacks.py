@@ -10,7 +10,8 @@ from typing import Any
 
 class Callbacks:
     def on_start(self, info: dict[str, Any]) -> None:
-        """Called once before the first step: total_steps, num_train_rows, skipped_rows, resumed_from_step."""
+        """Called once before the first step: total_steps, num_train_rows, num_eval_rows, train_rows_dropped,
+        train_rows_truncated, eval_rows_dropped, eval_rows_truncated, resumed_from_step, world_size."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; cheap, for progress bars."""

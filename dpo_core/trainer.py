@@ -19,7 +19,7 @@ from dpo_core import checkpoint as ckpt
 from dpo_core import distributed, divergence
 from dpo_core.batching import epoch_order, row_length, steps_per_epoch
 from dpo_core.callbacks import Callbacks
-from dpo_core.data import read_jsonl, split_pairs
+from dpo_core.data import read_jsonl, rows_for_loss
 from dpo_core.errors import TrainingError
 from dpo_core.layout import FINAL_DIR
 from dpo_core.logprobs import LogProbModel, can_share_prompt
@@ -29,7 +29,7 @@ from dpo_core.reference import AdapterReference, ModelReference, PrecomputedRefe
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
-from dpo_core.tokenize import tokenize
+from dpo_core.tokenize import TokenizeResult, tokenize
 from dpo_core.tokenizer_loading import load_tokenizer
 
 
@@ -64,6 +64,7 @@ class Run:
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     total_steps: int = 0
     metrics_file: MetricsFile | None = None
+    row_counts: dict = field(default_factory=dict)  # rows dropped and truncated per file (_row_counts)
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.spec.precision)
@@ -75,18 +76,13 @@ class Run:
 # ---------------------------------------------------------------- set-up
 
 
-def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> list:
+def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> TokenizeResult:
     data = read_jsonl(path)
     # Messages name the file, not its path: under the service the path is the server's, and a team reads
     # these as job events and errors.
     for warning in data.warnings:
         callbacks.on_warning(f"{data.source}: {warning.message}")
-    if spec.loss.unpaired:
-        data = split_pairs(data)
-    elif not data.paired:
-        raise TrainingError(
-            f"{data.source} holds unpaired rows (prompt/completion/label); train it with loss.type: kto, or supply pairs"
-        )
+    data = rows_for_loss(data, spec.loss.unpaired)
     result = tokenize(data, tokenizer, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length)
     if result.skipped:
         callbacks.on_warning(
@@ -95,7 +91,14 @@ def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -
         )
     if not result.rows:
         raise TrainingError(f"{data.source}: no row fits in max_length={spec.max_length}")
-    return result.rows
+    return result
+
+
+def _row_counts(train: TokenizeResult, evals: TokenizeResult | None) -> dict[str, int]:
+    """Rows tokenization dropped (no completion token fits) and truncated, per file, for on_start."""
+    counts = {"train_rows_dropped": train.skipped, "train_rows_truncated": train.truncated}
+    counts.update(eval_rows_dropped=evals.skipped if evals else 0, eval_rows_truncated=evals.truncated if evals else 0)
+    return counts
 
 
 def _total_steps(spec: TrainingSpec, num_rows: int) -> int:
@@ -208,14 +211,15 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(resume_dir or spec.model)
-    train_rows = _load_rows(spec.train_file, spec, tokenizer, callbacks)
-    eval_rows = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
+    train = _load_rows(spec.train_file, spec, tokenizer, callbacks)
+    evals = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
     device = distributed.device(d, spec.device)
     model, policy, initial = _build_policy(spec, d, device, resume_dir)
-    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, eval_rows)
+    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train.rows, evals.rows if evals else None)
+    run.row_counts = _row_counts(train, evals)
     run.share_prompt = _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
-    run.total_steps = _total_steps(spec, len(train_rows))
+    run.total_steps = _total_steps(spec, len(train.rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     _make_reference(run, initial)
     run.optimizer = _make_optimizer(spec, policy)
@@ -423,6 +427,7 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
             "total_steps": run.total_steps,
             "num_train_rows": len(run.train_rows),
             "num_eval_rows": len(run.eval_rows or []),
+            **run.row_counts,
             "resumed_from_step": run.progress.step if resume_dir else None,
             "resumed_from": resume_dir,
             "world_size": run.dist.world,
