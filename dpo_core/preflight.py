@@ -130,7 +130,8 @@ class _Warner:
         if not rows.count:
             return
         shown = ", ".join(map(str, rows.lines))
-        where = f"first at lines {shown}" if rows.count > len(rows.lines) else f"line{'s' * (len(rows.lines) != 1)} {shown}"
+        plural = "s" * (len(rows.lines) != 1)
+        where = f"first at lines {shown}" if rows.count > len(rows.lines) else f"line{plural} {shown}"
         message = f"{rows.count} row{'s' * (rows.count != 1)} of the {_FILES[self.param]} ({where}) {what}"
         self.out.append({"code": code, "param": self.param, "count": rows.count, "lines": rows.lines,
                          "message": message})
