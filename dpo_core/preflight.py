@@ -221,7 +221,7 @@ def _length_bias(result: TokenizeResult, data: PreferenceData) -> tuple[dict | N
     longer, shorter = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     bias = {"chosen_longer_share": round(longer / len(pairs), 4),
             "mean_difference_tokens": round(sum(diffs) / len(pairs), 2)}
-    sign = 1 if longer >= LENGTH_BIAS_SHARE * len(pairs) else -1 if shorter >= LENGTH_BIAS_SHARE * len(pairs) else 0
+    sign = 1 if longer / len(pairs) >= LENGTH_BIAS_SHARE else -1 if shorter / len(pairs) >= LENGTH_BIAS_SHARE else 0
     if not sign:
         return bias, None
     lines = _Lines()
@@ -232,7 +232,7 @@ def _length_bias(result: TokenizeResult, data: PreferenceData) -> tuple[dict | N
 
 
 def _bias_message(bias: dict) -> str:
-    side = "longer" if bias["mean_difference_tokens"] > 0 else "shorter"
+    side = "longer" if bias["chosen_longer_share"] >= LENGTH_BIAS_SHARE else "shorter"
     return (f"have a chosen completion {side} than the rejected one (chosen is longer in "
             f"{bias['chosen_longer_share']:.0%} of the used pairs, by {bias['mean_difference_tokens']:+g} tokens on "
             "average): the model can learn length instead of the preference; balance the lengths, or try "
