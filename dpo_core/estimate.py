@@ -74,9 +74,12 @@ class ModelFacts:
 
 def _safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape, from a safetensors file's header: an 8-byte little-endian length, then JSON."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (struct.error, ValueError) as err:
+        raise EstimateError(f"{path.name} is not a safetensors file ({err}); save the model again") from None
     return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
 
 

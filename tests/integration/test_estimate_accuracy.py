@@ -26,7 +26,7 @@ from tests.service.processes import REPO
 # Two Llamas on the toy tokenizer padded to 8,000 words: the model's fp32 state (weights, reference,
 # gradients, AdamW: 16 bytes a parameter) is about a third of the smaller run's RSS, two thirds of the
 # larger's. Sizes and steps keep each run at a few seconds of steps on two cores.
-SMALL = dict(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=1408)  # 21.0M parameters
+SMALL = dict(hidden_size=768, num_layers=2, num_heads=12, intermediate_size=2048)  # 26.5M parameters
 LARGE = dict(hidden_size=768, num_layers=6, num_heads=12, intermediate_size=2048)  # 54.8M parameters
 VOCAB = 8000
 TIME_MARGIN, MEMORY_MARGIN = 0.25, 0.20
@@ -93,7 +93,7 @@ def _spec(tmp: Path, name: str, shape: dict, steps: int) -> TrainingSpec:
 
 
 def _start(spec: TrainingSpec) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     log = Path(spec.output_dir).with_suffix(".log").open("w")
     return subprocess.Popen([sys.executable, "-c", TRAIN, spec.model_dump_json()], cwd=REPO, env=env, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
@@ -135,14 +135,13 @@ def train_in_lockstep(specs: list[TrainingSpec]) -> list[Run]:
 def test_after_one_calibrating_run_the_estimate_of_another_size_holds(tmp_path):
     _rows(tmp_path / "train.jsonl", 64)
     small, large = train_in_lockstep([_spec(tmp_path, "small", SMALL, steps=12),
-                                      _spec(tmp_path, "large", LARGE, steps=6)])
+                                      _spec(tmp_path, "large", LARGE, steps=5)])
     report = data_report(large.spec)
     calibration = [{**estimate.measured(small.spec, small.result, "cpu", 1, small.facts), "job_id": "ftjob-small"}]
     plan = estimate.training_plan(large.spec, large.facts, report)
     assert (plan["steps"], plan["tokens"]) == (large.result.global_step, large.result.trained_tokens)
     assert plan["parameters"] == large.result.parameters
     guess = estimate.seconds(plan, calibration, "cpu")
-    print("DEBUG", calibration[0]["flops"] / calibration[0]["train_seconds"], plan["flops"]["total"] / large.result.train_seconds, small.result.metrics, large.result.metrics)
     assert (guess["basis"], guess["calibrated_by"]) == ("calibrated", ["ftjob-small"])
     peak = estimate.memory(large.spec, large.facts, report, "cpu")["total"]
     time_error = guess["seconds"] / large.result.train_seconds - 1
