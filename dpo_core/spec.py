@@ -350,7 +350,12 @@ class TrainingSpec(_Strict):
         """Optimizer steps of a run over `num_rows` training rows (KTO: rows after pairs are split)."""
         if self.max_steps is not None:
             return self.max_steps
-        return math.ceil(self.num_epochs * math.ceil(num_rows / self.batch_size))
+        return math.ceil(self.num_epochs * steps_per_epoch(num_rows, self.batch_size))
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over `num_rows` rows: the last step takes what rows are left."""
+    return math.ceil(num_rows / batch_size)
 
 
 def data_problems(spec: TrainingSpec, train_rows: int, train_paired: bool,

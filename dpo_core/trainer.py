@@ -7,7 +7,6 @@ processes (dpo_core.distributed) only rank 0 reports and writes files.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,17 +16,18 @@ import torch
 
 from dpo_core import checkpoint as ckpt
 from dpo_core import distributed, divergence
-from dpo_core.batching import epoch_order, row_length, steps_per_epoch
+from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
 from dpo_core.errors import TrainingError
+from dpo_core.estimate import epoch_summary, peak_rss_bytes
 from dpo_core.layout import FINAL_DIR
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
 from dpo_core.reporting import with_reporters
-from dpo_core.spec import TrainingSpec
+from dpo_core.spec import TrainingSpec, steps_per_epoch
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
 from dpo_core.tokenize import TokenizeResult, tokenize
 from dpo_core.tokenizer_loading import load_tokenizer
@@ -42,6 +42,14 @@ class TrainResult:
     stopped: bool  # should_stop() ended the run
     metrics: dict = field(default_factory=dict)  # last logged train record
     eval_metrics: dict | None = None  # last eval record
+    # What the run measured (dpo_core.estimate.measured turns these into a job's `measured`):
+    train_seconds: float = 0.0  # in optimizer steps, over every run of a resumed job (progress.elapsed_s)
+    parameters: int = 0  # the policy's, LoRA base included
+    trainable_parameters: int = 0
+    device: str = "cpu"  # cpu | cuda
+    peak_memory_bytes: int = 0  # cpu: this process's peak RSS; cuda: torch.cuda.max_memory_allocated
+    memory_kind: str = "rss"  # rss | cuda_allocated
+    epoch: dict = field(default_factory=dict)  # one epoch of training rows (dpo_core.estimate.epoch_summary)
 
 
 @dataclass
@@ -99,12 +107,6 @@ def _row_counts(train: TokenizeResult, evals: TokenizeResult | None) -> dict[str
     counts = {"train_rows_dropped": train.skipped, "train_rows_truncated": train.truncated}
     counts.update(eval_rows_dropped=evals.skipped if evals else 0, eval_rows_truncated=evals.truncated if evals else 0)
     return counts
-
-
-def _total_steps(spec: TrainingSpec, num_rows: int) -> int:
-    if spec.max_steps is not None:
-        return spec.max_steps
-    return math.ceil(spec.num_epochs * steps_per_epoch(num_rows, spec.batch_size))
 
 
 def _make_optimizer(spec: TrainingSpec, module) -> torch.optim.Optimizer:
@@ -219,7 +221,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     run.row_counts = _row_counts(train, evals)
     run.share_prompt = _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
-    run.total_steps = _total_steps(spec, len(train.rows))
+    run.total_steps = spec.total_steps(len(train.rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     _make_reference(run, initial)
     run.optimizer = _make_optimizer(spec, policy)
@@ -402,7 +404,15 @@ def _save_final(run: Run) -> str:
 
 def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResult:
     p = run.progress
-    return TrainResult(run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), last.get("eval"))
+    params = list(run.model.parameters())
+    cuda = run.device.type == "cuda"
+    return TrainResult(
+        run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), last.get("eval"),
+        train_seconds=p.elapsed_s, parameters=sum(t.numel() for t in params),
+        trainable_parameters=sum(t.numel() for t in params if t.requires_grad), device=run.device.type,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if cuda else peak_rss_bytes(),
+        memory_kind="cuda_allocated" if cuda else "rss", epoch=epoch_summary(run.train_rows),
+    )
 
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:
