@@ -62,6 +62,12 @@ class JobPublic(BaseModel):
     worker: str | None = Field(description="the worker it was handed to")
     attempts: int = Field(description="runs that started and were not handed back cleanly (a lost worker's counts)")
     max_attempts: int = Field(description="at this many lost runs the job fails with worker_lost")
+    estimate: dict[str, Any] | None = Field(
+        description="the pre-flight estimate it was created with: preflight_id, gpu_type, seconds, "
+        "peak_memory_bytes, steps, tokens")
+    actual: dict[str, Any] | None = Field(
+        description="once it succeeded, what its run measured: train_seconds, peak_memory_bytes, memory_kind, "
+        "tokens_per_s, tokens, steps")
 
     @classmethod
     def of(cls, job: JobRow, position: int | None = None, reason: str | None = None) -> JobPublic:
@@ -81,7 +87,18 @@ class JobPublic(BaseModel):
             cancel_requested=job.cancel_requested, organization_id=job.team_id, team=job.team_id,
             priority=job.priority, gpu_type=job.gpu_type, gpus=job.gpus, queue_position=position,
             queue_reason=reason, worker=job.worker, attempts=job.attempts, max_attempts=job.max_attempts,
+            estimate=job.estimate, actual=_actual(job.measured),
         )
+
+
+ACTUAL_FIELDS = ("train_seconds", "peak_memory_bytes", "memory_kind", "tokens_per_s", "tokens", "steps")
+
+
+def _actual(measured: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a finished run measured, as users read it beside the estimate (the rest calibrates estimates)."""
+    if not isinstance(measured, dict):
+        return None
+    return {k: measured.get(k) for k in ACTUAL_FIELDS}
 
 
 def _int(seconds: float | None) -> int | None:
