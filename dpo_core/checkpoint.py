@@ -161,9 +161,8 @@ def copy_model_dir(checkpoint: str | Path, target: str | Path) -> str:
     `from_pretrained` loads, without the trainer's state (the best checkpoint made the final model)."""
     source, target = Path(checkpoint), Path(target)
 
-    def write(tmp: Path) -> None:
-        shutil.copytree(source, tmp, dirs_exist_ok=True,
-                        ignore=lambda d, names: [n for n in names if Path(d) == source and n in (STATE_FILE, TRAINER_FILE)])
+    def trainer_files(directory: str, names: list[str]) -> list[str]:
+        return [n for n in names if Path(directory) == source and n in (STATE_FILE, TRAINER_FILE)]
 
-    atomic_dir(target, write)
+    atomic_dir(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=trainer_files))
     return str(target)

@@ -68,7 +68,8 @@ def _rounded(values: list[float]) -> list[float]:
 
 
 def rewards_both_falling(train: list[dict], evals: list[dict], total_steps: int, warmup: int) -> dict | None:
-    chosen, rejected = _values(train, "rewards/chosen")[-FALLING_LOGS:], _values(train, "rewards/rejected")[-FALLING_LOGS:]
+    chosen = _values(train, "rewards/chosen")[-FALLING_LOGS:]
+    rejected = _values(train, "rewards/rejected")[-FALLING_LOGS:]
     if len(chosen) < FALLING_LOGS or [s for s, _ in chosen] != [s for s, _ in rejected]:
         return None
     c, r = [v for _, v in chosen], [v for _, v in rejected]
@@ -78,7 +79,8 @@ def rewards_both_falling(train: list[dict], evals: list[dict], total_steps: int,
 
 
 def accuracy_saturated(train: list[dict], evals: list[dict], total_steps: int, warmup: int) -> dict | None:
-    acc, margins = _values(train, "rewards/accuracies")[-SATURATED_LOGS:], _values(train, "rewards/margins")[-SATURATED_LOGS:]
+    acc = _values(train, "rewards/accuracies")[-SATURATED_LOGS:]
+    margins = _values(train, "rewards/margins")[-SATURATED_LOGS:]
     if len(acc) < SATURATED_LOGS or [s for s, _ in acc] != [s for s, _ in margins]:
         return None
     m = [v for _, v in margins]
@@ -153,8 +155,9 @@ def _message(code: str, ev: dict, spec) -> str:
                 f"{ev['eval_loss'][-1]:.4g}) while the training loss fell: the model is overfitting its training "
                 f"pairs. Use early_stopping (or load_best_at_end), fewer epochs, or a lower learning_rate (now {lr})")
     if code == "grad_norm_spike":
-        return (f"the gradient norm at step {ev['step']} was {ev['grad_norm']:.4g}, {ev['grad_norm'] / ev['median_before']:.0f}x "
-                f"the median before it ({ev['median_before']:.4g}). Look for outlier rows, lower learning_rate "
+        times = ev["grad_norm"] / ev["median_before"]
+        return (f"the gradient norm at step {ev['step']} was {ev['grad_norm']:.4g}, {times:.0f}x the median before it"
+                f" ({ev['median_before']:.4g}). Look for outlier rows, lower learning_rate "
                 f"(now {lr}), add warmup_steps, or lower max_grad_norm")
     return (f"the loss did not fall after the warm-up (steps {ev['steps'][0]}-{ev['steps'][-1]}: "
             f"{ev['loss'][0]:.4g} -> {ev['loss'][-1]:.4g}): the run is not learning. Raise learning_rate "

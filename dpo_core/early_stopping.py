@@ -21,6 +21,7 @@ class Best:
     patience: int | None = None  # None: follow the best only, never stop
     step: int | None = None  # the best evaluation's step
     value: float | None = None
+    record: dict | None = None  # the best evaluation's whole record
     stale: int = 0  # evaluations since the best without an improvement
 
     @classmethod
@@ -39,7 +40,7 @@ class Best:
             return False
         value = record[self.metric]
         if math.isfinite(value) and self._improves(value):
-            self.step, self.value, self.stale = record["step"], value, 0
+            self.step, self.value, self.record, self.stale = record["step"], value, record, 0
             return True
         self.stale += 1
         return False

@@ -42,7 +42,7 @@ class TrainResult:
     trained_tokens: int
     stopped: bool  # should_stop() ended the run
     metrics: dict = field(default_factory=dict)  # last logged train record
-    eval_metrics: dict | None = None  # last eval record
+    eval_metrics: dict | None = None  # the final model's eval record: the last, or the best when best_step is set
     early_stopped_at_step: int | None = None  # training.early_stopping ended the run at this step
     best_step: int | None = None  # the final model holds this step's weights (early stopping, load_best_at_end)
 
@@ -461,8 +461,9 @@ def _load_adapter(model, checkpoint: Path) -> None:
 def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResult:
     p = run.progress
     best = (run.best.step or p.step) if final and run.final_is_best else None
+    evaluated = run.best.record if best is not None and run.best.record else last.get("eval")
     return TrainResult(run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}),
-                       last.get("eval"), run.early_stopped_at, best)
+                       evaluated, run.early_stopped_at, best)
 
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:

@@ -142,3 +142,24 @@ def test_load_best_at_end_keeps_the_best_lora_adapter_without_stopping(tiny_mode
     assert _same(final, _weights(tmp_path / "checkpoint-2", adapter))
     last = _weights(Path(result.final_dir))  # the merged model: the base with the best adapter merged in
     assert any("q_proj" in k for k in last)
+
+
+class _StopAt(Callbacks):
+    def __init__(self, step):
+        self.step, self.seen = step, 0
+
+    def on_step(self, step, total_steps):
+        self.seen = step
+
+    def should_stop(self):
+        return self.seen >= self.step
+
+
+def test_a_resumed_run_keeps_the_best_and_the_patience_it_had(tiny_model, synthetic, flipped, tmp_path):
+    spec = dict(validation_file=flipped, eval_steps=2, max_steps=40, logging_steps=2, save_steps=2,
+                early_stopping={"patience": 2})
+    first = train(_spec(tiny_model, synthetic[0], tmp_path, **spec), _StopAt(4))
+    assert first.stopped and first.global_step == 4
+    resumed = train(_spec(tiny_model, synthetic[0], tmp_path, resume_from="auto", **spec))
+    assert resumed.early_stopped_at_step == 6 and resumed.best_step == 2
+    assert resumed.eval_metrics["step"] == 2  # the final model's evaluation: the best one's

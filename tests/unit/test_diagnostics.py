@@ -42,7 +42,8 @@ def test_accuracy_saturated_needs_early_high_accuracy_and_large_growing_margins(
 def test_eval_gap_needs_rising_eval_loss_while_the_training_loss_falls():
     train = _train(loss=[0.7, 0.6, 0.5, 0.4, 0.3, 0.2])
     evals = [{"step": s, "eval_loss": v} for s, v in ((0, 0.69), (2, 0.6), (4, 0.65), (6, 0.7))]
-    assert dg.eval_gap(train, evals, 6, 0) == {"steps": [2, 4, 6], "eval_loss": [0.6, 0.65, 0.7], "loss": [0.6, 0.4, 0.2]}
+    expected = {"steps": [2, 4, 6], "eval_loss": [0.6, 0.65, 0.7], "loss": [0.6, 0.4, 0.2]}
+    assert dg.eval_gap(train, evals, 6, 0) == expected
     assert dg.eval_gap(train, evals[:3], 6, 0) is None  # the step-0 baseline does not count
     rising_train = _train(loss=[0.7, 0.6, 0.7, 0.7, 0.7, 0.8])
     assert dg.eval_gap(rising_train, evals, 6, 0) is None
