@@ -25,8 +25,10 @@ class Callbacks:
     def on_checkpoint(self, step: int, path: str) -> None:
         """Called after checkpoint-<step>/ was written (atomically) and is complete."""
 
-    def on_warning(self, message: str) -> None:
-        """Called for problems the run survives, such as rows skipped as too long."""
+    def on_warning(self, message: str, *, code: str | None = None, data: dict[str, Any] | None = None) -> None:
+        """Called for problems the run survives, such as rows skipped as too long. A diagnostic of the
+        run's metrics (dpo_core.diagnostics) also has a stable `code` and its evidence in `data`
+        (the step, and the steps and values seen)."""
 
     def on_end(self, result) -> None:
         """Called once when the run returns (finished, or stopped on request) with its TrainResult."""

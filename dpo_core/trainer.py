@@ -19,9 +19,11 @@ from dpo_core import distributed, divergence
 from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
+from dpo_core.diagnostics import Diagnostics
+from dpo_core.early_stopping import Best
 from dpo_core.errors import TrainingError
 from dpo_core.estimate import epoch_summary, peak_rss_bytes
-from dpo_core.layout import FINAL_DIR
+from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
@@ -41,7 +43,9 @@ class TrainResult:
     trained_tokens: int
     stopped: bool  # should_stop() ended the run
     metrics: dict = field(default_factory=dict)  # last logged train record
-    eval_metrics: dict | None = None  # last eval record
+    eval_metrics: dict | None = None  # the final model's eval record: the last, or the best when best_step is set
+    early_stopped_at_step: int | None = None  # training.early_stopping ended the run at this step
+    best_step: int | None = None  # the final model holds this step's weights (early stopping, load_best_at_end)
     # What the run measured (dpo_core.estimate.measured turns these into a job's `measured`):
     train_seconds: float = 0.0  # in optimizer steps, over every run of a resumed job (progress.elapsed_s)
     parameters: int = 0  # the policy's, LoRA base included
@@ -73,6 +77,14 @@ class Run:
     total_steps: int = 0
     metrics_file: MetricsFile | None = None
     row_counts: dict = field(default_factory=dict)  # rows dropped and truncated per file (_row_counts)
+    diagnostics: Diagnostics | None = None
+    best: Best | None = None  # the best evaluation so far, by spec.best_metric
+    early_stopped_at: int | None = None
+
+    @property
+    def final_is_best(self) -> bool:
+        """Whether the final model is the best evaluation's weights rather than the last step's."""
+        return self.spec.load_best_at_end or self.spec.early_stopping is not None
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.spec.precision)
@@ -223,6 +235,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     run.pad_multiple = _pad_multiple(spec, device)
     run.total_steps = spec.total_steps(len(train.rows))
     run.metrics_file = MetricsFile(spec.output_dir)
+    run.diagnostics, run.best = Diagnostics(spec, run.total_steps), Best.of(spec)
     _make_reference(run, initial)
     run.optimizer = _make_optimizer(spec, policy)
     run.scheduler = _make_scheduler(spec, run.optimizer, run.total_steps)
@@ -240,6 +253,13 @@ def _restore(run: Run, resume_dir: str) -> None:
     run.progress = progress
     if run.dist.main:
         run.metrics_file.truncate_after(progress.step)
+    distributed.barrier(run.dist)
+    # What the run saw before its checkpoint: the best so far, and the diagnostics that already fired.
+    records = run.metrics_file.records()
+    run.diagnostics.replay(records)
+    for record in records:
+        if "eval_loss" in record:
+            run.best.observe(record)
 
 
 # ---------------------------------------------------------------- the loop
@@ -278,16 +298,26 @@ def _log(run: Run, window: _Window) -> dict:
     if run.dist.main:
         run.metrics_file.append(record)
         run.callbacks.on_log(record)
+        _warn(run, run.diagnostics.on_train(record))
     return record
 
 
-def _eval_and_report(run: Run) -> dict:
+def _eval_and_report(run: Run) -> tuple[dict, bool]:
+    """Evaluate and report; (the record, whether it is the best evaluation so far). Every rank gets the
+    same record, so every rank takes the same decisions from it."""
     record = evaluate(run)
     record.update(step=run.progress.step, epoch=_epoch(run))
+    improved = run.best.observe(record)
     if run.dist.main:
         run.metrics_file.append(record)
         run.callbacks.on_eval(record)
-    return record
+        _warn(run, run.diagnostics.on_eval(record))
+    return record, improved
+
+
+def _warn(run: Run, found: list) -> None:
+    for d in found:
+        run.callbacks.on_warning(d.message, code=d.code, data={"step": d.step, **d.data})
 
 
 def _model_state(run: Run) -> dict | None:
@@ -312,12 +342,14 @@ def _checkpoint(run: Run) -> None:
 
 
 def _prune(run: Run) -> None:
-    """save_total_limit: keep the latest checkpoints, and also the one with the best eval_loss."""
+    """save_total_limit: keep the latest checkpoints, and also the best evaluated one (by
+    spec.best_metric), and the best evaluation's, which the final model may be made of."""
     if not run.spec.save_total_limit:
         return
     steps = [step for step, _ in ckpt.list_checkpoints(run.spec.output_dir)]
-    best = ckpt.best_by_eval(steps, run.metrics_file.eval_losses())
-    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=() if best is None else (best,))
+    metric, mode = run.spec.best_metric
+    keep = {ckpt.best_by_eval(steps, run.metrics_file.eval_values(metric), mode), run.best.step} - {None}
+    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=keep)
 
 
 def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
@@ -326,9 +358,11 @@ def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
     if step % spec.logging_steps == 0 or done:
         last["train"] = _log(run, window)
         window = _Window()
+    improved = False
     if run.eval_rows and spec.eval_steps and step % spec.eval_steps == 0 and not done:
-        last["eval"] = _eval_and_report(run)
-    if spec.save_steps and step % spec.save_steps == 0:
+        last["eval"], improved = _eval_and_report(run)
+    # The best evaluation's weights are kept as a checkpoint when the final model is to be made of them.
+    if (spec.save_steps and step % spec.save_steps == 0) or (improved and run.final_is_best):
         _checkpoint(run)
     return window, last
 
@@ -372,6 +406,9 @@ def _loop(run: Run) -> tuple[dict, bool]:
                 return last, True
             _one_step(run, [run.train_rows[i] for i in positions], window)
             window, last = _after_step(run, window, last)
+            if run.best.should_stop:
+                run.early_stopped_at = progress.step
+                return last, False
             if progress.step >= run.total_steps:
                 break
         else:
@@ -380,8 +417,10 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 
 def _save_final(run: Run) -> str:
-    divergence.check_weights(run)
     target = Path(run.spec.output_dir) / FINAL_DIR
+    if run.final_is_best and run.best.step not in (None, run.progress.step):
+        return _save_best_final(run, target)
+    divergence.check_weights(run)
     model_state = _model_state(run)
     if not run.dist.main:
         distributed.barrier(run.dist)
@@ -389,25 +428,52 @@ def _save_final(run: Run) -> str:
     if run.spec.lora is None:
         ckpt.save_model_dir(target, run.model, run.tokenizer, model_state)
     else:
-
-        def write(tmp: Path) -> None:
-            # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
-            run.model.save_pretrained(tmp / "adapter")
-            run.tokenizer.save_pretrained(tmp / "adapter")
-            run.model.merge_and_unload().save_pretrained(tmp)
-            run.tokenizer.save_pretrained(tmp)
-
-        ckpt.atomic_dir(target, write)
+        _write_lora_final(run, target)
     distributed.barrier(run.dist)
     return str(target)
 
 
+def _write_lora_final(run: Run, target: Path) -> None:
+    def write(tmp: Path) -> None:
+        # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
+        run.model.save_pretrained(tmp / "adapter")
+        run.tokenizer.save_pretrained(tmp / "adapter")
+        run.model.merge_and_unload().save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+
+    ckpt.atomic_dir(target, write)
+
+
+def _save_best_final(run: Run, target: Path) -> str:
+    """The final model made of the best evaluation's checkpoint (written when that evaluation was made)."""
+    source = checkpoint_dir(run.spec.output_dir, run.best.step)
+    if run.dist.main:
+        if run.spec.lora is None:
+            ckpt.copy_model_dir(source, target)
+        else:
+            _load_adapter(run.model, source)
+            _write_lora_final(run, target)
+    distributed.barrier(run.dist)
+    return str(target)
+
+
+def _load_adapter(model, checkpoint: Path) -> None:
+    """A LoRA checkpoint's adapter weights into the live adapter (fsdp, whose weights are sharded, takes no LoRA)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors", device="cpu"))
+
+
 def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResult:
     p = run.progress
+    best = (run.best.step or p.step) if final and run.final_is_best else None
+    evaluated = run.best.record if best is not None and run.best.record else last.get("eval")
     params = list(run.model.parameters())
     cuda = run.device.type == "cuda"
     return TrainResult(
-        run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), last.get("eval"),
+        run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), evaluated,
+        early_stopped_at_step=run.early_stopped_at, best_step=best,
         train_seconds=p.elapsed_s, parameters=sum(t.numel() for t in params),
         trainable_parameters=sum(t.numel() for t in params if t.requires_grad), device=run.device.type,
         peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if cuda else peak_rss_bytes(),
@@ -448,7 +514,7 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
     last, stopped = _loop(run)
     if stopped:
         return _result(run, last, True, None)
-    if run.eval_rows:
-        last["eval"] = _eval_and_report(run)
+    if run.eval_rows and run.early_stopped_at is None:  # an early stop has just evaluated this step
+        last["eval"], _ = _eval_and_report(run)
     final = _save_final(run) if run.total_steps > 0 else None
     return _result(run, last, False, final)

@@ -199,7 +199,9 @@ class JobRunner:
                 return
             if result.final_dir:
                 key = self.storage.key_for(result.final_dir)
-                final = jobs.add_checkpoint(s, lease.job_id, result.global_step, key,
+                # The final model is the best evaluation's weights under early stopping or load_best_at_end.
+                step = result.global_step if result.best_step is None else result.best_step
+                final = jobs.add_checkpoint(s, lease.job_id, step, key,
                                              {**result.metrics, **(result.eval_metrics or {})}, final=True,
                                              size=self.storage.size(key))
                 s.flush()
