@@ -69,7 +69,7 @@ def prepare(work_dir: Path, max_length: int, batch_size: int, steps: int, seed: 
     """Model, data, and the training order dpo_core will use, replayed for TRL."""
     from dpo_core.batching import epoch_order, row_length
     from dpo_core.data import read_jsonl
-    from dpo_core.models import load_tokenizer
+    from dpo_core.tokenizer_loading import load_tokenizer
     from dpo_core.tokenize import tokenize
 
     model = build_model(work_dir, max_length)

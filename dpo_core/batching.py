@@ -10,7 +10,6 @@ targets pair by pair (pair p's chosen tokens, then its rejected ones), so whole 
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -200,10 +199,6 @@ def epoch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
         # Sorting put long batches together; shuffle the batches so the step cost doesn't drift.
         rng.shuffle(batches)
     return batches
-
-
-def steps_per_epoch(num_rows: int, batch_size: int) -> int:
-    return math.ceil(num_rows / batch_size)
 
 
 def micro_batches(rows: list, size: int) -> list[list]:

@@ -10,7 +10,8 @@ from typing import Any
 
 class Callbacks:
     def on_start(self, info: dict[str, Any]) -> None:
-        """Called once before the first step: total_steps, num_train_rows, skipped_rows, resumed_from_step."""
+        """Called once before the first step: total_steps, num_train_rows, num_eval_rows, train_rows_dropped,
+        train_rows_truncated, eval_rows_dropped, eval_rows_truncated, resumed_from_step, world_size."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; cheap, for progress bars."""
@@ -24,8 +25,10 @@ class Callbacks:
     def on_checkpoint(self, step: int, path: str) -> None:
         """Called after checkpoint-<step>/ was written (atomically) and is complete."""
 
-    def on_warning(self, message: str) -> None:
-        """Called for problems the run survives, such as rows skipped as too long."""
+    def on_warning(self, message: str, *, code: str | None = None, data: dict[str, Any] | None = None) -> None:
+        """Called for problems the run survives, such as rows skipped as too long. A diagnostic of the
+        run's metrics (dpo_core.diagnostics) also has a stable `code` and its evidence in `data`
+        (the step, and the steps and values seen)."""
 
     def on_end(self, result) -> None:
         """Called once when the run returns (finished, or stopped on request) with its TrainResult."""

@@ -147,8 +147,22 @@ def prune(output_dir: str, keep: int | None, also: Collection[int] = ()) -> list
     return [step for step, _ in gone]
 
 
-def best_by_eval(steps: Iterable[int], eval_losses: dict[int, float]) -> int | None:
-    """The step among `steps` whose evaluation at that very step gave the lowest finite eval_loss (the
-    latest such step on a tie); None when no step in `steps` was evaluated."""
-    scored = [(eval_losses[s], -s) for s in steps if s in eval_losses and math.isfinite(eval_losses[s])]
+def best_by_eval(steps: Iterable[int], values: dict[int, float], mode: str = "min") -> int | None:
+    """The step among `steps` whose evaluation at that very step gave the best finite value (the lowest
+    for mode min, the highest for max; the latest such step on a tie); None when no step in `steps` was
+    evaluated."""
+    sign = 1 if mode == "min" else -1
+    scored = [(sign * values[s], -s) for s in steps if s in values and math.isfinite(values[s])]
     return -min(scored)[1] if scored else None
+
+
+def copy_model_dir(checkpoint: str | Path, target: str | Path) -> str:
+    """A checkpoint's model and tokenizer as a model directory of its own, atomically: what
+    `from_pretrained` loads, without the trainer's state (the best checkpoint made the final model)."""
+    source, target = Path(checkpoint), Path(target)
+
+    def trainer_files(directory: str, names: list[str]) -> list[str]:
+        return [n for n in names if Path(directory) == source and n in (STATE_FILE, TRAINER_FILE)]
+
+    atomic_dir(target, lambda tmp: shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=trainer_files))
+    return str(target)

@@ -197,6 +197,19 @@ def split_pairs(data: PreferenceData) -> PreferenceData:
     return PreferenceData(source=data.source, format="unpaired", rows=rows, warnings=data.warnings)
 
 
+def rows_for_loss(data: PreferenceData, unpaired: bool) -> PreferenceData:
+    """The rows a loss trains on: for an unpaired loss (KTO) pairs are split, for a paired one unpaired rows
+    are refused (TrainingError)."""
+    if unpaired:
+        return split_pairs(data)
+    if not data.paired:
+        from dpo_core.errors import TrainingError
+
+        raise TrainingError(f"{data.source} holds unpaired rows (prompt/completion/label); train it with "
+                            "loss.type: kto, or supply pairs")
+    return data
+
+
 def _read(lines: Iterable[bytes], source: str, max_errors: int) -> PreferenceData:
     check = Validator(source, max_errors=max_errors, keep_rows=True)
     for raw in lines:

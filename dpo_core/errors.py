@@ -3,6 +3,7 @@
 The CLI turns them into exit code 2; the service's worker turns them into a job's `error`.
 SpecError (dpo_core.spec) and DataError (dpo_core.data) are ValueErrors of the same kind.
 """
+from pathlib import Path
 
 
 class TrainingError(RuntimeError):
@@ -38,3 +39,10 @@ class RankFailedError(TrainingError):
     """A process of a multi-process run died or raised; the launcher stopped the others."""
 
     code = "rank_failed"
+
+
+def load_error(what: str, name: str, err: Exception) -> ModelLoadError:
+    """A ModelLoadError for `what` ("model", "tokenizer of", ...) `name` that failed to load with `err`."""
+    hint = "a local directory with config.json" if not Path(name).exists() else "a directory saved by save_pretrained"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelLoadError(f"could not load {what} {name!r}: {first} (give {hint}, or a hub id this machine can reach)")

@@ -81,7 +81,7 @@ def _failure_summary(err, nproc: int) -> str:
 def preflight(spec: TrainingSpec) -> None:
     """Fail here, with the precise error, on what would otherwise fail every rank: bad data, a missing model."""
     from dpo_core.data import read_jsonl
-    from dpo_core.models import load_tokenizer
+    from dpo_core.tokenizer_loading import load_tokenizer
 
     for path in filter(None, (spec.train_file, spec.validation_file)):
         read_jsonl(path)

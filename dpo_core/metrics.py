@@ -79,12 +79,15 @@ class MetricsFile:
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in kept))
 
-    def eval_losses(self) -> dict[int, float]:
-        """step -> eval_loss of every evaluation recorded (the latest, if a step has several)."""
+    def records(self) -> list[dict]:
+        """Every record written so far, in order."""
         if not self.path.is_file():
-            return {}
-        records = (json.loads(line) for line in self.path.read_text().splitlines() if line.strip())
-        return {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r and "step" in r}
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def eval_values(self, metric: str = "eval_loss") -> dict[int, float]:
+        """step -> `metric` of every evaluation recorded (the latest, if a step has several)."""
+        return {r["step"]: r[metric] for r in self.records() if metric in r and "step" in r}
 
     def append(self, record: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

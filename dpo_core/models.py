@@ -1,35 +1,13 @@
-"""Loading the policy, the reference and the tokenizer: any transformers causal LM, by local
-directory or hub id, with LoRA through PEFT."""
+"""Loading the policy and the reference: any transformers causal LM, by local directory or hub id, with
+LoRA through PEFT. The tokenizer loads through dpo_core.tokenizer_loading, which needs no torch."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
-from dpo_core.errors import ModelLoadError, TrainingError
+from dpo_core.errors import TrainingError, load_error
 from dpo_core.spec import LoraSpec, TrainingSpec
-
-
-def _load_error(what: str, name: str, err: Exception) -> ModelLoadError:
-    hint = "a local directory with config.json" if not Path(name).exists() else "a directory saved by save_pretrained"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ModelLoadError(f"could not load {what} {name!r}: {first} (give {hint}, or a hub id this machine can reach)")
-
-
-def load_tokenizer(name: str):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError, KeyError) as err:
-        raise _load_error("tokenizer of", name, err) from None
-    if tok.eos_token_id is None:
-        raise ModelLoadError(f"tokenizer of {name!r} has no EOS token; completions must end with one")
-    if tok.pad_token_id is None:
-        # Padding positions are masked out everywhere, so any id works; EOS is the usual choice.
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def load_causal_lm(name: str, what: str = "model"):
@@ -39,7 +17,7 @@ def load_causal_lm(name: str, what: str = "model"):
         # Master weights stay fp32; bf16/fp16 come from autocast, so optimizer updates are not lost.
         return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise _load_error(what, name, err) from None
+        raise load_error(what, name, err) from None
 
 
 def add_lora(model, lora: LoraSpec):

@@ -66,8 +66,8 @@ class ConsoleCallbacks(Callbacks):
     def on_checkpoint(self, step, path):
         self._print(f"checkpoint {path}")
 
-    def on_warning(self, message):
-        self._print(f"warning: {message}")
+    def on_warning(self, message, *, code=None, data=None):
+        self._print(f"warning{f' ({code})' if code else ''}: {message}")
 
     def close(self, result) -> None:
         if self.bar is not None:
@@ -84,4 +84,8 @@ class ConsoleCallbacks(Callbacks):
             lines.append(f"  model: {result.final_dir}")
         if result.stopped:
             lines.append("  stopped early on request")
+        if result.early_stopped_at_step is not None:
+            lines.append(f"  early stopping ended the run at step {result.early_stopped_at_step}")
+        if result.best_step is not None:
+            lines.append(f"  the model holds the best evaluation's weights, from step {result.best_step}")
         self._print("\n".join(lines))

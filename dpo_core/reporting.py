@@ -118,8 +118,8 @@ class Reporting(Callbacks):
     def on_checkpoint(self, step, path):
         self.inner.on_checkpoint(step, path)
 
-    def on_warning(self, message):
-        self.inner.on_warning(message)
+    def on_warning(self, message, *, code=None, data=None):
+        self.inner.on_warning(message, code=code, data=data)
 
     def on_end(self, result):
         self._each("on_end", result)  # the trackers' files are complete before the caller records the end

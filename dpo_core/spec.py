@@ -81,6 +81,10 @@ LoraRank = _int(ge=1, le=1024)
 LoraAlpha = _float(gt=0, le=4096)
 Dropout = _float(ge=0, le=0.9)  # kept activations are scaled by 1 / (1 - dropout)
 SaveLimit = _int(ge=1, le=1000)
+Patience = _int(ge=1, le=1000)
+MinDelta = _float(ge=0, le=1e6)
+# An evaluation record's key (dpo_core.step.evaluate): eval_loss, eval_rewards/accuracies, eval_loss/<group>...
+EvalMetric = Annotated[str, Field(max_length=256)]
 GroupName = Annotated[str, Field(min_length=1, max_length=256)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -203,6 +207,40 @@ class LoraSpec(_Strict):
         return value
 
 
+def lower_is_better(metric: str) -> bool:
+    """The default direction of an evaluation metric: down for a loss, up for the rest (accuracies,
+    margins, chosen rewards)."""
+    name = metric.removeprefix("eval_")
+    return name.startswith("loss") or name.endswith("loss")
+
+
+class EarlyStoppingSpec(_Strict):
+    """Stop when an evaluation metric has not improved for `patience` evaluations in a row."""
+
+    metric: EvalMetric = Field(
+        "eval_loss", description="an evaluation record's key (docs/training.md, Metrics)",
+        json_schema_extra=_doc("an eval_ metric name", examples=("eval_loss", "eval_rewards/accuracies")))
+    mode: Literal["min", "max"] | None = Field(
+        None, description="min: lower is better; max: higher is better",
+        json_schema_extra=_doc(default_text="min for a loss, max for any other metric"))
+    patience: Patience = Field(3, description="evaluations in a row without improvement before the run stops")
+    min_delta: MinDelta = Field(0.0, description="an evaluation improves on the best only by more than this")
+
+    @field_validator("metric")
+    @classmethod
+    def _an_eval_metric(cls, value: str) -> str:
+        if not re.fullmatch(r"eval_[\w./-]+", value):
+            raise ValueError(f"{value!r} is not an evaluation metric: give an evaluation record's key, such as "
+                             f"eval_{value.removeprefix('eval_') or 'loss'} or eval_rewards/accuracies")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve_mode(self) -> EarlyStoppingSpec:
+        if self.mode is None:  # follows the metric, written into the field so the dumped spec is what runs
+            self.__dict__["mode"] = "min" if lower_is_better(self.metric) else "max"
+        return self
+
+
 class TrainingSpec(_Strict):
     """Everything one training run needs. Paths are local to the machine that runs it."""
 
@@ -283,7 +321,14 @@ class TrainingSpec(_Strict):
                                          json_schema_extra=_doc(default_text="the micro batch"))
     save_steps: Steps | None = Field(None, description="a checkpoint every this many steps; null: only the final model")
     save_total_limit: SaveLimit | None = Field(
-        None, description="checkpoints kept: the latest this many, plus the best by eval_loss; null keeps every one")
+        None, description="checkpoints kept: the latest this many, plus the best evaluation's (by "
+        "early_stopping.metric, else eval_loss); null keeps every one")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="end the run when an evaluation metric stops improving; the final model is then the best "
+        "evaluation's; needs a validation file and eval_steps")
+    load_best_at_end: bool = Field(
+        False, description="the final model is the best evaluation's weights (by early_stopping.metric, else "
+        "eval_loss), not the last step's; needs a validation file and eval_steps")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
     report_to: Annotated[list[ReportTo], Field(max_length=len(REPORT_TO))] = Field(
         default_factory=list, description="also report metrics to these (docs/training.md, Tracking); each needs "
@@ -327,9 +372,28 @@ class TrainingSpec(_Strict):
             problems.append(("precision", "fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16"))
         if self.share_prompt is True and self.loss.unpaired:
             problems.append(("share_prompt", f"needs pairs; loss {self.loss.type!r} trains on unpaired rows"))
+        problems += self._best_problems()
         if problems:
             raise CrossFieldError(problems)
         return self
+
+    def _best_problems(self) -> list[tuple[str, str]]:
+        """early_stopping and load_best_at_end compare evaluations made during training."""
+        name = "early_stopping" if self.early_stopping is not None else "load_best_at_end"
+        if self.early_stopping is None and not self.load_best_at_end:
+            return []
+        missing = [what for what, given in (("a validation_file", self.validation_file),
+                                            ("eval_steps", self.eval_steps)) if not given]
+        if missing:
+            return [(name, f"compares evaluations made during training, and needs {' and '.join(missing)}: "
+                     f"set {' and '.join(m.removeprefix('a ') for m in missing)}, or remove {name}")]
+        return []
+
+    @property
+    def best_metric(self) -> tuple[str, str]:
+        """(metric, mode) by which evaluations rank: which checkpoint is the best one."""
+        found = self.early_stopping
+        return (found.metric, found.mode) if found is not None else ("eval_loss", "min")
 
     def _resolve_defaults(self) -> None:
         """Defaults that follow a field the user set, so that no default ever conflicts with it. Written
@@ -350,7 +414,12 @@ class TrainingSpec(_Strict):
         """Optimizer steps of a run over `num_rows` training rows (KTO: rows after pairs are split)."""
         if self.max_steps is not None:
             return self.max_steps
-        return math.ceil(self.num_epochs * math.ceil(num_rows / self.batch_size))
+        return math.ceil(self.num_epochs * steps_per_epoch(num_rows, self.batch_size))
+
+
+def steps_per_epoch(num_rows: int, batch_size: int) -> int:
+    """Optimizer steps of one pass over `num_rows` rows: the last step takes what rows are left."""
+    return math.ceil(num_rows / batch_size)
 
 
 def data_problems(spec: TrainingSpec, train_rows: int, train_paired: bool,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from dpo_core.data import PreferenceData
@@ -61,6 +61,9 @@ class TokenizeResult:
     rows: list[TokenizedPair] | list[TokenizedRow]
     skipped: int                  # rows dropped because no completion token would fit
     truncated: int                # rows kept with prompt or completion shortened
+    truncated_tokens: int = 0     # tokens those rows lost: prompt (once per row) and completions
+    # Per source row, dropped ones too, before truncation: (prompt, chosen, rejected) or (prompt, completion).
+    lengths: list[tuple[int, ...]] = field(default_factory=list)
 
 
 def tokenize(
@@ -77,12 +80,16 @@ def tokenize(
         for i, row in enumerate(chunk):
             prompt, completions, cut_prompt = _split(prompts[i], [f[i] for f in full])
             misaligned += cut_prompt
+            sizes = (len(prompt), *map(len, completions))
+            result.lengths.append(sizes)
             fitted = _fit(prompt, completions, max_length, max_prompt_length)
             if fitted is None:
                 result.skipped += 1
                 continue
             prompt, completions, cut = fitted
             result.truncated += cut
+            if cut:
+                result.truncated_tokens += sum(sizes) - len(prompt) - sum(map(len, completions))
             result.rows.append(_make_row(start + i, row, prompt, completions, data.paired))
     if misaligned:
         logger.warning(

@@ -7,7 +7,6 @@ processes (dpo_core.distributed) only rank 0 reports and writes files.
 from __future__ import annotations
 
 import contextlib
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,19 +16,23 @@ import torch
 
 from dpo_core import checkpoint as ckpt
 from dpo_core import distributed, divergence
-from dpo_core.batching import epoch_order, row_length, steps_per_epoch
+from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
-from dpo_core.data import read_jsonl, split_pairs
+from dpo_core.data import read_jsonl, rows_for_loss
+from dpo_core.diagnostics import Diagnostics
+from dpo_core.early_stopping import Best
 from dpo_core.errors import TrainingError
-from dpo_core.layout import FINAL_DIR
+from dpo_core.estimate import epoch_summary, peak_rss_bytes
+from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
-from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy, load_tokenizer
+from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
 from dpo_core.reporting import with_reporters
-from dpo_core.spec import TrainingSpec
+from dpo_core.spec import TrainingSpec, steps_per_epoch
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
-from dpo_core.tokenize import tokenize
+from dpo_core.tokenize import TokenizeResult, tokenize
+from dpo_core.tokenizer_loading import load_tokenizer
 
 
 @dataclass
@@ -40,7 +43,17 @@ class TrainResult:
     trained_tokens: int
     stopped: bool  # should_stop() ended the run
     metrics: dict = field(default_factory=dict)  # last logged train record
-    eval_metrics: dict | None = None  # last eval record
+    eval_metrics: dict | None = None  # the final model's eval record: the last, or the best when best_step is set
+    early_stopped_at_step: int | None = None  # training.early_stopping ended the run at this step
+    best_step: int | None = None  # the final model holds this step's weights (early stopping, load_best_at_end)
+    # What the run measured (dpo_core.estimate.measured turns these into a job's `measured`):
+    train_seconds: float = 0.0  # in optimizer steps, over every run of a resumed job (progress.elapsed_s)
+    parameters: int = 0  # the policy's, LoRA base included
+    trainable_parameters: int = 0
+    device: str = "cpu"  # cpu | cuda
+    peak_memory_bytes: int = 0  # cpu: this process's peak RSS; cuda: torch.cuda.max_memory_allocated
+    memory_kind: str = "rss"  # rss | cuda_allocated
+    epoch: dict = field(default_factory=dict)  # one epoch of training rows (dpo_core.estimate.epoch_summary)
 
 
 @dataclass
@@ -63,6 +76,15 @@ class Run:
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     total_steps: int = 0
     metrics_file: MetricsFile | None = None
+    row_counts: dict = field(default_factory=dict)  # rows dropped and truncated per file (_row_counts)
+    diagnostics: Diagnostics | None = None
+    best: Best | None = None  # the best evaluation so far, by spec.best_metric
+    early_stopped_at: int | None = None
+
+    @property
+    def final_is_best(self) -> bool:
+        """Whether the final model is the best evaluation's weights rather than the last step's."""
+        return self.spec.load_best_at_end or self.spec.early_stopping is not None
 
     def autocast(self):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.spec.precision)
@@ -74,18 +96,13 @@ class Run:
 # ---------------------------------------------------------------- set-up
 
 
-def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> list:
+def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -> TokenizeResult:
     data = read_jsonl(path)
     # Messages name the file, not its path: under the service the path is the server's, and a team reads
     # these as job events and errors.
     for warning in data.warnings:
         callbacks.on_warning(f"{data.source}: {warning.message}")
-    if spec.loss.unpaired:
-        data = split_pairs(data)
-    elif not data.paired:
-        raise TrainingError(
-            f"{data.source} holds unpaired rows (prompt/completion/label); train it with loss.type: kto, or supply pairs"
-        )
+    data = rows_for_loss(data, spec.loss.unpaired)
     result = tokenize(data, tokenizer, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length)
     if result.skipped:
         callbacks.on_warning(
@@ -94,13 +111,14 @@ def _load_rows(path: str, spec: TrainingSpec, tokenizer, callbacks: Callbacks) -
         )
     if not result.rows:
         raise TrainingError(f"{data.source}: no row fits in max_length={spec.max_length}")
-    return result.rows
+    return result
 
 
-def _total_steps(spec: TrainingSpec, num_rows: int) -> int:
-    if spec.max_steps is not None:
-        return spec.max_steps
-    return math.ceil(spec.num_epochs * steps_per_epoch(num_rows, spec.batch_size))
+def _row_counts(train: TokenizeResult, evals: TokenizeResult | None) -> dict[str, int]:
+    """Rows tokenization dropped (no completion token fits) and truncated, per file, for on_start."""
+    counts = {"train_rows_dropped": train.skipped, "train_rows_truncated": train.truncated}
+    counts.update(eval_rows_dropped=evals.skipped if evals else 0, eval_rows_truncated=evals.truncated if evals else 0)
+    return counts
 
 
 def _make_optimizer(spec: TrainingSpec, module) -> torch.optim.Optimizer:
@@ -207,15 +225,17 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(resume_dir or spec.model)
-    train_rows = _load_rows(spec.train_file, spec, tokenizer, callbacks)
-    eval_rows = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
+    train = _load_rows(spec.train_file, spec, tokenizer, callbacks)
+    evals = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
     device = distributed.device(d, spec.device)
     model, policy, initial = _build_policy(spec, d, device, resume_dir)
-    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, eval_rows)
+    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train.rows, evals.rows if evals else None)
+    run.row_counts = _row_counts(train, evals)
     run.share_prompt = _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
-    run.total_steps = _total_steps(spec, len(train_rows))
+    run.total_steps = spec.total_steps(len(train.rows))
     run.metrics_file = MetricsFile(spec.output_dir)
+    run.diagnostics, run.best = Diagnostics(spec, run.total_steps), Best.of(spec)
     _make_reference(run, initial)
     run.optimizer = _make_optimizer(spec, policy)
     run.scheduler = _make_scheduler(spec, run.optimizer, run.total_steps)
@@ -233,6 +253,13 @@ def _restore(run: Run, resume_dir: str) -> None:
     run.progress = progress
     if run.dist.main:
         run.metrics_file.truncate_after(progress.step)
+    distributed.barrier(run.dist)
+    # What the run saw before its checkpoint: the best so far, and the diagnostics that already fired.
+    records = run.metrics_file.records()
+    run.diagnostics.replay(records)
+    for record in records:
+        if "eval_loss" in record:
+            run.best.observe(record)
 
 
 # ---------------------------------------------------------------- the loop
@@ -271,16 +298,26 @@ def _log(run: Run, window: _Window) -> dict:
     if run.dist.main:
         run.metrics_file.append(record)
         run.callbacks.on_log(record)
+        _warn(run, run.diagnostics.on_train(record))
     return record
 
 
-def _eval_and_report(run: Run) -> dict:
+def _eval_and_report(run: Run) -> tuple[dict, bool]:
+    """Evaluate and report; (the record, whether it is the best evaluation so far). Every rank gets the
+    same record, so every rank takes the same decisions from it."""
     record = evaluate(run)
     record.update(step=run.progress.step, epoch=_epoch(run))
+    improved = run.best.observe(record)
     if run.dist.main:
         run.metrics_file.append(record)
         run.callbacks.on_eval(record)
-    return record
+        _warn(run, run.diagnostics.on_eval(record))
+    return record, improved
+
+
+def _warn(run: Run, found: list) -> None:
+    for d in found:
+        run.callbacks.on_warning(d.message, code=d.code, data={"step": d.step, **d.data})
 
 
 def _model_state(run: Run) -> dict | None:
@@ -305,12 +342,14 @@ def _checkpoint(run: Run) -> None:
 
 
 def _prune(run: Run) -> None:
-    """save_total_limit: keep the latest checkpoints, and also the one with the best eval_loss."""
+    """save_total_limit: keep the latest checkpoints, and also the best evaluated one (by
+    spec.best_metric), and the best evaluation's, which the final model may be made of."""
     if not run.spec.save_total_limit:
         return
     steps = [step for step, _ in ckpt.list_checkpoints(run.spec.output_dir)]
-    best = ckpt.best_by_eval(steps, run.metrics_file.eval_losses())
-    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=() if best is None else (best,))
+    metric, mode = run.spec.best_metric
+    keep = {ckpt.best_by_eval(steps, run.metrics_file.eval_values(metric), mode), run.best.step} - {None}
+    ckpt.prune(run.spec.output_dir, run.spec.save_total_limit, also=keep)
 
 
 def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
@@ -319,9 +358,11 @@ def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
     if step % spec.logging_steps == 0 or done:
         last["train"] = _log(run, window)
         window = _Window()
+    improved = False
     if run.eval_rows and spec.eval_steps and step % spec.eval_steps == 0 and not done:
-        last["eval"] = _eval_and_report(run)
-    if spec.save_steps and step % spec.save_steps == 0:
+        last["eval"], improved = _eval_and_report(run)
+    # The best evaluation's weights are kept as a checkpoint when the final model is to be made of them.
+    if (spec.save_steps and step % spec.save_steps == 0) or (improved and run.final_is_best):
         _checkpoint(run)
     return window, last
 
@@ -365,6 +406,9 @@ def _loop(run: Run) -> tuple[dict, bool]:
                 return last, True
             _one_step(run, [run.train_rows[i] for i in positions], window)
             window, last = _after_step(run, window, last)
+            if run.best.should_stop:
+                run.early_stopped_at = progress.step
+                return last, False
             if progress.step >= run.total_steps:
                 break
         else:
@@ -373,8 +417,10 @@ def _loop(run: Run) -> tuple[dict, bool]:
 
 
 def _save_final(run: Run) -> str:
-    divergence.check_weights(run)
     target = Path(run.spec.output_dir) / FINAL_DIR
+    if run.final_is_best and run.best.step not in (None, run.progress.step):
+        return _save_best_final(run, target)
+    divergence.check_weights(run)
     model_state = _model_state(run)
     if not run.dist.main:
         distributed.barrier(run.dist)
@@ -382,22 +428,57 @@ def _save_final(run: Run) -> str:
     if run.spec.lora is None:
         ckpt.save_model_dir(target, run.model, run.tokenizer, model_state)
     else:
-
-        def write(tmp: Path) -> None:
-            # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
-            run.model.save_pretrained(tmp / "adapter")
-            run.tokenizer.save_pretrained(tmp / "adapter")
-            run.model.merge_and_unload().save_pretrained(tmp)
-            run.tokenizer.save_pretrained(tmp)
-
-        ckpt.atomic_dir(target, write)
+        _write_lora_final(run, target)
     distributed.barrier(run.dist)
     return str(target)
 
 
+def _write_lora_final(run: Run, target: Path) -> None:
+    def write(tmp: Path) -> None:
+        # LoRA: the adapter in final/adapter/, and a merged model in final/ that loads without PEFT.
+        run.model.save_pretrained(tmp / "adapter")
+        run.tokenizer.save_pretrained(tmp / "adapter")
+        run.model.merge_and_unload().save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+
+    ckpt.atomic_dir(target, write)
+
+
+def _save_best_final(run: Run, target: Path) -> str:
+    """The final model made of the best evaluation's checkpoint (written when that evaluation was made)."""
+    source = checkpoint_dir(run.spec.output_dir, run.best.step)
+    if run.dist.main:
+        if run.spec.lora is None:
+            ckpt.copy_model_dir(source, target)
+        else:
+            _load_adapter(run.model, source)
+            _write_lora_final(run, target)
+    distributed.barrier(run.dist)
+    return str(target)
+
+
+def _load_adapter(model, checkpoint: Path) -> None:
+    """A LoRA checkpoint's adapter weights into the live adapter (fsdp, whose weights are sharded, takes no LoRA)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors", device="cpu"))
+
+
 def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResult:
     p = run.progress
-    return TrainResult(run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), last.get("eval"))
+    best = (run.best.step or p.step) if final and run.final_is_best else None
+    evaluated = run.best.record if best is not None and run.best.record else last.get("eval")
+    params = list(run.model.parameters())
+    cuda = run.device.type == "cuda"
+    return TrainResult(
+        run.spec.output_dir, final, p.step, p.num_tokens, stopped, last.get("train", {}), evaluated,
+        early_stopped_at_step=run.early_stopped_at, best_step=best,
+        train_seconds=p.elapsed_s, parameters=sum(t.numel() for t in params),
+        trainable_parameters=sum(t.numel() for t in params if t.requires_grad), device=run.device.type,
+        peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if cuda else peak_rss_bytes(),
+        memory_kind="cuda_allocated" if cuda else "rss", epoch=epoch_summary(run.train_rows),
+    )
 
 
 def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult:
@@ -422,6 +503,7 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
             "total_steps": run.total_steps,
             "num_train_rows": len(run.train_rows),
             "num_eval_rows": len(run.eval_rows or []),
+            **run.row_counts,
             "resumed_from_step": run.progress.step if resume_dir else None,
             "resumed_from": resume_dir,
             "world_size": run.dist.world,
@@ -432,7 +514,7 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
     last, stopped = _loop(run)
     if stopped:
         return _result(run, last, True, None)
-    if run.eval_rows:
-        last["eval"] = _eval_and_report(run)
+    if run.eval_rows and run.early_stopped_at is None:  # an early stop has just evaluated this step
+        last["eval"], _ = _eval_and_report(run)
     final = _save_final(run) if run.total_steps > 0 else None
     return _result(run, last, False, final)

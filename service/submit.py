@@ -17,13 +17,17 @@ from service.artifacts import Storage, job_key
 from service.auth import Principal, load_file
 from service.db import jobs
 from service.db.locks import lock_files, lock_team
-from service.db.models import WAITING, File, Job, JobStatus, Team, new_id, now
+from service.db.models import WAITING, File, Job, JobStatus, Preflight, Team, new_id, now
 from service.db.quota import refuse_job_over_quota
 from service.errors import Conflict, InvalidInput, NotFound, QuotaExceeded
 from service.model_paths import model_problem
 from service.requests import INT64, JobCreate
 from service.settings import Settings
 from service.tracking import refuse_unavailable_trackers
+
+
+# A job created from the same request within this time of a pre-flight report keeps its estimate.
+PREFLIGHT_KEPT_S = 3600
 
 
 @dataclass(frozen=True)
@@ -36,11 +40,12 @@ def create_job(session: Session, principal: Principal, req: JobCreate, settings:
                idempotency_key: str | None = None) -> Submitted:
     """Store a valid request as a queued job and commit; InvalidInput naming the problem, QuotaExceeded
     when the team is at its max_queued_jobs or storage limit, Conflict for a key reused for another request."""
-    digest = _request_hash(req) if idempotency_key else None
+    digest = request_hash(req) if idempotency_key else None
     if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
         return Submitted(earlier, new=False)
-    job = _new_job(req, session, storage, settings, principal)
+    job, _ = validate(req, session, storage, settings, principal)
     job.idempotency_key, job.request_hash = idempotency_key, digest
+    job.estimate = preflight_estimate(session, principal.team_id, digest or request_hash(req), time.time())
     team = lock_team(session, principal.team_id)  # locked until commit: no race past the checks below
     if idempotency_key and (earlier := _replay(session, principal, idempotency_key, digest)):
         session.rollback()  # a twin request made it while we validated
@@ -56,8 +61,10 @@ def create_job(session: Session, principal: Principal, req: JobCreate, settings:
     return Submitted(job.id, new=True)
 
 
-def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Settings, principal: Principal) -> Job:
-    """The job row for a valid request (not yet added); InvalidInput naming every problem otherwise."""
+def validate(req: JobCreate, session: Session, storage: Storage, settings: Settings,
+             principal: Principal) -> tuple[Job, jobspec.BuiltSpec]:
+    """The job row for a valid request (not yet added) and its spec with this machine's paths;
+    InvalidInput naming every problem otherwise. Job creation and the pre-flight report share it."""
     _check_numbers(req.model_dump(mode="python"))
     _check_model(req.model, settings, "model")
     train = _fine_tune_file(session, principal, req.training_file, "training_file")
@@ -73,7 +80,7 @@ def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Setti
     refuse_unavailable_trackers(session, built.spec.report_to, req.gpu_type, req.gpus, settings.worker_lost_after_s,
                                 time.time())
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
-    return Job(
+    job = Job(
         id=job_id, team_id=principal.team_id, status=JobStatus.QUEUED.value, model=req.model,
         training_file=train.id, validation_file=val.id if val else None, method=method,
         hyperparameters=built.hyperparameters, training=req.training, spec=built.stored,
@@ -81,6 +88,15 @@ def _new_job(req: JobCreate, session: Session, storage: Storage, settings: Setti
         created_at=now(), result_files=[], cancel_requested=False, priority=req.priority, gpu_type=req.gpu_type,
         gpus=req.gpus, max_attempts=req.max_attempts or settings.job_max_attempts,
     )
+    return job, built
+
+
+def preflight_estimate(session: Session, team_id: str, digest: str, at: float) -> dict | None:
+    """The estimate of this team's latest pre-flight report of the same request, if it is recent."""
+    found = session.scalars(select(Preflight).where(
+        Preflight.team_id == team_id, Preflight.request_hash == digest,
+        Preflight.created_at >= at - PREFLIGHT_KEPT_S).order_by(Preflight.created_at.desc()).limit(1)).first()
+    return found.estimate if found is not None else None
 
 
 def _check_model(name: str, settings: Settings, param: str) -> None:
@@ -104,7 +120,7 @@ def _check_numbers(value, path: str = "") -> None:
             _check_numbers(item, f"{path}.{i}")
 
 
-def _request_hash(req: JobCreate) -> str:
+def request_hash(req: JobCreate) -> str:
     canonical = json.dumps(req.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

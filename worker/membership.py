@@ -32,7 +32,8 @@ from service.settings import Settings
 log = logging.getLogger("dpo.worker")
 CPU = "cpu"
 _PROBE = ("import json, torch; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; "
-          "print(json.dumps([torch.cuda.get_device_name(i) for i in range(n)]))")
+          "print(json.dumps([(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory) "
+          "for i in range(n)]))")
 _VENDOR_WORDS = {"nvidia", "geforce", "tesla", "quadro", "amd", "radeon", "instinct", "graphics"}
 
 # Held by a thread of this process while it uses the database, and by os.fork() while it forks. A job
@@ -52,29 +53,41 @@ class Identity:
     hostname: str
     pid: int
     integrations: tuple[str, ...] = ()  # the trackers of training.report_to this worker can import
+    memory_bytes: int | None = None  # one GPU's memory; a CPU worker's RAM; None when unknown
 
 
 def identity(settings: Settings) -> Identity:
     """Who this worker is: DPO_WORKER_* settings first, the GPUs it sees for the rest."""
     hostname, pid = socket.gethostname(), os.getpid()
     gpu_type, gpus = settings.worker_gpu_type, settings.worker_gpus
+    devices = [] if gpu_type is not None and gpu_type.lower() == CPU else detect_gpus()
+    names = [name for name, _ in devices]
     if gpu_type is None or (gpus is None and gpu_type.lower() != CPU):
-        names = detect_gpus()
         gpu_type = gpu_type or (gpu_type_of(names[0]) if names else CPU)
         if len({gpu_type_of(n) for n in names}) > 1:
             log.warning("this worker sees different GPUs (%s); it registers as %s", ", ".join(names), gpu_type)
         gpus = gpus or max(len(names), 1)
+    memory = ram_bytes() if gpu_type.lower() == CPU else (min(m for _, m in devices) if devices else None)
     return Identity(name=settings.worker_name or f"{hostname}-{pid}", gpu_type=gpu_type.lower(), gpus=gpus or 1,
-                    hostname=hostname, pid=pid, integrations=tuple(reporting.available()))
+                    hostname=hostname, pid=pid, integrations=tuple(reporting.available()), memory_bytes=memory)
 
 
-def detect_gpus() -> list[str]:
-    """The names of the CUDA devices this process may use (CUDA_VISIBLE_DEVICES applies); [] without CUDA."""
+def detect_gpus() -> list[tuple[str, int]]:
+    """(name, total memory in bytes) of each CUDA device this process may use (CUDA_VISIBLE_DEVICES
+    applies); [] without CUDA."""
     out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
         log.warning("GPU detection failed (%s); registering as cpu", out.stderr.strip().splitlines()[-1:])
         return []
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return [(name, int(memory)) for name, memory in json.loads(out.stdout.strip().splitlines()[-1])]
+
+
+def ram_bytes() -> int | None:
+    """This machine's physical memory: what a CPU worker's jobs share."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # a platform without these names
+        return None
 
 
 def gpu_type_of(device_name: str) -> str:
@@ -147,7 +160,7 @@ class Membership:
             row = workers.register(s, name=self.me.name, gpu_type=self.me.gpu_type, gpus=self.me.gpus,
                                  queue_prefix=self.settings.queue, hostname=self.me.hostname, pid=self.me.pid,
                                  lost_after_s=self.settings.worker_lost_after_s, holder_dead=dead is not None,
-                                 integrations=list(self.me.integrations))
+                                 integrations=list(self.me.integrations), memory_bytes=self.me.memory_bytes)
             self.worker_id, self.queue = row.id, row.queue
             requeued = requeue_from_dead_worker(s, self.settings, row.id, time.time()) if dead else []
         if dead:

@@ -117,8 +117,8 @@ class JobRecorder(Callbacks):
                            data={"code": "checkpoint_saved", "checkpoint": ckpt.id, "step": step})
         self.keeper.write(write)
 
-    def on_warning(self, message: str) -> None:
-        self.keeper.write(lambda s: jobs.add_event(s, self.job_id, message, level="warn"))
+    def on_warning(self, message: str, *, code: str | None = None, data: dict[str, Any] | None = None) -> None:
+        self.keeper.write(lambda s: jobs.add_warning(s, self.job_id, message, code, data))
 
     def should_stop(self) -> bool:
         if self.stop_reason is None:
@@ -156,6 +156,8 @@ class JobRecorder(Callbacks):
         """The run's last records: written before it ends (rank 0 of a multi-GPU job is a process of its
         own, which exits after this), however long the database takes to answer again."""
         self.flush()
+        if result.early_stopped_at_step is not None:
+            self.keeper.write(lambda s: _early_stopped(s, self.job_id, result))
         self.keeper.drain()
 
     def flush(self) -> None:
@@ -196,6 +198,14 @@ class JobRecorder(Callbacks):
             return None
         elapsed = time.time() - self.started
         return int(time.time() + elapsed / done * (total - step))
+
+
+def _early_stopped(s: Session, job_id: str, result) -> None:
+    step, best = result.early_stopped_at_step, result.best_step
+    jobs.update_job(s, job_id, early_stopped_at_step=step)
+    jobs.add_event(s, job_id, f"Early stopping ended training at step {step}: no better evaluation since step "
+                   f"{best}, whose weights are the final model", data={"code": "early_stopped", "step": step,
+                                                                        "best_step": best})
 
 
 def _fmt(value: Any) -> str:

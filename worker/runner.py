@@ -28,6 +28,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dpo_core import estimate
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR, remove_partial
@@ -129,7 +130,19 @@ class JobRunner:
             if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # the data volume: full, read-only, failing
                 return self._fail(keeper, "storage_error", storage_message(err))
             return self._fail_internal(keeper, err)
-        return self._finish(keeper, result)
+        return self._finish(keeper, result, self._measured(keeper, spec, result, gpus))
+
+    def _measured(self, keeper: LeaseKeeper, spec: TrainingSpec, result, gpus: int) -> dict:
+        """What the run measured (dpo_core.estimate.measured): it calibrates later estimates. Its FLOPs come
+        from the model's shape, left out (None) when that cannot be read."""
+        gpu_type = keeper.read(lambda s: s.scalar(select(Worker.gpu_type).where(Worker.id == self.worker_id)))
+        try:
+            facts = estimate.model_facts(spec.model)
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("job %s: no FLOPs in its measurement, the model's shape cannot be read (%s)",
+                        keeper.lease.job_id, err)
+            facts = None
+        return estimate.measured(spec, result, gpu_type or "cpu", gpus, facts)
 
     def _launch(self, lease: Lease, spec: TrainingSpec, gpus: int):
         """Run a multi-GPU job in a subprocess (worker.distributed_job) and return rank 0's TrainResult."""
@@ -166,8 +179,9 @@ class JobRunner:
         return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
                         resume_from="auto")
 
-    def _finish(self, keeper: LeaseKeeper, result) -> str:
-        """Record the run's outcome; waits out a database that cannot answer (LeaseLost once the lease is lost)."""
+    def _finish(self, keeper: LeaseKeeper, result, measured: dict) -> str:
+        """Record the run's outcome, and with a success what it measured; waits out a database that cannot
+        answer (LeaseLost once the lease is lost)."""
         lease, outcome = keeper.lease, {}
         tensorboard = self._pack_tensorboard(lease.job_id) if not result.stopped else None
 
@@ -185,13 +199,15 @@ class JobRunner:
                 return
             if result.final_dir:
                 key = self.storage.key_for(result.final_dir)
-                final = jobs.add_checkpoint(s, lease.job_id, result.global_step, key,
+                # The final model is the best evaluation's weights under early stopping or load_best_at_end.
+                step = result.global_step if result.best_step is None else result.best_step
+                final = jobs.add_checkpoint(s, lease.job_id, step, key,
                                              {**result.metrics, **(result.eval_metrics or {})}, final=True,
                                              size=self.storage.size(key))
                 s.flush()
                 fields["fine_tuned_model"] = final.id
             fields["result_files"] = self._result_files(s, lease.job_id, tensorboard)
-            leases.finish(s, lease, JobStatus.SUCCEEDED, **fields)
+            leases.finish(s, lease, JobStatus.SUCCEEDED, measured=measured, **fields)
             outcome["status"] = JobStatus.SUCCEEDED
         keeper.write_now(write)
         return outcome["status"].value

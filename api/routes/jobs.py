@@ -21,7 +21,8 @@ from api.deps import (
 from api.pagination import After, Limit, paged
 from api.schemas.common import ListPublic
 from api.schemas.jobs import JobPublic
-from service import submit
+from api.schemas.preflight import PreflightPublic
+from service import preflight, submit
 from service.auth import load_job
 from service.db import jobs
 from service.db.models import Job, stored_statuses
@@ -47,6 +48,14 @@ def create_job(req: JobCreate, session: SessionDep, storage: StorageDep, setting
     if submitted.new:
         dispatcher.wake()
     return _shown(session, settings, submitted.job_id)
+
+
+@router.post("/preflight", response_model=PreflightPublic)
+def preflight_job(req: JobCreate, session: SessionDep, storage: StorageDep, settings: SettingsDep,
+                  principal: CurrentPrincipal) -> PreflightPublic:
+    """Check a job request without queueing it: its data as the trainer will tokenize it, the run's steps,
+    tokens, FLOPs, memory and time on each GPU type of the pool, and when it would start."""
+    return PreflightPublic.model_validate(preflight.preflight(session, principal, req, settings, storage))
 
 
 StatusFilter = Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query(

@@ -1,6 +1,7 @@
 """Fine-tuning jobs, their events and checkpoints as responses, shaped like the OpenAI API's, plus our
 extensions (`training`, `progress`, `metrics`, `eval_metrics`, `download_url`, and what a job asks of the
-pool: `team`, `priority`, `gpu_type`, `gpus`, `queue_position`, `queue_reason`, `worker`). The request
+pool: `team`, `priority`, `gpu_type`, `gpus`, `queue_position`, `queue_reason`, `worker`; what its training
+said of itself: `warnings`, `early_stopped_at_step`). The request
 (JobCreate) is service.requests'."""
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ class Progress(BaseModel):
     total_steps: int | None = None
     epoch: float | None = None
     tokens_per_s: float | None = None
+
+
+class JobWarning(BaseModel):
+    code: str = Field(description="stable: rewards_both_falling, accuracy_saturated, eval_gap, grad_norm_spike, "
+                      "loss_flat")
+    step: int | None = Field(description="the step at which it was raised")
+    message: str = Field(description="what was seen and what to try")
 
 
 class JobPublic(BaseModel):
@@ -62,6 +70,17 @@ class JobPublic(BaseModel):
     worker: str | None = Field(description="the worker it was handed to")
     attempts: int = Field(description="runs that started and were not handed back cleanly (a lost worker's counts)")
     max_attempts: int = Field(description="at this many lost runs the job fails with worker_lost")
+    estimate: dict[str, Any] | None = Field(
+        description="the pre-flight estimate it was created with: preflight_id, gpu_type, seconds, "
+        "peak_memory_bytes, steps, tokens")
+    actual: dict[str, Any] | None = Field(
+        description="once it succeeded, what its run measured: train_seconds, peak_memory_bytes, memory_kind, "
+        "tokens_per_s, tokens, steps")
+    warnings: list[JobWarning] = Field(
+        default=[], description="the diagnostics its training raised so far (docs/training.md, Diagnostics); "
+        "their evidence is in the job's warn events")
+    early_stopped_at_step: int | None = Field(
+        None, description="the step at which training.early_stopping ended training; null otherwise")
 
     @classmethod
     def of(cls, job: JobRow, position: int | None = None, reason: str | None = None) -> JobPublic:
@@ -81,7 +100,19 @@ class JobPublic(BaseModel):
             cancel_requested=job.cancel_requested, organization_id=job.team_id, team=job.team_id,
             priority=job.priority, gpu_type=job.gpu_type, gpus=job.gpus, queue_position=position,
             queue_reason=reason, worker=job.worker, attempts=job.attempts, max_attempts=job.max_attempts,
+            estimate=job.estimate, actual=_actual(job.measured),
+            warnings=job.warnings or [], early_stopped_at_step=job.early_stopped_at_step,
         )
+
+
+ACTUAL_FIELDS = ("train_seconds", "peak_memory_bytes", "memory_kind", "tokens_per_s", "tokens", "steps")
+
+
+def _actual(measured: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What a finished run measured, as users read it beside the estimate (the rest calibrates estimates)."""
+    if not isinstance(measured, dict):
+        return None
+    return {k: measured.get(k) for k in ACTUAL_FIELDS}
 
 
 def _int(seconds: float | None) -> int | None:

@@ -47,6 +47,19 @@ def add_event(
     return event
 
 
+def add_warning(session: Session, job_id: str, message: str, code: str | None = None,
+                data: dict[str, Any] | None = None) -> None:
+    """A problem the run survives, as a `warn` event; one with a code (a diagnostic: rewards_both_falling,
+    eval_gap, ...) also joins the job's `warnings`, once per code and step (a resumed run may see it again)."""
+    add_event(session, job_id, message, level="warn", data={"code": code, **(data or {})} if code else data)
+    if code is None:
+        return
+    listed = session.scalar(select(Job.warnings).where(Job.id == job_id)) or []
+    entry = {"code": code, "step": (data or {}).get("step"), "message": message}
+    if not any(w.get("code") == code and w.get("step") == entry["step"] for w in listed):
+        update_job(session, job_id, warnings=[*listed, entry])
+
+
 # The PostgreSQL channel on which each commit that adds events names their job, once per transaction.
 EVENTS_CHANNEL = "dpo_events"
 _ANNOUNCE = (select(func.pg_notify(EVENTS_CHANNEL, Job.id)).where(Job.id == bindparam("job_id"))

@@ -222,6 +222,10 @@ class Job(Base):
     # (train seconds, tokens/s, peak memory, model size, precision, gpu type), which calibrates estimates.
     estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
     measured: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True))
+    # The diagnostics its runs raised, {code, step, message} each (service.db.jobs.add_warning; the events
+    # hold their evidence), and the step at which training.early_stopping ended its training.
+    warnings: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
+    early_stopped_at_step: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class RunOutcome(StrEnum):

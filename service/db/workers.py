@@ -67,11 +67,12 @@ def dead_holder(session: Session, name: str, hostname: str, gone: Callable[[int,
 
 
 def register(session: Session, *, name: str, gpu_type: str, gpus: int, queue_prefix: str, hostname: str,
-             pid: int, lost_after_s: float, holder_dead: bool = False, integrations: list[str] | None = None
-             ) -> Worker:
+             pid: int, lost_after_s: float, holder_dead: bool = False, integrations: list[str] | None = None,
+             memory_bytes: int | None = None) -> Worker:
     """Add this worker to the pool, or take over its row when it restarts under the same name.
     Refused while another live process holds the name, unless the caller knows that process is dead
-    (`holder_dead`, see dead_holder). `integrations`: the trackers it can import (service.tracking)."""
+    (`holder_dead`, see dead_holder). `integrations`: the trackers it can import (service.tracking).
+    `memory_bytes`: one of its GPUs' memory (a CPU worker: its RAM), what estimates check a job against."""
     at = time.time()
     worker = session.scalars(select(Worker).where(Worker.name == name).with_for_update()).one_or_none()
     if worker is None:
@@ -83,6 +84,7 @@ def register(session: Session, *, name: str, gpu_type: str, gpus: int, queue_pre
                        "give this one another DPO_WORKER_NAME, or stop that one first", param="worker_name")
     worker.gpu_type, worker.gpus, worker.hostname, worker.pid = gpu_type, gpus, hostname, pid
     worker.integrations = integrations
+    worker.memory_bytes = memory_bytes
     worker.queue = worker_queue(queue_prefix, worker.id)
     worker.registered_at = worker.last_heartbeat_at = at
     worker.stopped_at = None

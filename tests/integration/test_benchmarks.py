@@ -62,3 +62,15 @@ def test_bench_upload_reports_the_api_memory_for_one_upload(tmp_path):
     assert 0 < record["rss_before"] <= record["rss_peak_sampled"] and record["seconds"] > 0
     assert record["bound"] == 64 * 2**20 + 2 * 64 * 1024
     assert "growth: " in out and "MB/s" in out
+
+
+def test_bench_preflight_reports_the_data_report_time_without_torch(tmp_path):
+    record_file = tmp_path / "record.json"
+    out = _run("bench_preflight.py", "--rows", "200", "--vocab-size", "2000", "--repeats", "1",
+               "--work-dir", str(tmp_path), "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert out.startswith("machine: cpu: ") and record["machine"] in out
+    assert record["rows"] == 200 and record["tokens"] > 200 * 20
+    assert record["lengths"]["prompt"]["p50"] > 0 and record["report_s"][0] > 0
+    assert record["torch_imported"] is False
+    assert "data_report: " in out

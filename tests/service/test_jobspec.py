@@ -125,11 +125,14 @@ REQUEST_FIELDS = [(param, f) for param, f, _, _ in ranges.request_ranges()]
                          if isinstance(x, str) else "")
 def test_every_request_field_alone_takes_each_end_of_its_range(param, field):
     """Set alone to each end of its range (and a value between), every field of a request gives a job
-    that validates, with its files' facts too: no default the user did not choose gets in the way."""
+    that validates, with its files' facts too: no default the user did not choose gets in the way
+    (early_stopping and load_best_at_end compare evaluations during training: with eval_steps)."""
     for value in field.samples():
         body = _request(param, value)
         if param.startswith("method."):
             body["method"]["type"] = "dpo"
+        if param.startswith(("training.early_stopping", "training.load_best_at_end")):
+            body["training"]["eval_steps"] = 10
         built = jobspec.build(JobCreate(model="m", training_file="file-1", validation_file="file-2", **body),
                               PATHS["train_path"], "/data/files/v.jsonl", PATHS["output_dir"], PAIRS, PAIRS)
         assert built.spec is not None

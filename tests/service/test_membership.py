@@ -30,14 +30,19 @@ def test_gpu_types_from_device_names(name, kind):
 
 
 def test_identity_from_settings_or_detection(tmp_path, monkeypatch):
-    seen = []
-    monkeypatch.setattr(membership, "detect_gpus", lambda: seen.append(1) or ["NVIDIA H100 80GB HBM3"] * 2)
+    seen, h100 = [], ("NVIDIA H100 80GB HBM3", 85_520_809_984)
+    monkeypatch.setattr(membership, "detect_gpus", lambda: seen.append(1) or [h100] * 2)
     me = identity(make_settings(tmp_path, worker_name="w", worker_gpu_type="CPU", worker_gpus=3))
     assert (me.name, me.gpu_type, me.gpus, seen) == ("w", "cpu", 3, [])  # configured: nothing detected
+    assert me.memory_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU worker: its RAM
     me = identity(make_settings(tmp_path))
-    assert (me.gpu_type, me.gpus, me.name.endswith(f"-{me.pid}")) == ("h100", 2, True)
+    assert (me.gpu_type, me.gpus, me.name.endswith(f"-{me.pid}"), me.memory_bytes) == ("h100", 2, True, h100[1])
+    # A configured GPU type still reads the memory of the GPUs it sees.
+    me = identity(make_settings(tmp_path, worker_gpu_type="h100", worker_gpus=1))
+    assert (me.gpu_type, me.gpus, me.memory_bytes) == ("h100", 1, h100[1])
     monkeypatch.setattr(membership, "detect_gpus", lambda: [])
     assert (identity(make_settings(tmp_path)).gpu_type, identity(make_settings(tmp_path)).gpus) == ("cpu", 1)
+    assert identity(make_settings(tmp_path)).memory_bytes == membership.ram_bytes()
 
 
 def test_detection_without_cuda_finds_nothing():
@@ -51,10 +56,12 @@ def test_detection_without_cuda_finds_nothing():
 def test_join_beat_and_leave(tmp_path):
     settings = make_settings(tmp_path / "data", worker_heartbeat_interval_s=0.1, worker_lost_after_s=1)
     upgrade(settings.db_url)
-    me = Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=os.getpid())  # a live process
+    me = Identity(name="w1", gpu_type="cpu", gpus=1, hostname="h", pid=os.getpid(),  # a live process
+                  memory_bytes=24 << 30)
     member = Membership(settings, me)
     member.join()
     assert member.queue == f"{settings.queue}.{member.worker_id}"
+    assert _row(settings, member.worker_id).memory_bytes == 24 << 30
     first = _row(settings, member.worker_id).last_heartbeat_at
     member.start_heartbeats()
     deadline = time.monotonic() + 30  # a beat every 0.1 s: the first one, however loaded the machine

@@ -152,6 +152,8 @@ BODIES = {
     # A GPU type no worker has: the job waits in the queue, and the worker stays free for the next test.
     ("post", "/v1/fine_tuning/jobs"): lambda ids: {"model": ids["model"], "training_file": ids["file_id"],
                                                    "training": {**FAST, "max_steps": 1}, "gpu_type": "none-here"},
+    ("post", "/v1/fine_tuning/jobs/preflight"): lambda ids: {"model": ids["model"], "training_file": ids["file_id"],
+                                                             "training": {**FAST, "max_steps": 1}},
     ("post", "/v1/admin/teams"): lambda ids: {"name": "outage-" + secrets.token_hex(3)},
     ("patch", "/v1/admin/teams/{team_id}"): lambda ids: {"max_queued_jobs": 50},
     ("post", "/v1/admin/teams/{team_id}/keys"): lambda ids: {"name": "outage"},

@@ -10,7 +10,9 @@ import time
 
 import pytest
 
-from tests.service.support import dispatch, register_worker, run_on_worker, upload
+from dpo_core.estimate import model_facts
+from service.db.models import Job
+from tests.service.support import dispatch, register_worker, run_on_worker, sessions_for, upload
 from worker.runner import JobRunner
 
 FAST = {"learning_rate": 1e-3, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32}
@@ -65,6 +67,18 @@ def test_a_job_trains_and_everything_is_recorded(client, settings, task_files, t
     (results,) = job["result_files"]
     lines = client.get(f"/v1/files/{results}/content").text.splitlines()
     assert len(lines) == 6 + 3  # train records every 2 steps, plus 3 evaluations
+
+    # What the run measured, which calibrates later estimates (dpo_core.estimate.measured).
+    with sessions_for(settings).begin() as s:
+        measured = s.get(Job, job_id).measured
+    facts = model_facts(tiny_model)
+    assert (measured["steps"], measured["tokens"], measured["device"], measured["gpu_type"], measured["gpus"]) == \
+        (12, job["trained_tokens"], "cpu", "cpu", 1)
+    assert measured["parameters"] == measured["trainable_parameters"] == facts.parameters
+    assert measured["tokens_per_s"] == pytest.approx(measured["tokens"] / measured["train_seconds"], rel=0.01)
+    assert measured["memory_kind"] == "rss" and measured["peak_memory_bytes"] > 100 << 20  # torch alone is more
+    assert measured["flops"] > 8 * facts.body_parameters * measured["tokens"]  # policy and reference, and more
+    assert (measured["precision"], measured["lora"], measured["gradient_checkpointing"]) == ("fp32", False, False)
 
 
 def test_a_model_that_does_not_exist_fails_with_a_clear_one_line_error(client, settings, task_files):

@@ -24,3 +24,9 @@ def test_the_best_by_eval_is_the_lowest_finite_loss_measured_at_a_checkpoint_ste
     assert best_by_eval([2, 4, 6, 8], losses) == 8  # 0 and 5 are no checkpoint's; a tie goes to the latest
     assert best_by_eval([2, 6], {6: float("nan")}) is None
     assert best_by_eval([], losses) is None
+
+
+def test_the_best_by_eval_of_a_metric_to_maximise_is_the_highest():
+    accuracies = {2: 0.5, 4: 0.9, 6: 0.7, 8: float("nan")}
+    assert best_by_eval([2, 4, 6, 8], accuracies, mode="max") == 4
+    assert best_by_eval([2, 4, 6, 8], accuracies, mode="min") == 2

@@ -18,8 +18,9 @@ from dpo_core.spec import (
 )
 
 BASE = {"model": "m", "train_file": "t.jsonl"}
-# max_steps: 0 (evaluate only) needs a validation file; every other value of every field needs nothing else.
-WITH_VALIDATION = {**BASE, "validation_file": "v.jsonl"}
+# max_steps: 0 (evaluate only) needs a validation file, early_stopping and load_best_at_end need one and
+# eval_steps; every other value of every field needs nothing else.
+WITH_VALIDATION = {**BASE, "validation_file": "v.jsonl", "eval_steps": 10}
 FIELDS = [f for f in field_ranges(TrainingSpec) if f.path not in (*SERVER_PATH_FIELDS, "model")]
 
 
@@ -58,6 +59,9 @@ def test_cross_field_rules_name_the_field_to_change():
         ({"distributed": "fsdp", "lora": {}}, "distributed"),
         ({"distributed": "fsdp", "precision": "fp16"}, "precision"),
         ({"loss": {"type": "ipo", "label_smoothing": 0.1}}, "loss.label_smoothing"),
+        ({"early_stopping": {}, "eval_steps": 10}, "early_stopping"),
+        ({"early_stopping": {}, "validation_file": "v.jsonl"}, "early_stopping"),
+        ({"load_best_at_end": True, "validation_file": "v.jsonl"}, "load_best_at_end"),
     ]
     for change, field in cases:
         with pytest.raises(SpecError) as err:
@@ -198,3 +202,21 @@ def test_share_prompt_needs_pairs():
         parse_spec({**BASE, "share_prompt": True, "loss": {"type": "kto"}})
     assert [loc for loc, _ in err.value.problems] == ["share_prompt"]
     assert parse_spec({**BASE, "share_prompt": "auto", "loss": {"type": "kto"}}).share_prompt == "auto"
+
+
+def test_early_stopping_names_what_it_lacks_and_its_direction_follows_the_metric():
+    with pytest.raises(SpecError) as err:
+        parse_spec({**BASE, "early_stopping": {"patience": 2}})
+    ((loc, message),) = err.value.problems
+    assert loc == "early_stopping" and "validation_file" in message and "eval_steps" in message
+    with pytest.raises(SpecError) as err:
+        parse_spec({**WITH_VALIDATION, "early_stopping": {"metric": "loss"}})
+    ((loc, message),) = err.value.problems
+    assert loc == "early_stopping.metric" and "eval_loss" in message
+    for metric, mode in (("eval_loss", "min"), ("eval_rewards/accuracies", "max"), ("eval_loss/safe", "min")):
+        spec = parse_spec({**WITH_VALIDATION, "early_stopping": {"metric": metric}})
+        assert spec.early_stopping.mode == mode and spec.best_metric == (metric, mode)
+        assert parse_spec(spec.model_dump()) == spec
+    spec = parse_spec({**WITH_VALIDATION, "early_stopping": {"metric": "eval_rewards/margins", "mode": "min"}})
+    assert spec.best_metric == ("eval_rewards/margins", "min")
+    assert parse_spec(WITH_VALIDATION).best_metric == ("eval_loss", "min")

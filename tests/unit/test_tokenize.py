@@ -113,6 +113,8 @@ def test_truncation_keeps_the_prompt_end_and_the_completion_start():
     result = tokenize(data(row), make_tokenizer(), max_length=6, max_prompt_length=4)
     assert result.rows == [TokenizedPair(0, ids("c d e f"), [ID["yes"], EOS], [ID["g"], ID["h"]], None)]
     assert (result.skipped, result.truncated) == (0, 1)
+    # 2 prompt tokens and the rejected EOS are cut; the lengths are those before the cut.
+    assert (result.truncated_tokens, result.lengths) == (3, [(6, 2, 3)])
 
 
 def test_rows_that_cannot_keep_a_completion_token_are_skipped():
@@ -124,6 +126,8 @@ def test_rows_that_cannot_keep_a_completion_token_are_skipped():
     assert [(r.index, r.chosen_ids, r.rejected_ids) for r in result.rows] == [
         (0, [ID["blue"]], [ID["red"]]), (2, [ID["yes"], EOS], [ID["no"], EOS])]
     assert (result.skipped, result.truncated) == (1, 1)
+    assert result.truncated_tokens == 1 + 2  # the skipped row's tokens are not counted as truncated
+    assert result.lengths == [(3, 2, 3), (6, 2, 2), (0, 2, 2)]  # every row, the skipped one too
 
 
 def test_batches_give_the_same_ids(monkeypatch):

@@ -1,0 +1,76 @@
+"""The pre-flight report (POST /v1/fine_tuning/jobs/preflight): service.preflight makes it, docs/api.md
+describes every field. The per-file data reports are dpo_core.preflight's, passed through as they are."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+
+class DataWarningPublic(BaseModel):
+    code: str
+    param: str = Field(description="the request parameter it is about (training_file, validation_file, training.*)")
+    count: int
+    lines: list[int] = Field(description="the first lines of the file it concerns (1-based)")
+    message: str = Field(description="what it is and what to do")
+
+
+class PreflightData(BaseModel):
+    training_file: dict[str, Any] = Field(description="rows, rows_used, rows_dropped, rows_truncated, "
+                                          "truncated_tokens, lengths, tokens, duplicates, length_bias, groups")
+    validation_file: dict[str, Any] | None
+
+
+class GpuTypeEstimate(BaseModel):
+    gpu_type: str
+    workers: int = Field(description="live workers of this type that could run the job")
+    gpus: int = Field(description="GPUs per worker")
+    memory_bytes: int | None = Field(description="memory of one device (a CPU worker: its RAM); null: not reported")
+    peak_memory_bytes: int = Field(description="the run's expected peak on one device of this type")
+    fits: bool | None = Field(description="whether the peak fits the device's memory; null: memory not reported")
+    largest_micro_batch_size: int | None = Field(description="the largest micro_batch_size that fits")
+    seconds: float = Field(description="expected training time")
+    basis: Literal["calibrated", "flops_model"]
+    calibrated_by: list[str] = Field(description="the caller's earlier jobs whose measured throughput calibrated it")
+    other_jobs: int = Field(description="other teams' jobs that also calibrated it")
+    mfu: float | None = Field(description="the FLOPs model's assumed (or the calibration's achieved) model FLOPs "
+                              "utilization")
+
+
+class MemoryEstimate(BaseModel):
+    micro_batch_size: int
+    precision: str
+    device: Literal["cpu", "cuda"]
+    breakdown: dict[str, int] = Field(description="bytes: weights, gradients, optimizer, reference, activations, "
+                                      "runtime")
+    total: int
+
+
+class Estimate(BaseModel):
+    steps: int
+    epochs: float
+    tokens: int = Field(description="non-padding tokens the whole run trains on")
+    parameters: int
+    trainable_parameters: int
+    flops: dict[str, float] = Field(description="policy (forward and backward), reference (forward), total")
+    memory: MemoryEstimate
+    by_gpu_type: list[GpuTypeEstimate]
+
+
+class QueueForecast(BaseModel):
+    position: int = Field(description="its place in the team's queue if submitted now (1: next)")
+    jobs_ahead: int | None = Field(description="jobs of all teams expected to start before it")
+    estimated_start_at: int | None
+    estimated_start_in_s: float | None
+    reason: str
+
+
+class PreflightPublic(BaseModel):
+    object: Literal["fine_tuning.preflight"] = "fine_tuning.preflight"
+    id: str = Field(description="a job created from the same request within the hour keeps this estimate")
+    created_at: int
+    model: str
+    data: PreflightData
+    warnings: list[DataWarningPublic]
+    estimate: Estimate
+    queue: QueueForecast

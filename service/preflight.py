@@ -1,0 +1,150 @@
+"""The pre-flight report of a job request: what its data looks like to the model, what the run will cost
+on each GPU type of the pool, and when it would start. Nothing is queued; the estimate is kept (a
+`preflights` row) so that a job created from the same request soon after carries it.
+
+The data is tokenized as the trainer will (dpo_core.preflight, with the trainer's own tokenizer loader,
+which needs no torch); the estimate is dpo_core.estimate's, calibrated by the throughput workers measured
+on earlier jobs (jobs.measured); the start time comes from service.queue_forecast.
+"""
+from __future__ import annotations
+
+import os
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dpo_core import estimate as est
+from dpo_core.data import DataError
+from dpo_core.errors import ModelLoadError, TrainingError
+from dpo_core.preflight import data_report
+from dpo_core.spec import TrainingSpec
+from dpo_core.tokenizer_loading import load_tokenizer
+from service import submit
+from service.artifacts import Storage
+from service.auth import Principal
+from service.db.models import Job, JobStatus, Preflight, Worker, new_id, now
+from service.db.workers import is_live
+from service.errors import InvalidInput
+from service.queue_forecast import forecast
+from service.requests import JobCreate
+from service.settings import Settings
+
+CPU = "cpu"
+# Past runs read to calibrate an estimate: the latest this many measured ones.
+CALIBRATION_RUNS = 200
+
+
+def preflight(session: Session, principal: Principal, req: JobCreate, settings: Settings,
+              storage: Storage) -> dict[str, Any]:
+    """The report of `req` (validated exactly as job creation validates it), stored as a `preflights` row."""
+    at = time.time()
+    job, built = submit.validate(req, session, storage, settings, principal)
+    data = _data(built.spec)
+    estimate = _estimate(session, principal, settings, built.spec, data, job, at)
+    queue = forecast(session, settings, job, _chosen(estimate), at)
+    report = {"object": "fine_tuning.preflight", "id": new_id("ftpre"), "created_at": now(), "model": req.model,
+              "data": {"training_file": data["training_file"], "validation_file": data["validation_file"]},
+              "warnings": data["warnings"], "estimate": estimate, "queue": queue}
+    session.add(Preflight(id=report["id"], team_id=principal.team_id, request_hash=submit.request_hash(req),
+                          created_at=report["created_at"], estimate=job_estimate(report)))
+    session.commit()
+    return report
+
+
+def job_estimate(report: dict[str, Any]) -> dict[str, Any]:
+    """What a job created from this report keeps of it (JobPublic.estimate)."""
+    chosen = _chosen(report["estimate"]) or {}
+    return {"preflight_id": report["id"], "gpu_type": chosen.get("gpu_type"), "seconds": chosen.get("seconds"),
+            "peak_memory_bytes": chosen.get("peak_memory_bytes", report["estimate"]["memory"]["total"]),
+            "steps": report["estimate"]["steps"], "tokens": report["estimate"]["tokens"]}
+
+
+def _data(spec: TrainingSpec) -> dict[str, Any]:
+    try:
+        return data_report(spec, _tokenizer(spec.model, _stamp(spec.model)))
+    except ModelLoadError as err:
+        raise InvalidInput(str(err), param="model", code="invalid_model") from None
+    except DataError as err:
+        raise InvalidInput(str(err), param="training_file", code="invalid_file") from None
+    except TrainingError as err:
+        raise InvalidInput(str(err), param="training_file", code=err.code or "invalid_file") from None
+
+
+def _stamp(model: str) -> float:
+    """When the model directory's tokenizer last changed (0 for a hub id): a new one is loaded again."""
+    files = [Path(model) / name for name in ("tokenizer.json", "tokenizer_config.json")]
+    return max((os.stat(f).st_mtime for f in files if f.is_file()), default=0.0)
+
+
+@lru_cache(maxsize=8)
+def _tokenizer(model: str, _stamp: float):
+    return load_tokenizer(model)
+
+
+def _estimate(session: Session, principal: Principal, settings: Settings, spec: TrainingSpec,
+              data: dict[str, Any], job: Job, at: float) -> dict[str, Any]:
+    try:
+        facts = est.model_facts(spec.model)
+    except est.EstimateError as err:
+        raise InvalidInput(f"model: {err}", param="model", code="invalid_model") from None
+    plan = est.training_plan(spec, facts, data)
+    device = CPU if job.gpu_type == CPU else "cuda"
+    memory = est.memory(spec, facts, data, device, gpus=job.gpus)
+    runs = _measured(session)
+    types = [_on_type(spec, facts, data, plan, shape, runs, principal, job.gpus) for shape in _pool(session, settings, job, at)]
+    return {**{k: v for k, v in plan.items() if k != "precision"}, "memory": {"micro_batch_size": spec.micro_batch, "precision": spec.precision, "device": device,
+                               "breakdown": {k: v for k, v in memory.items() if k != "total"},
+                               "total": memory["total"]},
+            "by_gpu_type": types}
+
+
+def _pool(session: Session, settings: Settings, job: Job, at: float) -> list[dict[str, Any]]:
+    """The live pool's GPU types that could run the job: how many workers, GPUs each, memory per device."""
+    shapes: dict[str, dict[str, Any]] = {}
+    for w in session.scalars(select(Worker).where(is_live(settings.worker_lost_after_s, at))):
+        if (job.gpu_type and w.gpu_type != job.gpu_type) or w.gpus < job.gpus:
+            continue
+        shape = shapes.setdefault(w.gpu_type, {"gpu_type": w.gpu_type, "workers": 0, "gpus": w.gpus,
+                                               "memory_bytes": w.memory_bytes})
+        shape["workers"] += 1
+        shape["gpus"] = max(shape["gpus"], w.gpus)
+        if w.memory_bytes is not None:
+            shape["memory_bytes"] = min(shape["memory_bytes"] or w.memory_bytes, w.memory_bytes)
+    return sorted(shapes.values(), key=lambda s: s["gpu_type"])
+
+
+def _measured(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
+    """(job id, team id, measured) of the latest measured runs."""
+    rows = session.execute(select(Job.id, Job.team_id, Job.measured).where(
+        Job.measured.is_not(None), Job.status == JobStatus.SUCCEEDED.value)
+        .order_by(Job.finished_at.desc()).limit(CALIBRATION_RUNS)).all()
+    return [(r.id, r.team_id, r.measured) for r in rows if isinstance(r.measured, dict)]
+
+
+def _on_type(spec: TrainingSpec, facts, data: dict[str, Any], plan: dict[str, Any], shape: dict[str, Any],
+             runs: list, principal: Principal, gpus: int) -> dict[str, Any]:
+    """The estimate on one GPU type: memory fit, the largest micro batch that fits, time and its basis."""
+    gpu_type = shape["gpu_type"]
+    device = CPU if gpu_type == CPU else "cuda"
+    memory = est.memory(spec, facts, data, device, gpus=gpus)
+    capacity = shape["memory_bytes"]
+    timing = est.seconds(plan, [dict(m, job_id=job_id) for job_id, _, m in runs], device, gpu_type, gpus)
+    teams = {job_id: team for job_id, team, _ in runs}
+    mine = [j for j in timing["calibrated_by"] if principal.is_admin or teams.get(j) == principal.team_id]
+    return {**shape, "peak_memory_bytes": memory["total"],
+            "fits": None if capacity is None else memory["total"] <= capacity,
+            "largest_micro_batch_size": None if capacity is None else est.largest_micro_batch(
+                spec, facts, data, device, capacity, gpus),
+            "seconds": round(timing["seconds"], 3), "basis": timing["basis"], "calibrated_by": mine,
+            "other_jobs": len(timing["calibrated_by"]) - len(mine), "mfu": timing["mfu"]}
+
+
+def _chosen(estimate: dict[str, Any]) -> dict[str, Any] | None:
+    """The GPU type the job would most likely run on: the fastest one it fits (or the fastest)."""
+    types = estimate["by_gpu_type"]
+    fitting = [t for t in types if t["fits"] is not False] or types
+    return min(fitting, key=lambda t: t["seconds"]) if fitting else None
