@@ -9,7 +9,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dpo_client.render import duration, size, table, when
+from dpo_client.render import duration, estimated, size, table, when
 
 FILES = (("training_file", "training"), ("validation_file", "validation"))
 LINES_SHOWN = 10  # the API lists at most 10 line numbers per warning
@@ -88,8 +88,9 @@ def estimate_view(estimate: dict) -> list:
                   f"reference forward {_flops(flops.get('reference'))})")]
     if memory:
         breakdown = ", ".join(f"{k} {size(v)}" for k, v in (memory.get("breakdown") or {}).items() if k != "total")
-        lines.append(Text(f"Memory {size(memory['total'])} at micro batch {memory['micro_batch_size']}, "
-                          f"{memory['precision']} on {memory['device']}: {breakdown}"))
+        lines.append(Text(f"Memory on {memory['device']}: {size(memory['total'])} at micro batch "
+                          f"{memory['micro_batch_size']}, {memory['precision']} ({breakdown}); each GPU type's peak "
+                          "is in the table"))
     if estimate.get("by_gpu_type"):
         lines += ["", gpu_table(estimate["by_gpu_type"])]
     else:
@@ -102,29 +103,34 @@ def _flops(value: float | None) -> str:
 
 
 def gpu_table(rows: list[dict]) -> Table:
-    return table("GPU TYPE", "WORKERS", "GPUS", "MEMORY", "FITS", "LARGEST MICRO BATCH", "TIME", "BASIS", rows=(
-        (r["gpu_type"], r["workers"], r["gpus"], size(r.get("memory_bytes")) if r.get("memory_bytes") else "unknown",
-         {True: "yes", False: "NO", None: "unknown"}[r.get("fits")], r.get("largest_micro_batch_size"),
-         _seconds(r["seconds"]), basis(r)) for r in rows))
+    """A row per GPU type: the job's peak beside one device's memory, whether it fits, the time and its basis."""
+    return table("GPU TYPE", "WORKERS", "GPUS", "PEAK", "MEMORY", "FITS", "LARGEST MICRO BATCH", "TIME", "BASIS",
+                 rows=(_gpu_row(r) for r in rows))
 
 
-def _seconds(seconds: float) -> str:
-    return "under 1s" if seconds < 1 else duration(seconds)
+def _gpu_row(r: dict) -> tuple:
+    memory = size(r["memory_bytes"]) if r.get("memory_bytes") else "unknown"
+    fits = {True: "yes", False: "NO", None: "unknown"}[r.get("fits")]
+    return (r["gpu_type"], r["workers"], r["gpus"], size(r.get("peak_memory_bytes")), memory, fits,
+            r.get("largest_micro_batch_size"), estimated(r["seconds"]), basis(r))
 
 
 def basis(row: dict) -> str:
-    """Where a time comes from: the jobs that calibrated it, or the FLOPs model and the MFU it assumes."""
+    """Where a time comes from: the jobs that calibrated it (and the MFU they reached), or the FLOPs model and
+    the MFU it assumes."""
     if row["basis"] == "calibrated":
         jobs = list(row.get("calibrated_by") or [])
         if row.get("other_jobs"):
             jobs.append(f"{row['other_jobs']} job(s) of other teams")
-        return "calibrated by " + (", ".join(jobs) or "past jobs")
+        mfu = f" ({row['mfu']:.0%} MFU)" if row.get("mfu") else ""
+        return "calibrated by " + (", ".join(jobs) or "past jobs") + mfu
     mfu = row.get("mfu")
     return f"FLOPs model at {mfu:.0%} MFU" if mfu is not None else "FLOPs model"
 
 
 def queue_line(queue: dict) -> str:
-    ahead = f"position {queue['position']}, {queue['jobs_ahead']} job(s) ahead"
+    ahead = f"position {queue['position']}" + (f", {queue['jobs_ahead']} job(s) ahead"
+                                               if queue.get("jobs_ahead") is not None else "")
     start = queue.get("estimated_start_in_s")
     if start is None:
         when_ = "no start estimate"

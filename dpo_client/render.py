@@ -30,6 +30,11 @@ def duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
+def estimated(seconds: float | None) -> str:
+    """An estimated time: a tiny run's fraction of a second shows as such, not as 0s."""
+    return "under 1s" if seconds is not None and seconds < 1 else duration(seconds)
+
+
 def size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -135,7 +140,7 @@ def estimate_line(estimate: dict | None) -> str | None:
     """What the pre-flight just before the job's creation expected of it."""
     if not estimate:
         return None
-    return (f"{duration(estimate.get('seconds'))} of training, {size(estimate.get('peak_memory_bytes'))} peak memory, "
+    return (f"{estimated(estimate.get('seconds'))} of training, {size(estimate.get('peak_memory_bytes'))} peak memory, "
             f"{estimate.get('steps')} steps, {estimate.get('tokens') or 0:,} tokens on {estimate.get('gpu_type')} "
             f"({estimate.get('preflight_id')})")
 
@@ -153,9 +158,11 @@ def actual_line(actual: dict | None, estimate: dict | None) -> str | None:
 
 
 def _versus(actual: float | None, expected: float | None) -> str:
+    """How far the run was from the estimate: +10% within a factor of two, else the factor (`3.5x`)."""
     if not actual or not expected:
         return ""
-    return f" ({(actual - expected) / expected:+.0%} vs estimate)"
+    ratio = actual / expected
+    return f" ({ratio - 1:+.0%} vs estimate)" if 0.5 <= ratio <= 2 else f" ({ratio:.3g}x the estimate)"
 
 
 def pool_view(pool: dict) -> Table:

@@ -40,10 +40,10 @@ REPORT = {
                             "breakdown": {"weights": 2_000_000_000, "activations": 500_000_000},
                             "total": 2_500_000_000},
                  "by_gpu_type": [{"gpu_type": "a100", "workers": 2, "gpus": 8, "memory_bytes": 80_000_000_000,
-                                  "fits": True, "largest_micro_batch_size": 64, "seconds": 125.0, "basis": "calibrated",
+                                  "peak_memory_bytes": 2_500_000_000, "fits": True, "largest_micro_batch_size": 64, "seconds": 125.0, "basis": "calibrated",
                                   "calibrated_by": ["ftjob-a"], "other_jobs": 2, "mfu": None},
                                  {"gpu_type": "t4", "workers": 1, "gpus": 1, "memory_bytes": 2_000_000_000,
-                                  "fits": False, "largest_micro_batch_size": None, "seconds": 0.5,
+                                  "peak_memory_bytes": 2_500_000_000, "fits": False, "largest_micro_batch_size": None, "seconds": 0.5,
                                   "basis": "flops_model", "calibrated_by": [], "other_jobs": 0, "mfu": 0.3}]},
     "queue": {"position": 3, "jobs_ahead": 2, "estimated_start_at": None, "estimated_start_in_s": None,
               "reason": "waiting for a free a100"},
@@ -72,12 +72,12 @@ def test_warnings_give_the_code_count_first_lines_and_advice():
 def test_the_estimate_names_its_basis_per_gpu_type():
     text = shown(preflight_view(REPORT))
     assert "25 steps, 1 epoch(s), 24,690 tokens" in text and "FLOPs 4e12 (policy forward and backward 3e12" in text
-    assert "Memory 2.5 GB at micro batch 4, bf16 on cuda: weights 2.0 GB, activations 500.0 MB" in text
+    assert "Memory on cuda: 2.5 GB at micro batch 4, bf16 (weights 2.0 GB, activations 500.0 MB)" in text
     a100, t4 = REPORT["estimate"]["by_gpu_type"]
     assert basis(a100) == "calibrated by ftjob-a, 2 job(s) of other teams"
     assert basis(t4) == "FLOPs model at 30% MFU"
     assert a100["gpu_type"] in text and "2m05s" in text and "under 1s" in text
-    assert [line.split()[5] for line in text.splitlines() if line.startswith(("a100", "t4"))] == ["yes", "NO"]
+    assert [line.split()[7] for line in text.splitlines() if line.startswith(("a100", "t4"))] == ["yes", "NO"]
 
 
 def test_the_queue_line_says_when_there_is_no_start_estimate():
@@ -96,3 +96,6 @@ def test_a_job_shows_its_estimate_and_the_measured_run_beside_it():
     assert actual_line(actual, estimate) == ("1m50s (+10% vs estimate) of training, 1.8 GB (-10% vs estimate) peak "
                                              "memory (rss), 25 steps, 24,690 tokens at 224.5 tokens/s")
     assert "vs estimate" not in actual_line(actual, None) and estimate_line(None) is None
+    slow = {**actual, "train_seconds": 2.0}
+    assert actual_line(slow, {**estimate, "seconds": 0.01}).startswith("2s (200x the estimate) of training")
+    assert estimate_line({**estimate, "seconds": 0.01}).startswith("under 1s of training")

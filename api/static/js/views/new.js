@@ -220,7 +220,7 @@ class JobForm {
       fill(this.report, this.staleNote, preflightReport(report));
       this.report.classList.remove("stale");
       this.report.hidden = false;
-      this.report.scrollIntoView({ block: "nearest", behavior: "smooth" });
+      this.report.scrollIntoView({ block: "start" });  // at once: the report is what the user asked for
     });
     if (!ok) this.report.hidden = true;
     this.check.textContent = "Check";

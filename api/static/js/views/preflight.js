@@ -63,15 +63,15 @@ function estimateBlock(e) {
     h("p", {}, `${num(e.steps)} steps · ${num(e.epochs)} epoch${e.epochs === 1 ? "" : "s"} · ${num(e.tokens)} tokens · `,
       `${num(e.parameters)} parameters (${num(e.trainable_parameters)} trainable) · ${flops(e.flops?.total)} FLOPs`,
       h("span", { class: "muted" }, ` (policy ${flops(e.flops?.policy)}, reference ${flops(e.flops?.reference)})`)),
-    memory.total ? h("p", {}, h("strong", {}, `${bytes(memory.total)} peak memory`),
-      ` at micro batch ${memory.micro_batch_size}, ${memory.precision} on ${memory.device}`,
+    memory.total ? h("p", {}, h("strong", {}, `${bytes(memory.total)} peak memory on ${memory.device}`),
+      ` at micro batch ${memory.micro_batch_size}, ${memory.precision}; each GPU type's peak is in the table`,
       h("br"), h("span", { class: "muted" }, breakdown)) : null,
     table([
       { title: "GPU type", cell: (r) => r.gpu_type },
       { title: "Workers", class: "right", cell: (r) => `${r.workers}${r.gpus ? ` · ${r.gpus} GPUs` : ""}` },
       { title: "Fits", cell: (r) => fits(r) },
       { title: "Largest micro batch", class: "right", cell: (r) => num(r.largest_micro_batch_size) || "—" },
-      { title: "Time", class: "right", cell: (r) => (r.seconds < 1 ? "under 1s" : duration(r.seconds)) },
+      { title: "Time", class: "right", cell: (r) => estimated(r.seconds) },
       { title: "Basis", cell: (r) => basis(r) },
     ], e.by_gpu_type || [], { empty: "No workers in the pool to estimate a time for.", rowAttrs: (r) => ({ dataset: { gpuType: r.gpu_type } }) }));
 }
@@ -80,18 +80,20 @@ function flops(x) {
   return typeof x === "number" ? x.toExponential(2).replace("e+", "e") : "?";
 }
 
+/** Whether the job's peak fits one device of the type: the peak beside the device's memory. */
 function fits(row) {
-  if (row.fits === null || row.fits === undefined) return h("span", { class: "muted" }, "unknown");
-  return row.fits ? h("span", { class: "ok-text" }, `yes (${bytes(row.memory_bytes)})`)
-    : h("strong", { class: "error-text" }, `no (${bytes(row.memory_bytes)})`);
+  const peak = bytes(row.peak_memory_bytes);
+  if (row.fits === null || row.fits === undefined) return h("span", { class: "muted" }, `unknown: ${peak} peak, device memory not reported`);
+  const of = `${peak} of ${bytes(row.memory_bytes)}`;
+  return row.fits ? h("span", { class: "ok-text" }, `yes: ${of}`) : h("strong", { class: "error-text" }, `no: ${of}`);
 }
 
-/** Where a time comes from: the jobs that calibrated it, or the FLOPs model and the MFU it assumes. */
+/** Where a time comes from: the jobs that calibrated it (and the MFU they reached), or the FLOPs model and the MFU it assumes. */
 function basis(row) {
   if (row.basis === "calibrated") {
     const jobs = [...(row.calibrated_by || [])];
     if (row.other_jobs) jobs.push(`${row.other_jobs} job${row.other_jobs > 1 ? "s" : ""} of other teams`);
-    return `calibrated by ${jobs.join(", ") || "past jobs"}`;
+    return `calibrated by ${jobs.join(", ") || "past jobs"}${row.mfu ? ` (${Math.round(100 * row.mfu)}% MFU)` : ""}`;
   }
   return row.mfu === null || row.mfu === undefined ? "FLOPs model" : `FLOPs model at ${Math.round(100 * row.mfu)}% MFU`;
 }
@@ -103,7 +105,8 @@ function queueBlock(q) {
       : `would start in about ${duration(q.estimated_start_in_s)}${q.estimated_start_at ? ` (${dateTime(q.estimated_start_at)})` : ""}`;
   }
   return h("div", { id: "preflight-queue" }, h("h3", {}, "Queue"),
-    h("p", {}, `Position ${q.position}, ${q.jobs_ahead} job${q.jobs_ahead === 1 ? "" : "s"} ahead; ${start}`,
+    h("p", {}, `Position ${q.position}`, q.jobs_ahead === null || q.jobs_ahead === undefined ? "" : `, ${q.jobs_ahead} job${q.jobs_ahead === 1 ? "" : "s"} ahead`,
+      `; ${start}`,
       q.reason ? h("span", { class: "muted" }, ` · ${q.reason}`) : null));
 }
 
@@ -112,7 +115,7 @@ export function estimateItems(job) {
   const e = job.estimate, a = job.actual, items = [];
   if (e) {
     items.push(["Estimate", h("span", { id: "estimate", title: `${e.preflight_id} on ${e.gpu_type}` },
-      `${duration(e.seconds)} · ${bytes(e.peak_memory_bytes)} peak`)]);
+      `${estimated(e.seconds)} · ${bytes(e.peak_memory_bytes)} peak`)]);
   }
   if (a) {
     items.push(["Actual", h("span", { id: "actual", title: `${num(a.tokens_per_s)} tokens/s, ${num(a.steps)} steps, ${num(a.tokens)} tokens` },
@@ -122,8 +125,16 @@ export function estimateItems(job) {
   return items;
 }
 
+/** How far the run was from the estimate: +10% within a factor of two, else the factor (3.5×). */
 function versus(actual, expected) {
   if (!actual || !expected) return "";
-  const pct = Math.round((100 * (actual - expected)) / expected);
+  const ratio = actual / expected;
+  if (ratio < 0.5 || ratio > 2) return ` (${num(ratio, 3)}× the estimate)`;
+  const pct = Math.round(100 * (ratio - 1));
   return ` (${pct >= 0 ? "+" : ""}${pct}%)`;
+}
+
+/** An estimated time: a tiny run's fraction of a second shows as such, not as 0s. */
+function estimated(seconds) {
+  return seconds < 1 ? "under 1s" : duration(seconds);
 }
