@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import secrets
 import stat
 import subprocess
@@ -120,12 +121,15 @@ def test_upload_prints_the_summary_and_list_pages(service, home, env, task_files
 def test_a_job_from_a_config_runs_watched_to_the_end_and_downloads(service, home, env, tiny_model, task_files,
                                                                    tmp_path):
     spec = tmp_path / "spec.yaml"
-    spec.write_text(f"model: {tiny_model}\ntrain_file: {task_files[0]}\noutput_dir: runs/x\nloss:\n  beta: 0.1\n"
-                    "batch_size: 8\nmax_steps: 4\neval_steps: 2\nsave_steps: 2\nlogging_steps: 1\n")
-    made = dpo("jobs", "create", "--config", str(spec), "--validation", str(task_files[1]), "--set", "loss.beta=0.2",
-               *TRAIN, "--json", home=home, env=env)
+    spec.write_text(f"model: {tiny_model}\ntrain_file: {service.upload(task_files[0])}\noutput_dir: runs/x\n"
+                    "loss:\n  beta: 0.1\nbatch_size: 8\nmax_steps: 4\neval_steps: 2\nsave_steps: 2\nlogging_steps: 1\n")
+    args = ("jobs", "create", "--config", str(spec), "--validation", service.upload(task_files[1]),
+            "--set", "loss.beta=0.2", *TRAIN)
+    checked = json.loads(dpo(*args, "--dry-run", "--json", home=home, env=env).stdout)
+    made = dpo(*args, "--json", home=home, env=env)
     assert "output_dir in the config is left out" in made.stderr
     job_id = json.loads(made.stdout)["id"]
+    assert json.loads(made.stdout)["estimate"]["preflight_id"] == checked["id"]  # the same request: its estimate
     follower = dpo_started("jobs", "events", job_id, "--follow", "--json", home=home, env=env)
     try:
         out = dpo("jobs", "watch", job_id, home=home, env=env)
@@ -140,6 +144,9 @@ def test_a_job_from_a_config_runs_watched_to_the_end_and_downloads(service, home
     assert job["model"] == tiny_model and job["training"]["max_steps"] == 4
     shown = dpo("jobs", "show", job_id, home=home, env=env).stdout
     assert job["fine_tuned_model"] in shown and "succeeded" in shown
+    assert f"tokens on {job['estimate']['gpu_type']} ({checked['id']})" in shown
+    measured = r"^actual +\S+ \(([+-]\d+% vs estimate|[\d.]+x the estimate)\) of training, .* peak memory \(rss\)"
+    assert re.search(measured, shown, re.MULTILINE), shown
     listed = json.loads(dpo("jobs", "list", "--json", home=home, env=env).stdout)
     assert job_id in [j["id"] for j in listed["data"]]
     events = json.loads(dpo("jobs", "events", job_id, "--json", home=home, env=env).stdout)["data"]
