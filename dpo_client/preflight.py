@@ -3,13 +3,14 @@ as the trainer will see it, the warnings, the estimate per GPU type and the queu
 prints the API's JSON."""
 from __future__ import annotations
 
+import re
 import time
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from dpo_client.render import duration, estimated, size, table, when
+from dpo_client.render import duration, seconds, size, table, when
 
 FILES = (("training_file", "training"), ("validation_file", "validation"))
 LINES_SHOWN = 10  # the API lists at most 10 line numbers per warning
@@ -82,7 +83,7 @@ def estimate_view(estimate: dict) -> list:
     flops, memory = estimate.get("flops") or {}, estimate.get("memory") or {}
     params = f"{estimate['parameters']:,} parameters ({estimate['trainable_parameters']:,} trainable)"
     lines = [_heading("Estimate"),
-             Text(f"{estimate['steps']} steps, {estimate['epochs']:g} epoch(s), {estimate['tokens']:,} tokens; "
+             Text(f"{estimate['steps']} steps, {estimate['epochs']:.3g} epoch(s), {estimate['tokens']:,} tokens; "
                   f"{params}"),
              Text(f"FLOPs {_flops(flops.get('total'))} (policy forward and backward {_flops(flops.get('policy'))}, "
                   f"reference forward {_flops(flops.get('reference'))})")]
@@ -99,7 +100,7 @@ def estimate_view(estimate: dict) -> list:
 
 
 def _flops(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g}".replace("e+", "e")
+    return "-" if value is None else re.sub(r"e\+0*", "e", f"{value:.3g}")  # 2.26e9, not 2.26e+09
 
 
 def gpu_table(rows: list[dict]) -> Table:
@@ -112,7 +113,7 @@ def _gpu_row(r: dict) -> tuple:
     memory = size(r["memory_bytes"]) if r.get("memory_bytes") else "unknown"
     fits = {True: "yes", False: "NO", None: "unknown"}[r.get("fits")]
     return (r["gpu_type"], r["workers"], r["gpus"], size(r.get("peak_memory_bytes")), memory, fits,
-            r.get("largest_micro_batch_size"), estimated(r["seconds"]), basis(r))
+            r.get("largest_micro_batch_size"), seconds(r["seconds"]), basis(r))
 
 
 def basis(row: dict) -> str:

@@ -30,9 +30,10 @@ def duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s % 60:02d}s" if h else f"{m}m{s % 60:02d}s" if m else f"{s}s"
 
 
-def estimated(seconds: float | None) -> str:
-    """An estimated time: a tiny run's fraction of a second shows as such, not as 0s."""
-    return "under 1s" if seconds is not None and seconds < 1 else duration(seconds)
+def seconds(value: float | None) -> str:
+    """A training time, estimated or measured: under 10 s to two digits (0.011s, 4.5s), so that a tiny run
+    compares with its estimate; longer ones as durations."""
+    return f"{value:.2g}s" if value is not None and value < 10 else duration(value)
 
 
 def size(n: int | None) -> str:
@@ -140,7 +141,7 @@ def estimate_line(estimate: dict | None) -> str | None:
     """What the pre-flight just before the job's creation expected of it."""
     if not estimate:
         return None
-    return (f"{estimated(estimate.get('seconds'))} of training, {size(estimate.get('peak_memory_bytes'))} peak memory, "
+    return (f"{seconds(estimate.get('seconds'))} of training, {size(estimate.get('peak_memory_bytes'))} peak memory, "
             f"{estimate.get('steps')} steps, {estimate.get('tokens') or 0:,} tokens on {estimate.get('gpu_type')} "
             f"({estimate.get('preflight_id')})")
 
@@ -152,7 +153,7 @@ def actual_line(actual: dict | None, estimate: dict | None) -> str | None:
     estimate = estimate or {}
     took = _versus(actual.get("train_seconds"), estimate.get("seconds"))
     peak = _versus(actual.get("peak_memory_bytes"), estimate.get("peak_memory_bytes"))
-    return (f"{duration(actual.get('train_seconds'))}{took} of training, {size(actual.get('peak_memory_bytes'))}{peak} "
+    return (f"{seconds(actual.get('train_seconds'))}{took} of training, {size(actual.get('peak_memory_bytes'))}{peak} "
             f"peak memory ({actual.get('memory_kind')}), {actual.get('steps')} steps, {actual.get('tokens') or 0:,} "
             f"tokens at {number(actual.get('tokens_per_s'))} tokens/s")
 

@@ -76,7 +76,7 @@ def test_the_estimate_names_its_basis_per_gpu_type():
     a100, t4 = REPORT["estimate"]["by_gpu_type"]
     assert basis(a100) == "calibrated by ftjob-a, 2 job(s) of other teams"
     assert basis(t4) == "FLOPs model at 30% MFU"
-    assert a100["gpu_type"] in text and "2m05s" in text and "under 1s" in text
+    assert a100["gpu_type"] in text and "2m05s" in text and "0.5s" in text
     assert [line.split()[7] for line in text.splitlines() if line.startswith(("a100", "t4"))] == ["yes", "NO"]
 
 
@@ -98,4 +98,4 @@ def test_a_job_shows_its_estimate_and_the_measured_run_beside_it():
     assert "vs estimate" not in actual_line(actual, None) and estimate_line(None) is None
     slow = {**actual, "train_seconds": 2.0}
     assert actual_line(slow, {**estimate, "seconds": 0.01}).startswith("2s (200x the estimate) of training")
-    assert estimate_line({**estimate, "seconds": 0.01}).startswith("under 1s of training")
+    assert estimate_line({**estimate, "seconds": 0.011}).startswith("0.011s of training")

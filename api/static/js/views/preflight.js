@@ -68,10 +68,10 @@ function estimateBlock(e) {
       h("br"), h("span", { class: "muted" }, breakdown)) : null,
     table([
       { title: "GPU type", cell: (r) => r.gpu_type },
-      { title: "Workers", class: "right", cell: (r) => `${r.workers}${r.gpus ? ` · ${r.gpus} GPUs` : ""}` },
+      { title: "Workers", class: "right", cell: (r) => `${r.workers}${r.gpus ? ` × ${r.gpus} GPU${r.gpus === 1 ? "" : "s"}` : ""}` },
       { title: "Fits", cell: (r) => fits(r) },
       { title: "Largest micro batch", class: "right", cell: (r) => num(r.largest_micro_batch_size) || "—" },
-      { title: "Time", class: "right", cell: (r) => estimated(r.seconds) },
+      { title: "Time", class: "right", cell: (r) => trainingTime(r.seconds) },
       { title: "Basis", cell: (r) => basis(r) },
     ], e.by_gpu_type || [], { empty: "No workers in the pool to estimate a time for.", rowAttrs: (r) => ({ dataset: { gpuType: r.gpu_type } }) }));
 }
@@ -115,11 +115,11 @@ export function estimateItems(job) {
   const e = job.estimate, a = job.actual, items = [];
   if (e) {
     items.push(["Estimate", h("span", { id: "estimate", title: `${e.preflight_id} on ${e.gpu_type}` },
-      `${estimated(e.seconds)} · ${bytes(e.peak_memory_bytes)} peak`)]);
+      `${trainingTime(e.seconds)} · ${bytes(e.peak_memory_bytes)} peak`)]);
   }
   if (a) {
     items.push(["Actual", h("span", { id: "actual", title: `${num(a.tokens_per_s)} tokens/s, ${num(a.steps)} steps, ${num(a.tokens)} tokens` },
-      `${duration(a.train_seconds)}${versus(a.train_seconds, e?.seconds)} · `,
+      `${trainingTime(a.train_seconds)}${versus(a.train_seconds, e?.seconds)} · `,
       `${bytes(a.peak_memory_bytes)}${versus(a.peak_memory_bytes, e?.peak_memory_bytes)} peak (${a.memory_kind})`)]);
   }
   return items;
@@ -134,7 +134,8 @@ function versus(actual, expected) {
   return ` (${pct >= 0 ? "+" : ""}${pct}%)`;
 }
 
-/** An estimated time: a tiny run's fraction of a second shows as such, not as 0s. */
-function estimated(seconds) {
-  return seconds < 1 ? "under 1s" : duration(seconds);
+/** A training time, estimated or measured: under 10 s to two digits (0.011s, 4.5s), so that a tiny run
+ *  compares with its estimate; longer ones as durations. */
+function trainingTime(seconds) {
+  return seconds < 10 ? `${Number(seconds.toPrecision(2))}s` : duration(seconds);
 }
