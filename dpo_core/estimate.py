@@ -285,7 +285,9 @@ def _head_bytes(spec: TrainingSpec, facts: ModelFacts, completion_tokens: int, d
     """The LM head's logits alive at once: a chunk of logprob_chunk_size rows over the vocabulary (on a CPU a
     tile of about 1M logits), the logits and their softmax, fp32."""
     rows = min(spec.logprob_chunk_size, max(completion_tokens, 1))
-    logits = rows * facts.vocab_size if device != "cpu" else min(rows * facts.vocab_size, max(CPU_HEAD_TILE, rows * 256))
+    logits = rows * facts.vocab_size
+    if device == "cpu":
+        logits = min(logits, max(CPU_HEAD_TILE, rows * 256))  # a tile at least 256 columns wide
     return 2 * logits * FP32
 
 
@@ -353,11 +355,19 @@ def largest_micro_batch(spec: TrainingSpec, facts: ModelFacts, data_report: dict
 
 
 def peak_flops_per_s(gpu_type: str | None, precision: str) -> float | None:
-    """A GPU type's stated dense peak for the precision (16-bit tensor cores, or fp32); None for a CPU."""
-    if gpu_type is None or gpu_type == "cpu":
+    """A GPU type's stated dense peak for the precision (16-bit tensor cores, or fp32); None for a CPU or
+    a GPU type not in GPU_PEAK_FLOPS."""
+    if gpu_type not in GPU_PEAK_FLOPS:
         return None
-    bf16, fp32 = GPU_PEAK_FLOPS.get(gpu_type, UNKNOWN_GPU_PEAK)
+    bf16, fp32 = GPU_PEAK_FLOPS[gpu_type]
     return fp32 if precision == "fp32" else bf16
+
+
+def _model_rate(device: str, peak: float | None, precision: str) -> float:
+    """FLOP/s assumed without calibration: MFU_GPU of the peak (UNKNOWN_GPU_PEAK for an unknown GPU)."""
+    if device == "cpu":
+        return CPU_FLOPS_PER_S
+    return MFU_GPU * (peak or UNKNOWN_GPU_PEAK[1 if precision == "fp32" else 0])
 
 
 def _nearest(plan: dict, runs: list[dict]) -> list[dict]:
@@ -375,8 +385,8 @@ def seconds(plan: dict, calibration: list[dict], device: str, gpu_type: str | No
     calibrated: runs (Measured dicts, each with its job's id under "job_id") on the same device, GPU
     type and precision, of the model size nearest the plan's, give FLOPs per second per device
     (their FLOPs over their train seconds x gpus); seconds = plan FLOPs / (that x gpus). flops_model:
-    MFU_GPU x the GPU's stated peak, or CPU_FLOPS_PER_S on a CPU. mfu: the rate over the peak, where
-    there is one. The caller passes calibration newest first; the first five of the nearest size count.
+    MFU_GPU x the GPU's stated peak, or CPU_FLOPS_PER_S on a CPU. mfu: the rate over the GPU type's stated
+    peak, where it has one. The caller passes calibration newest first; the first five of the nearest size count.
     """
     gpu_type = "cpu" if device == "cpu" else gpu_type
     peak = peak_flops_per_s(gpu_type, plan["precision"])
@@ -387,8 +397,7 @@ def seconds(plan: dict, calibration: list[dict], device: str, gpu_type: str | No
         rate = sum(m["flops"] for m in used) / sum(m["train_seconds"] * (m.get("gpus") or 1) for m in used)
         basis, by = "calibrated", [m["job_id"] for m in used if m.get("job_id")]
     else:
-        rate = CPU_FLOPS_PER_S if peak is None else MFU_GPU * (peak or UNKNOWN_GPU_PEAK[0])
-        basis, by = "flops_model", []
+        rate, basis, by = _model_rate(device, peak, plan["precision"]), "flops_model", []
     return {"seconds": plan["flops"]["total"] / (rate * max(gpus, 1)), "basis": basis, "calibrated_by": by,
             "flops_per_s": rate, "mfu": None if peak is None else round(rate / peak, 4)}
 

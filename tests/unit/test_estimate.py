@@ -70,7 +70,8 @@ def test_model_facts_from_config_and_safetensors_headers(tmp_path, sharded):
     assert (facts.parameters, facts.embedding_parameters, facts.head_parameters) == (UNTIED, 800, 800)
     assert facts.body_parameters == 2 * LAYER + 8
     assert (facts.layers, facts.hidden_size, facts.heads, facts.kv_heads, facts.head_dim) == (2, 8, 2, 1, 4)
-    assert (facts.vocab_size, facts.intermediate_size, facts.max_positions, facts.tied_embeddings) == (100, 16, 64, False)
+    assert (facts.vocab_size, facts.intermediate_size, facts.max_positions) == (100, 16, 64)
+    assert not facts.tied_embeddings
     assert len(facts.linears) == 14 and ("model.layers.0.self_attn.k_proj", 8, 4) in facts.linears
 
 
@@ -237,6 +238,8 @@ def test_seconds_from_the_flops_model_without_history():
     calibrated = estimate.seconds(_plan(precision="bf16"), measured, "cuda", "h100")
     assert (calibrated["basis"], calibrated["mfu"]) == ("calibrated", 0.2)
     assert estimate.seconds(_plan(precision="bf16"), measured, "cuda", "a100")["basis"] == "flops_model"
+    unknown = estimate.seconds(_plan(precision="bf16"), [], "cuda", "mystery")
+    assert (unknown["flops_per_s"], unknown["mfu"]) == (0.4 * estimate.UNKNOWN_GPU_PEAK[0], None)
 
 
 def test_epoch_summary_and_what_a_run_measured():
