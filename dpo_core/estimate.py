@@ -208,6 +208,8 @@ def rows_trained(spec: TrainingSpec, rows: int) -> tuple[int, int]:
     steps of batch_size rows, an epoch's last step taking what rows are left."""
     steps = spec.total_steps(rows)
     per_epoch = steps_per_epoch(rows, spec.batch_size)
+    if per_epoch == 0:  # no row: nothing to train
+        return steps, 0
     full, rest = divmod(steps, per_epoch)
     return steps, full * rows + min(rest * spec.batch_size, rows)
 
@@ -227,11 +229,12 @@ def forward_flops_per_token(facts: ModelFacts, shape: DataShape) -> dict[str, fl
 def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: int) -> dict[str, float]:
     """FLOPs of training `tokens` tokens, and of the reference model's forward passes.
 
-    policy = tokens x (F + B (+ F_body with gradient checkpointing)), F the forward per token
-    (`forward_flops_per_token`), B its backward: 2 x F in full fine-tuning (input and weight gradients);
-    with LoRA 1 x F for the frozen matrices (input gradients only) + 6 x adapter parameters, attention
-    always 2 x its forward. reference = 2 x ... as F: tokens x F per run with a reference model, one
-    epoch's tokens x F once with reference_mode: precomputed, 0 for reference-free losses.
+    policy = tokens x (F + B (+ F of the body and attention with gradient checkpointing)), F the forward
+    per token (`forward_flops_per_token`) and B its backward: 2 x F in full fine-tuning (input and weight
+    gradients, about 6 x parameters a token in all); with LoRA 1 x F of the frozen matrices (input
+    gradients only) + 6 x adapter parameters (the adapters' forward and backward); attention's backward
+    is 2 x its forward either way. reference = tokens x F with a reference model run every step, one
+    epoch's tokens x F with reference_mode: precomputed, 0 for reference-free losses.
     """
     f = forward_flops_per_token(facts, shape)
     forward = sum(f.values())
