@@ -208,6 +208,8 @@ def rows_trained(spec: TrainingSpec, rows: int) -> tuple[int, int]:
     steps of batch_size rows, an epoch's last step taking what rows are left."""
     steps = spec.total_steps(rows)
     per_epoch = steps_per_epoch(rows, spec.batch_size)
+    if per_epoch == 0:  # no row: nothing to train
+        return steps, 0
     full, rest = divmod(steps, per_epoch)
     return steps, full * rows + min(rest * spec.batch_size, rows)
 
@@ -227,11 +229,12 @@ def forward_flops_per_token(facts: ModelFacts, shape: DataShape) -> dict[str, fl
 def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: int) -> dict[str, float]:
     """FLOPs of training `tokens` tokens, and of the reference model's forward passes.
 
-    policy = tokens x (F + B (+ F_body with gradient checkpointing)), F the forward per token
-    (`forward_flops_per_token`), B its backward: 2 x F in full fine-tuning (input and weight gradients);
-    with LoRA 1 x F for the frozen matrices (input gradients only) + 6 x adapter parameters, attention
-    always 2 x its forward. reference = 2 x ... as F: tokens x F per run with a reference model, one
-    epoch's tokens x F once with reference_mode: precomputed, 0 for reference-free losses.
+    policy = tokens x (F + B (+ F of the body and attention with gradient checkpointing)), F the forward
+    per token (`forward_flops_per_token`) and B its backward: 2 x F in full fine-tuning (input and weight
+    gradients, about 6 x parameters a token in all); with LoRA 1 x F of the frozen matrices (input
+    gradients only) + 6 x adapter parameters (the adapters' forward and backward); attention's backward
+    is 2 x its forward either way. reference = tokens x F with a reference model run every step, one
+    epoch's tokens x F with reference_mode: precomputed, 0 for reference-free losses.
     """
     f = forward_flops_per_token(facts, shape)
     forward = sum(f.values())
@@ -285,7 +288,9 @@ def _head_bytes(spec: TrainingSpec, facts: ModelFacts, completion_tokens: int, d
     """The LM head's logits alive at once: a chunk of logprob_chunk_size rows over the vocabulary (on a CPU a
     tile of about 1M logits), the logits and their softmax, fp32."""
     rows = min(spec.logprob_chunk_size, max(completion_tokens, 1))
-    logits = rows * facts.vocab_size if device != "cpu" else min(rows * facts.vocab_size, max(CPU_HEAD_TILE, rows * 256))
+    logits = rows * facts.vocab_size
+    if device == "cpu":
+        logits = min(logits, max(CPU_HEAD_TILE, rows * 256))  # a tile at least 256 columns wide
     return 2 * logits * FP32
 
 
@@ -353,11 +358,19 @@ def largest_micro_batch(spec: TrainingSpec, facts: ModelFacts, data_report: dict
 
 
 def peak_flops_per_s(gpu_type: str | None, precision: str) -> float | None:
-    """A GPU type's stated dense peak for the precision (16-bit tensor cores, or fp32); None for a CPU."""
-    if gpu_type is None or gpu_type == "cpu":
+    """A GPU type's stated dense peak for the precision (16-bit tensor cores, or fp32); None for a CPU or
+    a GPU type not in GPU_PEAK_FLOPS."""
+    if gpu_type not in GPU_PEAK_FLOPS:
         return None
-    bf16, fp32 = GPU_PEAK_FLOPS.get(gpu_type, UNKNOWN_GPU_PEAK)
+    bf16, fp32 = GPU_PEAK_FLOPS[gpu_type]
     return fp32 if precision == "fp32" else bf16
+
+
+def _model_rate(device: str, peak: float | None, precision: str) -> float:
+    """FLOP/s assumed without calibration: MFU_GPU of the peak (UNKNOWN_GPU_PEAK for an unknown GPU)."""
+    if device == "cpu":
+        return CPU_FLOPS_PER_S
+    return MFU_GPU * (peak or UNKNOWN_GPU_PEAK[1 if precision == "fp32" else 0])
 
 
 def _nearest(plan: dict, runs: list[dict]) -> list[dict]:
@@ -375,8 +388,8 @@ def seconds(plan: dict, calibration: list[dict], device: str, gpu_type: str | No
     calibrated: runs (Measured dicts, each with its job's id under "job_id") on the same device, GPU
     type and precision, of the model size nearest the plan's, give FLOPs per second per device
     (their FLOPs over their train seconds x gpus); seconds = plan FLOPs / (that x gpus). flops_model:
-    MFU_GPU x the GPU's stated peak, or CPU_FLOPS_PER_S on a CPU. mfu: the rate over the peak, where
-    there is one. The caller passes calibration newest first; the first five of the nearest size count.
+    MFU_GPU x the GPU's stated peak, or CPU_FLOPS_PER_S on a CPU. mfu: the rate over the GPU type's stated
+    peak, where it has one. The caller passes calibration newest first; the first five of the nearest size count.
     """
     gpu_type = "cpu" if device == "cpu" else gpu_type
     peak = peak_flops_per_s(gpu_type, plan["precision"])
@@ -387,8 +400,7 @@ def seconds(plan: dict, calibration: list[dict], device: str, gpu_type: str | No
         rate = sum(m["flops"] for m in used) / sum(m["train_seconds"] * (m.get("gpus") or 1) for m in used)
         basis, by = "calibrated", [m["job_id"] for m in used if m.get("job_id")]
     else:
-        rate = CPU_FLOPS_PER_S if peak is None else MFU_GPU * (peak or UNKNOWN_GPU_PEAK[0])
-        basis, by = "flops_model", []
+        rate, basis, by = _model_rate(device, peak, plan["precision"]), "flops_model", []
     return {"seconds": plan["flops"]["total"] / (rate * max(gpus, 1)), "basis": basis, "calibrated_by": by,
             "flops_per_s": rate, "mfu": None if peak is None else round(rate / peak, 4)}
 

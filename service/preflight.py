@@ -92,13 +92,16 @@ def _estimate(session: Session, principal: Principal, settings: Settings, spec: 
     except est.EstimateError as err:
         raise InvalidInput(f"model: {err}", param="model", code="invalid_model") from None
     plan = est.training_plan(spec, facts, data)
-    device = CPU if job.gpu_type == CPU else "cuda"
-    memory = est.memory(spec, facts, data, device, gpus=job.gpus)
     runs = _measured(session)
-    types = [_on_type(spec, facts, data, plan, shape, runs, principal, job.gpus) for shape in _pool(session, settings, job, at)]
-    return {**{k: v for k, v in plan.items() if k != "precision"}, "memory": {"micro_batch_size": spec.micro_batch, "precision": spec.precision, "device": device,
-                               "breakdown": {k: v for k, v in memory.items() if k != "total"},
-                               "total": memory["total"]},
+    types = [_on_type(spec, facts, data, plan, shape, runs, principal, job.gpus)
+             for shape in _pool(session, settings, job, at)]
+    # The memory of the run on the GPU type it would most likely get (a GPU when the pool has none).
+    likely = _chosen({"by_gpu_type": types})
+    device = CPU if (likely["gpu_type"] if likely else job.gpu_type) == CPU else "cuda"
+    memory = est.memory(spec, facts, data, device, gpus=job.gpus)
+    return {**{k: v for k, v in plan.items() if k != "precision"},
+            "memory": {"micro_batch_size": spec.micro_batch, "precision": spec.precision, "device": device,
+                       "breakdown": {k: v for k, v in memory.items() if k != "total"}, "total": memory["total"]},
             "by_gpu_type": types}
 
 

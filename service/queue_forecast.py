@@ -60,10 +60,14 @@ def forecast(session: Session, settings: Settings, job: Job, chosen: dict[str, A
     if start is None:
         return {"position": position, "jobs_ahead": None, "estimated_start_at": None, "estimated_start_in_s": None,
                 "reason": f"more than {MAX_PLAYED} jobs wait for these workers; no start time is told"}
+    able = f"{len(workers)} live worker{'s' * (len(workers) != 1)} can run it"
+    if start <= at:
+        reason = f"{able}, and one is free now"
+    else:
+        reason = (f"{able}; {ahead} job{'s' * (ahead != 1)} (of all teams) would start before it, in the "
+                  "fair-share order, and the running jobs end first")
     return {"position": position, "jobs_ahead": ahead, "estimated_start_at": int(start),
-            "estimated_start_in_s": round(start - at, 1),
-            "reason": f"{ahead} job{'s' * (ahead != 1)} of all teams would start before it on the "
-                      f"{len(workers)} worker{'s' * (len(workers) != 1)} that can run it (fair share)"}
+            "estimated_start_in_s": round(start - at, 1), "reason": reason}
 
 
 def _serves(w: Worker, job: Job) -> bool:

@@ -132,7 +132,7 @@ class JobRunner:
             return self._fail_internal(keeper, err)
         return self._finish(keeper, result, self._measured(keeper, spec, result, gpus))
 
-    def _measured(self, keeper: LeaseKeeper, spec: TrainingSpec, result, gpus: int) -> dict:
+    def _measured(self, keeper: LeaseKeeper, spec: TrainingSpec, result, gpus: int) -> dict | None:
         """What the run measured (dpo_core.estimate.measured): it calibrates later estimates. Its FLOPs come
         from the model's shape, left out (None) when that cannot be read."""
         gpu_type = keeper.read(lambda s: s.scalar(select(Worker.gpu_type).where(Worker.id == self.worker_id)))
@@ -142,7 +142,12 @@ class JobRunner:
             log.warning("job %s: no FLOPs in its measurement, the model's shape cannot be read (%s)",
                         keeper.lease.job_id, err)
             facts = None
-        return estimate.measured(spec, result, gpu_type or "cpu", gpus, facts)
+        try:
+            return estimate.measured(spec, result, gpu_type or "cpu", gpus, facts)
+        except Exception:  # noqa: BLE001 - a measurement must never fail the run it measures
+            log.exception("job %s: its measurement could not be made; it is recorded without one",
+                          keeper.lease.job_id)
+            return None
 
     def _launch(self, lease: Lease, spec: TrainingSpec, gpus: int):
         """Run a multi-GPU job in a subprocess (worker.distributed_job) and return rank 0's TrainResult."""
@@ -179,7 +184,7 @@ class JobRunner:
         return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
                         resume_from="auto")
 
-    def _finish(self, keeper: LeaseKeeper, result, measured: dict) -> str:
+    def _finish(self, keeper: LeaseKeeper, result, measured: dict | None) -> str:
         """Record the run's outcome, and with a success what it measured; waits out a database that cannot
         answer (LeaseLost once the lease is lost)."""
         lease, outcome = keeper.lease, {}

@@ -3,8 +3,8 @@ size must then take within ±25% of the estimated seconds, and peak within ±20%
 (its process's peak RSS, as a CPU worker measures it). Each training runs in a process of its own, as a
 worker's job does.
 
-Run serially (`make test` runs the `timing` tests after the parallel run): a neighbour on the same cores
-would slow one run and not the other.
+The two runs step in turn, on one thread each, so that load from other processes slows both alike, and
+`make test` runs `timing` tests alone after the parallel run.
 """
 from __future__ import annotations
 
@@ -21,11 +21,12 @@ import pytest
 
 from dpo_core import estimate
 from dpo_core.spec import TrainingSpec
-from tests.service.processes import REPO
 
+REPO = Path(__file__).resolve().parents[2]
 # Two Llamas on the toy tokenizer padded to 8,000 words: the model's fp32 state (weights, reference,
-# gradients, AdamW: 16 bytes a parameter) is about a third of the smaller run's RSS, two thirds of the
-# larger's. Sizes and steps keep each run at a few seconds of steps on two cores.
+# gradients, AdamW: 16 bytes a parameter) is about 40% of the smaller run's peak RSS, over half the
+# larger's; each run takes seconds. One width, two depths: a CPU thread's FLOP rate also moves with the
+# matrices' widths (docs/performance.md, Known limits), which no FLOPs count captures.
 SMALL = dict(hidden_size=768, num_layers=2, num_heads=12, intermediate_size=2048)  # 26.5M parameters
 LARGE = dict(hidden_size=768, num_layers=6, num_heads=12, intermediate_size=2048)  # 54.8M parameters
 VOCAB = 8000

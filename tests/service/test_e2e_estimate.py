@@ -37,8 +37,10 @@ def setup(tmp_path_factory):
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"sort : {words(40)}", "chosen": " " + words(24),
                                         "rejected": " " + words(24)}) + "\n" for _ in range(64)))
-    service = start_service(root / "svc", "est-" + secrets.token_hex(8), {"DPO_WORKER_GPU_TYPE": "cpu",
-                                                                           "DPO_WORKER_GPUS": "1"})
+    # One thread a job: the two jobs run minutes apart, and a second core's share would come and go with
+    # whatever else the machine runs meanwhile; a single thread's rate holds.
+    env = {"DPO_WORKER_GPU_TYPE": "cpu", "DPO_WORKER_GPUS": "1", "OMP_NUM_THREADS": "1"}
+    service = start_service(root / "svc", "est-" + secrets.token_hex(8), env)
     yield service, models, service.upload(data)
     service.stop()
 

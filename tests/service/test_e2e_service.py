@@ -1,13 +1,19 @@
-"""End-to-end: a real API process and a real Celery worker process, driven over HTTP only, on the
-embedded defaults (SQLite + SQLite broker) and on PostgreSQL + Redis. No mocks."""
+"""End-to-end: a real API process and a real Celery worker process, driven over HTTP (the worker's
+measurement of a run is read from the database), on the embedded defaults (SQLite + SQLite broker)
+and on PostgreSQL + Redis. No mocks."""
 from __future__ import annotations
 
 import io
+import os
 import secrets
 import tarfile
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
+
+from service.db.engine import make_engine, make_sessionmaker
+from service.db.models import Job, Worker
 
 from tests.service.processes import start_service
 
@@ -80,6 +86,17 @@ def test_whole_lifecycle_over_http(service, file_ids, tiny_model, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
     changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
     assert all(changed), "every parameter should have moved"
+
+    # What the worker measured (the job's process of its own: its peak RSS), and the memory it registered.
+    engine = make_engine(service.env.get("DPO_DATABASE_URL") or f"sqlite:///{service.data_dir / 'dpo.sqlite'}")
+    with make_sessionmaker(engine).begin() as s:
+        measured = s.get(Job, job_id).measured
+        memory = s.scalar(select(Worker.memory_bytes).where(Worker.name == "worker"))
+    engine.dispose()
+    assert (measured["steps"], measured["tokens"], measured["device"]) == (16, job["trained_tokens"], "cpu")
+    assert measured["memory_kind"] == "rss" and 200 << 20 < measured["peak_memory_bytes"] < memory
+    assert memory == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU worker: its RAM
+    assert measured["train_seconds"] > 0 and measured["flops"] > 0
 
 
 def test_cancel_stops_a_running_job_and_frees_the_worker(service, file_ids, tiny_model):

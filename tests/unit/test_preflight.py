@@ -3,6 +3,10 @@ token per word, EOS appended to text completions), so that every count can be wo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +14,8 @@ from dpo_core.errors import TrainingError
 from dpo_core.preflight import data_report
 from dpo_core.spec import parse_spec
 from tests.unit.test_tokenize import conv, make_tokenizer
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pair(prompt: str, chosen: str, rejected: str, **extra) -> dict:
@@ -165,3 +171,19 @@ def test_conversational_pairs_render_through_the_chat_template(tmp_path):
     # <|im_start|> user ... <|im_end|> <|im_start|> assistant; completions close with <|im_end|>, no EOS.
     assert lengths["prompt"]["max"] == 8 and lengths["chosen"]["max"] == 2 and lengths["rejected"]["max"] == 3
     assert out["training_file"]["tokens"]["total"] == (8 + 2) + (8 + 3) + (8 + 2) + (8 + 2)
+
+
+def test_the_report_needs_no_torch(tmp_path):
+    from dpo_core.toy import build_tokenizer
+
+    build_tokenizer(tmp_path / "tok")
+    train = write(tmp_path / "train.jsonl", [pair("sort : n1 n2", "n1 n2", "n2 n1")])
+    code = ("import json, sys\nfrom dpo_core.preflight import data_report\nfrom dpo_core.spec import parse_spec\n"
+            "from dpo_core.tokenizer_loading import load_tokenizer\n"
+            f"spec = parse_spec({{'model': {str(tmp_path / 'tok')!r}, 'train_file': {train!r}}})\n"
+            "report = data_report(spec, load_tokenizer(spec.model))\n"
+            "print(json.dumps([report['training_file']['tokens']['total'], 'torch' in sys.modules]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == [(4 + 3) * 2, False]  # "sort : n1 n2" and "n1 n2 </s>", twice

@@ -1,12 +1,14 @@
 """dpo_core.tokenizer_loading: the same tokenizer as AutoTokenizer, loaded without importing torch.
 
-A child process loads each tokenizer with load_tokenizer and reports its ids and chat renders, and whether
-torch got imported; this process loads the same directories with AutoTokenizer and compares.
+A child process loads each tokenizer with load_tokenizer (by directory, and one by hub id from a hub cache)
+and reports its ids and chat renders, and whether torch got imported; this process loads the same
+directories with AutoTokenizer and compares.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,13 +83,25 @@ def tokenizer_dirs(tmp_path_factory) -> list[str]:
     return [str(root / "toy"), llama_style(root / "llama"), byte_level_named_llama(root / "byte-level")]
 
 
-def test_same_tokenizer_as_autotokenizer_without_torch(tokenizer_dirs):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.unit.test_tokenizer_loading", *tokenizer_dirs], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=120)
+def hub_cache(root: Path, repo_id: str, files_from: str) -> str:
+    """A hub cache holding `repo_id` at one commit, as a download would leave it (read offline)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(files_from, repo / "snapshots" / commit)
+    return str(root)
+
+
+def test_same_tokenizer_as_autotokenizer_without_torch(tokenizer_dirs, tmp_path):
+    cache = hub_cache(tmp_path / "hub", "acme/llama-style", tokenizer_dirs[1])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": cache}
+    done = subprocess.run([sys.executable, "-m", "tests.unit.test_tokenizer_loading", *tokenizer_dirs,
+                           "acme/llama-style"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = json.loads(done.stdout)
     assert loaded.pop("torch_imported") is False
+    assert loaded.pop("acme/llama-style") == loaded[tokenizer_dirs[1]]  # a hub id, from the hub cache
     from transformers import AutoTokenizer
 
     for name in tokenizer_dirs:
@@ -119,8 +133,8 @@ if __name__ == "__main__":
     from dpo_core.tokenizer_loading import load_tokenizer
 
     out = {}
-    for directory in sys.argv[1:]:
-        tokenizer = load_tokenizer(directory)
-        out[directory] = {"class": type(tokenizer).__name__, **summary(tokenizer)}
+    for name in sys.argv[1:]:
+        tokenizer = load_tokenizer(name)
+        out[name] = {"class": type(tokenizer).__name__, **summary(tokenizer)}
     out["torch_imported"] = "torch" in sys.modules
     print(json.dumps(out))
