@@ -120,6 +120,15 @@ def _analyse(param: str, source: PreferenceData, spec: TrainingSpec, tokenizer: 
     return out
 
 
+# `what` is written for several rows; one row takes the singular of its first verb.
+_SINGULAR = {"are": "is", "have": "has", "repeat": "repeats", "hold": "holds"}
+
+
+def _agree(what: str, count: int) -> str:
+    verb, _, rest = what.partition(" ")
+    return f"{_SINGULAR.get(verb, verb)} {rest}" if count == 1 else what
+
+
 class _Warner:
     """Builds the warnings about one file's rows: {code, param, count, lines, message}."""
 
@@ -132,7 +141,8 @@ class _Warner:
         shown = ", ".join(map(str, rows.lines))
         plural = "s" * (len(rows.lines) != 1)
         where = f"first at lines {shown}" if rows.count > len(rows.lines) else f"line{plural} {shown}"
-        message = f"{rows.count} row{'s' * (rows.count != 1)} of the {_FILES[self.param]} ({where}) {what}"
+        rows_text = f"{rows.count} row{'s' * (rows.count != 1)} of the {_FILES[self.param]}"
+        message = f"{rows_text} ({where}) {_agree(what, rows.count)}"
         self.out.append({"code": code, "param": self.param, "count": rows.count, "lines": rows.lines,
                          "message": message})
 
