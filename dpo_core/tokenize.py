@@ -116,34 +116,90 @@ def _check(data: PreferenceData, tokenizer: Any, max_length: int, max_prompt_len
 def _encode(rows: list, fields: tuple[str, ...], tokenizer: Any, conversational: bool):
     """Token ids of each prompt alone, and of prompt+completion for each completion field."""
     prompts = [r.prompt for r in rows]
+    backend = _fast_backend(tokenizer)
     if conversational:
         tools = [r.tools for r in rows]
-        prompt_ids = _render(tokenizer, prompts, tools, add_generation_prompt=True)
-        full = [_render(tokenizer, [r.prompt + getattr(r, f) for r in rows], tools) for f in fields]
-        return prompt_ids, full
-    eos = tokenizer.eos_token
-    prompt_ids = tokenizer(prompts)["input_ids"]
-    full = [tokenizer([r.prompt + _with_eos(getattr(r, f), eos) for r in rows])["input_ids"] for f in fields]
-    return prompt_ids, full
+        conversations = [prompts] + [[r.prompt + getattr(r, f) for r in rows] for f in fields]
+        if backend is None or not _base_chat_template(tokenizer):
+            rendered = [_render(tokenizer, c, tools, add_generation_prompt=i == 0, tokenize=True)
+                        for i, c in enumerate(conversations)]
+            return rendered[0], rendered[1:]
+        texts = [t for i, c in enumerate(conversations)
+                 for t in _render(tokenizer, c, tools, add_generation_prompt=i == 0, tokenize=False)]
+        # What apply_chat_template(tokenize=True) does with the rendered text: the template writes its own
+        # special tokens, so the tokenizer adds none (and neither pads nor truncates).
+        ids = _encode_unique(backend, texts, add_special_tokens=False)
+    else:
+        eos = tokenizer.eos_token
+        texts = prompts + [r.prompt + _with_eos(getattr(r, f), eos) for f in fields for r in rows]
+        ids = tokenizer(texts)["input_ids"] if backend is None else _encode_unique(backend, texts, True)
+    n = len(rows)
+    return ids[:n], [ids[n * k : n * (k + 1)] for k in range(1, len(fields) + 1)]
+
+
+def _fast_backend(tokenizer: Any):
+    """The `tokenizers` backend, when encoding with it directly gives the ids `tokenizer(texts)` gives; else None.
+
+    For transformers 5's TokenizersBackend, `tokenizer(texts)` (no padding or truncation asked for) turns the
+    backend's own padding and truncation off, sets its encode_special_tokens to `split_special_tokens`, then calls
+    the backend's encode_batch and also builds offsets, masks and a BatchEncoding the trainer never reads; the
+    backend's encode_batch_fast gives the same ids without the offsets. That holds only when the setup changes
+    nothing and no subclass changes how text is encoded (CodeLlama's _encode_plus handles infilling; mBART-style
+    _switch_to_input_mode sets language tokens), so any other tokenizer (a slow one, a backend set to truncate or
+    pad, split_special_tokens out of step) goes through `tokenizer(...)` as before.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not hasattr(backend, "encode_batch_fast"):
+        return None
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    cls = type(tokenizer)
+    plain = (isinstance(tokenizer, TokenizersBackend) and cls.__call__ is PreTrainedTokenizerBase.__call__
+             and cls._encode_plus is TokenizersBackend._encode_plus and not hasattr(cls, "_switch_to_input_mode"))
+    settled = (backend.truncation is None and backend.padding is None
+               and backend.encode_special_tokens == bool(tokenizer.split_special_tokens))
+    return backend if plain and settled else None
+
+
+def _base_chat_template(tokenizer: Any) -> bool:
+    """True when apply_chat_template is transformers' own (render, then encode without special tokens), so
+    rendering and encoding separately gives its ids."""
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    return type(tokenizer).apply_chat_template is PreTrainedTokenizerBase.apply_chat_template
+
+
+def _encode_unique(backend: Any, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    """backend.encode_batch_fast's ids for each text, each distinct text encoded once (rows often share a prompt)."""
+    unique = list(dict.fromkeys(texts))
+    encoded = backend.encode_batch_fast(unique, add_special_tokens=add_special_tokens)
+    if len(unique) == len(texts):
+        return [e.ids for e in encoded]
+    by_text = {t: e.ids for t, e in zip(unique, encoded)}
+    return [by_text[t] for t in texts]
 
 
 def _with_eos(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
 
-def _render(tokenizer: Any, conversations: list, tools: list, add_generation_prompt: bool = False) -> list:
-    """apply_chat_template in batches; rows are grouped by their tools, since one call takes one tools list."""
+def _render(tokenizer: Any, conversations: list, tools: list, *, add_generation_prompt: bool, tokenize: bool) -> list:
+    """apply_chat_template in batches (rendered text, or its ids when tokenize); rows are grouped by their tools,
+    since one call takes one tools list."""
     by_tools: dict[str, list[int]] = {}
     for i, t in enumerate(tools):
         by_tools.setdefault(json.dumps(t, sort_keys=True), []).append(i)
     out: list = [None] * len(conversations)
     for idx in by_tools.values():
-        ids = tokenizer.apply_chat_template(
+        rendered = tokenizer.apply_chat_template(
             [conversations[i] for i in idx], tools=tools[idx[0]], add_generation_prompt=add_generation_prompt,
-            tokenize=True, return_dict=True,
-        )["input_ids"]
-        for i, row_ids in zip(idx, ids):
-            out[i] = list(row_ids)
+            tokenize=tokenize, return_dict=True,
+        )
+        if tokenize:
+            rendered = [list(row_ids) for row_ids in rendered["input_ids"]]
+        for i, row in zip(idx, rendered):
+            out[i] = row
     return out
 
 
