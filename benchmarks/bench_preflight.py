@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_preflight.py                              # 10,000 chat rows
     .venv/bin/python benchmarks/bench_preflight.py --format text                # 10,000 text rows
     .venv/bin/python benchmarks/bench_preflight.py --rows 200 --vocab-size 2000 # quick
+    .venv/bin/python benchmarks/bench_preflight.py --route                      # also the HTTP route
 
 No network. The tokenizer is a byte-level BPE of --vocab-size trained with the `tokenizers` library on
 generated text (words drawn from a Zipf distribution over made-up words), saved as a transformers fast
@@ -10,6 +11,10 @@ tokenizer with a ChatML chat template, and built once per work directory. The ro
 same way: prompts of 20 to 400 words, completions of 10 to 300. The timed part is what the service does
 for a pre-flight in one process: load_tokenizer (dpo_core.tokenizer_loading) and data_report on the
 training file, at the spec's defaults (max_length 1024, max_prompt_length 512). torch is never imported.
+
+--route also times POST /v1/fine_tuning/jobs/preflight on the real app (in this process, SQLite, one
+registered CPU worker): the same report plus the estimate, for a small Llama config (safetensors
+headers over zero weights, written with numpy) beside the tokenizer.
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest and the median are printed")
     p.add_argument("--work-dir", default=str(REPO / ".dpo-data" / "bench" / "preflight"))
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--route", action="store_true", help="also time the HTTP route (the report and the estimate)")
     return p.parse_args(argv)
 
 
@@ -108,6 +114,59 @@ def timed_report(model: str, train_file: str) -> tuple[float, float, float, dict
     return loaded - started, time.perf_counter() - loaded, time.process_time() - cpu, report
 
 
+def write_model(model_dir: Path, vocab_size: int) -> None:
+    """A Llama config and zero weights of its shape (hidden 256, 2 layers) beside the tokenizer."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    hidden, inter, layers = 256, 512, 2
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "num_key_value_heads": 4, "vocab_size": vocab_size, "max_position_embeddings": 2048,
+              "tie_word_embeddings": False}
+    shapes = {"model.embed_tokens.weight": (vocab_size, hidden), "lm_head.weight": (vocab_size, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        for name, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
+                            ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+                            ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
+                            ("mlp.down_proj", (hidden, inter))):
+            shapes[f"model.layers.{i}.{name}.weight"] = shape
+        shapes[f"model.layers.{i}.input_layernorm.weight"] = (hidden,)
+        shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (hidden,)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    save_file({k: np.zeros(v, dtype=np.float32) for k, v in shapes.items()}, str(model_dir / "model.safetensors"))
+
+
+def timed_route(model: str, train_file: Path, repeats: int) -> list[float]:
+    """Seconds of each POST /v1/fine_tuning/jobs/preflight on the real app, the file uploaded once."""
+    import tempfile
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from service.db.engine import make_engine, make_sessionmaker
+    from service.db.workers import register
+    from service.settings import Settings
+
+    data = Path(tempfile.mkdtemp(prefix="bench-preflight-"))
+    settings = Settings(data_dir=data, api_key="k", database_url=None, broker_url=None, dispatcher=False,
+                        model_dirs=[str(Path(model).parent)])
+    with TestClient(create_app(settings), headers={"Authorization": "Bearer k"}) as c:
+        with make_sessionmaker(make_engine(settings.db_url)).begin() as s:
+            register(s, name="bench-cpu", gpu_type="cpu", gpus=1, queue_prefix=settings.queue, hostname="bench",
+                     pid=1, lost_after_s=settings.worker_lost_after_s, memory_bytes=24 << 30)
+        with train_file.open("rb") as f:
+            file_id = c.post("/v1/files", files={"file": (train_file.name, f)}, data={"purpose": "fine-tune"}).json()["id"]
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            r = c.post("/v1/fine_tuning/jobs/preflight", json={"model": model, "training_file": file_id})
+            times.append(time.perf_counter() - started)
+            assert r.status_code == 200, r.text
+    return sorted(times)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     machine_line = machine.describe(with_torch=False)
@@ -131,6 +190,12 @@ def main(argv=None) -> None:
     print(f"load_tokenizer: {load_s[0]:.2f} s; data_report: {report_s[0]:.2f} s fastest, "
           f"{report_s[len(report_s) // 2]:.2f} s median of {args.repeats} "
           f"({data['rows'] / report_s[0]:,.0f} rows/s), {cpu_s[0]:.2f} CPU s; torch imported: {record['torch_imported']}")
+    if args.route:
+        write_model(Path(model), args.vocab_size)
+        route_s = timed_route(model, train_file, args.repeats)
+        record["route_s"] = route_s
+        print(f"POST /v1/fine_tuning/jobs/preflight: {route_s[0]:.2f} s fastest, {route_s[len(route_s) // 2]:.2f} s "
+              f"median of {args.repeats}; torch imported: {'torch' in sys.modules}")
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1))
 
