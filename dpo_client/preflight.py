@@ -125,8 +125,10 @@ def basis(row: dict) -> str:
             jobs.append(f"{row['other_jobs']} job(s) of other teams")
         mfu = f" ({row['mfu']:.0%} MFU)" if row.get("mfu") else ""
         return "calibrated by " + (", ".join(jobs) or "past jobs") + mfu
-    mfu = row.get("mfu")
-    return f"FLOPs model at {mfu:.0%} MFU" if mfu is not None else "FLOPs model"
+    mfu, rate = row.get("mfu"), row.get("flops_per_s")
+    if mfu is not None:
+        return f"FLOPs model at {mfu:.0%} MFU"
+    return f"FLOPs model at {rate / 1e9:,.0f} GFLOP/s" if rate else "FLOPs model"
 
 
 def queue_line(queue: dict) -> str:

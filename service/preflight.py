@@ -143,7 +143,8 @@ def _on_type(spec: TrainingSpec, facts, data: dict[str, Any], plan: dict[str, An
             "largest_micro_batch_size": None if capacity is None else est.largest_micro_batch(
                 spec, facts, data, device, capacity, gpus),
             "seconds": round(timing["seconds"], 3), "basis": timing["basis"], "calibrated_by": mine,
-            "other_jobs": len(timing["calibrated_by"]) - len(mine), "mfu": timing["mfu"]}
+            "other_jobs": len(timing["calibrated_by"]) - len(mine), "mfu": timing["mfu"],
+            "flops_per_s": timing["flops_per_s"]}
 
 
 def _chosen(estimate: dict[str, Any]) -> dict[str, Any] | None:

@@ -34,7 +34,9 @@ class GpuTypeEstimate(BaseModel):
     calibrated_by: list[str] = Field(description="the caller's earlier jobs whose measured throughput calibrated it")
     other_jobs: int = Field(description="other teams' jobs that also calibrated it")
     mfu: float | None = Field(description="the FLOPs model's assumed (or the calibration's achieved) model FLOPs "
-                              "utilization")
+                              "utilization of the GPU type's stated peak; null on a CPU, which has no stated peak")
+    flops_per_s: float = Field(description="the FLOPs per second per device the time assumes: the FLOPs model's "
+                               "stated rate, or what the calibrating jobs achieved")
 
 
 class MemoryEstimate(BaseModel):

@@ -95,7 +95,8 @@ function basis(row) {
     if (row.other_jobs) jobs.push(`${row.other_jobs} job${row.other_jobs > 1 ? "s" : ""} of other teams`);
     return `calibrated by ${jobs.join(", ") || "past jobs"}${row.mfu ? ` (${Math.round(100 * row.mfu)}% MFU)` : ""}`;
   }
-  return row.mfu === null || row.mfu === undefined ? "FLOPs model" : `FLOPs model at ${Math.round(100 * row.mfu)}% MFU`;
+  if (row.mfu !== null && row.mfu !== undefined) return `FLOPs model at ${Math.round(100 * row.mfu)}% MFU`;
+  return row.flops_per_s ? `FLOPs model at ${Math.round(row.flops_per_s / 1e9)} GFLOP/s` : "FLOPs model";
 }
 
 function queueBlock(q) {
