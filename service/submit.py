@@ -78,7 +78,7 @@ def validate(req: JobCreate, session: Session, storage: Storage, settings: Setti
         keep_checkpoints=settings.keep_checkpoints, start=start,
     )
     if built.spec.reference_model:
-        _check_model(built.spec.reference_model, settings, "training.reference_model")
+        _check_reference(built.spec.reference_model, settings)
     refuse_unavailable_trackers(session, built.spec.report_to, req.gpu_type, req.gpus, settings.worker_lost_after_s,
                                 time.time())
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
@@ -105,6 +105,14 @@ def preflight_estimate(session: Session, team_id: str, digest: str, at: float) -
 def _check_model(name: str, settings: Settings, param: str) -> None:
     if problem := model_problem(name, settings.model_dirs):
         raise InvalidInput(problem, param=param, code="invalid_model")
+
+
+def _check_reference(name: str, settings: Settings) -> None:
+    if parents.names_parent(name):
+        raise InvalidInput("training.reference_model: a checkpoint or job id is taken as model only, where the "
+                           "reference defaults to it; give a model directory or hub id here",
+                           param="training.reference_model", code="invalid_model")
+    _check_model(name, settings, "training.reference_model")
 
 
 def _check_numbers(value, path: str = "") -> None:

@@ -61,6 +61,8 @@ def test_a_job_from_a_job_keeps_its_id_and_shows_its_parent(client, settings, tr
     assert start.model.endswith(f"jobs/{a['id']}/final") and start.adapter is None
     c = _create(client, a["mid"], train_id).json()
     assert c["parent"] == {"checkpoint": a["mid"], "job": a["id"]}
+    r = _create(client, "owner/model", train_id, reference_model=a["mid"])
+    assert r.status_code == 400 and r.json()["error"]["param"] == "training.reference_model"
 
 
 def test_a_lora_parent_continues_its_adapter_on_its_base(client, settings, train_id):
