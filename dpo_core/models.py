@@ -40,15 +40,30 @@ def add_lora(model, lora: LoraSpec):
 
 
 def load_policy(spec: TrainingSpec, resume_dir: str | None):
-    """The trainable model: fresh from `spec.model`, or the policy saved in a checkpoint."""
+    """The trainable model: fresh from `spec.model` (with a new LoRA adapter, or `spec.adapter` to train
+    further), or the policy saved in a checkpoint of this run."""
     if spec.lora is None:
         return load_causal_lm(resume_dir or spec.model)
     base = load_causal_lm(spec.model)
-    if resume_dir is None:
-        return add_lora(base, spec.lora)
+    start = resume_dir or spec.adapter
+    return add_lora(base, spec.lora) if start is None else load_adapter(base, start, trainable=True)
+
+
+def load_adapter(base, directory: str, trainable: bool):
+    """`base` with the LoRA adapter saved in `directory` (its own r, alpha and target modules)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, resume_dir, is_trainable=True)
+    try:
+        return PeftModel.from_pretrained(base, directory, is_trainable=trainable)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:  # missing files, or an adapter for another base
+        raise load_error("LoRA adapter", directory, err) from None
+
+
+def adapter_start(spec: TrainingSpec):
+    """The starting point of a run that trains `spec.adapter` further: the base with that adapter merged in,
+    frozen. It is the default reference of such a run: the policy's initial weights, as without LoRA."""
+    merged = load_adapter(load_causal_lm(spec.model), spec.adapter, trainable=False).merge_and_unload()
+    return merged.eval().requires_grad_(False)
 
 
 def frozen_copy(model):

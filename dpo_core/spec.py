@@ -32,7 +32,7 @@ REPORT_TO = ("tensorboard", "mlflow", "wandb")
 ReportTo = Literal["tensorboard", "mlflow", "wandb"]
 
 # Fields that name paths on the machine that runs the job. The service sets them; requests may not.
-SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from")
+SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from", "adapter")
 
 MAX_STEPS = 10_000_000  # optimizer steps of one run, however they are asked for (max_steps, epochs)
 MAX_ROWS = 65_536  # rows of one optimizer step, of one forward pass
@@ -247,8 +247,12 @@ class TrainingSpec(_Strict):
     # What to train, on what, where to write.
     model: str = Field(description="local directory or hub id of a causal LM")
     reference_model: str | None = Field(
-        None, description="default: a frozen copy of `model` (with LoRA: the base with adapters disabled)"
+        None, description="default: a frozen copy of `model` (with LoRA: the base with adapters disabled; with "
+        "`adapter`: the base with that adapter, as it was at the start)"
     )
+    adapter: str | None = Field(
+        None, description="a LoRA adapter directory to train further on `model` (a LoRA checkpoint, or a final "
+        "model's adapter/); it keeps its own r, alpha and target_modules; needs lora")
     train_file: str = Field(description="JSONL preference data")
     validation_file: str | None = None
     output_dir: str = "runs/dpo"
@@ -366,6 +370,9 @@ class TrainingSpec(_Strict):
         if self.reference_mode == "precomputed" and not self.loss.needs_reference:
             problems.append(("reference_mode", f"loss {self.loss.type!r} uses no reference model; drop "
                              "reference_mode: precomputed"))
+        if self.adapter is not None and self.lora is None:
+            problems.append(("lora", "an adapter trains further as LoRA: set lora (the adapter's own r, alpha and "
+                             "target_modules apply), or drop adapter to train the whole model"))
         if self.distributed == "fsdp" and self.lora is not None:
             problems.append(("distributed", "fsdp shards full-model training; LoRA adapters are small, use ddp"))
         if self.distributed == "fsdp" and self.precision == "fp16":
@@ -405,6 +412,12 @@ class TrainingSpec(_Strict):
             self.__dict__["max_length"] = min(MAX_LENGTH, max(DEFAULT_MAX_LENGTH, 2 * self.max_prompt_length))
         if "batch_size" not in given and self.micro_batch_size is not None:
             self.__dict__["micro_batch_size"] = min(self.micro_batch_size, self.batch_size)
+
+    @property
+    def tokenizer_source(self) -> str:
+        """Where the run's tokenizer is read: the adapter's directory (a checkpoint saves its tokenizer), else
+        the model's."""
+        return self.adapter or self.model
 
     @property
     def micro_batch(self) -> int:

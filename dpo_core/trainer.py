@@ -26,7 +26,7 @@ from dpo_core.estimate import epoch_summary, peak_rss_bytes
 from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
-from dpo_core.models import enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
+from dpo_core.models import adapter_start, enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec, steps_per_epoch
@@ -158,7 +158,7 @@ def _live_reference(run: Run, initial_copy):
                                     "(it needs SDPA attention and a separate LM head); set share_prompt: false")
             run.share_prompt = False  # auto: no batch is built yet, so both models get two rows per pair
         return ModelReference(model, run.autocast, spec.logprob_chunk_size, wrap)
-    if spec.lora is not None:
+    if spec.lora is not None and spec.adapter is None:
         return AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
     return ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size, wrap)
 
@@ -208,9 +208,12 @@ def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
     """(model, wrapped policy, frozen initial copy or None)."""
     model = load_policy(spec, resume_dir).to(device)
     # The default reference is the policy's initial weights: copy before the first update.
-    needs_copy = spec.loss.needs_reference and not spec.reference_model and spec.lora is None
+    # A LoRA run's is the base with its adapters disabled, unless it trains a given adapter further.
+    needs_copy = spec.loss.needs_reference and not spec.reference_model and (spec.lora is None or spec.adapter)
     initial = None
-    if needs_copy:
+    if needs_copy and spec.adapter:
+        initial = adapter_start(spec).to(device)
+    elif needs_copy:
         initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -224,7 +227,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     resume_dir = ckpt.resolve_resume(spec.resume_from, spec.output_dir)
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(resume_dir or spec.model)
+    tokenizer = load_tokenizer(resume_dir or spec.tokenizer_source)
     train = _load_rows(spec.train_file, spec, tokenizer, callbacks)
     evals = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
     device = distributed.device(d, spec.device)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session
 
+from service import parents
 from service.artifacts import Storage, delete_with_artifact, tar_entries
 from service.db.models import Checkpoint, Job, JobStatus, is_id
 from service.errors import Conflict, NotFound
@@ -36,8 +37,12 @@ def contents(storage: Storage, ckpt: Checkpoint) -> tuple[Path, list[tuple[Path,
 
 def delete(session: Session, storage: Storage, job: Job, ckpt: Checkpoint) -> None:
     """Delete the checkpoint's row and files (commits); Conflict (job_not_finished) while the job has not
-    ended: it may resume from them."""
+    ended: it may resume from them; Conflict (checkpoint_in_use) while a job that starts from it has not."""
     if not JobStatus(job.status).terminal:
         raise Conflict(f"job {job.id} is {job.status}; delete its checkpoints once it has ended (until then it may "
                        "resume from them)", param="fine_tuning_job_id", code="job_not_finished")
+    if users := parents.users(session, storage, ckpt):
+        raise Conflict(f"checkpoint {ckpt.id} is the starting point of job {', '.join(users)}, which has not ended "
+                       "(it reads these files again if it resumes); delete it once that job has ended, or cancel it",
+                       param="checkpoint_id", code="checkpoint_in_use")
     delete_with_artifact(session, storage, ckpt)

@@ -23,6 +23,7 @@ from dpo_core.spec import (
     parse_spec,
 )
 from service.errors import InvalidInput
+from service.parents import Start
 from service.requests import DpoHyperparameters, JobCreate
 
 HP = "method.dpo.hyperparameters"
@@ -57,15 +58,18 @@ class BuiltSpec:
 
 def build(req: JobCreate, train_path: str, validation_path: str | None, output_dir: str,
           train: DataFile | None = None, validation: DataFile | None = None,
-          keep_checkpoints: int | None = None) -> BuiltSpec:
+          keep_checkpoints: int | None = None, start: Start | None = None) -> BuiltSpec:
     """Validate a job request into a TrainingSpec; raise InvalidInput naming every bad parameter.
     With the files' facts (`train`, `validation`), also what the trainer would refuse about them.
     `keep_checkpoints`: the service's retention, the spec's save_total_limit unless the request sets one
-    (null keeps every checkpoint)."""
+    (null keeps every checkpoint). `start`: where the policy starts when `model` names a checkpoint or a job
+    (service.parents); the stored spec keeps that id as its model."""
     training = dict(req.training or {})
     _refuse_server_fields(training)
     hp = _hyperparameters(req)
     data, origin = _merge(training, hp, req)
+    if start is not None:
+        _start_from(data, start)
     data.update(train_file=train_path, validation_file=validation_path, output_dir=output_dir, resume_from=None)
     if "save_total_limit" not in training:
         data["save_total_limit"] = keep_checkpoints
@@ -82,7 +86,7 @@ def build(req: JobCreate, train_path: str, validation_path: str | None, output_d
         "n_epochs": spec.num_epochs,
         "learning_rate_multiplier": _number(hp.learning_rate_multiplier) or 1.0,
     }
-    return BuiltSpec(spec=spec, stored=stored_spec(spec), hyperparameters=resolved)
+    return BuiltSpec(spec=spec, stored={**stored_spec(spec), "model": req.model}, hyperparameters=resolved)
 
 
 def stored_spec(spec: TrainingSpec) -> dict[str, Any]:
@@ -90,11 +94,25 @@ def stored_spec(spec: TrainingSpec) -> dict[str, Any]:
 
 
 def runnable(stored: dict[str, Any], train_path: str, validation_path: str | None, output_dir: str,
-             resume_from: str | None = None) -> TrainingSpec:
-    """The worker's side: the stored spec plus this machine's paths (and where to resume from)."""
+             resume_from: str | None = None, start: Start | None = None) -> TrainingSpec:
+    """The worker's side: the stored spec plus this machine's paths (where to resume from, and where the
+    policy starts when the job continues a checkpoint)."""
     data = {**stored, "train_file": train_path, "validation_file": validation_path, "output_dir": output_dir,
             "resume_from": resume_from}
+    if start is not None:
+        data.update(model=start.model, adapter=start.adapter)
     return parse_spec(data)
+
+
+def _start_from(data: dict[str, Any], start: Start) -> None:
+    """The policy starts at a checkpoint: its directory, or (LoRA) the base and the adapter to train on."""
+    data.update(model=start.model, adapter=start.adapter)
+    if start.lora is None:
+        return
+    if data.get("lora") is not None:
+        raise InvalidInput(f"training.lora: checkpoint {start.checkpoint} is a LoRA adapter; the job trains it further "
+                           "with its own settings; remove training.lora", param="training.lora")
+    data["lora"] = start.lora
 
 
 def _refuse(problems: list[tuple[str, str]], origin: dict[str, str]) -> None:
@@ -109,7 +127,8 @@ def _refuse(problems: list[tuple[str, str]], origin: dict[str, str]) -> None:
 def _refuse_server_fields(training: dict[str, Any]) -> None:
     for name in (*SERVER_PATH_FIELDS, "model"):
         if name in training:
-            where = "the top-level model" if name == "model" else "the service (from file ids and the job id)"
+            where = {"model": "the top-level model", "adapter": "the service (from the checkpoint id given as model)"}.get(
+                name, "the service (from file ids and the job id)")
             raise InvalidInput(f"training.{name} is set by {where}; remove it from training", param=f"training.{name}")
     if training.get("device") not in SERVICE_DEVICES:
         raise InvalidInput("training.device: a job runs on the GPUs its worker gives it; choose them with gpu_type "

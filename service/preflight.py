@@ -65,7 +65,9 @@ def job_estimate(report: dict[str, Any]) -> dict[str, Any]:
 
 def _data(spec: TrainingSpec) -> dict[str, Any]:
     try:
-        return data_report(spec, _tokenizer(spec.model, _stamp(spec.model)))
+        # A job that continues a LoRA checkpoint reads the tokenizer saved with its adapter, as the trainer does.
+        source = spec.tokenizer_source
+        return data_report(spec, _tokenizer(source, _stamp(source)))
     except ModelLoadError as err:
         raise InvalidInput(str(err), param="model", code="invalid_model") from None
     except DataError as err:

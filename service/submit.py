@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from service import jobspec
+from service import jobspec, parents
 from service.artifacts import Storage, job_key
 from service.auth import Principal, load_file
 from service.db import jobs
@@ -66,17 +66,19 @@ def validate(req: JobCreate, session: Session, storage: Storage, settings: Setti
     """The job row for a valid request (not yet added) and its spec with this machine's paths;
     InvalidInput naming every problem otherwise. Job creation and the pre-flight report share it."""
     _check_numbers(req.model_dump(mode="python"))
-    _check_model(req.model, settings, "model")
+    start = parents.resolve(session, principal, storage, req.model) if parents.names_parent(req.model) else None
+    if start is None:
+        _check_model(req.model, settings, "model")
     train = _fine_tune_file(session, principal, req.training_file, "training_file")
     val = _fine_tune_file(session, principal, req.validation_file, "validation_file") if req.validation_file else None
     job_id = new_id("ftjob")
     built = jobspec.build(
         req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
         str(storage.path(job_key(job_id))), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
-        keep_checkpoints=settings.keep_checkpoints,
+        keep_checkpoints=settings.keep_checkpoints, start=start,
     )
     if built.spec.reference_model:
-        _check_model(built.spec.reference_model, settings, "training.reference_model")
+        _check_reference(built.spec.reference_model, settings)
     refuse_unavailable_trackers(session, built.spec.report_to, req.gpu_type, req.gpus, settings.worker_lost_after_s,
                                 time.time())
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}
@@ -87,6 +89,7 @@ def validate(req: JobCreate, session: Session, storage: Storage, settings: Setti
         report_to=list(built.spec.report_to), seed=built.spec.seed, suffix=req.suffix, metadata_=req.metadata,
         created_at=now(), result_files=[], cancel_requested=False, priority=req.priority, gpu_type=req.gpu_type,
         gpus=req.gpus, max_attempts=req.max_attempts or settings.job_max_attempts,
+        parent_checkpoint=start.checkpoint if start else None, parent_job=start.job if start else None,
     )
     return job, built
 
@@ -102,6 +105,14 @@ def preflight_estimate(session: Session, team_id: str, digest: str, at: float) -
 def _check_model(name: str, settings: Settings, param: str) -> None:
     if problem := model_problem(name, settings.model_dirs):
         raise InvalidInput(problem, param=param, code="invalid_model")
+
+
+def _check_reference(name: str, settings: Settings) -> None:
+    if parents.names_parent(name):
+        raise InvalidInput("training.reference_model: a checkpoint or job id is taken as model only, where the "
+                           "reference defaults to it; give a model directory or hub id here",
+                           param="training.reference_model", code="invalid_model")
+    _check_model(name, settings, "training.reference_model")
 
 
 def _check_numbers(value, path: str = "") -> None:

@@ -33,6 +33,7 @@ from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR, remove_partial
 from dpo_core.spec import SpecError, TrainingSpec
+from service import parents
 from service.artifacts import LocalStorage, iter_tar, job_key
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
@@ -176,13 +177,27 @@ class JobRunner:
                  for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
         if job.training_file not in paths or (job.validation_file and job.validation_file not in paths):
             raise DataError([_missing_file(job)])
-        for name in filter(None, (job.model, job.spec.get("reference_model"))):
+        start = self._start_point(s, job)
+        # Model names are checked against the allowed model dirs: the job's, or the base its LoRA parent trained
+        # on; a checkpoint's directory is in the service's storage, not named by a request.
+        model = job.model if start is None else (None if start.behind_model else start.model)
+        for name in filter(None, (model, job.spec.get("reference_model"))):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
         output_dir = str(self.storage.path(job_key(job_id)))
         # "auto": the latest complete checkpoint an earlier run of this job left, if any (a resumed job).
         return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
-                        resume_from="auto")
+                        resume_from="auto", start=start)
+
+    def _start_point(self, s: Session, job: Job) -> parents.Start | None:
+        """Where a job that continues a checkpoint starts, on this machine's storage; a checkpoint deleted
+        since it was queued fails it (parent_checkpoint_deleted)."""
+        if job.parent_checkpoint is None:
+            return None
+        try:
+            return parents.of_job(s, self.storage, job)
+        except parents.ParentGone as err:
+            raise TrainingError(err.message, code=err.code) from None
 
     def _finish(self, keeper: LeaseKeeper, result, measured: dict | None) -> str:
         """Record the run's outcome, and with a success what it measured; waits out a database that cannot

@@ -1,7 +1,7 @@
 """Fine-tuning jobs, their events and checkpoints as responses, shaped like the OpenAI API's, plus our
 extensions (`training`, `progress`, `metrics`, `eval_metrics`, `download_url`, and what a job asks of the
 pool: `team`, `priority`, `gpu_type`, `gpus`, `queue_position`, `queue_reason`, `worker`; what its training
-said of itself: `warnings`, `early_stopped_at_step`). The request
+said of itself: `warnings`, `early_stopped_at_step`; the checkpoint it continues: `parent`). The request
 (JobCreate) is service.requests'."""
 from __future__ import annotations
 
@@ -31,6 +31,11 @@ class JobWarning(BaseModel):
                       "loss_flat")
     step: int | None = Field(description="the step at which it was raised")
     message: str = Field(description="what was seen and what to try")
+
+
+class JobParent(BaseModel):
+    checkpoint: str = Field(description="id of the checkpoint the job's policy starts from")
+    job: str = Field(description="id of that checkpoint's job")
 
 
 class JobPublic(BaseModel):
@@ -81,6 +86,8 @@ class JobPublic(BaseModel):
         "their evidence is in the job's warn events")
     early_stopped_at_step: int | None = Field(
         None, description="the step at which training.early_stopping ended training; null otherwise")
+    parent: JobParent | None = Field(
+        None, description="when `model` names a checkpoint or a job: the checkpoint the job starts from, and its job")
 
     @classmethod
     def of(cls, job: JobRow, position: int | None = None, reason: str | None = None) -> JobPublic:
@@ -102,6 +109,7 @@ class JobPublic(BaseModel):
             queue_reason=reason, worker=job.worker, attempts=job.attempts, max_attempts=job.max_attempts,
             estimate=job.estimate, actual=_actual(job.measured),
             warnings=job.warnings or [], early_stopped_at_step=job.early_stopped_at_step,
+            parent=JobParent(checkpoint=job.parent_checkpoint, job=job.parent_job) if job.parent_checkpoint else None,
         )
 
 

@@ -226,6 +226,10 @@ class Job(Base):
     # hold their evidence), and the step at which training.early_stopping ended its training.
     warnings: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True))
     early_stopped_at_step: Mapped[int | None] = mapped_column(BigInteger)
+    # The checkpoint the job starts from when its `model` names one (service.parents), and that checkpoint's
+    # job; kept as ids, no foreign keys: either may be deleted once the job has ended.
+    parent_checkpoint: Mapped[str | None] = mapped_column(String(64))
+    parent_job: Mapped[str | None] = mapped_column(String(64))
 
 
 class RunOutcome(StrEnum):

@@ -1,0 +1,143 @@
+"""Continuing from a checkpoint: a job's `model` may be the id of a checkpoint (`ftckpt-…`) or of a job
+(`ftjob-…`: its final model, the `fine_tuned_model` checkpoint) of the caller's team, its parent.
+
+The job keeps that id (its stored spec holds no server path); the API resolves it when it checks the
+request and the worker again on its own machine (`starting_point`). A full-weight checkpoint is a model
+directory: the policy loads it. A LoRA checkpoint is an adapter (a final model's is in `adapter/`): the
+job trains it further on the base its job trained on, with the same LoRA settings. Either way the
+default reference is that starting point, frozen. Another team's id gets the answer an unknown id gets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dpo_core.layout import STATE_FILE
+from service.artifacts import Storage
+from service.auth import Principal
+from service.db.models import Checkpoint, Job, JobStatus, is_id
+from service.errors import InvalidInput, NotFound
+
+PREFIXES = ("ftckpt-", "ftjob-")
+ADAPTER_DIR = "adapter"  # where a LoRA job's final model keeps its adapter (dpo_core.trainer)
+MODEL_FILE = "config.json"
+
+
+def names_parent(model: str) -> bool:
+    """Whether a job's `model` names a checkpoint or a job rather than a model directory or hub id."""
+    return model.startswith(PREFIXES)
+
+
+class ParentGone(InvalidInput):
+    """The checkpoint a job starts from (or one its own start needs) was deleted, or its files are gone."""
+
+    code = "parent_checkpoint_deleted"
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a job's policy starts. `model`: what it loads (a checkpoint directory, or the LoRA base);
+    `adapter`: the LoRA adapter directory it trains further; `lora`: that adapter's settings."""
+
+    checkpoint: str
+    job: str
+    model: str
+    adapter: str | None
+    lora: dict[str, Any] | None
+    behind_model: tuple[str, ...]  # the checkpoints whose files `model` is (none: a model dir or hub id)
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """Every checkpoint whose files the job reads when it starts (and again when it resumes)."""
+        return (*self.behind_model, self.checkpoint) if self.adapter else self.behind_model
+
+
+def find(session: Session, principal: Principal, model: str) -> Checkpoint:
+    """The checkpoint `model` names: NotFound, worded alike, for an unknown id and another team's."""
+    missing = NotFound(f"no checkpoint or fine-tuning job {model!r} to start from; list your jobs' checkpoints "
+                       "with GET /v1/fine_tuning/jobs/{id}/checkpoints", param="model", code="model_not_found")
+    if is_id(model, "ftjob"):
+        job = session.get(Job, model)
+        if job is None or not principal.may_see(job.team_id):
+            raise missing
+        ckpt = _final(session, job)
+    else:
+        ckpt = session.get(Checkpoint, model) if is_id(model, "ftckpt") else None
+        job = session.get(Job, ckpt.job_id) if ckpt is not None else None
+        if job is None or not principal.may_see(job.team_id):
+            raise missing
+    if job.team_id != principal.team_id:  # only the admin sees other teams' jobs
+        raise InvalidInput(f"{model} belongs to team {job.team_id}; a job starts from a checkpoint of its own team "
+                           f"({principal.team_id})", param="model", code="invalid_model")
+    return ckpt
+
+
+def _final(session: Session, job: Job) -> Checkpoint:
+    if job.fine_tuned_model is None:
+        raise InvalidInput(f"job {job.id} is {job.status} and has no final model; wait until it succeeds, or start "
+                           "from one of its checkpoints (GET /v1/fine_tuning/jobs/{id}/checkpoints)",
+                           param="model", code="parent_not_ready")
+    ckpt = session.get(Checkpoint, job.fine_tuned_model)
+    if ckpt is None:
+        raise ParentGone(f"the final model of job {job.id} ({job.fine_tuned_model}) was deleted; start from another "
+                         "checkpoint", param="model")
+    return ckpt
+
+
+def starting_point(session: Session, storage: Storage, ckpt: Checkpoint) -> Start:
+    """Where a job that starts from `ckpt` starts, its files checked; ParentGone if any is missing."""
+    job = session.get(Job, ckpt.job_id)
+    directory = storage.path(ckpt.storage_key)
+    marker = MODEL_FILE if ckpt.final else STATE_FILE  # a complete checkpoint, or final model
+    if not (directory / marker).is_file():
+        raise ParentGone(f"the files of checkpoint {ckpt.id} (job {job.id}, step {ckpt.step_number}) are gone "
+                         "(removed by save_total_limit or by hand); start from another checkpoint", param="model")
+    lora = job.spec.get("lora")
+    if lora is None:
+        return Start(ckpt.id, job.id, str(directory), None, None, (ckpt.id,))
+    base, behind = base_model(session, storage, job)
+    adapter = directory / ADAPTER_DIR if ckpt.final else directory
+    return Start(ckpt.id, job.id, base, str(adapter), lora, behind)
+
+
+def base_model(session: Session, storage: Storage, job: Job) -> tuple[str, tuple[str, ...]]:
+    """The model a job's policy was loaded from (its LoRA base), and the checkpoints whose files it is."""
+    if job.parent_checkpoint is None:
+        return job.model, ()
+    parent = session.get(Checkpoint, job.parent_checkpoint)
+    if parent is None:
+        raise ParentGone(f"job {job.id} started from checkpoint {job.parent_checkpoint}, which was deleted: its "
+                         "LoRA adapter has no base left to train on; start from another checkpoint", param="model")
+    start = starting_point(session, storage, parent)
+    return start.model, start.behind_model
+
+
+def resolve(session: Session, principal: Principal, storage: Storage, model: str) -> Start:
+    """A job request's `model` that names a checkpoint or a job, as where its policy starts."""
+    return starting_point(session, storage, find(session, principal, model))
+
+
+def of_job(session: Session, storage: Storage, job: Job) -> Start:
+    """The worker's side: where a job with a parent starts, on this machine."""
+    parent = session.get(Checkpoint, job.parent_checkpoint)
+    if parent is None:
+        raise ParentGone(f"checkpoint {job.parent_checkpoint}, which this job starts from, was deleted; submit the "
+                         "job again from another checkpoint", param="model")
+    return starting_point(session, storage, parent)
+
+
+def users(session: Session, storage: Storage, ckpt: Checkpoint) -> list[str]:
+    """The jobs not yet ended that read `ckpt`'s files when they start or resume."""
+    live = [s.value for s in JobStatus if not s.terminal]
+    found = []
+    for job in session.scalars(select(Job).where(Job.parent_checkpoint.is_not(None), Job.status.in_(live))):
+        try:
+            needs = of_job(session, storage, job).needs
+        except ParentGone:
+            continue  # it fails when it starts, whatever is deleted now
+        if ckpt.id in needs:
+            found.append(job.id)
+    return found
