@@ -115,9 +115,9 @@ def pause_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPub
 
 @router.post("/{fine_tuning_job_id}/resume", response_model=JobPublic)
 def resume_job(job: JobDep, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep) -> JobPublic:
-    """Queue a paused job again; it goes on from the checkpoint its pause left. 409 unless it is paused."""
-    jobs.resume(session, job.id)
-    session.commit()
+    """Queue a paused job again; it goes on from the checkpoint its pause left. 409 unless it is paused;
+    429 when the team is at its max_queued_jobs."""
+    submit.resume(session, job)
     dispatcher.wake()
     return _shown(session, settings, job.id)
 

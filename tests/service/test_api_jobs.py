@@ -175,6 +175,19 @@ def test_pause_and_resume_a_queued_job_over_http(client, train_id):
     assert client.post("/v1/fine_tuning/jobs/ftjob-none/pause").status_code == 404
 
 
+def test_a_resume_is_refused_at_the_teams_max_queued_jobs(client, task_files):
+    team = make_team(client, "pause-quota", max_queued_jobs=1)
+    key = as_key(team["key"])
+    file_id = upload(client, task_files[0], headers=key)["id"]
+    body = {"model": "tiny-org/tiny-model", "training_file": file_id, "training": TRAINING}
+    paused = client.post("/v1/fine_tuning/jobs", headers=key, json=body).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/pause", headers=key).json()["status"] == "paused"
+    assert client.post("/v1/fine_tuning/jobs", headers=key, json=body).status_code == 200  # paused: not waiting
+    r = client.post(f"/v1/fine_tuning/jobs/{paused}/resume", headers=key)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert client.get(f"/v1/fine_tuning/jobs/{paused}", headers=key).json()["status"] == "paused"
+
+
 def test_events_page_both_ways(client, train_id):
     job = create(client, train_id).json()
     client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
