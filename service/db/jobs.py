@@ -15,7 +15,8 @@ from service.db import webhooks
 from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, new_id, now, public_status
 from service.errors import Conflict
 
-ACTIVE = (*WAITING, JobStatus.RUNNING)
+# Unfinished jobs: their files cannot be deleted, nor their team (a paused job resumes on its files).
+ACTIVE = (*WAITING, JobStatus.RUNNING, JobStatus.PAUSED)
 
 # The one shape in which a job is read to be shown: a row of JOB_FIELDS (JobRow), its fields named as
 # Job's attributes (`metadata_` included). Every route that answers with jobs reads them so (create, list,

@@ -169,6 +169,7 @@ def test_pause_and_resume_a_queued_job_over_http(client, train_id):
     assert [e["data"] for e in events][-3:] == [{"status": "queued"}, {"status": "paused", "code": "paused"},
                                                 {"status": "queued", "code": "resumed"}]
     client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert client.delete(f"/v1/files/{train_id}").status_code == 409  # a paused job still needs its file
     assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
     r = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
