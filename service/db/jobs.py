@@ -121,7 +121,8 @@ _STATUS_MESSAGES = {
 def request_cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel a job that has not started, or flag a running one for its worker. Returns the new status,
     or None when the job had already finished."""
-    if transition(session, job_id, JobStatus.CANCELLED, (*WAITING, JobStatus.PAUSED)):  # a dispatched job's worker skips it
+    # A dispatched job's worker then skips it; a paused one holds no worker.
+    if transition(session, job_id, JobStatus.CANCELLED, (*WAITING, JobStatus.PAUSED)):
         return JobStatus.CANCELLED
     result = session.execute(
         update(Job)
@@ -177,8 +178,7 @@ def pause(session: Session, job_id: str) -> JobStatus:
         if JobStatus(row.status).terminal:
             raise Conflict(f"job {job_id} is already {row.status}; only unfinished jobs can be paused",
                            param="fine_tuning_job_id", code="job_finished")
-    raise Conflict(f"job {job_id} changed status while being paused; try again", param="fine_tuning_job_id",
-                   code="job_busy")
+    raise Conflict(f"job {job_id} changed status while being paused; try again", param="fine_tuning_job_id")
 
 
 def resume(session: Session, job_id: str) -> None:
