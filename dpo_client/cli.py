@@ -182,7 +182,8 @@ def _file_id(api: Api, value: str, quiet: bool) -> str:
 
 @jobs_app.command("watch")
 def jobs_watch(job_id: JobId) -> None:
-    """Follow a job live until it ends: exit 0 if it succeeded, 3 if it failed, 4 if it was cancelled."""
+    """Follow a job live until it ends: exit 0 if it succeeded, 3 if it failed, 4 if it was cancelled,
+    5 if it was paused."""
     _watch(_api(), job_id)
 
 
@@ -199,6 +200,9 @@ def _watch(api: Api, job_id: str) -> None:
     elif job["status"] == "failed":
         error = job.get("error") or {}
         err.print(f"[red]Job {job_id} failed[/]: {esc(str(error.get('message')))} ({error.get('code')})")
+    elif job["status"] == "paused":
+        err.print(f"[yellow]Job {job_id} was paused[/] at step {job['progress']['step'] or 0} "
+                  f"(`dpo jobs resume {job_id}` to go on from there)")
     else:
         err.print(f"[yellow]Job {job_id} was cancelled[/]")
     raise typer.Exit(JOB_EXIT[job["status"]])
@@ -206,7 +210,7 @@ def _watch(api: Api, job_id: str) -> None:
 
 @jobs_app.command("list")
 def jobs_list(limit: Limit = None, status: Annotated[str | None, typer.Option(
-        help="Only jobs with this status: queued, running, succeeded, failed or cancelled.")] = None,
+        help="Only jobs with this status: queued, running, paused, succeeded, failed or cancelled.")] = None,
         as_json: Json = False) -> None:
     """The team's jobs (the admin key: every team's), newest first."""
     items, more = _api().pages("/v1/fine_tuning/jobs", limit, status=status)
@@ -269,6 +273,28 @@ def jobs_cancel(job_id: JobId, as_json: Json = False) -> None:
     else:
         out.print(f"Cancelling {job_id}: it stops at its next step (`dpo jobs watch {job_id}` to see it end)",
                   markup=False)
+
+
+@jobs_app.command("pause")
+def jobs_pause(job_id: JobId, as_json: Json = False) -> None:
+    """Pause a job and free its worker: a queued one at once, a running one after a checkpoint at its next step."""
+    job = _api().post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    if as_json:
+        return _print_json(job)
+    if job["status"] == "paused":
+        out.print(f"Paused {job_id} (`dpo jobs resume {job_id}` to go on)", markup=False)
+    else:
+        out.print(f"Pausing {job_id}: it checkpoints at its next step (`dpo jobs watch {job_id}` to see it pause)",
+                  markup=False)
+
+
+@jobs_app.command("resume")
+def jobs_resume(job_id: JobId, as_json: Json = False) -> None:
+    """Queue a paused job again; it goes on from the checkpoint its pause left."""
+    job = _api().post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    if as_json:
+        return _print_json(job)
+    out.print(f"Resumed {job_id}: queued again (`dpo jobs watch {job_id}` to follow it)", markup=False)
 
 
 @jobs_app.command("download")

@@ -10,9 +10,11 @@ EXIT_ERROR = 1  # the command failed: an error from the API, an unreachable URL,
 EXIT_USAGE = 2  # a command line that does not parse (click's own status)
 EXIT_JOB_FAILED = 3  # `jobs watch` / `jobs create --watch`: the job ended `failed`
 EXIT_JOB_CANCELLED = 4  # ... the job ended `cancelled`
+EXIT_JOB_PAUSED = 5  # ... the job was paused: it waits for `dpo jobs resume`
 EXIT_INTERRUPTED = 130  # Ctrl-C; the job itself goes on
 
-JOB_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED}
+JOB_EXIT = {"succeeded": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED,
+            "paused": EXIT_JOB_PAUSED}
 
 
 class ClientError(Exception):

@@ -48,7 +48,9 @@ class View:
         if status == "queued":
             position = self.job.get("queue_position")
             return "starting" if position == 0 else f"queued #{position}" if position else "queued"
-        return "cancelling" if status == "running" and self.job.get("cancel_requested") else status
+        if status == "running" and (self.job.get("cancel_requested") or self.job.get("pause_requested")):
+            return "cancelling" if self.job.get("cancel_requested") else "pausing"
+        return status
 
     def steps(self) -> str:
         step, total = self.progress()
@@ -71,7 +73,8 @@ class View:
         return Text("  " + " • ".join(parts), style="dim") if parts else Text("")
 
 
-MARKS = {"succeeded": ("✓", "green"), "failed": ("✗", "red"), "cancelled": ("-", "yellow")}
+MARKS = {"succeeded": ("✓", "green"), "failed": ("✗", "red"), "cancelled": ("-", "yellow"),
+         "paused": ("‖", "yellow")}
 
 
 class _Mark(SpinnerColumn):
@@ -127,6 +130,9 @@ def _loop(api: Api, job_id: str, view: View, events: queue.Queue, bar: _LiveProg
             next_poll = time.monotonic() + POLL_S
             if view.job["status"] in TERMINAL and ended_at is None:
                 ended_at = time.monotonic()
+            if view.job["status"] == "paused":  # nothing more happens until someone resumes it
+                _draw(view, bar, task)
+                return
         _draw(view, bar, task)
         if not stream_open and view.job["status"] in TERMINAL:
             return

@@ -4,7 +4,8 @@ so several processes running it at once repair each thing once.
 
 - A `running` job whose lease ran out (its worker was killed, lost its machine, or cannot reach the
   database) goes back to `queued` and resumes from its latest checkpoint on the next free worker; after
-  `max_attempts` lost runs it fails with `worker_lost`; a job being cancelled is cancelled. Its run ends
+  `max_attempts` lost runs it fails with `worker_lost`; a job being cancelled is cancelled, one being
+  paused is paused (its resume goes on from that latest checkpoint). Its run ends
   (`lost`) at its last renewal of the lease, the last time it was known to run: its team's GPU-seconds
   stop there, however long the job then waits.
 - A `dispatched` job whose worker was lost or stopped before starting it goes back to `queued`.
@@ -45,7 +46,7 @@ def _expired(at: float):
 
 # What _reclaim reads of a running job.
 _RUN = (Job.id, Job.lease_token, Job.lease_expires_at, Job.started_at, Job.attempts, Job.max_attempts,
-        Job.cancel_requested, Job.worker, Job.step)
+        Job.cancel_requested, Job.pause_requested, Job.worker, Job.step)
 
 
 def reclaim_expired_leases(sessions: sessionmaker[Session], settings: Settings, at: float) -> int:
@@ -86,6 +87,11 @@ def _reclaim(s: Session, row, settings: Settings, at: float, lost: str | None = 
     if row.cancel_requested:
         return end_run(s, row.id, row.lease_token, JobStatus.CANCELLED, RunOutcome.LOST, **end,
                        message=f"The job was cancelled ({lost} while it was stopping)", data=data)
+    if row.pause_requested:  # the lost run counts as an attempt; its team resumes the job when it wants
+        return end_run(s, row.id, row.lease_token, JobStatus.PAUSED, RunOutcome.LOST, **end,
+                       message=f"Job paused ({lost}{step} while it was pausing); resuming it goes on from its "
+                               "latest checkpoint", data=data, pause_requested=False, handback_requested=False,
+                       estimated_finish=None, **REQUEUED)
     if row.attempts >= row.max_attempts:
         message = (f"{lost}{step}, and the job has lost {row.attempts} of its {row.max_attempts} attempts this way; "
                    "it is not retried. Look for what kills its workers (memory, preemption), then resubmit it")

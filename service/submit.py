@@ -157,6 +157,15 @@ def _files_still_there(session: Session, job: Job) -> None:
                                param=param, code="invalid_file")
 
 
+def resume(session: Session, job: Job) -> None:
+    """Queue a paused job again (service.db.jobs.resume), as a new job would be: QuotaExceeded when its
+    team is at its max_queued_jobs; Conflict when it is not paused. Commits."""
+    team = lock_team(session, job.team_id)  # locked until commit, as create_job's check
+    _check_queue_quota(session, team)
+    jobs.resume(session, job.id)
+    session.commit()
+
+
 def _check_queue_quota(session: Session, team: Team) -> None:
     if team.max_queued_jobs is None:
         return

@@ -7,7 +7,8 @@ keeper's `write`): training goes on. Metrics events are throttled to one per
 `metrics_event_interval_s`; the job row's progress to one write per second.
 
 The run stops at a step boundary when the job is cancelled (no checkpoint), when its worker shuts
-down (a checkpoint first, so the job resumes there), or when it lost its lease (nothing more written).
+down or its team pauses it (a checkpoint first, so the job resumes there), or when it lost its lease
+(nothing more written).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate
 SHOWN_EVAL_METRICS = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
 
 # Why a run stopped early (JobRecorder.stop_reason).
-CANCEL, HANDBACK, LEASE_LOST = "cancel", "handback", "lease_lost"
+CANCEL, HANDBACK, PAUSE, LEASE_LOST = "cancel", "handback", "pause", "lease_lost"
 
 
 class JobRecorder(Callbacks):
@@ -126,8 +127,8 @@ class JobRecorder(Callbacks):
         return self.stop_reason is not None
 
     def checkpoint_on_stop(self) -> bool:
-        """Only a worker shutting down checkpoints first: the job resumes there. A cancel does not."""
-        return self.stop_reason == HANDBACK
+        """A worker shutting down, or a pause, checkpoints first: the job resumes there. A cancel does not."""
+        return self.stop_reason in (HANDBACK, PAUSE)
 
     def _why_stop(self) -> str | None:
         if self.keeper.lost:
@@ -140,8 +141,8 @@ class JobRecorder(Callbacks):
         self._last_poll = now
         try:
             with self.sessions() as s:
-                row = s.execute(select(Job.status, Job.lease_token, Job.cancel_requested, Job.handback_requested)
-                                .where(Job.id == self.job_id)).one_or_none()
+                row = s.execute(select(Job.status, Job.lease_token, Job.cancel_requested, Job.handback_requested,
+                                       Job.pause_requested).where(Job.id == self.job_id)).one_or_none()
         except Exception as err:
             if not is_unavailable(err):
                 raise
@@ -150,6 +151,8 @@ class JobRecorder(Callbacks):
             return LEASE_LOST
         if row.cancel_requested:
             return CANCEL
+        if row.pause_requested:
+            return PAUSE
         return HANDBACK if row.handback_requested else None
 
     def on_end(self, result) -> None:

@@ -1,13 +1,13 @@
 """JobRunner: load a job by id, take its lease, run it with dpo_core, record the outcome.
 
 A run starts from the job's latest complete checkpoint when an earlier run left one (a worker was
-lost, or handed the job back on SIGTERM). User errors (a bad spec, bad data, a model that does not
-load) fail the job with their one-line message and a stable code; a failed write of the data volume
-fails it with `storage_error` or `checkpoint_error`; anything else is an internal error: the team
-sees a short message with an error id, the worker's log has the traceback under that id. Every write
-names the run's lease (worker.lease): a run that lost its job to another writes nothing more. A
-database that cannot answer for a while is waited out, at the start and at the end of a run as while
-it trains: it never fails a job, nor uses one of its attempts.
+lost, handed the job back on SIGTERM, or the job was paused). User errors (a bad spec, bad data, a
+model that does not load) fail the job with their one-line message and a stable code; a failed write
+of the data volume fails it with `storage_error` or `checkpoint_error`; anything else is an internal
+error: the team sees a short message with an error id, the worker's log has the traceback under that
+id. Every write names the run's lease (worker.lease): a run that lost its job to another writes
+nothing more. A database that cannot answer for a while is waited out, at the start and at the end of
+a run as while it trains: it never fails a job, nor uses one of its attempts.
 """
 from __future__ import annotations
 
@@ -211,11 +211,13 @@ class JobRunner:
                 leases.finish(s, lease, JobStatus.CANCELLED, **fields)
                 outcome["status"] = JobStatus.CANCELLED
                 return
-            if result.stopped:  # not cancelled, and still ours: its worker is shutting down
+            if result.stopped:  # not cancelled, and still ours: paused, or its worker is shutting down
                 name = s.scalar(select(Worker.name).where(Worker.id == self.worker_id)) or self.worker_id
+                # Read after the lease check locked the row: a pause asked until now ends the job paused.
+                paused = bool(s.scalar(select(Job.pause_requested).where(Job.id == lease.job_id)))
                 jobs.update_job(s, lease.job_id, **fields)
-                leases.hand_back(s, lease, name, result.global_step)
-                outcome["status"] = JobStatus.QUEUED
+                leases.hand_back(s, lease, name, result.global_step, paused=paused)
+                outcome["status"] = JobStatus.PAUSED if paused else JobStatus.QUEUED
                 return
             if result.final_dir:
                 key = self.storage.key_for(result.final_dir)

@@ -1,4 +1,4 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve and cancel DPO jobs."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause and resume DPO jobs."""
 from __future__ import annotations
 
 import time
@@ -25,7 +25,7 @@ from api.schemas.preflight import PreflightPublic
 from service import preflight, submit
 from service.auth import load_job
 from service.db import jobs
-from service.db.models import Job, stored_statuses
+from service.db.models import PUBLIC_STATUSES, Job, stored_statuses
 from service.errors import InvalidInput, NotFound
 from service.queue_info import queue_info
 from service.requests import JobCreate
@@ -58,7 +58,7 @@ def preflight_job(req: JobCreate, session: SessionDep, storage: StorageDep, sett
     return PreflightPublic.model_validate(preflight.preflight(session, principal, req, settings, storage))
 
 
-StatusFilter = Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query(
+StatusFilter = Annotated[Literal[PUBLIC_STATUSES] | None, Query(
     description="only jobs with this status (ours; OpenAI's API has no such filter)")]
 
 
@@ -101,6 +101,24 @@ def cancel_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPu
     stays `running`, with `cancel_requested`, until the worker has stopped)."""
     jobs.cancel(session, job.id)
     session.commit()
+    return _shown(session, settings, job.id)
+
+
+@router.post("/{fine_tuning_job_id}/pause", response_model=JobPublic)
+def pause_job(job: JobDep, session: SessionDep, settings: SettingsDep) -> JobPublic:
+    """Pause a job and free its worker. A queued job is paused at once; a running one checkpoints at its
+    next step, then is `paused` (it stays `running`, with `pause_requested`, until then). 409 once finished."""
+    jobs.pause(session, job.id)
+    session.commit()
+    return _shown(session, settings, job.id)
+
+
+@router.post("/{fine_tuning_job_id}/resume", response_model=JobPublic)
+def resume_job(job: JobDep, session: SessionDep, settings: SettingsDep, dispatcher: DispatcherDep) -> JobPublic:
+    """Queue a paused job again; it goes on from the checkpoint its pause left. 409 unless it is paused;
+    429 when the team is at its max_queued_jobs."""
+    submit.resume(session, job)
+    dispatcher.wake()
     return _shown(session, settings, job.id)
 
 

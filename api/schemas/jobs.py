@@ -41,7 +41,7 @@ class JobParent(BaseModel):
 class JobPublic(BaseModel):
     id: str
     object: Literal["fine_tuning.job"] = "fine_tuning.job"
-    status: str = Field(description="queued | running | succeeded | failed | cancelled")
+    status: str = Field(description="queued | running | paused | succeeded | failed | cancelled")
     created_at: int
     started_at: int | None
     finished_at: int | None
@@ -65,6 +65,7 @@ class JobPublic(BaseModel):
     eval_metrics: dict[str, Any] | None = Field(description="latest held-out evaluation metrics")
     training: dict[str, Any] = Field(description="the resolved TrainingSpec, server paths left out")
     cancel_requested: bool
+    pause_requested: bool = Field(False, description="while running: a pause was asked; it stops at its next step")
     team: str = Field(description="id of the team the job belongs to (also its organization_id)")
     priority: int
     gpu_type: str | None
@@ -110,6 +111,7 @@ class JobPublic(BaseModel):
             estimate=job.estimate, actual=_actual(job.measured),
             warnings=job.warnings or [], early_stopped_at_step=job.early_stopped_at_step,
             parent=JobParent(checkpoint=job.parent_checkpoint, job=job.parent_job) if job.parent_checkpoint else None,
+            pause_requested=bool(job.pause_requested) and status == "running",
         )
 
 

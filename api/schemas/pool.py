@@ -53,6 +53,7 @@ class JobCounts(BaseModel):
     total: int = 0
     queued: int = 0
     running: int = 0
+    paused: int = 0
     succeeded: int = 0
     failed: int = 0
     cancelled: int = 0

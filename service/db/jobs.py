@@ -12,10 +12,11 @@ from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.db import webhooks
-from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, new_id, now
+from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, new_id, now, public_status
 from service.errors import Conflict
 
-ACTIVE = (*WAITING, JobStatus.RUNNING)
+# Unfinished jobs: their files cannot be deleted, nor their team (a paused job resumes on its files).
+ACTIVE = (*WAITING, JobStatus.RUNNING, JobStatus.PAUSED)
 
 # The one shape in which a job is read to be shown: a row of JOB_FIELDS (JobRow), its fields named as
 # Job's attributes (`metadata_` included). Every route that answers with jobs reads them so (create, list,
@@ -113,13 +114,15 @@ _STATUS_MESSAGES = {
     JobStatus.SUCCEEDED: "The job has successfully completed",
     JobStatus.FAILED: "The job failed",
     JobStatus.CANCELLED: "The job was cancelled",
+    JobStatus.PAUSED: "Job paused",
 }
 
 
 def request_cancel(session: Session, job_id: str) -> JobStatus | None:
     """Cancel a job that has not started, or flag a running one for its worker. Returns the new status,
     or None when the job had already finished."""
-    if transition(session, job_id, JobStatus.CANCELLED, WAITING):  # a dispatched job's worker then skips it
+    # A dispatched job's worker then skips it; a paused one holds no worker.
+    if transition(session, job_id, JobStatus.CANCELLED, (*WAITING, JobStatus.PAUSED)):
         return JobStatus.CANCELLED
     result = session.execute(
         update(Job)
@@ -142,6 +145,53 @@ def cancel(session: Session, job_id: str) -> JobStatus:
         raise Conflict(f"job {job_id} is already {status}; only unfinished jobs can be cancelled",
                        param="fine_tuning_job_id", code="job_finished")
     return new
+
+
+def pause(session: Session, job_id: str) -> JobStatus:
+    """Pause a job: one not started is `paused` at once (a dispatched one's worker then skips it); a running
+    one is flagged for its run, which checkpoints at its next step and ends it `paused` (worker.runner);
+    a paused one stays so. Conflict when the job has finished or is being cancelled."""
+    for _ in range(3):  # a run may hand its job back between two of these conditional updates: look again
+        if transition(session, job_id, JobStatus.PAUSED, WAITING, worker_id=None, worker=None, dispatched_at=None,
+                      pause_requested=False, data={"code": "paused"}):
+            return JobStatus.PAUSED
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, ~Job.cancel_requested,
+                   ~Job.pause_requested)
+            .values(pause_requested=True)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            add_event(session, job_id, "Pause requested; the job checkpoints at its next step and frees its worker",
+                      data={"code": "pause_requested"})
+            return JobStatus.RUNNING
+        row = session.execute(select(Job.status, Job.cancel_requested, Job.pause_requested)
+                              .where(Job.id == job_id)).one()
+        if row.status == JobStatus.PAUSED:
+            return JobStatus.PAUSED
+        if row.status == JobStatus.RUNNING and row.cancel_requested:
+            raise Conflict(f"job {job_id} is being cancelled; it cannot be paused",
+                           param="fine_tuning_job_id", code="job_cancelling")
+        if row.status == JobStatus.RUNNING and row.pause_requested:
+            return JobStatus.RUNNING  # asked already
+        if JobStatus(row.status).terminal:
+            raise Conflict(f"job {job_id} is already {row.status}; only unfinished jobs can be paused",
+                           param="fine_tuning_job_id", code="job_finished")
+    raise Conflict(f"job {job_id} changed status while being paused; try again", param="fine_tuning_job_id")
+
+
+def resume(session: Session, job_id: str) -> None:
+    """Queue a paused job again; its next run goes on from the checkpoint its pause left (if it had run).
+    Conflict when the job is not paused."""
+    if transition(session, job_id, JobStatus.QUEUED, (JobStatus.PAUSED,), message="Job resumed; queued again",
+                  data={"code": "resumed"}):
+        return
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    pausing = " (a pause was asked: resume it once it is paused)" if status == JobStatus.RUNNING and \
+        session.scalar(select(Job.pause_requested).where(Job.id == job_id)) else ""
+    raise Conflict(f"job {job_id} is {public_status(status)}{pausing}; only a paused job can be resumed",
+                   param="fine_tuning_job_id", code="job_not_paused")
 
 
 def cancel_requested(session: Session, job_id: str) -> bool:

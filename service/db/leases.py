@@ -55,7 +55,7 @@ def acquire(session: Session, job_id: str, worker_id: str, worker_name: str, lea
                          where=(Job.worker_id == worker_id, Job.lease_token == row.lease_token),
                          data={"worker": worker_name, "attempt": attempt},
                          lease_token=token, lease_expires_at=at + lease_s, attempts=attempt, started_at=at,
-                         handback_requested=False)
+                         handback_requested=False, pause_requested=False)
     if not started:
         return None
     session.add(Run(job_id=job_id, team_id=row.team_id, gpus=row.gpus, token=token, attempt=attempt,
@@ -99,11 +99,19 @@ def finish(session: Session, lease: Lease, new: JobStatus, *, outcome: RunOutcom
         raise LeaseLost(f"job {lease.job_id} is no longer held by run {lease.token} of it")
 
 
-def hand_back(session: Session, lease: Lease, worker_name: str, step: int | None) -> None:
-    """The worker is shutting down: the job goes back to the queue; this run does not count as an attempt."""
+def hand_back(session: Session, lease: Lease, worker_name: str, step: int | None, *, paused: bool = False) -> None:
+    """The run stopped after a checkpoint (at `step`) and frees its worker: the job goes back to the queue
+    (its worker is shutting down) or, `paused`, waits for its team to resume it. This run does not count
+    as an attempt."""
     where = f"after a checkpoint at step {step}" if step else "before its first step"
-    finish(session, lease, JobStatus.QUEUED, outcome=RunOutcome.HANDED_BACK, worker_id=None, worker=None,
-           dispatched_at=None, handback_requested=False, attempts=Job.attempts - 1,
+    requeued = dict(outcome=RunOutcome.HANDED_BACK, worker_id=None, worker=None, dispatched_at=None,
+                    handback_requested=False, pause_requested=False, attempts=Job.attempts - 1, estimated_finish=None)
+    if paused:
+        finish(session, lease, JobStatus.PAUSED, **requeued,
+               message=f"Job paused {where}; worker {worker_name} is free. Resume it to go on from there",
+               data={"code": "paused", "worker": worker_name, "step": step})
+        return
+    finish(session, lease, JobStatus.QUEUED, **requeued,
            message=f"Worker {worker_name} is shutting down; it handed the job back to the queue {where}",
            data={"code": "handed_back", "handed_back": True, "worker": worker_name, "step": step})
 

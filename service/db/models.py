@@ -29,6 +29,9 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    # Stopped by its team (POST .../pause) with its worker freed, until resumed: a running job checkpoints at
+    # its next step first (service.db.leases.hand_back), and a resumed one goes on from that checkpoint.
+    PAUSED = "paused"
 
     @property
     def terminal(self) -> bool:
@@ -38,6 +41,8 @@ class JobStatus(StrEnum):
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 WAITING = (JobStatus.QUEUED, JobStatus.DISPATCHED)  # what users see as queued
 ON_WORKER = (JobStatus.DISPATCHED, JobStatus.RUNNING)  # what keeps a worker busy
+# Every status users see (public_status of each stored one): the listing's filter, the dashboard's.
+PUBLIC_STATUSES = tuple(s.value for s in JobStatus if s != JobStatus.DISPATCHED)
 
 
 def public_status(status: str) -> str:
@@ -194,6 +199,8 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Set when the job's worker shuts down (SIGTERM): the run checkpoints at its next step and hands the job back.
     handback_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Set by POST .../pause on a running job: the run checkpoints at its next step and the job ends `paused`.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Runs that started and did not end in a clean hand-back; at max_attempts a lost run fails the job.
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default=text("3"))
@@ -238,7 +245,7 @@ class RunOutcome(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
-    HANDED_BACK = "handed_back"  # its worker shut down; the job went back to the queue
+    HANDED_BACK = "handed_back"  # its worker shut down, or its job was paused; it resumes from a checkpoint
     LOST = "lost"  # it stopped renewing its lease (its worker died, or lost the database)
 
 

@@ -22,9 +22,12 @@ ROUTES = {
     ("GET", "/v1/files/{file_id}/content"): OBJECT,
     ("DELETE", "/v1/files/{file_id}"): OBJECT,
     ("POST", "/v1/fine_tuning/jobs"): CREATE,
+    ("POST", "/v1/fine_tuning/jobs/preflight"): CREATE,
     ("GET", "/v1/fine_tuning/jobs"): LIST,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}"): OBJECT,
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): OBJECT,
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"): OBJECT,
+    ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}"): OBJECT,
@@ -185,12 +188,12 @@ def _admin(call, method, url, a, b_key, b_team_id):
 
 
 def _still_there(call, a: TeamObjects, a_key: str):
-    """B's cancel and delete calls changed nothing of A's."""
+    """B's cancel, pause and delete calls changed nothing of A's."""
     for url in (f"/v1/files/{a.file_id}", f"/v1/files/{a.results_file_id}/content",
                 f"/v1/fine_tuning/jobs/{a.job_id}/checkpoints/{a.checkpoint_id}", f"/v1/webhooks/{a.webhook_id}"):
         assert call("GET", url, a_key).status_code == 200, url
     job = call("GET", f"/v1/fine_tuning/jobs/{a.job_id}", a_key).json()
-    assert not job["cancel_requested"] and job["status"] != "cancelled"
+    assert not job["cancel_requested"] and job["status"] not in ("cancelled", "paused") and not job["pause_requested"]
 
 
 def _no_a_ids(text: str, a: TeamObjects, where: str):

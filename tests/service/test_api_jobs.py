@@ -139,7 +139,7 @@ def test_list_by_status_pages_and_spans_teams_for_the_admin(client, train_id, se
     assert listed(status="queued")["data"][0]["status"] == "queued"
     assert [j["id"] for j in walk("running")] == [ids[0]]
     assert walk("succeeded", as_key(team["key"]))[0]["id"] == their_ids[1]
-    assert walk("cancelled") == []
+    assert walk("cancelled") == [] and walk("paused") == []
     for bad in ("dispatched", "done", "FAILED", ""):
         r = client.get("/v1/fine_tuning/jobs", params={"status": bad})
         assert r.status_code == 400 and r.json()["error"]["param"] == "status", bad
@@ -151,6 +151,42 @@ def test_cancel_a_queued_job_then_again(client, train_id):
     assert r.status_code == 200 and r.json()["status"] == "cancelled" and r.json()["finished_at"]
     r = client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel")
     assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_pause_and_resume_a_queued_job_over_http(client, train_id):
+    job_id = create(client, train_id).json()["id"]
+    for _ in range(2):  # asked twice: paused once
+        r = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+        assert r.status_code == 200 and r.json()["status"] == "paused" and r.json()["queue_position"] is None
+    assert [j["id"] for j in client.get("/v1/fine_tuning/jobs", params={"status": "paused"}).json()["data"]] == [job_id]
+    assert client.get("/v1/usage").json()["jobs"]["paused"] == 1
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert r.status_code == 200 and r.json()["status"] == "queued" and r.json()["queue_position"] == 1
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/resume")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_not_paused"
+    assert "only a paused job can be resumed" in r.json()["error"]["message"]
+    events = client.get(f"/v1/fine_tuning/jobs/{job_id}/events", params={"order": "asc"}).json()["data"]
+    assert [e["data"] for e in events][-3:] == [{"status": "queued"}, {"status": "paused", "code": "paused"},
+                                                {"status": "queued", "code": "resumed"}]
+    client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert client.delete(f"/v1/files/{train_id}").status_code == 409  # a paused job still needs its file
+    assert client.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+    r = client.post(f"/v1/fine_tuning/jobs/{job_id}/pause")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+    assert client.post("/v1/fine_tuning/jobs/ftjob-none/pause").status_code == 404
+
+
+def test_a_resume_is_refused_at_the_teams_max_queued_jobs(client, task_files):
+    team = make_team(client, "pause-quota", max_queued_jobs=1)
+    key = as_key(team["key"])
+    file_id = upload(client, task_files[0], headers=key)["id"]
+    body = {"model": "tiny-org/tiny-model", "training_file": file_id, "training": TRAINING}
+    paused = client.post("/v1/fine_tuning/jobs", headers=key, json=body).json()["id"]
+    assert client.post(f"/v1/fine_tuning/jobs/{paused}/pause", headers=key).json()["status"] == "paused"
+    assert client.post("/v1/fine_tuning/jobs", headers=key, json=body).status_code == 200  # paused: not waiting
+    r = client.post(f"/v1/fine_tuning/jobs/{paused}/resume", headers=key)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "quota_exceeded"
+    assert client.get(f"/v1/fine_tuning/jobs/{paused}", headers=key).json()["status"] == "paused"
 
 
 def test_events_page_both_ways(client, train_id):

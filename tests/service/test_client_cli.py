@@ -229,6 +229,26 @@ def test_watch_exits_non_zero_for_a_cancelled_and_a_failed_job(service, home, en
     assert "failed" in out.stderr and "(model_not_found)" in out.stderr
 
 
+def test_pause_ends_a_watch_with_5_and_resume_queues_the_job_again(service, home, env, task_files):
+    # No worker has an a100: the job waits until it is paused, and again once resumed.
+    made = dpo("jobs", "create", "--model", "some/model", "--train", str(task_files[0]), "--gpu-type", "a100",
+               *TRAIN, "--json", home=home, env=env)
+    job_id = json.loads(made.stdout)["id"]
+    watcher = dpo_started("jobs", "watch", job_id, home=home, env=env)
+    try:
+        assert f"Paused {job_id}" in dpo("jobs", "pause", job_id, home=home, env=env).stdout
+        stdout, stderr = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 5, stdout + stderr
+    assert f"Job {job_id} was paused" in stderr and f"dpo jobs resume {job_id}" in stderr
+    paused = json.loads(dpo("jobs", "list", "--status", "paused", "--json", home=home, env=env).stdout)
+    assert [j["id"] for j in paused["data"]] == [job_id]
+    assert f"Resumed {job_id}" in dpo("jobs", "resume", job_id, home=home, env=env).stdout
+    assert "(job_not_paused)" in one_line_error(dpo("jobs", "resume", job_id, home=home, env=env, ok=False))
+    assert json.loads(dpo("jobs", "cancel", job_id, "--json", home=home, env=env).stdout)["status"] == "cancelled"
+
+
 def test_pool_and_usage(service, home, env):
     pool = json.loads(dpo("pool", "--json", home=home, env=env).stdout)
     assert [w["name"] for w in pool["workers"]] == ["worker"]

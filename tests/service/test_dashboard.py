@@ -2,8 +2,8 @@
 a real worker. A team signs in by pasting its key, uploads its data, checks the job (a bad value first: the
 error shows under its field; then the pre-flight report) and starts it through the form, watches the charts
 gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint,
-and cancels a second job. Screenshots of each view go to the test's temporary directory; with
-DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
+and pauses, resumes and cancels a second job. Screenshots of each view go to the test's temporary directory;
+with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
 from __future__ import annotations
 
@@ -296,6 +296,11 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     with service.client() as c:
         reason = c.get(f"/v1/fine_tuning/jobs/{waiting}").json()["queue_reason"]
     expect(page.locator(".summary")).to_contain_text(reason)  # why it waits, as the API says it
+    page.click("#pause")
+    page.wait_for_selector("main h1 .badge-paused")
+    tab.shot("paused")
+    page.click("#resume")
+    page.wait_for_selector("main h1 .badge-queued")
     page.once("dialog", lambda d: d.accept())
     page.click("#cancel")
     page.wait_for_selector("main h1 .badge-cancelled")

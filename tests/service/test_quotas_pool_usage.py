@@ -124,7 +124,8 @@ def test_usage_counts_gpu_seconds_jobs_and_tokens_per_team(client, settings, tas
     usage = client.get("/v1/usage", headers=as_key(a["key"])).json()
     assert (usage["team_id"], usage["team"], usage["trained_tokens"]) == (a["id"], "a", 5700)
     assert abs(usage["gpu_seconds"] - 70) < 1 and abs(usage["fair_share_gpu_seconds"] - 70) < 1
-    assert usage["jobs"] == {"total": 3, "queued": 1, "running": 0, "succeeded": 1, "failed": 0, "cancelled": 1}
+    assert usage["jobs"] == {"total": 3, "queued": 1, "running": 0, "paused": 0, "succeeded": 1, "failed": 0,
+                             "cancelled": 1}
     clipped = client.get("/v1/usage", headers=as_key(a["key"]), params={"since": now - 50}).json()
     assert abs(clipped["gpu_seconds"] - 20) < 1  # 10 s of the first run and all 10 of the second
 

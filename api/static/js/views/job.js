@@ -1,5 +1,5 @@
-// #/jobs/ID: one job. Status and spec (with the estimate beside the measured run), live metric charts and the events tail (both fed by the job's
-// event stream), its checkpoints with downloads, and cancel.
+// #/jobs/ID: one job. Status and spec (with the estimate beside the measured run), live metric charts and the
+// events tail (both fed by the job's event stream), its checkpoints with downloads, cancel, and pause or resume.
 
 import { api, download, listAll } from "../api.js";
 import { JOB_CHARTS, MetricChart, MetricStore } from "../charts.js";
@@ -82,24 +82,39 @@ class JobPage {
     cancel.disabled = job.cancel_requested;
     fill(this.head, h("div", {}, h("a", { href: "#/jobs", class: "muted" }, "← Jobs"),
       h("h1", {}, h("span", { class: "mono" }, job.id), " ", badge(job.status))),
-    h("div", { class: "actions" }, TERMINAL.includes(job.status) ? null : cancel));
+    h("div", { class: "actions" }, this.pauseButton(job), TERMINAL.includes(job.status) ? null : cancel));
     fill(this.summary, summaryItems(job));
     this.charts.forEach((c) => c.finished(TERMINAL.includes(job.status)));
     const spec = dump(job.training || {}, { lineWidth: 100 });
     if (this.spec.textContent !== spec) this.spec.textContent = spec;
   }
 
-  async cancel(button) {
-    if (!confirm(`Cancel job ${this.jobId}? A running job stops at its next step; no final model is written.`)) return;
+  /** Pause (a queued or running job) or Resume (a paused one); none once the job has finished. */
+  pauseButton(job) {
+    if (TERMINAL.includes(job.status) || job.cancel_requested) return null;
+    const paused = job.status === "paused";
+    const button = h("button", { type: "button", id: paused ? "resume" : "pause",
+                                 onclick: () => this.act(button, paused ? "resume" : "pause") },
+      paused ? "Resume job" : job.pause_requested ? "Pausing…" : "Pause job");
+    button.disabled = !!job.pause_requested;
+    return button;
+  }
+
+  async act(button, action) {
     button.disabled = true;
     try {
-      this.job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(this.jobId)}/cancel`, { method: "POST" });
+      this.job = await api(`/v1/fine_tuning/jobs/${encodeURIComponent(this.jobId)}/${action}`, { method: "POST" });
       this.render();
       this.refresh();
     } catch (err) {
       button.disabled = false;
       this.summary.prepend(errorBox(err));
     }
+  }
+
+  cancel(button) {
+    if (!confirm(`Cancel job ${this.jobId}? A running job stops at its next step; no final model is written.`)) return;
+    return this.act(button, "cancel");
   }
 
   onEvent(event) {

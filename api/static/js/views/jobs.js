@@ -4,7 +4,7 @@ import { listAll } from "../api.js";
 import { badge, card, errorBox, fill, h, table } from "../dom.js";
 import { ago, dateTime, jobDuration, modelName } from "../format.js";
 
-const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
+const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
 const REFRESH_MS = 3000;
 
 export function jobsView(main, [status]) {
