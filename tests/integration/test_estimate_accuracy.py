@@ -72,7 +72,7 @@ def _rows(path: Path, n: int, seed: int = 0) -> None:
 def data_report(spec: TrainingSpec) -> dict:
     """The FileReport fields the estimate reads, from the rows as the trainer tokenizes them."""
     from dpo_core.data import read_jsonl
-    from dpo_core.models import load_tokenizer
+    from dpo_core.tokenizer_loading import load_tokenizer
     from dpo_core.tokenize import tokenize
 
     rows = tokenize(read_jsonl(spec.train_file), load_tokenizer(spec.model), max_length=spec.max_length,
