@@ -256,7 +256,7 @@ class SamplesSpec(_Strict):
         json_schema_extra=_doc(default_text="eval_steps, and the last step"))
     reward_model: str | None = Field(
         None, description="a sequence-classification model that scores both completions; its win rate becomes the "
-        "metric samples/win_rate")
+        "metric samples/win_rate", json_schema_extra=_doc("a hub id, or a directory under DPO_MODEL_DIRS"))
 
 
 class TrainingSpec(_Strict):

@@ -176,7 +176,8 @@ class JobRunner:
                  for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
         if job.training_file not in paths or (job.validation_file and job.validation_file not in paths):
             raise DataError([_missing_file(job)])
-        for name in filter(None, (job.model, job.spec.get("reference_model"))):
+        reward_model = (job.spec.get("samples") or {}).get("reward_model")
+        for name in filter(None, (job.model, job.spec.get("reference_model"), reward_model)):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
         output_dir = str(self.storage.path(job_key(job_id)))
