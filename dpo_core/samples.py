@@ -173,8 +173,12 @@ class Sampler:
         summary = {"samples/length": _mean([len(c) for c in policy]),
                    "samples/reference_length": _mean([len(c) for c in self.reference])}
         if self.reward_model is not None:
-            scores = self.reward_model.scores([texts[i % n] + " " + decode(c)
-                                               for i, c in enumerate(self.reference + policy)])
+            # Each distinct text scored once: a policy answer equal to the reference's ties exactly,
+            # not by the noise of where in a padded batch it sat.
+            scored = [texts[i % n] + " " + decode(c) for i, c in enumerate(self.reference + policy)]
+            distinct = list(dict.fromkeys(scored))
+            by_text = dict(zip(distinct, self.reward_model.scores(distinct)))
+            scores = [by_text[t] for t in scored]
             for i, record in enumerate(out):
                 record["reference"]["score"], record["policy"]["score"] = scores[i], scores[n + i]
             summary["samples/win_rate"] = win_rate(scores[n:], scores[:n])
