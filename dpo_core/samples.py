@@ -13,6 +13,7 @@ a conversational row's prompt already ends with the chat template's generation p
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,9 +81,10 @@ def generate(model, prompts: list[list[int]], tokenizer, spec: SamplesSpec, seed
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop)
     ids, mask = left_padded(prompts, pad)
     sampled = spec.temperature > 0
+    # Sampled: from the whole distribution at the temperature (no top-k / top-p cut of its own).
+    cut = {"temperature": spec.temperature, "top_k": 0, "top_p": 1.0} if sampled else {}
     config = GenerationConfig(max_new_tokens=spec.max_new_tokens, do_sample=sampled, use_cache=True,
-                              temperature=spec.temperature if sampled else 1.0, top_k=0, top_p=1.0,
-                              eos_token_id=sorted(stop), pad_token_id=pad)
+                              eos_token_id=sorted(stop), pad_token_id=pad, **cut)
     was_training = model.training
     model.eval()
     try:
@@ -206,6 +208,7 @@ def start(run, resumed: bool) -> Sampler:
     """The run's Sampler with the reference's completions. A fresh run reports them as step 0's samples; a
     resumed run makes them again (the same decoding gives the same ids) and reports nothing."""
     spec = run.spec.samples
+    started = time.perf_counter()
     sampler = Sampler(spec, run.spec.loss.beta, select_prompts(run.eval_rows, spec.num_prompts))
     if spec.reward_model:
         sampler.reward_model = RewardModel.load(spec.reward_model, run.device)
@@ -214,13 +217,15 @@ def start(run, resumed: bool) -> Sampler:
         sampler.reference = generate(model, sampler.prompts, run.tokenizer, spec, run.spec.seed, run.device,
                                      run.autocast)
     if not resumed:
-        report(run, sampler, 0, sampler.reference)
+        report(run, sampler, 0, sampler.reference, started)
     return sampler
 
 
-def report(run, sampler: Sampler, step: int, completions: list[list[int]]) -> None:
+def report(run, sampler: Sampler, step: int, completions: list[list[int]], started: float) -> None:
+    """Score and report one sampling step; its summary's samples/seconds is the time it took since `started`
+    (generation and scoring: what samples add to the job's time)."""
     records, summary = sampler.records(run, completions)
-    summary = {"step": step, **summary}
+    summary = {"step": step, **summary, "samples/seconds": round(time.perf_counter() - started, 4)}
     run.metrics_file.append(summary)
     run.callbacks.on_samples(step, records, summary)
     for found in run.diagnostics.on_samples(summary):
@@ -229,7 +234,7 @@ def report(run, sampler: Sampler, step: int, completions: list[list[int]]) -> No
 
 def take(run, sampler: Sampler) -> None:
     """The policy's completions at this step, reported with the reference's."""
-    step = run.progress.step
+    step, started = run.progress.step, time.perf_counter()
     completions = generate(run.model, sampler.prompts, run.tokenizer, sampler.spec, run.spec.seed + step,
                            run.device, run.autocast)
-    report(run, sampler, step, completions)
+    report(run, sampler, step, completions, started)
