@@ -146,6 +146,12 @@ class Sampler:
     prompts: list[list[int]]
     reference: list[list[int]] = field(default_factory=list)
     reward_model: RewardModel | None = None
+    started: float = field(default_factory=time.perf_counter)  # when the run began sampling (step 0)
+    seconds: float = 0.0  # spent generating and scoring so far
+
+    def within_budget(self, now: float) -> bool:
+        """Whether samples have taken at most max_share of the run's time since step 0's samples began."""
+        return self.seconds <= self.spec.max_share * (now - self.started)
 
     def rewards(self, run, completions: list[list[int]]) -> list[float]:
         """Each completion's implicit reward under the run's current policy; completion i answers prompt
@@ -208,8 +214,8 @@ def start(run, resumed: bool) -> Sampler:
     """The run's Sampler with the reference's completions. A fresh run reports them as step 0's samples; a
     resumed run makes them again (the same decoding gives the same ids) and reports nothing."""
     spec = run.spec.samples
-    started = time.perf_counter()
     sampler = Sampler(spec, run.spec.loss.beta, select_prompts(run.eval_rows, spec.num_prompts))
+    started = sampler.started
     if spec.reward_model:
         sampler.reward_model = RewardModel.load(spec.reward_model, run.device)
     model, context = _reference_model(run)
@@ -225,16 +231,21 @@ def report(run, sampler: Sampler, step: int, completions: list[list[int]], start
     """Score and report one sampling step; its summary's samples/seconds is the time it took since `started`
     (generation and scoring: what samples add to the job's time)."""
     records, summary = sampler.records(run, completions)
-    summary = {"step": step, **summary, "samples/seconds": round(time.perf_counter() - started, 4)}
+    seconds = time.perf_counter() - started
+    sampler.seconds += seconds
+    summary = {"step": step, **summary, "samples/seconds": round(seconds, 4)}
     run.metrics_file.append(summary)
     run.callbacks.on_samples(step, records, summary)
     for found in run.diagnostics.on_samples(summary):
         run.callbacks.on_warning(found.message, code=found.code, data={"step": found.step, **found.data})
 
 
-def take(run, sampler: Sampler) -> None:
-    """The policy's completions at this step, reported with the reference's."""
+def take(run, sampler: Sampler, last: bool) -> None:
+    """The policy's completions at this step, reported with the reference's; a step before the last is
+    skipped while samples are over their share of the run's time (samples.max_share)."""
     step, started = run.progress.step, time.perf_counter()
+    if not last and not sampler.within_budget(started):
+        return
     completions = generate(run.model, sampler.prompts, run.tokenizer, sampler.spec, run.spec.seed + step,
                            run.device, run.autocast)
     report(run, sampler, step, completions, started)

@@ -87,6 +87,7 @@ MinDelta = _float(ge=0, le=1e6)
 SampleCount = _int(ge=1, le=64)  # prompts sampled: one generate() batch of them
 NewTokens = _int(ge=1, le=4096)
 Temperature = _float(ge=0, le=10)
+Share = _float(ge=0.01, le=1)
 EvalMetric = Annotated[str, Field(max_length=256)]
 GroupName = Annotated[str, Field(min_length=1, max_length=256)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -254,6 +255,9 @@ class SamplesSpec(_Strict):
     every: Steps | None = Field(
         None, description="generate every this many steps (and at the last step); null: at each evaluation",
         json_schema_extra=_doc(default_text="eval_steps, and the last step"))
+    max_share: Share = Field(
+        0.1, description="a sampling step between step 0 and the last is skipped while samples have taken more "
+        "than this share of the run's time so far; 1: never skipped")
     reward_model: str | None = Field(
         None, description="a sequence-classification model that scores both completions; its win rate becomes the "
         "metric samples/win_rate", json_schema_extra=_doc("a hub id, or a directory under DPO_MODEL_DIRS"))

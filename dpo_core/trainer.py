@@ -366,7 +366,7 @@ def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
     if (spec.save_steps and step % spec.save_steps == 0) or (improved and run.final_is_best):
         _checkpoint(run)
     if run.sampler is not None and samples.is_due(spec, step, done):
-        samples.take(run, run.sampler)
+        samples.take(run, run.sampler, last=done)
     return window, last
 
 

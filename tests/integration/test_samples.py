@@ -30,7 +30,7 @@ class Samples(Callbacks):
 def _spec(model, train_file, eval_file, out, **overrides):
     base = dict(model=model, train_file=str(train_file), validation_file=str(eval_file), output_dir=str(out),
                 learning_rate=1e-3, batch_size=8, max_steps=8, eval_steps=4, logging_steps=4, max_length=64,
-                max_prompt_length=32, samples={"num_prompts": 3, "max_new_tokens": 12})
+                max_prompt_length=32, samples={"num_prompts": 3, "max_new_tokens": 12, "max_share": 1.0})
     return parse_spec({**base, **overrides})
 
 
@@ -71,7 +71,8 @@ def test_a_reward_model_gives_the_win_rate_and_sampling_is_seeded(tiny_model, sy
     runs = []
     for name in ("a", "b"):
         seen = Samples()
-        samples = {"num_prompts": 2, "max_new_tokens": 8, "temperature": 1.0, "every": 4, "reward_model": reward_model}
+        samples = {"num_prompts": 2, "max_new_tokens": 8, "temperature": 1.0, "every": 4, "reward_model": reward_model,
+                   "max_share": 1.0}
         train(_spec(tiny_model, *synthetic, tmp_path / name, samples=samples, eval_steps=None), seen)
         runs.append(seen)
     assert [s["step"] for s in runs[0].summaries] == [0, 4, 8]
@@ -79,6 +80,17 @@ def test_a_reward_model_gives_the_win_rate_and_sampling_is_seeded(tiny_model, sy
     assert runs[0].summaries[0]["samples/win_rate"] == 0.5  # the same answers tie
     assert "score" in runs[0].steps[8][0]["policy"]
     assert runs[0].steps == runs[1].steps  # seeded: the same samples twice
+
+
+def test_samples_over_their_share_of_the_time_skip_steps_but_never_the_first_or_last(tiny_model, synthetic,
+                                                                                    tmp_path):
+    seen = Samples()
+    samples = {"num_prompts": 3, "max_new_tokens": 12, "every": 1, "max_share": 0.01}
+    train(_spec(tiny_model, *synthetic, tmp_path / "run", samples=samples, eval_steps=None), seen)
+    steps = [s["step"] for s in seen.summaries]
+    assert steps[0] == 0 and steps[-1] == 8 and len(steps) < 9  # generation takes far more than 1% here
+    spent = sum(s["samples/seconds"] for s in seen.summaries[:-1])
+    assert all(s["samples/seconds"] > 0 for s in seen.summaries) and spent > 0
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +109,7 @@ def long_chosen(tmp_path_factory) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_length_drift_fires_when_answers_grow_and_not_on_a_healthy_run(tiny_model, synthetic, long_chosen, tmp_path):
-    samples = {"num_prompts": 4, "max_new_tokens": 24, "every": 3}
+    samples = {"num_prompts": 4, "max_new_tokens": 24, "every": 3, "max_share": 1.0}
     drifting = Samples()
     train(_spec(tiny_model, *long_chosen, tmp_path / "drift", max_steps=15, eval_steps=None, samples=samples,
                 learning_rate=3e-3), drifting)

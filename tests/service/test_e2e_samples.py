@@ -53,7 +53,7 @@ def test_a_job_with_samples_shows_the_reference_and_the_policy_at_each_step(serv
         c.headers.update(as_key(a["key"]))
         train_id, val_id = (c.post("/v1/files", files={"file": (p.name, p.read_bytes())},
                                    data={"purpose": "fine-tune"}).json()["id"] for p in task_files)
-        samples = {"num_prompts": 3, "max_new_tokens": 12, "reward_model": reward_model}
+        samples = {"num_prompts": 3, "max_new_tokens": 12, "reward_model": reward_model, "max_share": 1.0}
         r = c.post("/v1/fine_tuning/jobs", json=_body(tiny_model, train_id, val_id, samples))
         assert r.status_code == 200, r.text
         job_id = r.json()["id"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_core.samples import cut_at_stop, implicit_rewards, is_due, left_padded, select_prompts, win_rate
+from dpo_core.samples import Sampler, cut_at_stop, implicit_rewards, is_due, left_padded, select_prompts, win_rate
 from dpo_core.spec import parse_spec
 from dpo_core.tokenize import TokenizedPair
 
@@ -48,6 +48,12 @@ def test_a_run_samples_at_each_evaluation_or_every_n_steps_and_at_the_end():
     assert [s for s in range(1, 11) if is_due(every, s, s == 10)] == [3, 6, 9, 10]
     only_end = parse_spec({**base, "eval_steps": None, "samples": {}})
     assert [s for s in range(1, 11) if is_due(only_end, s, s == 10)] == [10]
+
+
+def test_a_sampler_is_within_budget_while_under_its_share_of_the_time():
+    sampler = Sampler(parse_spec({"model": "m", "train_file": "t", "validation_file": "v", "samples": {}}).samples,
+                      0.1, [[1]], started=100.0, seconds=3.0)
+    assert sampler.within_budget(130.0) and not sampler.within_budget(129.0)  # max_share 0.1: 3 s of 30 s
 
 
 def test_samples_need_validation_prompts_and_a_live_reference():
