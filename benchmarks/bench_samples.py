@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_samples.py --steps 4 --eval-steps 2 --max-length 96   # smoke test
 
 Trains the bench-20m Llama (benchmarks/workload.py: the model and pairs bench_trainer.py uses) with
-`samples` at its defaults (4 prompts, 64 new tokens, greedy, at each evaluation) and an evaluation every
+`samples` at its defaults (4 prompts, 64 new tokens, greedy, at each evaluation, max_share 0.1) and an evaluation every
 `--eval-steps` steps, and prints the seconds the samples took (their summaries' samples/seconds: step 0's
 reference completions, the reward model's loading if any, each later step's generation and scoring) over
 the whole train() call's wall time.
@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-steps", type=int, default=10, help="an evaluation (and samples) every this many steps")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-share", type=float, default=None, help="samples.max_share (default: its default, 0.1)")
     p.add_argument("--device", default=None)
     p.add_argument("--work-dir", default="/tmp/bench-samples")
     p.add_argument("--json", default=None, help="also write the figures here")
@@ -61,7 +62,7 @@ def run(args) -> dict:
     spec = parse_spec(dict(model=model, train_file=train_file, validation_file=eval_file,
                            output_dir=str(work / "run"), max_steps=args.steps, eval_steps=args.eval_steps,
                            batch_size=args.batch_size, max_length=args.max_length, device=args.device,
-                           samples={}))
+                           samples={} if args.max_share is None else {"max_share": args.max_share}))
     started = time.perf_counter()
     train(spec, Summaries())
     job_s = time.perf_counter() - started
