@@ -148,10 +148,12 @@ class Sampler:
     reward_model: RewardModel | None = None
     started: float = field(default_factory=time.perf_counter)  # when the run began sampling (step 0)
     seconds: float = 0.0  # spent generating and scoring so far
+    last: float = 0.0  # the latest sampling step's seconds: what the next one will take, about
 
     def within_budget(self, now: float) -> bool:
-        """Whether samples have taken at most max_share of the run's time since step 0's samples began."""
-        return self.seconds <= self.spec.max_share * (now - self.started)
+        """Whether samples would still be at most max_share of the run's time (since step 0's samples
+        began) after one more sampling step as long as the latest."""
+        return self.seconds + self.last <= self.spec.max_share * (now - self.started + self.last)
 
     def rewards(self, run, completions: list[list[int]]) -> list[float]:
         """Each completion's implicit reward under the run's current policy; completion i answers prompt
@@ -232,7 +234,7 @@ def report(run, sampler: Sampler, step: int, completions: list[list[int]], start
     (generation and scoring: what samples add to the job's time)."""
     records, summary = sampler.records(run, completions)
     seconds = time.perf_counter() - started
-    sampler.seconds += seconds
+    sampler.seconds, sampler.last = sampler.seconds + seconds, seconds
     summary = {"step": step, **summary, "samples/seconds": round(seconds, 4)}
     run.metrics_file.append(summary)
     run.callbacks.on_samples(step, records, summary)
@@ -242,7 +244,7 @@ def report(run, sampler: Sampler, step: int, completions: list[list[int]], start
 
 def take(run, sampler: Sampler, last: bool) -> None:
     """The policy's completions at this step, reported with the reference's; a step before the last is
-    skipped while samples are over their share of the run's time (samples.max_share)."""
+    skipped when it would take samples over their share of the run's time (samples.max_share)."""
     step, started = run.progress.step, time.perf_counter()
     if not last and not sampler.within_budget(started):
         return

@@ -256,8 +256,8 @@ class SamplesSpec(_Strict):
         None, description="generate every this many steps (and at the last step); null: at each evaluation",
         json_schema_extra=_doc(default_text="eval_steps, and the last step"))
     max_share: Share = Field(
-        0.1, description="a sampling step between step 0 and the last is skipped while samples have taken more "
-        "than this share of the run's time so far; 1: never skipped")
+        0.1, description="a sampling step between step 0 and the last is skipped when it would take samples over "
+        "this share of the run's time so far; 1: never skipped")
     reward_model: str | None = Field(
         None, description="a sequence-classification model that scores both completions; its win rate becomes the "
         "metric samples/win_rate", json_schema_extra=_doc("a hub id, or a directory under DPO_MODEL_DIRS"))

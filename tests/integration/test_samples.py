@@ -118,3 +118,31 @@ def test_length_drift_fires_when_answers_grow_and_not_on_a_healthy_run(tiny_mode
     train(_spec(tiny_model, *synthetic, tmp_path / "healthy", max_steps=15, eval_steps=None, samples=samples),
           healthy)
     assert "length_drift" not in healthy.codes, healthy.summaries
+
+
+class _StopAt(Samples):
+    def __init__(self, step):
+        super().__init__()
+        self.step, self.seen = step, 0
+
+    def on_step(self, step, total_steps):
+        self.seen = step
+
+    def should_stop(self):
+        return self.seen >= self.step
+
+
+def test_a_resumed_run_keeps_its_reference_answers_and_samples_like_an_uninterrupted_one(tiny_model, synthetic,
+                                                                                       tmp_path):
+    common = dict(save_steps=4, samples={"num_prompts": 2, "max_new_tokens": 8, "every": 2, "max_share": 1.0},
+                  eval_steps=None)
+    straight = Samples()
+    train(_spec(tiny_model, *synthetic, tmp_path / "straight", **common), straight)
+    first, second = _StopAt(4), Samples()
+    train(_spec(tiny_model, *synthetic, tmp_path / "split", **common), first)
+    train(_spec(tiny_model, *synthetic, tmp_path / "split", resume_from="auto", **common), second)
+    assert sorted(first.steps) == [0, 2, 4] and sorted(second.steps) == [6, 8]  # step 0 not reported again
+    for a, b in zip(second.steps[8], straight.steps[8]):  # the same answers and rewards as without the stop
+        for side in ("reference", "policy"):
+            assert a[side]["text"] == b[side]["text"] and a[side]["tokens"] == b[side]["tokens"]
+            assert a[side]["reward"] == pytest.approx(b[side]["reward"], abs=1e-4)

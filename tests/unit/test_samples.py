@@ -52,8 +52,9 @@ def test_a_run_samples_at_each_evaluation_or_every_n_steps_and_at_the_end():
 
 def test_a_sampler_is_within_budget_while_under_its_share_of_the_time():
     sampler = Sampler(parse_spec({"model": "m", "train_file": "t", "validation_file": "v", "samples": {}}).samples,
-                      0.1, [[1]], started=100.0, seconds=3.0)
-    assert sampler.within_budget(130.0) and not sampler.within_budget(129.0)  # max_share 0.1: 3 s of 30 s
+                      0.1, [[1]], started=100.0, seconds=3.0, last=1.0)
+    # max_share 0.1: 3 s so far and 1 s more are 4 s of 40 s, the run's 39 s since step 0 and that 1 s
+    assert sampler.within_budget(139.0) and not sampler.within_budget(138.0)
 
 
 def test_samples_need_validation_prompts_and_a_live_reference():
