@@ -189,7 +189,8 @@ def _message(code: str, ev: dict, spec) -> str:
                if ev["direction"] == "longer" else
                f"Check whether the rejected answers are the longer ones in the data; try an SFT term "
                f"(loss.sft_weight, e.g. 0.2) or a lower learning_rate (now {lr})")
-        return (f"the policy's sample answers stayed {ev['direction']} than the reference's at steps {ev['steps'][1]}-{ev['steps'][-1]}: "
+        return (f"the policy's sample answers stayed {ev['direction']} than the reference's at steps "
+                f"{ev['steps'][1]}-{ev['steps'][-1]}: "
                 f"{first:.3g} tokens on average for the reference (step 0), {now:.3g} now. {fix}")
     return (f"the loss did not fall after the warm-up (steps {ev['steps'][0]}-{ev['steps'][-1]}: "
             f"{ev['loss'][0]:.4g} -> {ev['loss'][-1]:.4g}): the run is not learning. Raise learning_rate "

@@ -126,7 +126,8 @@ class RewardModel:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForSequenceClassification.from_pretrained(path).to(device).eval().requires_grad_(False)
         if model.config.pad_token_id is None:  # scoring a padded batch needs the last real token's position
-            model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            pad = tokenizer.pad_token_id
+            model.config.pad_token_id = pad if pad is not None else tokenizer.eos_token_id
         return cls(model, tokenizer)
 
     @torch.no_grad()
