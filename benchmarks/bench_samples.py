@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_samples.py --steps 4 --eval-steps 2 --max-length 96   # smoke test
 
 Trains the bench-20m Llama (benchmarks/workload.py: the model and pairs bench_trainer.py uses) with
-`samples` at its defaults (4 prompts, 64 new tokens, greedy, at each evaluation, max_share 0.1) and an evaluation every
+`samples` at its defaults (4 prompts, 32 new tokens, greedy, at each evaluation, max_share 0.1) and an evaluation every
 `--eval-steps` steps, and prints the seconds the samples took (their summaries' samples/seconds: step 0's
 reference completions, the reward model's loading if any, each later step's generation and scoring) over
 the whole train() call's wall time.

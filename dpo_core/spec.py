@@ -250,7 +250,7 @@ class SamplesSpec(_Strict):
     (the policy's): what the model now says (dpo_core.samples)."""
 
     num_prompts: SampleCount = Field(4, description="the validation file's first this many prompts, in file order")
-    max_new_tokens: NewTokens = Field(64, description="tokens generated per completion at most; generation stops at EOS")
+    max_new_tokens: NewTokens = Field(32, description="tokens generated per completion at most; generation stops at EOS")
     temperature: Temperature = Field(0.0, description="0: greedy; above 0: sampled, seeded by seed and the step")
     every: Steps | None = Field(
         None, description="generate every this many steps (and at the last step); null: at each evaluation",
