@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--work-dir", default="/tmp/bench-samples")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args(argv)
-    print(machine.describe(), flush=True)
-    record = run(args)
+    described = machine.describe()
+    print(described, flush=True)
+    record = {"machine": described, **run(args)}
     print(f"steps {args.steps}, evaluation and samples every {args.eval_steps}, batch {args.batch_size}, "
           f"max_length {args.max_length}: job {record['job_s']:.2f} s, samples {record['samples_s']:.2f} s "
           f"at steps {record['sample_steps']}: {100 * record['share']:.2f}% of the job's time")
@@ -67,7 +68,7 @@ def run(args) -> dict:
     train(spec, Summaries())
     job_s = time.perf_counter() - started
     samples_s = sum(s["samples/seconds"] for s in seen)
-    return {"machine": machine.describe(), "job_s": job_s, "samples_s": samples_s, "share": samples_s / job_s,
+    return {"job_s": job_s, "samples_s": samples_s, "share": samples_s / job_s,
             "sample_steps": [s["step"] for s in seen], "samples": seen}
 
 
