@@ -163,7 +163,7 @@ def _side_by_side(api: httpx.Client, job_id: str) -> None:
     """One held-out prompt's answers: the reference's (step 0) beside the trained model's (the last samples)."""
     samples = api.get(f"/v1/fine_tuning/jobs/{job_id}/samples").json()
     first = samples["data"][0]
-    columns = [[f"{who}", c["text"], f"{c['tokens']} tokens, reward {c['reward']:+.3f}"]
+    columns = [[f"{who}", repr(c["text"]), f"{c['tokens']} tokens, reward {c['reward']:+.3f}"]
                for who, c in (("reference (step 0)", first["reference"]), (f"trained (step {samples['step']})",
                                                                          first["policy"]))]
     width = max(map(len, columns[0])) + 4
