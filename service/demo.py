@@ -110,8 +110,9 @@ def _submit(api: httpx.Client, model_dir: Path, task_dir: Path, steps: int) -> d
         "validation_file": eval_id,
         "suffix": "demo",
         "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 8}}},
-        # Our extension: any TrainingSpec field. A tiny model learns fast at a large learning rate.
-        "training": {"learning_rate": 1e-3, "max_steps": steps, "max_length": 64, "max_prompt_length": 32,
+        # Our extension: any TrainingSpec field. A tiny model learns fast at a large learning rate; the SFT
+        # term on the sorted answers (RPO) teaches it to write them, not only to prefer them.
+        "training": {"loss": {"sft_weight": 1.0}, "learning_rate": 1e-3, "max_steps": steps, "max_length": 64, "max_prompt_length": 32,
                      "logging_steps": 4, "eval_on_start": True, "eval_steps": max(steps // 4, 1),
                      "save_steps": max(steps // 2, 1), "samples": {"num_prompts": 2, "max_new_tokens": 8}},
     }
