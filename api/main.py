@@ -20,7 +20,7 @@ from api.logs import install_access_log_filter
 from api.metrics import AppMetrics, RequestTimer
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
-from api.routes import checkpoints, dashboard, events, files, health, jobs, metrics, pool, teams, usage, webhooks
+from api.routes import checkpoints, dashboard, events, files, health, jobs, metrics, pool, samples, teams, usage, webhooks
 from api.streams import EventHub, end_streams_on_exit
 from service import errors
 from service.artifacts import LocalStorage
@@ -119,7 +119,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read
     # or api.deps.read_job.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
-    for module in (files, jobs, events, checkpoints, pool, usage, teams, webhooks):
+    for module in (files, jobs, events, checkpoints, samples, pool, usage, teams, webhooks):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)

@@ -22,6 +22,12 @@ class Callbacks:
     def on_eval(self, metrics: dict[str, Any]) -> None:
         """Called after each evaluation with the `eval_`-prefixed record."""
 
+    def on_samples(self, step: int, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        """Called at step 0 and at each sampling step (training.samples) with one record per prompt:
+        {prompt, reference: {text, tokens, reward[, score]}, policy: {...}}, rewards under the current
+        policy; and the summary written to metrics.jsonl (step, samples/length, samples/reference_length,
+        samples/win_rate with a reward model)."""
+
     def on_checkpoint(self, step: int, path: str) -> None:
         """Called after checkpoint-<step>/ was written (atomically) and is complete."""
 

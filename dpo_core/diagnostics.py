@@ -44,6 +44,15 @@ FLAT_LOGS = 5
 # its loss by several percent within a handful of logs; a learning rate far too low (or a frozen
 # model) leaves the sigmoid loss at ln 2 to the fourth digit.
 FLAT_MIN_DROP = 0.01
+# length_drift: the latest sampling steps after step 0 (training.samples) to look at: each of them must
+# be on the same side of the reference's mean completion length (step 0), a drift that lasts...
+DRIFT_SAMPLES = 4
+# ...by at least this fraction of the reference's mean length, and at least this many tokens: greedy
+# answers to a few prompts move by a token or two as the weights change; answers half as long again (or
+# half as short) at every sample are the policy learning a length bias (longer chosen answers in the
+# data, or a reward won by length).
+DRIFT_CHANGE = 0.5
+DRIFT_MIN_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -125,6 +134,20 @@ def loss_flat(train: list[dict], evals: list[dict], total_steps: int, warmup: in
     return None
 
 
+def length_drift(samples: list[dict]) -> dict | None:
+    recent = [(s, v) for s, v in _values(samples, "samples/length") if s > 0][-DRIFT_SAMPLES:]
+    reference = _values(samples, "samples/reference_length")
+    if len(recent) < DRIFT_SAMPLES or not reference:
+        return None
+    start = reference[-1][1]
+    changes = [v - start for _, v in recent]
+    least = max(DRIFT_CHANGE * start, DRIFT_MIN_TOKENS)
+    if all(c >= least for c in changes) or all(c <= -least for c in changes):
+        return {"steps": [0, *(s for s, _ in recent)], "samples/length": _rounded([start, *(v for _, v in recent)]),
+                "direction": "longer" if changes[0] > 0 else "shorter"}
+    return None
+
+
 Detector = Callable[[list[dict], list[dict], int, int], dict | None]
 TRAIN_DETECTORS: dict[str, Detector] = {
     "rewards_both_falling": rewards_both_falling,
@@ -133,7 +156,7 @@ TRAIN_DETECTORS: dict[str, Detector] = {
     "loss_flat": loss_flat,
 }
 EVAL_DETECTORS: dict[str, Detector] = {"eval_gap": eval_gap}
-CODES = (*TRAIN_DETECTORS, *EVAL_DETECTORS)
+CODES = (*TRAIN_DETECTORS, *EVAL_DETECTORS, "length_drift")
 
 
 def _message(code: str, ev: dict, spec) -> str:
@@ -159,6 +182,16 @@ def _message(code: str, ev: dict, spec) -> str:
         return (f"the gradient norm at step {ev['step']} was {ev['grad_norm']:.4g}, {times:.0f}x the median before it"
                 f" ({ev['median_before']:.4g}). Look for outlier rows, lower learning_rate "
                 f"(now {lr}), add warmup_steps, or lower max_grad_norm")
+    if code == "length_drift":
+        first, now = ev["samples/length"][0], ev["samples/length"][-1]
+        fix = ("Check whether the chosen answers are longer than the rejected ones in the data; try a higher loss.beta "
+               f"(now {beta}), a lower learning_rate (now {lr}), or the length-normalized simpo loss"
+               if ev["direction"] == "longer" else
+               f"Check whether the rejected answers are the longer ones in the data; try an SFT term "
+               f"(loss.sft_weight, e.g. 0.2) or a lower learning_rate (now {lr})")
+        return (f"the policy's sample answers stayed {ev['direction']} than the reference's at steps "
+                f"{ev['steps'][1]}-{ev['steps'][-1]}: "
+                f"{first:.3g} tokens on average for the reference (step 0), {now:.3g} now. {fix}")
     return (f"the loss did not fall after the warm-up (steps {ev['steps'][0]}-{ev['steps'][-1]}: "
             f"{ev['loss'][0]:.4g} -> {ev['loss'][-1]:.4g}): the run is not learning. Raise learning_rate "
             f"(now {lr}), check warmup_steps and the learning-rate schedule, or check that the pairs differ")
@@ -172,6 +205,7 @@ class Diagnostics:
     total_steps: int
     train: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # training.samples summaries: mean completion lengths
     fired: set[str] = field(default_factory=set)
 
     def on_train(self, record: dict) -> list[Diagnostic]:
@@ -182,11 +216,20 @@ class Diagnostics:
         self.evals.append(record)
         return self._check(EVAL_DETECTORS, record)
 
+    def on_samples(self, summary: dict) -> list[Diagnostic]:
+        self.samples.append(summary)
+        return self._check({"length_drift": lambda *_: length_drift(self.samples)}, summary)
+
     def replay(self, records: list[dict]) -> None:
         """A resumed run: take in the records written before its checkpoint, marking as fired what
         fired then, so that nothing already warned about is warned about again."""
         for record in records:
-            self.on_eval(record) if any(k.startswith("eval_") for k in record) else self.on_train(record)
+            if "samples/length" in record:
+                self.on_samples(record)
+            elif any(k.startswith("eval_") for k in record):
+                self.on_eval(record)
+            else:
+                self.on_train(record)
 
     def _check(self, detectors: dict[str, Detector], record: dict) -> list[Diagnostic]:
         found = []

@@ -84,6 +84,10 @@ SaveLimit = _int(ge=1, le=1000)
 Patience = _int(ge=1, le=1000)
 MinDelta = _float(ge=0, le=1e6)
 # An evaluation record's key (dpo_core.step.evaluate): eval_loss, eval_rewards/accuracies, eval_loss/<group>...
+SampleCount = _int(ge=1, le=64)  # prompts sampled: one generate() batch of them
+NewTokens = _int(ge=1, le=4096)
+Temperature = _float(ge=0, le=10)
+Share = _float(ge=0.01, le=1)
 EvalMetric = Annotated[str, Field(max_length=256)]
 GroupName = Annotated[str, Field(min_length=1, max_length=256)]
 ModuleName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -241,6 +245,24 @@ class EarlyStoppingSpec(_Strict):
         return self
 
 
+class SamplesSpec(_Strict):
+    """Completions of fixed validation prompts, generated at step 0 (the reference's) and during training
+    (the policy's): what the model now says (dpo_core.samples)."""
+
+    num_prompts: SampleCount = Field(4, description="the validation file's first this many prompts, in file order")
+    max_new_tokens: NewTokens = Field(32, description="tokens generated per completion at most; generation stops at EOS")
+    temperature: Temperature = Field(0.0, description="0: greedy; above 0: sampled, seeded by seed and the step")
+    every: Steps | None = Field(
+        None, description="generate every this many steps (and at the last step); null: at each evaluation",
+        json_schema_extra=_doc(default_text="eval_steps, and the last step"))
+    max_share: Share = Field(
+        0.1, description="a sampling step between step 0 and the last is skipped when it would take samples over "
+        "this share of the run's time so far; 1: never skipped")
+    reward_model: str | None = Field(
+        None, description="a sequence-classification model that scores both completions; its win rate becomes the "
+        "metric samples/win_rate", json_schema_extra=_doc("a hub id, or a directory under DPO_MODEL_DIRS"))
+
+
 class TrainingSpec(_Strict):
     """Everything one training run needs. Paths are local to the machine that runs it."""
 
@@ -333,6 +355,9 @@ class TrainingSpec(_Strict):
     load_best_at_end: bool = Field(
         False, description="the final model is the best evaluation's weights (by early_stopping.metric, else "
         "eval_loss), not the last step's; needs a validation file and eval_steps")
+    samples: SamplesSpec | None = Field(
+        None, description="generate completions of fixed validation prompts at step 0 and during training "
+        "(docs/training.md, Samples); needs a validation file and a loss with a reference model")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
     report_to: Annotated[list[ReportTo], Field(max_length=len(REPORT_TO))] = Field(
         default_factory=list, description="also report metrics to these (docs/training.md, Tracking); each needs "
@@ -379,7 +404,7 @@ class TrainingSpec(_Strict):
             problems.append(("precision", "fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16"))
         if self.share_prompt is True and self.loss.unpaired:
             problems.append(("share_prompt", f"needs pairs; loss {self.loss.type!r} trains on unpaired rows"))
-        problems += self._best_problems()
+        problems += self._best_problems() + self._samples_problems()
         if problems:
             raise CrossFieldError(problems)
         return self
@@ -395,6 +420,23 @@ class TrainingSpec(_Strict):
             return [(name, f"compares evaluations made during training, and needs {' and '.join(missing)}: "
                      f"set {' and '.join(m.removeprefix('a ') for m in missing)}, or remove {name}")]
         return []
+
+    def _samples_problems(self) -> list[tuple[str, str]]:
+        """Samples take their prompts from the validation file and score completions under a live reference."""
+        if self.samples is None:
+            return []
+        problems = []
+        if not self.validation_file:
+            problems.append(("samples", "takes its prompts from the validation file: set validation_file, or "
+                             "remove samples"))
+        if not self.loss.needs_reference or self.reference_mode == "precomputed":
+            why = (f"loss {self.loss.type!r} has none" if not self.loss.needs_reference
+                   else "reference_mode: precomputed frees it; use reference_mode: model")
+            problems.append(("samples", f"scores completions under the reference model, and {why}"))
+        if self.distributed == "fsdp":
+            problems.append(("samples", "generates on one process, and fsdp shards the weights; use ddp or "
+                             "remove samples"))
+        return problems
 
     @property
     def best_metric(self) -> tuple[str, str]:

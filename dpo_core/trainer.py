@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed, divergence
+from dpo_core import distributed, divergence, samples
 from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
@@ -80,6 +80,7 @@ class Run:
     diagnostics: Diagnostics | None = None
     best: Best | None = None  # the best evaluation so far, by spec.best_metric
     early_stopped_at: int | None = None
+    sampler: samples.Sampler | None = None  # spec.samples, on rank 0
 
     @property
     def final_is_best(self) -> bool:
@@ -367,6 +368,8 @@ def _after_step(run: Run, window: _Window, last: dict) -> tuple[_Window, dict]:
     # The best evaluation's weights are kept as a checkpoint when the final model is to be made of them.
     if (spec.save_steps and step % spec.save_steps == 0) or (improved and run.final_is_best):
         _checkpoint(run)
+    if run.sampler is not None and samples.is_due(spec, step, done):
+        samples.take(run, run.sampler, last=done)
     return window, last
 
 
@@ -512,6 +515,8 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
             "world_size": run.dist.world,
         }
     )
+    if spec.samples is not None and run.dist.main:
+        run.sampler = samples.start(run, resumed=resume_dir is not None)
     if run.eval_rows and spec.eval_on_start and run.progress.step == 0 and run.total_steps > 0:
         _eval_and_report(run)
     last, stopped = _loop(run)

@@ -2,7 +2,8 @@
 
 Builds a tiny local model and a synthetic preference task (sort five number words ascending), starts
 `dpo-service up`, uploads the data, runs a DPO job while `dpo jobs watch` shows its progress, downloads
-the final model and prints held-out metrics before and after training. Stops the service and exits 0 on
+the final model, prints held-out metrics before and after training and one held-out prompt's answers by
+the reference (step 0) and the trained model side by side. Stops the service and exits 0 on
 success. Torch is only used by the child processes: this one talks HTTP.
 """
 from __future__ import annotations
@@ -42,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nThe job ended {job['status']}: {job['error']}", file=sys.stderr)
                 return 1
             _download(api, job, data_dir / "downloads")
-            return _report(api, job["id"])
+            learned = _report(api, job["id"])
+            _side_by_side(api, job["id"])
+            return learned
     finally:
         _stop(service)
 
@@ -107,10 +110,11 @@ def _submit(api: httpx.Client, model_dir: Path, task_dir: Path, steps: int) -> d
         "validation_file": eval_id,
         "suffix": "demo",
         "method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.1, "batch_size": 8}}},
-        # Our extension: any TrainingSpec field. A tiny model learns fast at a large learning rate.
-        "training": {"learning_rate": 1e-3, "max_steps": steps, "max_length": 64, "max_prompt_length": 32,
+        # Our extension: any TrainingSpec field. A tiny model learns fast at a large learning rate; the SFT
+        # term on the sorted answers (RPO) teaches it to write them, not only to prefer them.
+        "training": {"loss": {"sft_weight": 1.0}, "learning_rate": 1e-3, "max_steps": steps, "max_length": 64, "max_prompt_length": 32,
                      "logging_steps": 4, "eval_on_start": True, "eval_steps": max(steps // 4, 1),
-                     "save_steps": max(steps // 2, 1)},
+                     "save_steps": max(steps // 2, 1), "samples": {"num_prompts": 2, "max_new_tokens": 8}},
     }
     r = api.post("/v1/fine_tuning/jobs", json=body)
     r.raise_for_status()
@@ -154,6 +158,19 @@ def _report(api: httpx.Client, job_id: str) -> int:
     learned = after["eval_loss"] < before["eval_loss"] and after["eval_rewards/accuracies"] > 0.5
     print("\nThe model learned to prefer sorted answers." if learned else "\nThe model did not learn; see above.")
     return 0 if learned else 1
+
+
+def _side_by_side(api: httpx.Client, job_id: str) -> None:
+    """One held-out prompt's answers: the reference's (step 0) beside the trained model's (the last samples)."""
+    samples = api.get(f"/v1/fine_tuning/jobs/{job_id}/samples").json()
+    first = samples["data"][0]
+    columns = [[f"{who}", repr(c["text"]), f"{c['tokens']} tokens, reward {c['reward']:+.3f}"]
+               for who, c in (("reference (step 0)", first["reference"]), (f"trained (step {samples['step']})",
+                                                                         first["policy"]))]
+    width = max(map(len, columns[0])) + 4
+    print(f"\nPrompt: {first['prompt']!r}  (GET /v1/fine_tuning/jobs/{job_id}/samples)")
+    for left, right in zip(*columns):
+        print(f"  {left:<{width}}{right}")
 
 
 def _stop(service: subprocess.Popen) -> None:

@@ -79,6 +79,8 @@ def validate(req: JobCreate, session: Session, storage: Storage, settings: Setti
     )
     if built.spec.reference_model:
         _check_reference(built.spec.reference_model, settings)
+    if built.spec.samples is not None and built.spec.samples.reward_model:
+        _check_model(built.spec.samples.reward_model, settings, "training.samples.reward_model")
     refuse_unavailable_trackers(session, built.spec.report_to, req.gpu_type, req.gpus, settings.worker_lost_after_s,
                                 time.time())
     method = {"type": "dpo", "dpo": {"hyperparameters": built.hyperparameters}}

@@ -104,6 +104,17 @@ class JobRecorder(Callbacks):
                             type="metrics", data=metrics)
         self.keeper.write(write)
 
+    def on_samples(self, step: int, records: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+        who = "the reference's" if step == 0 else "the policy's"
+        shown = f"mean length {_fmt(summary['samples/length'])} tokens ({who})"
+        if "samples/win_rate" in summary:
+            shown += f", win rate {_fmt(summary['samples/win_rate'])} against the reference"
+
+        def write(s: Session) -> None:
+            jobs.put_samples(s, self.job_id, step, records, summary)
+            jobs.add_event(s, self.job_id, f"Samples at step {step}: {shown}", type="metrics", data=summary)
+        self.keeper.write(write)
+
     def on_checkpoint(self, step: int, path: str) -> None:
         pending, key = self._pending, self.storage.key_for(path)
         size = self.storage.size(key)

@@ -181,7 +181,8 @@ class JobRunner:
         # Model names are checked against the allowed model dirs: the job's, or the base its LoRA parent trained
         # on; a checkpoint's directory is in the service's storage, not named by a request.
         model = job.model if start is None else (None if start.behind_model else start.model)
-        for name in filter(None, (model, job.spec.get("reference_model"))):
+        reward_model = (job.spec.get("samples") or {}).get("reward_model")
+        for name in filter(None, (model, job.spec.get("reference_model"), reward_model)):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
         output_dir = str(self.storage.path(job_key(job_id)))

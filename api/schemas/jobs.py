@@ -165,3 +165,27 @@ class CheckpointPublic(BaseModel):
             final=ckpt.final, download_url=f"/v1/fine_tuning/jobs/{ckpt.job_id}/checkpoints/{ckpt.id}/content",
             bytes=ckpt.bytes or 0,
         )
+
+
+class CompletionPublic(BaseModel):
+    text: str
+    tokens: int = Field(description="its length in tokens, the stop token included")
+    reward: float = Field(description="its implicit reward under the policy at this step: beta * (log pi - log "
+                                      "pi_ref), summed over its tokens")
+    score: float | None = Field(None, description="the reward model's score, with training.samples.reward_model")
+
+
+class PromptSamplesPublic(BaseModel):
+    prompt: str
+    reference: CompletionPublic = Field(description="the reference model's completion (made at step 0)")
+    policy: CompletionPublic = Field(description="the policy's completion at this step (at step 0: the reference's)")
+
+
+class SamplesPublic(BaseModel):
+    object: Literal["fine_tuning.job.samples"] = "fine_tuning.job.samples"
+    fine_tuning_job_id: str
+    step: int | None = Field(description="the step of these samples; null while the job has none")
+    steps: list[int] = Field(description="every step with samples so far, ascending")
+    summary: dict[str, Any] | None = Field(description="samples/length and samples/reference_length (mean tokens), "
+                                                       "samples/win_rate with a reward model")
+    data: list[PromptSamplesPublic] = Field(description="one entry per prompt, in the validation file's order")

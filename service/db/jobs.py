@@ -12,7 +12,7 @@ from sqlalchemy import ColumnElement, Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from service.db import webhooks
-from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, new_id, now, public_status
+from service.db.models import TERMINAL, WAITING, Checkpoint, Event, Job, JobStatus, Sample, new_id, now, public_status
 from service.errors import Conflict
 
 # Unfinished jobs: their files cannot be deleted, nor their team (a paused job resumes on its files).
@@ -59,6 +59,15 @@ def add_warning(session: Session, job_id: str, message: str, code: str | None = 
     entry = {"code": code, "step": (data or {}).get("step"), "message": message}
     if not any(w.get("code") == code and w.get("step") == entry["step"] for w in listed):
         update_job(session, job_id, warnings=[*listed, entry])
+
+
+def put_samples(session: Session, job_id: str, step: int, records: list[dict], summary: dict) -> None:
+    """A sampling step's completions (training.samples); a step sampled again (a resumed run) replaces its row."""
+    found = session.get(Sample, (job_id, step))
+    if found is None:
+        session.add(Sample(job_id=job_id, step=step, records=records, summary=summary))
+    else:
+        found.records, found.summary = records, summary
 
 
 # The PostgreSQL channel on which each commit that adds events names their job, once per transaction.

@@ -305,6 +305,19 @@ class Checkpoint(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, default=now)
 
 
+class Sample(Base):
+    """A job's completions of its fixed validation prompts at one step (training.samples): the reference's
+    and the policy's, per prompt, with their lengths and rewards (dpo_core.samples)."""
+
+    __tablename__ = "samples"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    records: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    summary: Mapped[dict[str, Any] | None]
+    created_at: Mapped[int] = mapped_column(BigInteger, default=now)
+
+
 class DeliveryStatus(StrEnum):
     PENDING = "pending"  # not sent yet, or to be tried again at next_attempt_at
     DELIVERED = "delivered"  # an attempt got a 2xx

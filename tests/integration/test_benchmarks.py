@@ -74,3 +74,13 @@ def test_bench_preflight_reports_the_data_report_time_without_torch(tmp_path):
     assert record["lengths"]["prompt"]["p50"] > 0 and record["report_s"][0] > 0
     assert record["torch_imported"] is False
     assert "data_report: " in out
+
+
+def test_bench_samples_times_every_sampling_step_against_the_whole_job(tmp_path):
+    record_file = tmp_path / "record.json"
+    out = _run("bench_samples.py", "--steps", "2", "--eval-steps", "1", "--max-length", "64", "--max-share", "1",
+               "--work-dir", str(tmp_path), "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert record["machine"] in out and "of the job's time" in out
+    assert record["sample_steps"] == [0, 1, 2]
+    assert 0 < record["samples_s"] < record["job_s"] and record["share"] == record["samples_s"] / record["job_s"]

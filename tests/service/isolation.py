@@ -29,6 +29,7 @@ ROUTES = {
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause"): OBJECT,
     ("POST", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/events"): OBJECT,
+    ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/samples"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}"): OBJECT,
     ("GET", "/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints/{checkpoint_id}/content"): OBJECT,

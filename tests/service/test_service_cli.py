@@ -57,6 +57,8 @@ def test_the_demo_runs_to_the_end(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "The model learned to prefer sorted answers." in out.stdout
     assert "before (step 0) and after (step 48)" in out.stdout
+    # One held-out prompt's answers, the reference's beside the trained model's.
+    assert "Prompt: 'sort : n" in out.stdout and "reference (step 0)" in out.stdout and "trained (step 48)" in out.stdout
     assert "Dashboard: http://127.0.0.1:" in out.stdout
     # The job is shown by `dpo jobs watch`: its evaluations, then its bar at the end.
     assert "evaluation at step 12: loss" in out.stdout and "48/48 steps" in out.stdout

@@ -96,3 +96,23 @@ def test_best_follows_the_metric_and_counts_evaluations_without_improvement():
     assert not up.observe({"step": 4, "eval_rewards/accuracies": 0.4, "eval_loss": 1}) and not up.should_stop
     with pytest.raises(TrainingError, match="eval_rewards/accuracies"):
         Best("eval_nope", "max").observe({"step": 2, "eval_loss": 0.5, "eval_rewards/accuracies": 1.0})
+
+
+def _sampled(lengths: list[float], reference: float = 6.0) -> list[dict]:
+    return [{"step": 3 * i, "samples/length": v, "samples/reference_length": reference} for i, v in enumerate(lengths)]
+
+
+def test_length_drift_fires_on_answers_that_stay_much_longer_or_shorter():
+    from dpo_core.diagnostics import length_drift
+
+    grown = length_drift(_sampled([6.0, 12.0, 14.0, 13.0, 15.0]))
+    assert grown == {"steps": [0, 3, 6, 9, 12], "samples/length": [6.0, 12.0, 14.0, 13.0, 15.0], "direction": "longer"}
+    assert length_drift(_sampled([20.0, 8.0, 9.0, 6.0, 7.0], reference=20.0))["direction"] == "shorter"
+
+
+def test_length_drift_stays_quiet_on_noise_a_lone_jump_or_too_few_samples():
+    from dpo_core.diagnostics import length_drift
+
+    assert length_drift(_sampled([6.0, 7.0, 8.0, 6.0, 7.0])) is None  # within a token or two
+    assert length_drift(_sampled([6.0, 20.0, 6.0, 7.0, 6.0])) is None  # one sample far off, the rest back
+    assert length_drift(_sampled([6.0, 20.0, 20.0, 20.0])) is None  # three samples after step 0: too few

@@ -138,7 +138,7 @@ class JobPage {
   /** A training record newer than the job as last fetched moves its progress on at once. */
   advance(record) {
     const progress = this.job?.progress;
-    if (!progress || "eval_loss" in record || !(record.step > (progress.step || 0))) return;
+    if (!progress || "eval_loss" in record || "samples/length" in record || !(record.step > (progress.step || 0))) return;
     Object.assign(progress, { step: record.step, total_steps: record.total_steps ?? progress.total_steps,
                               tokens_per_s: record.tokens_per_s ?? progress.tokens_per_s });
     this.job.metrics = record;
