@@ -338,3 +338,37 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     assert not [u for u in tab.requested if service.key in u or key in u]
     assert tab.errors == [], tab.errors
     tab.context.close()
+
+
+def test_the_job_view_marks_the_trainings_warnings_on_its_charts(service, team, browser, task_files, tiny_model,
+                                                                 tmp_path):
+    """A learning rate far too high makes both rewards fall: the diagnostic's warning is listed in the job's
+    summary and drawn at its step on every chart."""
+    headers = {"Authorization": f"Bearer {team['key']}"}
+    with service.client() as c:
+        with task_files[0].open("rb") as f:
+            file_id = c.post("/v1/files", headers=headers, files={"file": (task_files[0].name, f)},
+                             data={"purpose": "fine-tune"}).json()["id"]
+        r = c.post("/v1/fine_tuning/jobs", headers=headers, json={
+            "model": tiny_model, "training_file": file_id,
+            "training": {"learning_rate": 5e-2, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32,
+                         "logging_steps": 1, "max_steps": 12},
+            "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+    job = service.wait_for_job(job_id, stall_s=120)
+    assert job["status"] == "succeeded", f"{job['error']}\n{service.logs()}"
+    warned = next(w for w in job["warnings"] if w["code"] == "rewards_both_falling")
+
+    tab = Page(browser, service, tmp_path)
+    sign_in(tab, team["key"])
+    tab.go(f"#/jobs/{job_id}")
+    page = tab.page
+    expect(page.locator("#warnings [data-code=rewards_both_falling]")).to_have_text(
+        f"rewards_both_falling (step {warned['step']})")
+    assert page.locator("#warnings [data-code=rewards_both_falling]").get_attribute("title") == warned["message"]
+    charts = page.locator(".chart")
+    expect(charts.first).to_have_attribute("data-marks", str(len(job["warnings"])))
+    assert charts.evaluate_all("cs => cs.map(c => c.dataset.marks)") == [str(len(job["warnings"]))] * charts.count()
+    tab.shot("job-warnings")
+    assert tab.errors == []

@@ -1,5 +1,6 @@
 // Live charts of a job's metrics (uPlot, vendored in /static/vendor/uplot). Training and evaluation
-// records share the step axis; evaluation series are dashed with their points marked.
+// records share the step axis; evaluation series are dashed with their points marked; the training's
+// diagnostics (warnings with a code and a step) are dashed vertical lines at their step, labelled.
 
 import { h } from "./dom.js";
 import { num } from "./format.js";
@@ -13,6 +14,33 @@ function tick(t) {
   if (t === 0) return "0";
   const a = Math.abs(t);
   return a < 1e-3 || a >= 1e6 ? t.toExponential(0).replace("e+", "e") : String(Number(t.toPrecision(3)));
+}
+
+const WARN = "#b7791f";  // app.css --warn
+
+/** uPlot draw hook: a dashed line and the code at each warning's step that falls within the x range. */
+function drawMarks(u, marks) {
+  const { ctx } = u, { top, height } = u.bbox;
+  ctx.save();
+  ctx.strokeStyle = WARN;
+  ctx.fillStyle = WARN;
+  ctx.setLineDash([4, 3]);
+  ctx.font = `${10 * devicePixelRatio}px system-ui, sans-serif`;
+  ctx.textBaseline = "top";
+  marks.forEach((m, i) => {
+    if (m.step < u.scales.x.min || m.step > u.scales.x.max) return;
+    const x = Math.round(u.valToPos(m.step, "x", true));
+    ctx.beginPath();
+    ctx.moveTo(x, top);
+    ctx.lineTo(x, top + height);
+    ctx.stroke();
+    const pad = 3 * devicePixelRatio, room = u.bbox.left + u.bbox.width - x;
+    const right = ctx.measureText(m.code).width + pad > room;  // near the right edge: the label goes left
+    ctx.textAlign = right ? "right" : "left";
+    // Labels take turns on two rows, so those of nearby steps do not overlap.
+    ctx.fillText(m.code, right ? x - pad : x + pad, top + (2 + (i % 2) * 12) * devicePixelRatio);
+  });
+  ctx.restore();
 }
 
 const BLUE = "#2f5bd3", ORANGE = "#e8590c", GREEN = "#2b8a3e", RED = "#c92a2a", VIOLET = "#7048e8";
@@ -70,6 +98,14 @@ export class MetricChart {
       h("h3", {}, def.title), this.body, this.empty);
     this.syncKey = syncKey;
     this.plot = null;
+    this.marks = [];
+  }
+
+  /** The job's warnings to mark ({code, step}); redrawn at once. */
+  setMarks(marks) {
+    this.marks = marks.filter((m) => typeof m.step === "number");
+    this.el.dataset.marks = String(this.marks.length);
+    this.plot?.redraw(false, false);
   }
 
   /** A finished job's empty chart will stay empty: say so. */
@@ -95,6 +131,7 @@ export class MetricChart {
       width, height: HEIGHT,
       cursor: { sync: { key: this.syncKey }, points: { size: 6 } },
       scales: { x: { time: false } },
+      hooks: { draw: [(u) => drawMarks(u, this.marks)] },
       legend: { live: true },
       axes: [{ ...axis, label: "step", labelSize: 18, size: 32, incrs: STEP_INCRS },
              { ...axis, size: 56, values: (_, ticks) => ticks.map(tick) }],

@@ -22,6 +22,7 @@ export function jobView(main, [jobId]) {
 class JobPage {
   constructor(main, jobId, signal) {
     Object.assign(this, { main, jobId, signal, job: null, timer: null, drawPending: false, pending: {} });
+    this.marks = new Map();  // the training's warnings by code and step, marked on every chart
     this.store = new MetricStore();
     this.charts = JOB_CHARTS.map((def) => new MetricChart(def, `job-${jobId}`));
     this.head = h("div", { class: "page-head" });
@@ -85,6 +86,7 @@ class JobPage {
     h("div", { class: "actions" }, this.pauseButton(job), TERMINAL.includes(job.status) ? null : cancel));
     fill(this.summary, summaryItems(job));
     this.charts.forEach((c) => c.finished(TERMINAL.includes(job.status)));
+    (job.warnings || []).forEach((w) => this.mark(w));
     const spec = dump(job.training || {}, { lineWidth: 100 });
     if (this.spec.textContent !== spec) this.spec.textContent = spec;
   }
@@ -125,8 +127,18 @@ class JobPage {
     }
     this.addEventRow(event);
     const code = event.data?.code, status = event.data?.status;
+    if (event.level === "warn" && code && typeof event.data.step === "number") this.mark(event.data);
     if (code === "checkpoint_saved" || (status && TERMINAL.includes(status))) this.soon("checkpoints", () => this.loadCheckpoints());
     if (status) this.soon("job", () => this.refresh());
+  }
+
+  /** Mark a warning ({code, step}) on the charts, once per code and step. */
+  mark(warning) {
+    const key = `${warning.code}@${warning.step}`;
+    if (this.marks.has(key) || typeof warning.step !== "number") return;
+    this.marks.set(key, { code: warning.code, step: warning.step });
+    const marks = [...this.marks.values()];
+    this.charts.forEach((c) => c.setMarks(marks));
   }
 
   /** Run `fn` once after a burst of events (a finished job's stream replays all of them at once). */
@@ -228,6 +240,10 @@ function summaryItems(job) {
   if (job.eval_metrics?.eval_loss !== undefined) items.push(["Eval loss", num(job.eval_metrics.eval_loss)]);
   items.push(...estimateItems(job));
   if (job.fine_tuned_model) items.push(["Final model", h("span", { class: "mono" }, job.fine_tuned_model)]);
+  if (job.warnings?.length) {
+    items.push(["Warnings", h("span", { class: "warn-text", id: "warnings" }, job.warnings.map((w, i) => [
+      i ? ", " : "", h("span", { title: w.message, dataset: { code: w.code } }, `${w.code} (step ${w.step ?? "?"})`)]).flat())]);
+  }
   if (job.error) items.push(["Error", h("span", { class: "error-text" }, `${job.error.code}: ${job.error.message}`)]);
   return items.map(([k, v]) => h("div", { class: "item" }, h("div", { class: "k" }, k), h("div", { class: "v" }, v)));
 }
