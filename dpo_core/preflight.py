@@ -35,7 +35,7 @@ from typing import Any
 
 from dpo_core.data import SHOWN_LINES, PairRow, PreferenceData, read_jsonl, rows_for_loss
 from dpo_core.spec import TrainingSpec
-from dpo_core.tokenize import TokenizedPair, TokenizeResult, tokenize
+from dpo_core.tokenize import TokenizedPair, TokenizeResult, hold_out_for_samples, tokenize
 
 PERCENTILES = (50, 90, 99)
 # A length bias worth a warning: chosen longer (or shorter) in at least this share of the pairs.
@@ -85,6 +85,10 @@ def _analyse(param: str, source: PreferenceData, spec: TrainingSpec, tokenizer: 
     data = rows_for_loss(source, spec.loss.unpaired)
     result = tokenize(data, tokenizer, max_length=spec.max_length, max_prompt_length=spec.max_prompt_length)
     dropped, truncated = _fit_lines(data, result)
+    held = 0
+    if param == "training_file":  # rows whose prompt samples hold out are not trained on
+        kept, _ = hold_out_for_samples(spec, result.rows)
+        held, result.rows = len(result.rows) - len(kept), kept
     duplicates, prompts = _duplicates(data)
     identical = _identical(source)
     bias, bias_lines = _length_bias(result, data)
@@ -93,7 +97,7 @@ def _analyse(param: str, source: PreferenceData, spec: TrainingSpec, tokenizer: 
         "rows_truncated": result.truncated, "truncated_tokens": result.truncated_tokens,
         "lengths": _lengths(result, data.paired), "tokens": _tokens(result),
         "duplicate_pairs": duplicates.count, "identical_pairs": identical.count,
-        "length_bias": bias, "groups": _groups(data),
+        "length_bias": bias, "groups": _groups(data), "rows_held_out": held,
     }
     out = _File(report, prompts=set(prompts), groups={r.group for r in data.rows})
     w = _Warner(param, out.warnings)

@@ -1,4 +1,6 @@
-"""Samples: what the model says to a few fixed validation prompts, at step 0 and as it trains.
+"""Samples: what the model says to a few fixed prompts, at step 0 and as it trains: the validation file's
+first distinct prompts, or without one the training file's, held out from training
+(dpo_core.tokenize.hold_out_for_samples).
 
 At step 0 the reference model answers each prompt (the "before"); at each later sampling step the policy
 answers them again (the "after"). Both answers are scored under the current policy by the implicit DPO
@@ -22,20 +24,7 @@ import torch
 from dpo_core.batching import collate
 from dpo_core.logprobs import sequence_logps, unwrap
 from dpo_core.spec import SamplesSpec
-from dpo_core.tokenize import TokenizedRow
-
-
-def select_prompts(rows: list, count: int) -> list[list[int]]:
-    """The first `count` distinct prompts of the tokenized validation rows, in file order."""
-    seen, prompts = set(), []
-    for row in sorted(rows, key=lambda r: r.index):
-        key = tuple(row.prompt_ids)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(list(row.prompt_ids))
-        if len(prompts) == count:
-            break
-    return prompts
+from dpo_core.tokenize import TokenizedRow, first_prompts
 
 
 def is_due(spec, step: int, last: bool) -> bool:
@@ -217,7 +206,8 @@ def start(run, resumed: bool) -> Sampler:
     """The run's Sampler with the reference's completions. A fresh run reports them as step 0's samples; a
     resumed run makes them again (the same decoding gives the same ids) and reports nothing."""
     spec = run.spec.samples
-    sampler = Sampler(spec, run.spec.loss.beta, select_prompts(run.eval_rows, spec.num_prompts))
+    prompts = run.sample_prompts or first_prompts(run.eval_rows, spec.num_prompts)
+    sampler = Sampler(spec, run.spec.loss.beta, prompts)
     started = sampler.started
     if spec.reward_model:
         sampler.reward_model = RewardModel.load(spec.reward_model, run.device)

@@ -246,14 +246,17 @@ class EarlyStoppingSpec(_Strict):
 
 
 class SamplesSpec(_Strict):
-    """Completions of fixed validation prompts, generated at step 0 (the reference's) and during training
+    """Completions of fixed prompts (validation, or held out of training), generated at step 0 (the reference's) and during training
     (the policy's): what the model now says (dpo_core.samples)."""
 
-    num_prompts: SampleCount = Field(4, description="the validation file's first this many prompts, in file order")
+    num_prompts: SampleCount = Field(4, description="the validation file's first this many distinct prompts, in "
+                                     "file order; without one, the training file's, whose rows are then held out "
+                                     "of training")
     max_new_tokens: NewTokens = Field(32, description="tokens generated per completion at most; generation stops at EOS")
     temperature: Temperature = Field(0.0, description="0: greedy; above 0: sampled, seeded by seed and the step")
     every: Steps | None = Field(
-        None, description="generate every this many steps (and at the last step); null: at each evaluation",
+        None, description="generate every this many steps (and at the last step); null: at each evaluation "
+        "(without a validation file: at step 0 and the last step only)",
         json_schema_extra=_doc(default_text="eval_steps, and the last step"))
     max_share: Share = Field(
         0.1, description="a sampling step between step 0 and the last is skipped when it would take samples over "
@@ -356,8 +359,8 @@ class TrainingSpec(_Strict):
         False, description="the final model is the best evaluation's weights (by early_stopping.metric, else "
         "eval_loss), not the last step's; needs a validation file and eval_steps")
     samples: SamplesSpec | None = Field(
-        None, description="generate completions of fixed validation prompts at step 0 and during training "
-        "(docs/training.md, Samples); needs a validation file and a loss with a reference model")
+        None, description="generate completions of fixed prompts at step 0 and during training (docs/training.md, "
+        "Samples); needs a loss with a reference model")
     resume_from: str | None = Field(None, description="a checkpoint directory, or 'auto'")
     report_to: Annotated[list[ReportTo], Field(max_length=len(REPORT_TO))] = Field(
         default_factory=list, description="also report metrics to these (docs/training.md, Tracking); each needs "
@@ -422,13 +425,10 @@ class TrainingSpec(_Strict):
         return []
 
     def _samples_problems(self) -> list[tuple[str, str]]:
-        """Samples take their prompts from the validation file and score completions under a live reference."""
+        """Samples score completions under a live reference."""
         if self.samples is None:
             return []
         problems = []
-        if not self.validation_file:
-            problems.append(("samples", "takes its prompts from the validation file: set validation_file, or "
-                             "remove samples"))
         if not self.loss.needs_reference or self.reference_mode == "precomputed":
             why = (f"loss {self.loss.type!r} has none" if not self.loss.needs_reference
                    else "reference_mode: precomputed frees it; use reference_mode: model")

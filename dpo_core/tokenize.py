@@ -233,3 +233,28 @@ def _make_row(index: int, row: Any, prompt: list[int], completions: list[list[in
     if paired:
         return TokenizedPair(index, prompt, completions[0], completions[1], row.group)
     return TokenizedRow(index, prompt, completions[0], row.label, row.group)
+
+
+def first_prompts(rows: list, count: int) -> list[list[int]]:
+    """The first `count` distinct prompts of tokenized rows, in file order (samples' fixed prompts)."""
+    seen, prompts = set(), []
+    for row in sorted(rows, key=lambda r: r.index):
+        key = tuple(row.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(list(row.prompt_ids))
+        if len(prompts) == count:
+            break
+    return prompts
+
+
+def hold_out_for_samples(spec, rows: list) -> tuple[list, list[list[int]]]:
+    """(the training rows to train on, the prompts held out for samples). With `samples` and no validation
+    file, samples take the training file's first `num_prompts` distinct prompts, and every row with one of
+    them is left out of training, so the samples show answers to prompts the model did not train on. The
+    trainer and the pre-flight report both apply this one rule."""
+    if spec.samples is None or spec.validation_file:
+        return rows, []
+    prompts = first_prompts(rows, spec.samples.num_prompts)
+    held = {tuple(p) for p in prompts}
+    return [r for r in rows if tuple(r.prompt_ids) not in held], prompts

@@ -31,7 +31,7 @@ from dpo_core.reference import AdapterReference, ModelReference, PrecomputedRefe
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec, steps_per_epoch
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
-from dpo_core.tokenize import TokenizeResult, tokenize
+from dpo_core.tokenize import TokenizeResult, hold_out_for_samples, tokenize
 from dpo_core.tokenizer_loading import load_tokenizer
 
 
@@ -81,6 +81,7 @@ class Run:
     best: Best | None = None  # the best evaluation so far, by spec.best_metric
     early_stopped_at: int | None = None
     sampler: samples.Sampler | None = None  # spec.samples, on rank 0
+    sample_prompts: list = field(default_factory=list)  # prompts held out of training for samples
 
     @property
     def final_is_best(self) -> bool:
@@ -233,11 +234,16 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     evals = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
     device = distributed.device(d, spec.device)
     model, policy, initial = _build_policy(spec, d, device, resume_dir)
-    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train.rows, evals.rows if evals else None)
+    train_rows, held_out = hold_out_for_samples(spec, train.rows)
+    if not train_rows:
+        raise TrainingError(f"every training row has one of the {len(held_out)} prompts held out for samples; "
+                            "give a validation_file for samples' prompts, or lower samples.num_prompts")
+    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, evals.rows if evals else None)
+    run.sample_prompts = held_out
     run.row_counts = _row_counts(train, evals)
     run.share_prompt = _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
-    run.total_steps = spec.total_steps(len(train.rows))
+    run.total_steps = spec.total_steps(len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     run.diagnostics, run.best = Diagnostics(spec, run.total_steps), Best.of(spec)
     _make_reference(run, initial)

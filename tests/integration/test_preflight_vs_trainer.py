@@ -80,3 +80,21 @@ def test_report_counts_what_one_epoch_trains_on(case, tiny_model, tmp_path):
     assert started.info["num_eval_rows"] == valid["rows_used"]
     assert any(f"skipped {data['rows_dropped']} of {data['rows']} rows" in w for w in started.warnings)
     assert data["tokens"]["longest_sequence"] <= MAX_LENGTH
+
+
+def test_samples_without_a_validation_file_hold_out_what_the_report_says(tiny_model, tmp_path):
+    """The training prompts samples take are held out of training, and the report counts what remains."""
+    spec = parse_spec({
+        "model": tiny_model, "output_dir": str(tmp_path / "run"),
+        "train_file": write(tmp_path / "train.jsonl", rows(24, "text")),
+        "max_length": MAX_LENGTH, "max_prompt_length": None, "num_epochs": 1, "batch_size": 4,
+        "logging_steps": 100, "learning_rate": 1e-4, "device": "cpu",
+        "samples": {"num_prompts": 2, "max_new_tokens": 4},
+    })
+    report = data_report(spec, load_tokenizer(spec.model))["training_file"]
+    started = Started()
+    result = train(spec, started)
+    assert report["rows_held_out"] >= 2
+    assert report["rows_used"] + report["rows_held_out"] + report["rows_dropped"] == report["rows"]
+    assert started.info["num_train_rows"] == report["rows_used"]
+    assert report["tokens"]["total"] == result.trained_tokens

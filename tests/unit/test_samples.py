@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_core.samples import Sampler, cut_at_stop, implicit_rewards, is_due, left_padded, select_prompts, win_rate
+from dpo_core.samples import Sampler, cut_at_stop, implicit_rewards, is_due, left_padded, win_rate
 from dpo_core.spec import parse_spec
-from dpo_core.tokenize import TokenizedPair
+from dpo_core.tokenize import TokenizedPair, first_prompts
 
 
 def _pair(index: int, prompt: list[int]) -> TokenizedPair:
@@ -16,8 +16,8 @@ def _pair(index: int, prompt: list[int]) -> TokenizedPair:
 
 def test_prompts_are_the_first_distinct_ones_in_file_order():
     rows = [_pair(2, [5, 6]), _pair(0, [1]), _pair(1, [1]), _pair(3, [7])]
-    assert select_prompts(rows, 2) == [[1], [5, 6]]
-    assert select_prompts(rows, 10) == [[1], [5, 6], [7]]
+    assert first_prompts(rows, 2) == [[1], [5, 6]]
+    assert first_prompts(rows, 10) == [[1], [5, 6], [7]]
 
 
 def test_prompts_are_left_padded_to_end_together():
@@ -57,10 +57,17 @@ def test_a_sampler_is_within_budget_while_under_its_share_of_the_time():
     assert sampler.within_budget(139.0) and not sampler.within_budget(138.0)
 
 
-def test_samples_need_validation_prompts_and_a_live_reference():
+def test_samples_need_a_live_reference_and_hold_out_training_prompts_without_a_validation_file():
     from dpo_core.spec import SpecError
+    from dpo_core.tokenize import hold_out_for_samples
 
     with pytest.raises(SpecError) as err:
         parse_spec({"model": "m", "train_file": "t", "samples": {}, "reference_mode": "precomputed"})
-    text = str(err.value)
-    assert "set validation_file" in text and "use reference_mode: model" in text
+    assert "use reference_mode: model" in str(err.value)
+    rows = [_pair(0, [1]), _pair(1, [2]), _pair(2, [1]), _pair(3, [3])]
+    spec = parse_spec({"model": "m", "train_file": "t", "samples": {"num_prompts": 1}})
+    kept, held = hold_out_for_samples(spec, rows)
+    assert held == [[1]] and [r.index for r in kept] == [1, 3]  # both rows with prompt [1] are held out
+    with_validation = parse_spec({"model": "m", "train_file": "t", "validation_file": "v", "eval_steps": 2,
+                                  "samples": {"num_prompts": 1}})
+    assert hold_out_for_samples(with_validation, rows) == (rows, [])
