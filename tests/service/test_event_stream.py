@@ -97,7 +97,7 @@ def all_events(service, job_id: str) -> list[dict]:
 
 
 def test_a_client_reconnects_with_last_event_id_and_misses_nothing(service, file_id, tiny_model):
-    job_id = create_job(service, tiny_model, file_id, max_steps=6)
+    job_id = create_job(service, tiny_model, file_id, max_steps=30)  # still running when the client is back
     with service.client(timeout=60) as c:
         first = Reader(c, job_id)
         first.until(lambda m: m[1] == "metrics")  # mid-job: training has begun
@@ -118,7 +118,6 @@ def test_a_client_reconnects_with_last_event_id_and_misses_nothing(service, file
     assert [m[2] for m in streamed] == events  # each data line is the event as the list route shows it
     assert [m[1] for m in streamed] == [e["type"] for e in events]
     assert second.ended and second.messages[-1][2]["data"]["status"] == "succeeded"
-    assert ": keep-alive" in second.comments
 
     # `after` resumes the same way; after the final event, a stream of a finished job ends at once.
     with service.client() as c:
@@ -128,6 +127,27 @@ def test_a_client_reconnects_with_last_event_id_and_misses_nothing(service, file
         assert [m[0] for m in third.messages] == [e["id"] for e in events[-3:]]
         last = Reader(c, job_id, headers={"Last-Event-ID": events[-1]["id"]})
         assert last.next_message() is None and last.messages == []
+
+
+def test_an_idle_stream_gets_keep_alives_and_ends_with_the_job(service, file_id, tiny_model):
+    """A job that waits (a GPU type no worker has) sends no event for a while: the stream sends a comment
+    every DPO_STREAM_HEARTBEAT_S meanwhile, and ends after the job's final event (its cancel)."""
+    with service.client(timeout=60) as c:
+        r = c.post("/v1/fine_tuning/jobs", json={"model": tiny_model, "training_file": file_id,
+                                                 "training": TRAINING, "gpu_type": "none-here"})
+        assert r.status_code == 200, r.text
+        job_id = r.json()["id"]
+        reader = Reader(c, job_id)
+        reader.until(lambda m: m[2]["data"] == {"status": "queued"})
+        started = time.monotonic()
+        line = next(reader.lines)  # nothing happens to the job: the next line is a keep-alive
+        waited = time.monotonic() - started
+        assert line == ": keep-alive" and waited < 20 * HEARTBEAT_S, (line, waited)
+        assert c.post(f"/v1/fine_tuning/jobs/{job_id}/cancel").status_code == 200
+        while reader.next_message() is not None:
+            pass
+        reader.close()
+    assert reader.ended and reader.messages[-1][2]["data"] == {"status": "cancelled"}
 
 
 def test_stream_errors_are_json_before_it_starts(service, file_id, tiny_model):
