@@ -306,7 +306,7 @@ class Checkpoint(Base):
 
 
 class Sample(Base):
-    """A job's completions of its fixed validation prompts at one step (training.samples): the reference's
+    """A job's completions of its fixed prompts at one step (training.samples): the reference's
     and the policy's, per prompt, with their lengths and rewards (dpo_core.samples)."""
 
     __tablename__ = "samples"
