@@ -26,10 +26,9 @@ from dpo_core.tokenizer_loading import load_tokenizer
 from service import submit
 from service.artifacts import Storage
 from service.auth import Principal
-from service.db.models import Job, JobStatus, Preflight, Worker, new_id, now
-from service.db.workers import is_live
+from service.db.models import Job, JobStatus, Preflight, new_id, now
 from service.errors import InvalidInput
-from service.queue_forecast import forecast
+from service.queue_forecast import forecast, serving_workers
 from service.requests import JobCreate
 from service.settings import Settings
 
@@ -108,11 +107,9 @@ def _estimate(session: Session, principal: Principal, settings: Settings, spec: 
 
 
 def _pool(session: Session, settings: Settings, job: Job, at: float) -> list[dict[str, Any]]:
-    """The live pool's GPU types that could run the job: how many workers, GPUs each, memory per device."""
+    """The GPU types of the live workers that could run the job: how many workers, GPUs each, memory per device."""
     shapes: dict[str, dict[str, Any]] = {}
-    for w in session.scalars(select(Worker).where(is_live(settings.worker_lost_after_s, at))):
-        if (job.gpu_type and w.gpu_type != job.gpu_type) or w.gpus < job.gpus:
-            continue
+    for w in serving_workers(session, settings, job, at):
         shape = shapes.setdefault(w.gpu_type, {"gpu_type": w.gpu_type, "workers": 0, "gpus": w.gpus,
                                                "memory_bytes": w.memory_bytes})
         shape["workers"] += 1

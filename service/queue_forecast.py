@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from statistics import mean
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Integer, String, literal, select
 from sqlalchemy.orm import Session
 
 from service.db.models import ON_WORKER, Job, JobStatus, Worker
 from service.db.usage import gpu_seconds_by_team
 from service.db.workers import is_live
+from service.dispatch_rules import serves
 from service.settings import Settings
 
 # Jobs played forward at most; a queue longer than this gives no start time.
@@ -44,8 +45,7 @@ def forecast(session: Session, settings: Settings, job: Job, chosen: dict[str, A
     """{position, jobs_ahead, estimated_start_at, estimated_start_in_s, reason} for `job` (not stored),
     whose run is expected to take `chosen["seconds"]`."""
     own_s = (chosen or {}).get("seconds") or UNKNOWN_RUN_S
-    workers = [w for w in session.scalars(select(Worker).where(is_live(settings.worker_lost_after_s, at)))
-               if _serves(w, job)]
+    workers = serving_workers(session, settings, job, at)
     queued = _queued(session, job, _fallback_seconds(session, own_s))
     mine = _Queued(job.id, job.team_id, job.priority, at, job.gpus, own_s)
     position = 1 + sum(1 for q in queued if q.team_id == job.team_id and q.priority >= job.priority)
@@ -70,11 +70,11 @@ def forecast(session: Session, settings: Settings, job: Job, chosen: dict[str, A
             "estimated_start_in_s": round(start - at, 1), "reason": reason}
 
 
-def _serves(w: Worker, job: Job) -> bool:
-    """service.dispatch_rules.serves, for one worker and a job not stored."""
-    if job.gpu_type and w.gpu_type != job.gpu_type or w.gpus < job.gpus:
-        return False
-    return w.integrations is None or set(job.report_to or []) <= set(w.integrations)
+def serving_workers(session: Session, settings: Settings, job: Job, at: float) -> list[Worker]:
+    """The live workers that could run `job` (not stored): service.dispatch_rules.serves, the scheduler's rule."""
+    can = serves(Worker.gpu_type, Worker.gpus, Worker.integrations, literal(job.gpu_type, String),
+                 literal(job.gpus, Integer), list(job.report_to or []))
+    return list(session.scalars(select(Worker).where(is_live(settings.worker_lost_after_s, at), can)))
 
 
 def _queued(session: Session, job: Job, default_s: float) -> list[_Queued]:
