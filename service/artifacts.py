@@ -15,9 +15,11 @@ import shutil
 import stat
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
+from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session
 
@@ -36,12 +38,59 @@ def job_key(job_id: str) -> str:
 
 
 class Storage(Protocol):
+    """Where artifacts live: `LocalStorage` (file://, the data directory) or `S3Storage` (s3://bucket/prefix,
+    service.s3store). Keys are relative POSIX paths. Two kinds of artifact:
+
+    - an object (an upload, a result file): put_stream / put_file, open / read_range, fetch_file, presign;
+    - a published directory (a checkpoint, a final model, tensorboard/): publish_dir makes it appear whole or
+      not at all (LocalStorage: hard links into a temporary name, then one rename; S3Storage: one tar object
+      `<key>.tar`, members under `arcname/`, then its manifest `<key>.json`, written last: a directory
+      exists only once its manifest does). fetch_dir materializes it on local disk, dir_tar streams it as a
+      tar download, presign_dir gives a URL to that tar (None where the store cannot sign one).
+
+    exists, size and delete take either kind (delete removes everything under a key, a directory's tar and
+    manifest included). Every method raises FileNotFoundError for a key that is not there (exists aside)
+    and OSError for a failed store, so callers handle one kind of error whatever the store.
+    """
+
+    remote: bool  # True when bytes cross a network (publish in the background; download inputs first)
+
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int: ...
+    def put_file(self, key: str, path: Path) -> int: ...
     def open(self, key: str) -> BinaryIO: ...
-    def path(self, key: str) -> Path: ...
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
+    def fetch_file(self, key: str, dest: Path) -> Path: ...
+    def presign(self, key: str, ttl_s: int, filename: str) -> str | None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def size(self, key: str) -> int: ...
+    def list(self, prefix: str) -> Iterator[StoredObject]: ...
+
+    def publish_dir(self, local_dir: Path, key: str, arcname: str) -> int: ...
+    def dir_exists(self, key: str) -> bool: ...
+    def list_dirs(self, prefix: str) -> list[str]: ...
+    def fetch_dir(self, key: str, dest: Path) -> Path: ...
+    def dir_tar(self, key: str, arcname: str) -> TarDownload: ...
+    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None: ...
+    def remove_partial(self, prefix: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """One stored object (LocalStorage: one regular file) as the orphan sweep sees it."""
+
+    key: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class TarDownload:
+    """A published directory as a tar download: its exact length, and its bytes from `start` to `end`
+    (inclusive, as an HTTP Range says them), streamed, never assembled in memory."""
+
+    size: int
+    read: Callable[[int, int], Iterator[bytes]]
 
 
 class LocalStorage:
@@ -235,3 +284,15 @@ def _open_below(root: int, parts: tuple[str, ...]) -> int | None:
         os.close(file)
         return None
     return file
+
+
+def make_storage(settings) -> Storage:
+    """The store DPO_STORAGE_URL names: file:///path (LocalStorage) or s3://bucket/prefix (S3Storage)."""
+    url = urlsplit(settings.store_url)
+    if url.scheme == "file":
+        return LocalStorage(Path(unquote(url.path)))
+    if url.scheme == "s3":
+        from service.s3store import S3Storage  # boto3 is imported only where an object store is used
+
+        return S3Storage.from_settings(settings)
+    raise ValueError(f"DPO_STORAGE_URL must start with file:// or s3://, not {settings.store_url!r}")

@@ -70,6 +70,28 @@ class Settings(BaseSettings):
     team_storage_bytes: int | None = Field(None, gt=0, description="bytes a team may store (uploads, checkpoints, "
                                            "result files) unless the admin set the team's own; default: no limit")
 
+    # Where artifacts live (service.artifacts.make_storage; docs/operations.md, "Storage").
+    storage_url: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: file:// the "
+                                    "data directory. Credentials and region come from the standard AWS variables")
+    s3_endpoint_url: str | None = Field(None, description="the S3 API's address for an S3-compatible server "
+                                        "(SeaweedFS, MinIO); default: AWS's own")
+    s3_public_endpoint_url: str | None = Field(None, description="the address presigned URLs name, when clients "
+                                               "reach the store by another one than the service; default: "
+                                               "s3_endpoint_url")
+    storage_presign: bool = Field(True, description="with an object store, downloads redirect to a presigned URL "
+                                  "instead of passing through the API")
+    presign_ttl_s: int = Field(3600, gt=0, le=7 * 24 * 3600, description="how long a presigned URL is valid")
+    worker_scratch_dir: Path | None = Field(None, description="the worker's local working directory: a job's "
+                                            "inputs and checkpoints while it runs, emptied after each job; "
+                                            "default: data_dir/scratch")
+    upload_max_bytes_per_s: int | None = Field(None, gt=0, description="cap on a worker's checkpoint upload "
+                                               "bandwidth; default: none")
+    sweep_interval_s: float = Field(3600.0, gt=0, description="how often each API process removes stored objects "
+                                    "no row names (the orphan sweep)")
+    sweep_min_age_s: float = Field(3600.0, ge=0, description="the sweep leaves objects younger than this (an "
+                                   "upload whose row is not written yet)")
+    sweep: bool = Field(True, description="run the orphan sweep loop in this API process")
+
     # Webhooks (service.webhook_delivery): each API process runs a delivery loop unless told not to.
     webhook_delivery: bool = Field(True, description="run the webhook delivery loop in this API process")
     webhook_allow_private: bool = Field(False, description="let webhooks reach loopback, private, link-local and "
@@ -92,6 +114,7 @@ class Settings(BaseSettings):
     def _resolve(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()
         self.model_dirs = [p.expanduser().resolve() for p in self.model_dirs] or [(self.data_dir / "models").resolve()]
+        self.worker_scratch_dir = (self.worker_scratch_dir or self.data_dir / "scratch").expanduser().resolve()
         if self.env == "production":
             _refuse_default_secrets(self)
         if self.worker_lost_after_s <= self.worker_heartbeat_interval_s:
@@ -111,6 +134,10 @@ class Settings(BaseSettings):
     @property
     def storage_dir(self) -> Path:
         return self.data_dir
+
+    @property
+    def store_url(self) -> str:
+        return self.storage_url or self.data_dir.as_uri()
 
 
 def _refuse_default_secrets(settings: Settings) -> None:
