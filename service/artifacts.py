@@ -39,6 +39,15 @@ def job_key(job_id: str) -> str:
     return f"jobs/{job_id}"
 
 
+def key_parts(key: str) -> tuple[str, ...]:
+    """The parts of a valid key. Keys come from our own ids, but one that is empty, absolute or climbs
+    (`..`) must never reach a disk or a bucket: ValueError."""
+    parts = PurePosixPath(key).parts
+    if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
+        raise ValueError(f"invalid storage key {key!r}")
+    return parts
+
+
 class Storage(Protocol):
     """Where artifacts live: `LocalStorage` (file://, the data directory) or `S3Storage` (s3://bucket/prefix,
     service.s3store). Keys are relative POSIX paths. Two kinds of artifact:
@@ -105,11 +114,7 @@ class LocalStorage:
         self.root = Path(root).resolve()
 
     def path(self, key: str) -> Path:
-        parts = PurePosixPath(key).parts
-        # Keys come from our own ids, but a key that climbs out of root must never reach the disk.
-        if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
-            raise ValueError(f"invalid storage key {key!r}")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*key_parts(key))
 
     def key_for(self, path: str | Path) -> str:
         """The key of a local path under root (for directories the trainer wrote)."""
@@ -364,6 +369,18 @@ def tar_size(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_re
     for _path, header, size in _members(directory, arcname, entries):
         total += len(header) + (size or 0) + (-(size or 0) % tarfile.BLOCKSIZE)
     return total
+
+
+def tar_manifest(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]]) -> dict:
+    """What a published directory's manifest records of iter_tar(directory, arcname, entries): the arcname,
+    the tar's exact size, and each regular file's path (relative to the directory), size and data offset
+    in the tar, so one file can be read out of the stored tar by a range."""
+    files, pos = [], 0
+    for path, header, size in _members(directory, arcname, entries):
+        if size is not None:
+            files.append({"name": path.relative_to(directory).as_posix(), "size": size, "offset": pos + len(header)})
+        pos += len(header) + (size or 0) + (-(size or 0) % tarfile.BLOCKSIZE)
+    return {"arcname": arcname, "size": pos + 2 * tarfile.BLOCKSIZE, "files": files}
 
 
 def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None,

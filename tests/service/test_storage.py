@@ -286,3 +286,15 @@ def test_an_empty_store_has_nothing(tmp_path):
     store = LocalStorage(tmp_path / "never-made")
     assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == [] and list(store.list("")) == []
     store.remove_partial("jobs/j")
+
+
+def test_the_manifest_locates_each_file_in_the_tar(tmp_path):
+    src = tmp_path / "ckpt"
+    files = _checkpoint(src)
+    entries = artifacts.tar_entries(src)
+    manifest = artifacts.tar_manifest(src, "ftckpt-1", entries)
+    blob = b"".join(iter_tar(src, "ftckpt-1", entries))
+    assert manifest["size"] == len(blob) == artifacts.tar_size(src, "ftckpt-1", entries)
+    assert {f["name"] for f in manifest["files"]} == set(files)
+    for f in manifest["files"]:
+        assert blob[f["offset"]:f["offset"] + f["size"]] == files[f["name"]]
