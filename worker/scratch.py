@@ -1,0 +1,122 @@
+"""The worker's scratch directory: the only local disk a job uses, on a worker that shares nothing with
+the API but the database, the broker and the store.
+
+`settings.worker_scratch_dir/<worker name>/` belongs to one worker process while it lives: it holds an
+flock on `.lock` inside it (inherited by its job processes, so a job that outlives its worker keeps it
+too). A worker that starts removes its siblings whose lock it can take: scratch directories of workers
+that died without cleaning up. Each run works in `<job_id>/` below it, removed when the run ends,
+whatever the outcome:
+
+    <job_id>/data/      the uploaded training and validation files (LocalStorage: not even copied)
+    <job_id>/output/    the trainer's output_dir: checkpoints fetched from the store, then written
+    <job_id>/parent/    the checkpoint the job continues from
+    <job_id>/.publish/  checkpoints staged for upload (worker.publisher)
+"""
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("dpo.worker")
+LOCK_FILE = ".lock"
+
+
+def dir_name(worker_name: str) -> str:
+    """A worker name as one safe path component."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", worker_name).lstrip(".") or "worker"
+
+
+class Scratch:
+    """One worker's scratch directory, locked while this object is open (see the module's docstring)."""
+
+    def __init__(self, root: Path, worker_name: str):
+        self.root = Path(root)
+        self.path = self.root / dir_name(worker_name)
+        self._lock: int | None = None
+
+    def claim(self) -> Scratch:
+        """Lock this worker's directory (emptied: what a run left is of no use), then remove dead siblings."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RuntimeError(f"scratch directory {self.path} is in use by another live worker of the same name; "
+                               "give this worker another DPO_WORKER_NAME") from None
+        self._lock = fd
+        for child in self.path.iterdir():
+            if child.name != LOCK_FILE:
+                _remove(child)
+        self._remove_dead_siblings()
+        return self
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_dead_siblings(self) -> None:
+        for sibling in self.root.iterdir():
+            if sibling == self.path or not sibling.is_dir() or sibling.is_symlink():
+                continue
+            try:
+                fd = os.open(sibling / LOCK_FILE, os.O_RDWR)
+            except FileNotFoundError:
+                continue  # not a worker's scratch directory, or one just being made
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its worker lives
+            else:
+                log.info("removing %s, the scratch directory of a worker that is gone", sibling)
+                _remove(sibling)
+            finally:
+                os.close(fd)
+
+    @contextmanager
+    def run(self, job_id: str) -> Iterator[RunDirs]:
+        """A run's directories, empty at the start and removed at the end, whatever happened."""
+        dirs = RunDirs(self.path / dir_name(job_id))
+        _remove(dirs.root)  # what a run of this job left when its process was killed
+        for d in (dirs.data, dirs.output, dirs.parent):
+            d.mkdir(parents=True)
+        try:
+            yield dirs
+        finally:
+            _remove(dirs.root)
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "output"
+
+    @property
+    def parent(self) -> Path:
+        return self.root / "parent"
+
+    @property
+    def publish(self) -> Path:
+        return self.root / ".publish"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
