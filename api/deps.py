@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Row
 from sqlalchemy.orm import Session
@@ -155,6 +155,12 @@ def job_from_path(fine_tuning_job_id: str, session: SessionDep, principal: Curre
 def file_from_path(file_id: str, session: SessionDep, principal: CurrentPrincipal) -> File:
     return load_file(session, principal, file_id)
 
+
+# The request headers of a download that resumes (api.byte_ranges).
+RangeHeader = Annotated[str | None, Header(alias="Range", max_length=200, description=(
+    "one range of bytes: `bytes=a-b`, `bytes=a-` or `bytes=-n` (206); several ranges get the whole body"))]
+IfRangeHeader = Annotated[str | None, Header(alias="If-Range", max_length=200, description=(
+    "with Range: the whole body is sent (these bodies carry no validator to match)"))]
 
 JobDep = Annotated[Job, Depends(job_from_path)]
 FileDep = Annotated[File, Depends(file_from_path)]

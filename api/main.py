@@ -20,10 +20,24 @@ from api.logs import install_access_log_filter
 from api.metrics import AppMetrics, RequestTimer
 from api.openapi import openapi_with_errors
 from api.queue import make_celery
-from api.routes import checkpoints, dashboard, events, files, health, jobs, metrics, pool, samples, teams, usage, webhooks
+from api.routes import (
+    checkpoints,
+    dashboard,
+    events,
+    files,
+    health,
+    jobs,
+    metrics,
+    pool,
+    samples,
+    sweep,
+    teams,
+    usage,
+    webhooks,
+)
 from api.streams import EventHub, end_streams_on_exit
 from service import errors
-from service.artifacts import LocalStorage
+from service.artifacts import make_storage
 from service.auth import admin_key
 from service.db.engine import (
     UNAVAILABLE,
@@ -37,6 +51,7 @@ from service.db.migrate import upgrade
 from service.metrics import read_snapshot
 from service.requests import PRINTABLE
 from service.settings import Settings, get_settings
+from service.sweep import Sweeper
 from service.webhook_delivery import WebhookSender
 
 log = logging.getLogger("dpo.api")
@@ -83,13 +98,13 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        app.state.storage = make_storage(settings)  # a bad DPO_STORAGE_URL stops the start here, named
         if migrate:
             upgrade(settings.db_url)
         engine, read_engine = _api_engines(settings)
         app.state.settings, app.state.engine = settings, engine
         app.state.sessionmaker = make_sessionmaker(engine)
         app.state.reads = make_read_sessionmaker(read_engine)
-        app.state.storage = LocalStorage(settings.storage_dir)
         app.state.celery = make_celery(settings)
         app.state.admin_key, _ = admin_key(settings)
         install_access_log_filter(app.state.admin_key)
@@ -99,12 +114,16 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         app.state.webhooks = WebhookSender(app.state.sessionmaker, settings)
         if settings.webhook_delivery:
             app.state.webhooks.start()
+        app.state.sweeper = Sweeper(app.state.sessionmaker, app.state.storage, settings)
+        if settings.sweep:
+            app.state.sweeper.start()
         app.state.event_hub = EventHub(app.state.reads, settings)
         await app.state.event_hub.start()
         end_streams_on_exit(app.state.event_hub)
         yield
         await app.state.event_hub.stop()
         app.state.webhooks.stop()
+        app.state.sweeper.stop()
         app.state.dispatcher.stop()
         engine.dispose()
         read_engine.dispose()
@@ -119,7 +138,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     # through CurrentPrincipal or (the polled routes, in the same thread hop as their reads) api.deps.read
     # or api.deps.read_job.
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(get_caller)])
-    for module in (files, jobs, events, checkpoints, samples, pool, usage, teams, webhooks):
+    for module in (files, jobs, events, checkpoints, samples, pool, usage, teams, webhooks, sweep):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
@@ -170,7 +189,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, "invalid_request_error", str(err.detail), code=_HTTP_CODES.get(err.status_code))
+        response = _error(err.status_code, "invalid_request_error", str(err.detail),
+                          code=_HTTP_CODES.get(err.status_code))
+        response.headers.update(err.headers or {})  # a 416's Content-Range
+        return response
 
 
 
@@ -189,7 +211,7 @@ def _install_database_handler(app: FastAPI) -> None:
 
 _TYPE_TAGS = {"float", "int", "str", "bool", "dict", "list", "none", "json-or-python", "constrained-float",
               "constrained-int"}
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value"}
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_value", 416: "range_not_satisfiable"}
 
 
 def _message(e: dict) -> str:

@@ -297,6 +297,15 @@ def jobs_resume(job_id: JobId, as_json: Json = False) -> None:
     out.print(f"Resumed {job_id}: queued again (`dpo jobs watch {job_id}` to follow it)", markup=False)
 
 
+@jobs_app.command("delete")
+def jobs_delete(job_id: JobId, as_json: Json = False) -> None:
+    """Delete what an ended job keeps: checkpoints, final model, result files, events and samples."""
+    answer = _api().request("DELETE", f"/v1/fine_tuning/jobs/{job_id}").json()
+    if as_json:
+        return _print_json(answer)
+    out.print(f"Deleted the checkpoints, final model, result files and events of {job_id}", markup=False)
+
+
 @jobs_app.command("download")
 def jobs_download(job_id: JobId,
                   checkpoint: Annotated[str | None, typer.Option(help="ftckpt-... (default: the final model)")]

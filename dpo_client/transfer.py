@@ -61,7 +61,10 @@ def download(api: Api, job_id: str, checkpoint_id: str, out_dir: Path, console: 
     staging = Path(tempfile.mkdtemp(prefix=f".{checkpoint_id}.", dir=out_dir))
     try:
         path = f"/v1/fine_tuning/jobs/{job_id}/checkpoints/{checkpoint_id}/content"
-        with _bar(console, "Downloading") as progress, api.stream("GET", path, timeout=DOWNLOAD_TIMEOUT) as r:
+        # With an object store the API answers a redirect to a presigned URL; httpx drops the API key
+        # when it follows one to another host.
+        with _bar(console, "Downloading") as progress, api.stream("GET", path, timeout=DOWNLOAD_TIMEOUT,
+                                                                   follow_redirects=True) as r:
             length = r.headers.get("Content-Length")  # the service sends the tar's exact length
             task = progress.add_task(checkpoint_id, total=int(length) if length and length.isdigit() else None)
             body = _Body(r.iter_bytes(), lambda n: progress.advance(task, n))

@@ -17,6 +17,7 @@ from service.auth import KEY_FILE
 from service.settings import Settings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+SWEEP_TIMEOUT_S = 3600
 
 
 def add_parser(commands) -> None:
@@ -51,6 +52,8 @@ def add_parser(commands) -> None:
     usage.add_argument("--since", type=float, help="Unix seconds")
     usage.add_argument("--until", type=float, help="Unix seconds")
     what.add_parser("pool", help="the workers and the queues")
+    sweep = what.add_parser("sweep", help="remove stored objects no row names (older than DPO_SWEEP_MIN_AGE_S)")
+    sweep.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
 
 
 def run(args, settings: Settings) -> int:
@@ -61,7 +64,9 @@ def run(args, settings: Settings) -> int:
         return 2
     method, path, body, params = _request(args)
     try:
-        with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+        # A sweep lists the whole store: it may take minutes on a large bucket.
+        timeout = SWEEP_TIMEOUT_S if args.admin_command == "sweep" else 30
+        with httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout) as client:
             r = client.request(method, path, json=body, params=params)
     except httpx.HTTPError as err:
         print(f"dpo-service admin: cannot reach {args.url}: {err}", file=sys.stderr)
@@ -82,6 +87,8 @@ def _request(args) -> tuple[str, str, dict | None, dict | None]:
         return "GET", "/v1/admin/usage", None, {k: v for k in ("since", "until") if (v := getattr(args, k)) is not None}
     if args.admin_command == "pool":
         return "GET", "/v1/pool", None, None
+    if args.admin_command == "sweep":
+        return "POST", "/v1/admin/sweep", None, {"dry_run": str(args.dry_run).lower()}
     if args.admin_command == "keys":
         base = f"{teams}/{args.team_id}/keys"
         if args.action == "create":

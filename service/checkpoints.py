@@ -2,15 +2,13 @@
 deleted once the job has ended."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from sqlalchemy.orm import Session
 
-from service import parents
-from service.artifacts import Storage, delete_with_artifact, tar_entries
+from service import downloads, parents
+from service.artifacts import Storage, TarDownload, delete_with_artifact
 from service.db.models import Checkpoint, Job, JobStatus, is_id
 from service.errors import Conflict, NotFound
+from service.settings import Settings
 
 
 def load(session: Session, job_id: str, checkpoint_id: str) -> Checkpoint:
@@ -21,18 +19,24 @@ def load(session: Session, job_id: str, checkpoint_id: str) -> Checkpoint:
     return ckpt
 
 
-def contents(storage: Storage, ckpt: Checkpoint) -> tuple[Path, list[tuple[Path, os.stat_result]]]:
-    """The checkpoint's directory and what a download of it holds (service.artifacts.tar_entries);
-    NotFound (artifact_missing) when its files are gone."""
-    directory = storage.path(ckpt.storage_key)
-    try:
-        # A link on the way (the job's directory swapped for one) leads to files the job did not write.
-        if os.path.realpath(directory) != str(directory):
-            raise FileNotFoundError(str(directory))
-        return directory, tar_entries(directory)
-    except FileNotFoundError:
-        raise NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit or by hand)",
-                       param="checkpoint_id", code="artifact_missing") from None
+def contents(storage: Storage, ckpt: Checkpoint) -> TarDownload:
+    """The checkpoint as a tar download, its entries under `<checkpoint id>/`; NotFound (artifact_missing)
+    when its files are gone, StorageFailed when the store cannot answer."""
+    with reading(ckpt):
+        return storage.dir_tar(ckpt.storage_key, ckpt.id)
+
+
+def presigned(storage: Storage, settings: Settings, ckpt: Checkpoint) -> str | None:
+    """A presigned URL of the checkpoint's tar, or None when the API streams it (service.downloads)."""
+    with reading(ckpt):
+        return downloads.presigned_url(storage, settings, ckpt.storage_key, f"{ckpt.id}.tar", directory=True)
+
+
+def reading(ckpt: Checkpoint):
+    """Store errors while reading the checkpoint, as the API answers them (service.downloads.reading)."""
+    return downloads.reading(NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit "
+                                      "or by hand)", param="checkpoint_id", code="artifact_missing"),
+                             f"checkpoint {ckpt.id}")
 
 
 def delete(session: Session, storage: Storage, job: Job, ckpt: Checkpoint) -> None:

@@ -2,13 +2,14 @@
 it is valid and within the team's storage limit; a file is deleted only while no unfinished job uses it."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dpo_core.data import DataError, DataSummary, Validator
+from service import downloads
 from service.artifacts import CHUNK, Storage, delete_with_artifact, upload_key
 from service.db.jobs import ACTIVE
 from service.db.locks import lock_files
@@ -67,6 +68,29 @@ def delete(session: Session, storage: Storage, file: File) -> None:
         raise Conflict(f"file {file.id} is used by job {in_use}, which has not finished; cancel the job or wait "
                        "until it ends, then delete the file", param="file_id", code="file_in_use")
     delete_with_artifact(session, storage, file)
+
+
+def contents(storage: Storage, file: File) -> tuple[int, Callable[[int, int], Iterator[bytes]]]:
+    """The file's length and a reader of its bytes from `start` to `end` (inclusive); NotFound
+    (artifact_missing) when they are gone from storage, StorageFailed when the store cannot answer."""
+    key = file.storage_key
+    with reading(file):
+        size = storage.size(key)
+        if size == 0 and not storage.exists(key):  # LocalStorage.size is 0 for a missing key
+            raise FileNotFoundError(key)
+    return size, lambda start, end: storage.read_range(key, start, end)
+
+
+def presigned(storage: Storage, settings: Settings, file: File) -> str | None:
+    """A presigned URL of the file's bytes, or None when the API streams them (service.downloads)."""
+    with reading(file):
+        return downloads.presigned_url(storage, settings, file.storage_key, file.filename)
+
+
+def reading(file: File):
+    """Store errors while reading the file, as the API answers them (service.downloads.reading)."""
+    return downloads.reading(NotFound(f"the bytes of file {file.id} are gone from storage (removed by hand?)",
+                                      param="file_id", code="artifact_missing"), f"file {file.id}")
 
 
 def _store_valid(storage: Storage, key: str, upload: BinaryIO, filename: str, settings: Settings

@@ -9,7 +9,10 @@ on earlier jobs (jobs.measured); the start time comes from service.queue_forecas
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,7 @@ from service import submit
 from service.artifacts import Storage
 from service.auth import Principal
 from service.db.models import Job, JobStatus, Preflight, new_id, now
-from service.errors import InvalidInput
+from service.errors import InvalidInput, StorageFailed
 from service.queue_forecast import forecast, serving_workers
 from service.requests import JobCreate
 from service.settings import Settings
@@ -42,7 +45,8 @@ def preflight(session: Session, principal: Principal, req: JobCreate, settings: 
     """The report of `req` (validated exactly as job creation validates it), stored as a `preflights` row."""
     at = time.time()
     job, built = submit.validate(req, session, storage, settings, principal)
-    data = _data(built.spec)
+    with _local_data(storage, built.spec) as spec:
+        data = _data(spec)
     estimate = _estimate(session, principal, settings, built.spec, data, job, at)
     queue = forecast(session, settings, job, _chosen(estimate), at)
     report = {"object": "fine_tuning.preflight", "id": new_id("ftpre"), "created_at": now(), "model": req.model,
@@ -60,6 +64,24 @@ def job_estimate(report: dict[str, Any]) -> dict[str, Any]:
     return {"preflight_id": report["id"], "gpu_type": chosen.get("gpu_type"), "seconds": chosen.get("seconds"),
             "peak_memory_bytes": chosen.get("peak_memory_bytes", report["estimate"]["memory"]["total"]),
             "steps": report["estimate"]["steps"], "tokens": report["estimate"]["tokens"]}
+
+
+@contextmanager
+def _local_data(storage: Storage, spec: TrainingSpec) -> Iterator[TrainingSpec]:
+    """The spec with its data files on this machine: a local store's own files (fetch_file copies
+    nothing), or a remote store's downloaded into a temporary directory, removed afterwards."""
+    keys = {"train_file": spec.train_file, "validation_file": spec.validation_file}
+    with tempfile.TemporaryDirectory(prefix="dpo-preflight-") as tmp:
+        try:
+            paths = {field: str(storage.fetch_file(key, Path(tmp) / f"{field}.jsonl"))
+                     for field, key in keys.items() if key}
+        except FileNotFoundError:
+            raise InvalidInput("the bytes of the job's training or validation file are gone from storage; upload "
+                               "it again", param="training_file", code="invalid_file") from None
+        except OSError as err:
+            raise StorageFailed(f"could not read the job's data from storage: {err.strerror or err}; try again "
+                                "later", param="training_file") from None
+        yield spec.model_copy(update=paths)
 
 
 def _data(spec: TrainingSpec) -> dict[str, Any]:

@@ -63,8 +63,10 @@ def create_job(session: Session, principal: Principal, req: JobCreate, settings:
 
 def validate(req: JobCreate, session: Session, storage: Storage, settings: Settings,
              principal: Principal) -> tuple[Job, jobspec.BuiltSpec]:
-    """The job row for a valid request (not yet added) and its spec with this machine's paths;
-    InvalidInput naming every problem otherwise. Job creation and the pre-flight report share it."""
+    """The job row for a valid request (not yet added) and its spec, whose paths are the store's keys (the
+    training and validation files', the job's output prefix): the API reads no local path, and the
+    worker puts its own (service.jobspec.runnable). InvalidInput naming every problem otherwise. Job
+    creation and the pre-flight report share it."""
     _check_numbers(req.model_dump(mode="python"))
     start = parents.resolve(session, principal, storage, req.model) if parents.names_parent(req.model) else None
     if start is None:
@@ -73,9 +75,8 @@ def validate(req: JobCreate, session: Session, storage: Storage, settings: Setti
     val = _fine_tune_file(session, principal, req.validation_file, "validation_file") if req.validation_file else None
     job_id = new_id("ftjob")
     built = jobspec.build(
-        req, str(storage.path(train.storage_key)), str(storage.path(val.storage_key)) if val else None,
-        str(storage.path(job_key(job_id))), jobspec.DataFile.of(train), jobspec.DataFile.of(val) if val else None,
-        keep_checkpoints=settings.keep_checkpoints, start=start,
+        req, train.storage_key, val.storage_key if val else None, job_key(job_id), jobspec.DataFile.of(train),
+        jobspec.DataFile.of(val) if val else None, keep_checkpoints=settings.keep_checkpoints, start=start,
     )
     if built.spec.reference_model:
         _check_reference(built.spec.reference_model, settings)

@@ -2,16 +2,16 @@
 once the job has ended."""
 from __future__ import annotations
 
-from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Response
+from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
-from api.deps import JobDep, SessionDep, StorageDep
+from api import byte_ranges
+from api.deps import IfRangeHeader, JobDep, RangeHeader, SessionDep, SettingsDep, StorageDep
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
 from service import checkpoints
-from service.artifacts import iter_tar, tar_size
 from service.db.models import Checkpoint, is_id
 from service.errors import InvalidInput
 
@@ -40,16 +40,21 @@ def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) ->
 
 
 @router.get("/{checkpoint_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}}})
-def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep,
-                       storage: StorageDep) -> StreamingResponse:
-    """A tar of the checkpoint directory, with its exact Content-Length; extracted, `transformers` loads it with
-    from_pretrained. Only its regular files and directories: a symbolic link in it is left out, never followed."""
+            responses={200: {"content": {"application/x-tar": {}}},
+                       307: {"description": "with an object store: the presigned URL of the tar (Location)"},
+                       **byte_ranges.RESPONSES})
+def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep,
+                       settings: SettingsDep, range_: RangeHeader = None, if_range: IfRangeHeader = None) -> Response:
+    """A tar of the checkpoint directory (its entries under `<checkpoint id>/`), with its exact Content-Length;
+    extracted, `transformers` loads it with from_pretrained. Only its regular files and directories: a
+    symbolic link in it is left out, never followed. With an object store, a redirect to a presigned URL."""
     ckpt = checkpoints.load(session, job.id, checkpoint_id)
-    directory, entries = checkpoints.contents(storage, ckpt)
-    headers = {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"',
-               "Content-Length": str(tar_size(directory, ckpt.id, entries))}
-    return StreamingResponse(iter_tar(directory, ckpt.id, entries), media_type="application/x-tar", headers=headers)
+    if url := checkpoints.presigned(storage, settings, ckpt):
+        return RedirectResponse(url, status_code=307)
+    tar = checkpoints.contents(storage, ckpt)
+    with checkpoints.reading(ckpt):
+        return byte_ranges.respond(tar.size, tar.read, range_, if_range, "application/x-tar",
+                                   {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
 
 
 @router.delete("/{checkpoint_id}", response_model=DeletedPublic)

@@ -4,17 +4,26 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi import APIRouter, Form, Query, Response, UploadFile
 from fastapi import File as FileField
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
-from api.deps import CurrentPrincipal, FileDep, SessionDep, SettingsDep, StorageDep, load_file
+from api import byte_ranges
+from api.deps import (
+    CurrentPrincipal,
+    FileDep,
+    IfRangeHeader,
+    RangeHeader,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    load_file,
+)
 from api.pagination import After, Limit, page
 from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.files import FilePublic
 from service import files
-from service.artifacts import iter_file
 from service.db.models import File
 from service.errors import InvalidInput, NotFound
 from service.requests import PRINTABLE
@@ -61,16 +70,18 @@ def retrieve_file(file: FileDep) -> FilePublic:
     return FilePublic.of(file)
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse)
-def file_content(file: FileDep, storage: StorageDep) -> StreamingResponse:
-    """The file's bytes as uploaded."""
-    try:
-        handle = storage.open(file.storage_key)
-    except FileNotFoundError:
-        raise NotFound(f"the bytes of file {file.id} are gone from storage (removed by hand?)", param="file_id",
-                       code="artifact_missing") from None
-    return StreamingResponse(iter_file(handle), media_type="application/jsonl",
-                             headers={"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
+@router.get("/{file_id}/content", response_class=StreamingResponse,
+            responses={307: {"description": "with an object store: the presigned URL of the bytes (Location)"},
+                       **byte_ranges.RESPONSES})
+def file_content(file: FileDep, storage: StorageDep, settings: SettingsDep, range_: RangeHeader = None,
+                 if_range: IfRangeHeader = None) -> Response:
+    """The file's bytes as uploaded: a redirect to the object store, or streamed (with Range requests)."""
+    if url := files.presigned(storage, settings, file):
+        return RedirectResponse(url, status_code=307)
+    size, read = files.contents(storage, file)
+    with files.reading(file):
+        return byte_ranges.respond(size, read, range_, if_range, "application/jsonl",
+                                   {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
 
 
 @router.delete("/{file_id}", response_model=DeletedPublic)

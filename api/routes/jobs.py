@@ -1,4 +1,4 @@
-"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause and resume DPO jobs."""
+"""/v1/fine_tuning/jobs: create, list, retrieve, cancel, pause, resume and delete DPO jobs."""
 from __future__ import annotations
 
 import time
@@ -19,10 +19,10 @@ from api.deps import (
     read_job,
 )
 from api.pagination import After, Limit, paged
-from api.schemas.common import ListPublic
+from api.schemas.common import DeletedPublic, ListPublic
 from api.schemas.jobs import JobPublic
 from api.schemas.preflight import PreflightPublic
-from service import preflight, submit
+from service import job_deletion, preflight, submit
 from service.auth import load_job
 from service.db import jobs
 from service.db.models import PUBLIC_STATUSES, Job, stored_statuses
@@ -120,6 +120,15 @@ def resume_job(job: JobDep, session: SessionDep, settings: SettingsDep, dispatch
     submit.resume(session, job)
     dispatcher.wake()
     return _shown(session, settings, job.id)
+
+
+@router.delete("/{fine_tuning_job_id}", response_model=DeletedPublic)
+def delete_job(job: JobDep, session: SessionDep, storage: StorageDep) -> DeletedPublic:
+    """Delete what an ended job keeps (checkpoints, final model, result files, events, samples, stored
+    objects); the job itself stays listed with its usage. 409 while it has not ended, or while a job not
+    yet ended starts from one of its checkpoints."""
+    job_deletion.delete_job(session, storage, job.id)
+    return DeletedPublic(id=job.id, object="fine_tuning.job")
 
 
 def _shown(session, settings, job_id: str) -> JobPublic:

@@ -20,8 +20,9 @@ from service.errors import QuotaExceeded
 from service.settings import Settings
 
 CODE = "storage_quota_exceeded"
-_FREE_SPACE = ("delete files (DELETE /v1/files/{file_id}) or checkpoints (DELETE /v1/fine_tuning/jobs/{job_id}/"
-               "checkpoints/{checkpoint_id}) it no longer needs, or ask the admin to raise its max_storage_bytes")
+_FREE_SPACE = ("delete files (DELETE /v1/files/{file_id}), checkpoints (DELETE /v1/fine_tuning/jobs/{job_id}/"
+               "checkpoints/{checkpoint_id}) or ended jobs (DELETE /v1/fine_tuning/jobs/{job_id}) it no longer "
+               "needs, or ask the admin to raise its max_storage_bytes")
 
 
 def bytes_used(session: Session, team_ids: Iterable[str]) -> dict[str, int]:

@@ -19,10 +19,11 @@ MODEL_DIRS: list[str] = []
 def make_settings(data_dir: Path, **overrides) -> Settings:
     # Explicit Nones: a developer's own DPO_DATABASE_URL / DPO_BROKER_URL must not leak into tests.
     # No dispatcher loop: in-process tests dispatch when they choose to (see `dispatch`); nor a webhook
-    # delivery loop (tests send with service.webhook_delivery themselves), whose receivers are local.
+    # delivery loop (tests send with service.webhook_delivery themselves), whose receivers are local;
+    # nor an orphan sweep loop (tests sweep with service.sweep when they choose to).
     base = dict(data_dir=data_dir, api_key=API_KEY, database_url=None, broker_url=None,
                 metrics_event_interval_s=0, cancel_poll_interval_s=0.2, dispatcher=False,
-                webhook_delivery=False, webhook_allow_private=True, model_dirs=list(MODEL_DIRS))
+                webhook_delivery=False, sweep=False, webhook_allow_private=True, model_dirs=list(MODEL_DIRS))
     return Settings(**{**base, **overrides})
 
 
