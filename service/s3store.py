@@ -335,6 +335,7 @@ class S3Storage:
     def _manifest(self, key: str) -> dict:
         """The manifest of the directory published at `key`; FileNotFoundError if there is none (or the
         .json there is some other object)."""
+        key_parts(key)  # `key` itself must be valid, not only `key`.json
         with self._get(f"{key}.json") as body, self._errors("read", self._full(key) + ".json"):
             raw = body.read()
         try:
