@@ -122,8 +122,10 @@ class S3Storage:
         """Remove the object at `key`, the directory published there (its manifest first, so it stops
         existing before its tar goes) and every object under `key/`."""
         full = self._full(key)
-        self._delete_keys([f"{full}.json", f"{full}.tar", full])
-        self._delete_keys([o["Key"] for o in self._objects(full + "/")])
+        if self.dir_exists(key):  # a .json that is no manifest (tracking.json) is some other key's object
+            self._delete_keys([f"{full}.json"])
+            self._delete_keys([f"{full}.tar"])
+        self._delete_keys([full, *(o["Key"] for o in self._objects(full + "/"))])
 
     def size(self, key: str) -> int:
         """Bytes of the object, else of the files in the directory published at `key`, else of the objects
@@ -255,9 +257,8 @@ class S3Storage:
         except ClientError as err:
             raise _mapped(err, f"{action} s3://{self.bucket}/{full}") from err
         except BotoCoreError as err:
-            endpoint = self.client.meta.endpoint_url
-            raise OSError(errno.EIO, f"object store at {endpoint}: could not {action} s3://{self.bucket}/{full}: {err}"
-                          ) from err
+            raise OSError(errno.EIO, f"object store at {self.client.meta.endpoint_url}: could not {action} "
+                          f"s3://{self.bucket}/{full}: {err}") from err
 
     def _ensure_bucket(self) -> None:
         """Create the bucket on first use if it does not exist yet: a fresh SeaweedFS or MinIO just works,
