@@ -84,3 +84,22 @@ def test_bench_samples_times_every_sampling_step_against_the_whole_job(tmp_path)
     assert record["machine"] in out and "of the job's time" in out
     assert record["sample_steps"] == [0, 1, 2]
     assert 0 < record["samples_s"] < record["job_s"] and record["share"] == record["samples_s"] / record["job_s"]
+
+
+def test_bench_store_times_steps_beside_uploads_and_resumes_from_both_stores(tmp_path, s3_server):
+    record_file = tmp_path / "record.json"
+    # The test's S3 server (its credentials are in this process's environment, handed to the bench).
+    out = _run("bench_store.py", "--quick", "--endpoint", s3_server.endpoint, "--bucket", s3_server.bucket,
+               "--work-dir", str(tmp_path), "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert out.startswith("machine: cpu: ") and record["machine"] in out and "step time: " in out
+    assert record["checkpoint_bytes"] > 16 << 20  # more than one multipart part: an upload spans steps
+    counts = record["step_counts"]
+    assert sum(counts.values()) == record["steps"] - 1 and counts["upload"] > 0 and counts["quiet"] > 0
+    assert record["ratio"] == record["median_step_s"]["upload"] / record["median_step_s"]["quiet"]
+    checkpoints = record["steps"] // record["save_steps"]
+    assert len(record["save_s"]) == checkpoints and len(record["upload_s"]) >= checkpoints
+    for store in ("local", "s3"):
+        times = record["resume"][store]
+        assert len(times["fetch_s"]) == len(times["ready_s"]) == 1 and times["ready_s"][0] > 0
+    assert record["resume"]["s3"]["fetch_s"][0] > 0
