@@ -7,10 +7,11 @@ too). A worker that starts removes its siblings whose lock it can take: scratch 
 that died without cleaning up. Each run works in `<job_id>/` below it, removed when the run ends,
 whatever the outcome:
 
-    <job_id>/data/      the uploaded training and validation files (LocalStorage: not even copied)
-    <job_id>/output/    the trainer's output_dir: checkpoints fetched from the store, then written
-    <job_id>/parent/    the checkpoint the job continues from
-    <job_id>/.publish/  checkpoints staged for upload (worker.publisher)
+    <job_id>/data/                the uploaded training and validation files (a local store's are read in place)
+    <job_id>/output/<job_id>/     the trainer's output_dir, named by the job's id (which trackers take as the
+                                  run's name): checkpoints fetched from the store, then written
+    <job_id>/output/.publish/     checkpoints staged for upload (worker.publisher)
+    <job_id>/parent/              the checkpoint the job continues from
 """
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ class Scratch:
         """A run's directories, empty at the start and removed at the end, whatever happened."""
         dirs = RunDirs(self.path / dir_name(job_id))
         _remove(dirs.root)  # what a run of this job left when its process was killed
-        for d in (dirs.data, dirs.output, dirs.parent):
+        for d in (dirs.data, dirs.output, dirs.parent):  # output's parent too
             d.mkdir(parents=True)
         try:
             yield dirs
@@ -104,15 +105,11 @@ class RunDirs:
 
     @property
     def output(self) -> Path:
-        return self.root / "output"
+        return self.root / "output" / self.root.name
 
     @property
     def parent(self) -> Path:
         return self.root / "parent"
-
-    @property
-    def publish(self) -> Path:
-        return self.root / ".publish"
 
 
 def _remove(path: Path) -> None:
