@@ -72,6 +72,9 @@ class Task:
 
 
 class Publisher:
+    """One run's publishing (see the module's docstring). `known_steps`: the checkpoints already in the
+    store, by default those in `output_dir` now (fetched from the store as the run starts)."""
+
     def __init__(self, storage: Storage, job_id: str, output_dir: Path, staging: Path,
                  on_done: Callable[[Task], None], new_id: Callable[[], str],
                  store_factory: Callable[[], Storage] | None = None, known_steps: set[int] | None = None,
@@ -79,7 +82,8 @@ class Publisher:
         self.storage, self.prefix = storage, job_key(job_id)
         self.output_dir, self.staging = Path(output_dir), Path(staging)
         self.on_done, self.new_id, self.max_pending = on_done, new_id, max_pending
-        self.known: set[int] = set(known_steps or ())  # steps published or queued, not deleted
+        # Steps published or queued, not deleted: a pruned one among them is deleted from the store.
+        self.known = set(known_steps) if known_steps is not None else {s for s, _ in list_checkpoints(output_dir)}
         self.tasks: deque[Task] = deque()
         self._count = 0
         self.stage = storage.remote if background is None else background

@@ -67,8 +67,7 @@ def test_checkpoints_are_published_in_order_with_their_state_and_pruned_ones_del
         pub.drain()
     finally:
         pub.close()
-    assert [(t.kind, t.step) for t in done] == [(CHECKPOINT, 1), (CHECKPOINT, 2), (CHECKPOINT, 3), (DELETE, 1)] or \
-        [(t.kind, t.step) for t in done] == [(CHECKPOINT, 1), (CHECKPOINT, 2), (DELETE, 1), (CHECKPOINT, 3)]
+    assert [(t.kind, t.step) for t in done] == [(CHECKPOINT, 1), (CHECKPOINT, 2), (DELETE, 1), (CHECKPOINT, 3)]
     assert [t.checkpoint_id for t in done if t.kind == CHECKPOINT] == ["ftckpt-0", "ftckpt-1", "ftckpt-2"]
     assert all(t.size == 1024 + len(json.dumps({"step": t.step})) for t in done if t.kind == CHECKPOINT)
     assert storage.list_dirs(f"jobs/{JOB}") == [f"jobs/{JOB}/checkpoint-2", f"jobs/{JOB}/checkpoint-3"]
@@ -244,3 +243,19 @@ def test_a_store_that_refuses_checkpoints_fails_the_job_with_a_storage_error(cli
     assert job["error"]["code"] == "storage_error" and "ServiceUnavailable" in job["error"]["message"]
     assert client.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"] == []
     assert not (settings.worker_scratch_dir / worker_id / job_id).exists()  # the run's scratch is gone
+
+
+def test_checkpoints_fetched_at_the_start_are_deleted_when_the_trainer_prunes_them(dirs):
+    output, root = dirs
+    storage, done = LocalStorage(root), []
+    storage.publish_dir(write_checkpoint(output, 2), f"jobs/{JOB}/checkpoint-2", "ftckpt-old")
+    pub = make(storage, output, done, False)  # a resumed run: checkpoint-2 is in the store and on disk
+    try:
+        write_checkpoint(output, 4)
+        shutil.rmtree(checkpoint_dir(output, 2))  # save_total_limit=1
+        pub.checkpoint(4, checkpoint_dir(output, 4))
+        pub.drain()
+    finally:
+        pub.close()
+    assert [(t.kind, t.step) for t in done] == [(DELETE, 2), (CHECKPOINT, 4)]
+    assert storage.list_dirs(f"jobs/{JOB}") == [f"jobs/{JOB}/checkpoint-4"]
