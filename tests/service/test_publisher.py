@@ -20,37 +20,17 @@ from pathlib import Path
 
 import pytest
 
-from dpo_core.layout import STATE_FILE, checkpoint_dir
+from dpo_core.layout import checkpoint_dir
 from service.artifacts import LocalStorage
-from worker.publisher import CHECKPOINT, DELETE, Publisher
-from tests.service.stores import GatedStore, RefusingStore
+from tests.service.stores import JOB, GatedStore, RefusingStore, make, write_checkpoint
+from worker.publisher import CHECKPOINT, DELETE
 from worker.scratch import LOCK_FILE, Scratch
-
-JOB = "ftjob-pub"
-
-
-def write_checkpoint(output: Path, step: int) -> Path:
-    """A checkpoint as the trainer leaves it (weights and state.json), and a line of metrics.jsonl."""
-    directory = checkpoint_dir(output, step)
-    directory.mkdir(parents=True)
-    (directory / "model.safetensors").write_bytes(os.urandom(1024))
-    (directory / STATE_FILE).write_text(json.dumps({"step": step}))
-    with (output / "metrics.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "loss": 1.0 / step}) + "\n")
-    return directory
-
 
 @pytest.fixture
 def dirs(tmp_path):
     output, store = tmp_path / "run" / "output", tmp_path / "store"
     output.mkdir(parents=True)
     return output, store
-
-
-def make(storage, output: Path, done: list, background: bool, factory=None, **kw) -> Publisher:
-    ids = iter(f"ftckpt-{n}" for n in range(100))
-    return Publisher(storage, JOB, output, output.parent / ".publish", done.append, lambda: next(ids),
-                     store_factory=factory, background=background, **kw)
 
 
 @pytest.mark.parametrize("background", [False, True], ids=["inline", "background"])
