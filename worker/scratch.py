@@ -43,21 +43,32 @@ class Scratch:
         self._lock: int | None = None
 
     def claim(self) -> Scratch:
-        """Lock this worker's directory (emptied: what a run left is of no use), then remove dead siblings."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"scratch directory {self.path} is in use by another live worker of the same name; "
-                               "give this worker another DPO_WORKER_NAME") from None
+        """Lock this worker's directory (emptied: what a run left is of no use), then remove dead siblings.
+        A directory of the same name still locked (a job process that outlived its worker) is left to
+        it: this worker takes `<name>-<pid>` instead, removed as a dead sibling once it is gone."""
+        fd = self._lock_dir(self.path)
+        if fd is None:
+            log.warning("scratch directory %s is still in use (a job process of an earlier worker of the same "
+                        "name?); this worker uses one of its own", self.path)
+            self.path = self.path.with_name(f"{self.path.name}-{os.getpid()}")
+            fd = self._lock_dir(self.path)
         self._lock = fd
         for child in self.path.iterdir():
             if child.name != LOCK_FILE:
                 _remove(child)
         self._remove_dead_siblings()
         return self
+
+    @staticmethod
+    def _lock_dir(path: Path) -> int | None:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def close(self) -> None:
         if self._lock is not None:
