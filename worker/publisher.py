@@ -98,8 +98,11 @@ class Publisher:
         for gone in sorted(self.known - local - {step}):
             self._submit(Task(DELETE, gone, self._key(gone), [("delete", (self._key(gone),))]))
             self.known.discard(gone)
-        self._submit(self._checkpoint_task(step, Path(path), metrics))
-        self.known.add(step)
+        # A step already in the store is the one the run resumed from, saved again as it stops before its
+        # first step: the same state, published and recorded once.
+        if step not in self.known:
+            self._submit(self._checkpoint_task(step, Path(path), metrics))
+            self.known.add(step)
         self.poll()
 
     def poll(self) -> None:

@@ -235,6 +235,7 @@ def test_checkpoints_fetched_at_the_start_are_deleted_when_the_trainer_prunes_th
         write_checkpoint(output, 4)
         shutil.rmtree(checkpoint_dir(output, 2))  # save_total_limit=1
         pub.checkpoint(4, checkpoint_dir(output, 4))
+        pub.checkpoint(4, checkpoint_dir(output, 4))  # saved again as the run stops where it resumed
         pub.drain()
     finally:
         pub.close()
