@@ -104,7 +104,7 @@ def measure(venv: Path, runs: int, model: Path, work: Path, size: bool) -> dict:
     starts = [one_start(venv, model, work) for _ in range(runs)]
     record = {key: round(statistics.median(s[key] for s in starts), 2) for key in starts[0]}
     return {"venv": str(venv), "torch": has_torch(venv),
-            "venv_mib": round(venv_size_mib(venv)) if size else None, **record}
+            "venv_mib": round(venv_size_mib(venv)) if size else None, **record, "starts": starts}
 
 
 def main() -> None:
