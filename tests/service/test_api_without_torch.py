@@ -29,8 +29,8 @@ VENV_BASE = {"pip", "setuptools", "wheel"}
 HIDE = r'''
 import importlib.machinery, os, sys
 
-HIDDEN = frozenset(os.environ["DPO_TEST_HIDDEN_MODULES"].split(","))
-HIDDEN_DISTS = frozenset(os.environ["DPO_TEST_HIDDEN_DISTS"].split(","))
+HIDDEN = frozenset(os.environ["API_ONLY_HIDDEN_MODULES"].split(","))
+HIDDEN_DISTS = frozenset(os.environ["API_ONLY_HIDDEN_DISTS"].split(","))
 
 
 def _dist_name(dist):
@@ -105,7 +105,7 @@ def blocked_env(tmp_path_factory) -> dict[str, str]:
     site = tmp_path_factory.mktemp("api-only-site")
     (site / "sitecustomize.py").write_text(HIDE)
     return {"PYTHONPATH": os.pathsep.join([str(site), str(REPO)]),
-            "DPO_TEST_HIDDEN_MODULES": ",".join(sorted(modules)), "DPO_TEST_HIDDEN_DISTS": ",".join(sorted(dists))}
+            "API_ONLY_HIDDEN_MODULES": ",".join(sorted(modules)), "API_ONLY_HIDDEN_DISTS": ",".join(sorted(dists))}
 
 
 @pytest.fixture(scope="module")
