@@ -65,7 +65,7 @@ def env_of(service: dict) -> dict[str, str]:
 
 
 def test_the_production_shape_is_an_api_two_workers_and_the_three_servers(compose):
-    assert list(app_services(compose, "api")) == ["api", "bucket"]
+    assert list(app_services(compose, "api")) == ["api"]
     assert list(app_services(compose, "worker")) == ["worker-1", "worker-2"]
     assert {"postgres", "redis", "seaweedfs"} <= set(compose["services"])
     assert compose["services"]["seaweedfs"]["image"].startswith("chrislusf/seaweedfs:")
@@ -94,8 +94,6 @@ def test_the_api_and_the_workers_store_artifacts_in_seaweedfs_over_s3(compose):
     assert published == {8333: 8333}  # the S3 API only
     assert "-s3" in seaweed["command"] and "-s3.port=8333" in seaweed["command"]
     for name, service in {**app_services(compose, "api"), **app_services(compose, "worker")}.items():
-        if name == "bucket":
-            continue
         env = env_of(service)
         assert env["DPO_STORAGE_URL"].startswith("s3://dpo/"), name
         assert env["DPO_S3_ENDPOINT_URL"] == "http://seaweedfs:8333", name
@@ -105,18 +103,13 @@ def test_the_api_and_the_workers_store_artifacts_in_seaweedfs_over_s3(compose):
         assert env["DPO_DATABASE_URL"].endswith("@postgres:5432/dpo") and env["DPO_BROKER_URL"].startswith("redis://redis:")
 
 
-def test_the_bucket_and_the_store_identity_use_the_operators_keys(compose):
+def test_the_store_identity_is_the_operators_keys(compose):
     identity = json.loads(interpolate(compose["configs"]["s3-identities"]["content"], OPERATOR))
     credentials = identity["identities"][0]["credentials"]
     assert credentials == [{"accessKey": OPERATOR["S3_ACCESS_KEY_ID"], "secretKey": OPERATOR["S3_SECRET_ACCESS_KEY"]}]
     seaweed = compose["services"]["seaweedfs"]
     (config,) = seaweed["configs"]
     assert f"-s3.config={config['target']}" in seaweed["command"] and config["source"] == "s3-identities"
-    bucket = compose["services"]["bucket"]
-    script = bucket["command"][-1]
-    compile(script, "bucket", "exec")
-    assert 'Bucket="dpo"' in script and "http://seaweedfs:8333" in script
-    assert env_of(bucket)["AWS_ACCESS_KEY_ID"] == OPERATOR["S3_ACCESS_KEY_ID"] and "restart" not in bucket
 
 
 def test_every_setting_is_one_the_service_reads_and_production_accepts_them(compose, monkeypatch):
@@ -128,9 +121,8 @@ def test_every_setting_is_one_the_service_reads_and_production_accepts_them(comp
             monkeypatch.delenv(key)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
-        if name != "bucket":
-            settings = Settings()
-            assert settings.env == "production" and settings.store_url == "s3://dpo/artifacts", name
+        settings = Settings()
+        assert settings.env == "production" and settings.store_url == "s3://dpo/artifacts", name
 
 
 @pytest.mark.parametrize("variable", sorted(OPERATOR))
@@ -166,7 +158,7 @@ def test_the_api_image_has_no_torch_and_both_run_as_a_non_root_user(stages):
     assert re.search(r'^CMD \["dpo-service", "worker"\]', worker, re.MULTILINE)
 
 
-def test_each_wait_on_a_service_has_a_health_check_or_a_one_shot_job(compose):
+def test_each_wait_on_a_service_is_on_its_health_check(compose):
     services = compose["services"]
     for name in ("api", "postgres", "redis", "seaweedfs"):
         assert services[name]["healthcheck"]["test"], name
@@ -174,10 +166,8 @@ def test_each_wait_on_a_service_has_a_health_check_or_a_one_shot_job(compose):
     assert "/healthz" in " ".join(services["seaweedfs"]["healthcheck"]["test"])
     for name, service in services.items():
         for dependency, rule in (service.get("depends_on") or {}).items():
-            if rule["condition"] == "service_healthy":
-                assert "healthcheck" in services[dependency], (name, dependency)
-            else:
-                assert rule["condition"] == "service_completed_successfully" and "restart" not in services[dependency]
+            assert rule["condition"] == "service_healthy" and "healthcheck" in services[dependency], (name, dependency)
+    assert set(services["api"]["depends_on"]) == {"postgres", "redis", "seaweedfs"}
     for worker in app_services(compose, "worker").values():
         assert worker["depends_on"] == {"api": {"condition": "service_healthy"}}  # the schema is migrated
 
