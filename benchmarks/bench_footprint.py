@@ -5,7 +5,7 @@ and after a pre-flight (which loads a tokenizer).
 
     python3 -m venv /tmp/api && /tmp/api/bin/pip install .                      # the API's install
     python3 -m venv /tmp/worker && /tmp/worker/bin/pip install torch==2.13.0 \\
-        && /tmp/worker/bin/pip install ".[worker]"                               # a worker's install
+        --index-url https://download.pytorch.org/whl/cpu && /tmp/worker/bin/pip install ".[worker]"
     .venv/bin/python benchmarks/bench_footprint.py /tmp/api /tmp/worker --runs 3
 
 The pre-flight uses a tiny model built here (dpo_core.toy, so this script runs from a venv with torch).
