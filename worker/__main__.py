@@ -49,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         except Conflict as err:
             print(f"dpo-service worker: {err.message}", file=sys.stderr)
             return 2
-        except RuntimeError as err:  # its scratch directory is another live worker's
-            print(f"dpo-service worker: {err}", file=sys.stderr)
-            return 2
         app = create_worker_app(settings, membership.worker_id, scratch.path)
         declare_queue(app, membership.queue)  # before Celery consumes it (see service.broker.declare_queue)
         membership.start_heartbeats()

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE, checkpoint_dir, list_checkpoints
-from service.artifacts import Storage, job_key
+from service.artifacts import Storage, job_key, state_key
 
 log = logging.getLogger("dpo.worker")
 MAX_PENDING = 2
@@ -72,14 +72,18 @@ class Task:
 
 
 class Publisher:
+    """One run's publishing (see the module's docstring). `known_steps`: the checkpoints already in the
+    store, by default those in `output_dir` now (fetched from the store as the run starts)."""
+
     def __init__(self, storage: Storage, job_id: str, output_dir: Path, staging: Path,
                  on_done: Callable[[Task], None], new_id: Callable[[], str],
                  store_factory: Callable[[], Storage] | None = None, known_steps: set[int] | None = None,
                  max_pending: int = MAX_PENDING, background: bool | None = None):
-        self.storage, self.prefix = storage, job_key(job_id)
+        self.storage, self.job_id, self.prefix = storage, job_id, job_key(job_id)
         self.output_dir, self.staging = Path(output_dir), Path(staging)
         self.on_done, self.new_id, self.max_pending = on_done, new_id, max_pending
-        self.known: set[int] = set(known_steps or ())  # steps published or queued, not deleted
+        # Steps published or queued, not deleted: a pruned one among them is deleted from the store.
+        self.known = set(known_steps) if known_steps is not None else {s for s, _ in list_checkpoints(output_dir)}
         self.tasks: deque[Task] = deque()
         self._count = 0
         self.stage = storage.remote if background is None else background
@@ -94,8 +98,11 @@ class Publisher:
         for gone in sorted(self.known - local - {step}):
             self._submit(Task(DELETE, gone, self._key(gone), [("delete", (self._key(gone),))]))
             self.known.discard(gone)
-        self._submit(self._checkpoint_task(step, Path(path), metrics))
-        self.known.add(step)
+        # A step already in the store is the one the run resumed from, saved again as it stops before its
+        # first step: the same state, published and recorded once.
+        if step not in self.known:
+            self._submit(self._checkpoint_task(step, Path(path), metrics))
+            self.known.add(step)
         self.poll()
 
     def poll(self) -> None:
@@ -163,7 +170,7 @@ class Publisher:
             if copy_to is not None:
                 copy_to.mkdir(parents=True, exist_ok=True)
                 source = _copy(source, copy_to / name)
-            key = f"{self.prefix}/{name}"
+            key = state_key(self.job_id, name)
             ops.append((op, (source, key, name) if op == "publish_dir" else (key, source)))
         return ops
 

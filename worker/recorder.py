@@ -277,12 +277,15 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _published_id(storage: Storage, key: str) -> str | None:
-    """The checkpoint id a directory was published under (its tar's arcname), where the store keeps it;
-    None (a new id) where it does not: a local store's download names its tar at download time."""
+    """The checkpoint id a directory was published under (its tar's arcname), where the store keeps one:
+    an object store serves the directory's tar under that name only. None (a new id) for a local store,
+    whose download names its tar when it is made."""
+    if not storage.remote:
+        return None
     arcname = getattr(storage, "dir_arcname", None)
     try:
-        return arcname(key) if arcname is not None else None
-    except (FileNotFoundError, OSError):
+        return arcname(key) if arcname is not None else storage._manifest(key)["arcname"]
+    except FileNotFoundError:
         return None
 
 

@@ -7,10 +7,11 @@ from the job's latest checkpoint in the store when an earlier run published one 
 handed the job back on SIGTERM, or the job was paused), on whichever worker. User errors (a bad spec,
 bad data, a model that does not load) fail the job with their one-line message and a stable code; a
 failed write or read of the scratch disk or of the store fails it with `storage_error` or
-`checkpoint_error`; anything else is an internal error: the team sees a short message with an error id, the worker's log has the traceback under that
-id. Every write names the run's lease (worker.lease): a run that lost its job to another writes
-nothing more. A database that cannot answer for a while is waited out, at the start and at the end of
-a run as while it trains: it never fails a job, nor uses one of its attempts.
+`checkpoint_error`; anything else is an internal error: the team sees a short message with an error
+id, the worker's log has the traceback under that id. Every write names the run's lease
+(worker.lease): a run that lost its job to another writes nothing more. A database that cannot answer
+for a while is waited out, at the start and at the end of a run as while it trains: it never fails a
+job, nor uses one of its attempts.
 """
 from __future__ import annotations
 

@@ -7,10 +7,11 @@ too). A worker that starts removes its siblings whose lock it can take: scratch 
 that died without cleaning up. Each run works in `<job_id>/` below it, removed when the run ends,
 whatever the outcome:
 
-    <job_id>/data/      the uploaded training and validation files (LocalStorage: not even copied)
-    <job_id>/output/    the trainer's output_dir: checkpoints fetched from the store, then written
-    <job_id>/parent/    the checkpoint the job continues from
-    <job_id>/.publish/  checkpoints staged for upload (worker.publisher)
+    <job_id>/data/                the uploaded training and validation files (a local store's are read in place)
+    <job_id>/output/<job_id>/     the trainer's output_dir, named by the job's id (which trackers take as the
+                                  run's name): checkpoints fetched from the store, then written
+    <job_id>/output/.publish/     checkpoints staged for upload (worker.publisher)
+    <job_id>/parent/              the checkpoint the job continues from
 """
 from __future__ import annotations
 
@@ -42,21 +43,32 @@ class Scratch:
         self._lock: int | None = None
 
     def claim(self) -> Scratch:
-        """Lock this worker's directory (emptied: what a run left is of no use), then remove dead siblings."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RuntimeError(f"scratch directory {self.path} is in use by another live worker of the same name; "
-                               "give this worker another DPO_WORKER_NAME") from None
+        """Lock this worker's directory (emptied: what a run left is of no use), then remove dead siblings.
+        A directory of the same name still locked (a job process that outlived its worker) is left to
+        it: this worker takes `<name>-<pid>` instead, removed as a dead sibling once it is gone."""
+        fd = self._lock_dir(self.path)
+        if fd is None:
+            log.warning("scratch directory %s is still in use (a job process of an earlier worker of the same "
+                        "name?); this worker uses one of its own", self.path)
+            self.path = self.path.with_name(f"{self.path.name}-{os.getpid()}")
+            fd = self._lock_dir(self.path)
         self._lock = fd
         for child in self.path.iterdir():
             if child.name != LOCK_FILE:
                 _remove(child)
         self._remove_dead_siblings()
         return self
+
+    @staticmethod
+    def _lock_dir(path: Path) -> int | None:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
 
     def close(self) -> None:
         if self._lock is not None:
@@ -86,7 +98,7 @@ class Scratch:
         """A run's directories, empty at the start and removed at the end, whatever happened."""
         dirs = RunDirs(self.path / dir_name(job_id))
         _remove(dirs.root)  # what a run of this job left when its process was killed
-        for d in (dirs.data, dirs.output, dirs.parent):
+        for d in (dirs.data, dirs.output, dirs.parent):  # output's parent too
             d.mkdir(parents=True)
         try:
             yield dirs
@@ -104,15 +116,11 @@ class RunDirs:
 
     @property
     def output(self) -> Path:
-        return self.root / "output"
+        return self.root / "output" / self.root.name
 
     @property
     def parent(self) -> Path:
         return self.root / "parent"
-
-    @property
-    def publish(self) -> Path:
-        return self.root / ".publish"
 
 
 def _remove(path: Path) -> None:

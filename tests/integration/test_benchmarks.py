@@ -103,3 +103,13 @@ def test_bench_store_times_steps_beside_uploads_and_resumes_from_both_stores(tmp
         times = record["resume"][store]
         assert len(times["fetch_s"]) == len(times["ready_s"]) == 1 and times["ready_s"][0] > 0
     assert record["resume"]["s3"]["fetch_s"][0] > 0
+
+
+def test_bench_footprint_starts_the_api_from_a_venv_and_reads_its_size_and_rss(tmp_path):
+    record_file = tmp_path / "footprint.json"
+    out = _run("bench_footprint.py", sys.prefix, "--runs", "1", "--no-size", "--json", str(record_file))
+    (record,) = json.loads(record_file.read_text())
+    assert record["torch"] is True and record["venv_mib"] is None  # this venv has the worker's install
+    assert 0 < record["healthz_s"] <= record["readyz_s"]
+    assert 0 < record["rss_started_mib"] <= record["rss_preflight_mib"]
+    assert "/healthz s" in out
