@@ -2,15 +2,15 @@
 
 Keys are relative POSIX paths: an upload's is `upload_key` (`files/file-abc.jsonl`), and a job's output
 directory is `job_key` (`jobs/ftjob-abc`), laid out inside as dpo_core.layout says (`checkpoint-10/`, ...).
-`LocalStorage` keeps them under the data directory; a shared filesystem (NFS) mounted at the same
-path on every machine works unchanged, and an object store can implement the same six methods.
-`path()` exists because the trainer reads and writes local directories.
+`LocalStorage` keeps them under a local directory (file://, the data directory by default);
+`service.s3store.S3Storage` keeps them in an S3-compatible object store (s3://bucket/prefix).
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -25,6 +25,8 @@ from sqlalchemy.orm import Session
 
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# What an interrupted write leaves (see _temporary): remove_partial removes these, list_dirs never shows them.
+_TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+-\d+")
 log = logging.getLogger("dpo.storage")
 
 
@@ -35,6 +37,15 @@ def upload_key(file_id: str) -> str:
 def job_key(job_id: str) -> str:
     """The key of the job's output directory: its checkpoints, final model and metrics (dpo_core.layout)."""
     return f"jobs/{job_id}"
+
+
+def key_parts(key: str) -> tuple[str, ...]:
+    """The parts of a valid key. Keys come from our own ids, but one that is empty, absolute or climbs
+    (`..`) must never reach a disk or a bucket: ValueError."""
+    parts = PurePosixPath(key).parts
+    if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
+        raise ValueError(f"invalid storage key {key!r}")
+    return parts
 
 
 class Storage(Protocol):
@@ -94,17 +105,16 @@ class TarDownload:
 
 
 class LocalStorage:
-    """Artifacts as files and directories under `root`."""
+    """Artifacts as files and directories under `root`. Nothing is ever reached through a symbolic link, no
+    key climbs out of root, and every artifact appears whole under its name or not at all."""
+
+    remote = False  # bytes stay on this machine: publish inline, read inputs in place
 
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
 
     def path(self, key: str) -> Path:
-        parts = PurePosixPath(key).parts
-        # Keys come from our own ids, but a key that climbs out of root must never reach the disk.
-        if not parts or PurePosixPath(key).is_absolute() or ".." in parts:
-            raise ValueError(f"invalid storage key {key!r}")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*key_parts(key))
 
     def key_for(self, path: str | Path) -> str:
         """The key of a local path under root (for directories the trainer wrote)."""
@@ -116,7 +126,7 @@ class LocalStorage:
         was refused) leaves nothing, neither the key nor a temporary file."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp = _temporary(target)
         size = 0
         try:
             with tmp.open("wb") as out:
@@ -128,6 +138,11 @@ class LocalStorage:
             tmp.unlink(missing_ok=True)
             raise
         return size
+
+    def put_file(self, key: str, path: Path) -> int:
+        """A copy of the local file at `path` (not a link: the source may still grow, as metrics.jsonl does)."""
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        return self.put_stream(key, iter_file(os.fdopen(fd, "rb")))
 
     def open(self, key: str) -> BinaryIO:
         """The regular file at `key`, for reading. FileNotFoundError if there is none, or if a symbolic
@@ -142,12 +157,27 @@ class LocalStorage:
             raise FileNotFoundError(key)
         return os.fdopen(fd, "rb")
 
+    def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]:
+        """Bytes `start` to `end` (inclusive) of the object; the file is opened before the first chunk is
+        asked for, so a missing key fails the call itself, not the response halfway."""
+        handle = self.open(key)
+        handle.seek(start)
+        return _read_exactly(handle, end - start + 1, key)
+
+    def fetch_file(self, key: str, dest: Path) -> Path:
+        """The store's own file: local reads need no copy, so `dest` is left alone."""
+        self.open(key).close()  # a regular file, reached through no link
+        return self.path(key)
+
+    def presign(self, key: str, ttl_s: int, filename: str) -> str | None:
+        return None  # files are served by the API itself
+
     def exists(self, key: str) -> bool:
         return self.path(key).exists()
 
     def delete(self, key: str) -> None:
         target = self.path(key)
-        if target.is_dir():
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         else:
             target.unlink(missing_ok=True)
@@ -159,6 +189,117 @@ class LocalStorage:
         if not target.is_dir():
             return target.stat().st_size if target.is_file() else 0
         return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every regular file under `prefix` ("" for all), inside published directories and temporary
+        leftovers included (the sweep judges them); symbolic links are neither listed nor entered."""
+        base = self._prefix_dir(prefix)
+        if base is None:
+            return
+        for parent, _dirs, files, dir_fd in os.fwalk(base, follow_symlinks=False):
+            for name in sorted(files):
+                info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode):
+                    key = (Path(parent) / name).relative_to(self.root).as_posix()
+                    yield StoredObject(key, info.st_size, info.st_mtime)
+
+    def publish_dir(self, local_dir: Path, key: str, arcname: str) -> int:
+        """Hard links to `local_dir`'s files (copies across filesystems) under a temporary name, then one
+        rename: the directory appears whole, replacing any earlier one. Returns its bytes. Links under
+        `local_dir` are left out; `arcname` matters only to the tar of a download."""
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(target)
+        try:
+            size = _link_tree(Path(local_dir), tmp)
+            _swap_in(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return size
+
+    def dir_exists(self, key: str) -> bool:
+        """Whether a directory is at `key`, reached through no symbolic link."""
+        self.path(key)
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except FileNotFoundError:
+            return False
+        try:
+            for part in PurePosixPath(key).parts:
+                parent, fd = fd, os.open(part, _DIR_FLAGS, dir_fd=fd)
+                os.close(parent)
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+                return False
+            raise
+        finally:
+            os.close(fd)
+        return True
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        """The keys of the published directories directly under `prefix`, sorted (temporaries left out)."""
+        base = self._prefix_dir(prefix)
+        if base is None:
+            return []
+        return sorted(p.relative_to(self.root).as_posix() for p in base.iterdir()
+                      if not p.name.startswith(".") and p.is_dir() and not p.is_symlink())
+
+    def fetch_dir(self, key: str, dest: Path) -> Path:
+        """The published directory at `dest` (which must not exist yet), as hard links (copies across
+        filesystems), appearing whole: an interrupted fetch leaves no directory a resume could take."""
+        source = self._dir_path(key)
+        dest = Path(dest)
+        if dest.exists() or dest.is_symlink():
+            raise FileExistsError(str(dest))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temporary(dest)
+        try:
+            _link_tree(source, tmp)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest
+
+    def dir_tar(self, key: str, arcname: str) -> TarDownload:
+        """The directory as a tar under `arcname/`, listed now (a missing one fails here, not mid-download)."""
+        directory = self._dir_path(key)
+        entries = tar_entries(directory)
+        return TarDownload(tar_size(directory, arcname, entries),
+                           lambda start, end: iter_tar(directory, arcname, entries, start, end))
+
+    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None:
+        return None
+
+    def remove_partial(self, prefix: str) -> None:
+        """Remove what interrupted writes left under `prefix` (their temporary files and directories).
+        Only for a prefix nothing writes to meanwhile: a live write's temporary would go too."""
+        base = self._prefix_dir(prefix)
+        if base is None:
+            return
+        for parent, dirs, files, _fd in os.fwalk(base, follow_symlinks=False):
+            for name in [n for n in dirs + files if _TEMPORARY.fullmatch(n)]:
+                path = Path(parent) / name
+                if name in dirs:
+                    dirs.remove(name)  # gone: not walked into
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def _prefix_dir(self, prefix: str) -> Path | None:
+        """The directory a prefix names ("" for root); None if there is none, or a link is on the way."""
+        prefix = prefix.strip("/")
+        if not prefix:
+            return self.root if self.root.is_dir() else None
+        return self.path(prefix) if self.dir_exists(prefix) else None
+
+    def _dir_path(self, key: str) -> Path:
+        """The path of the published directory at `key`; FileNotFoundError if none (or a link on the way)."""
+        if not self.dir_exists(key):
+            raise FileNotFoundError(key)
+        return self.path(key)
 
 
 def delete_with_artifact(session: Session, storage: Storage, row) -> None:
@@ -230,32 +371,158 @@ def tar_size(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_re
     return total
 
 
-def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None
-             ) -> Iterator[bytes]:
+def tar_manifest(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]]) -> dict:
+    """What a published directory's manifest records of iter_tar(directory, arcname, entries): the arcname,
+    the tar's exact size, and each regular file's path (relative to the directory), size and data offset
+    in the tar, so one file can be read out of the stored tar by a range."""
+    files, pos = [], 0
+    for path, header, size in _members(directory, arcname, entries):
+        if size is not None:
+            files.append({"name": path.relative_to(directory).as_posix(), "size": size, "offset": pos + len(header)})
+        pos += len(header) + (size or 0) + (-(size or 0) % tarfile.BLOCKSIZE)
+    return {"arcname": arcname, "size": pos + 2 * tarfile.BLOCKSIZE, "files": files}
+
+
+def iter_tar(directory: Path, arcname: str, entries: list[tuple[Path, os.stat_result]] | None = None,
+             start: int = 0, end: int | None = None) -> Iterator[bytes]:
     """Stream an uncompressed tar of `directory` (entries under `arcname/`) without buffering whole files;
-    exactly tar_size() bytes, so a response can announce its length. Only directories and regular files
-    are written, each file with the size the listing saw (a file that changed since is cut or padded).
-    Each file is opened without following a link at any step below `directory`: one swapped for a link
-    (or for something not a regular file) after the listing breaks the download off (OSError) rather
-    than send a file from elsewhere or fewer bytes than announced."""
+    exactly tar_size() bytes, so a response can announce its length, or bytes `start` to `end` of it
+    (inclusive, as an HTTP Range says them): the members before `start` are skipped by their sizes and
+    files are entered with a seek, so a resumed download reads nothing it does not send. Only directories
+    and regular files are written, each file with the size the listing saw (a file that changed since is
+    cut or padded). Each file is opened without following a link at any step below `directory`: one
+    swapped for a link (or for something not a regular file) after the listing breaks the download off
+    (OSError) rather than send a file from elsewhere or fewer bytes than announced."""
     entries = entries if entries is not None else tar_entries(directory)
+    stop = float("inf") if end is None else end + 1
     root = os.open(directory, _DIR_FLAGS)
     try:
+        pos = 0
         for path, header, size in _members(directory, arcname, entries):
-            if size is None:
-                yield header
-                continue
-            fd = _open_below(root, path.relative_to(directory).parts)
-            if fd is None:
-                raise OSError(errno.ELOOP, "swapped for a link or a special file since the listing", str(path))
-            with os.fdopen(fd, "rb") as handle:
-                yield header
-                yield from _exactly(handle, size)
-            if pad := -size % tarfile.BLOCKSIZE:
-                yield b"\0" * pad
+            length = len(header) + (size or 0) + (-(size or 0) % tarfile.BLOCKSIZE)
+            if pos >= stop:
+                return
+            if pos + length > start:
+                yield from _member_bytes(root, directory, path, header, size, start - pos, stop - pos)
+            pos += length
     finally:
         os.close(root)
-    yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
+    # The end-of-archive marker: two zero blocks.
+    yield from _cut(b"\0" * (2 * tarfile.BLOCKSIZE), start - pos, stop - pos)
+
+
+def _member_bytes(root: int, directory: Path, path: Path, header: bytes, size: int | None,
+                  lo: float, hi: float) -> Iterator[bytes]:
+    """Bytes `lo` to `hi` (exclusive; either may lie outside) of one member: its header, data and padding."""
+    if size is None:
+        yield from _cut(header, lo, hi)
+        return
+    fd = _open_below(root, path.relative_to(directory).parts)
+    if fd is None:
+        raise OSError(errno.ELOOP, "swapped for a link or a special file since the listing", str(path))
+    with os.fdopen(fd, "rb") as handle:
+        yield from _cut(header, lo, hi)
+        first, last = max(lo - len(header), 0), min(hi - len(header), size)
+        if last > first:
+            handle.seek(int(first))
+            yield from _exactly(handle, int(last - first))
+    pad = -size % tarfile.BLOCKSIZE
+    yield from _cut(b"\0" * pad, lo - len(header) - size, hi - len(header) - size)
+
+
+def _cut(block: bytes, lo: float, hi: float) -> Iterator[bytes]:
+    """The part of `block` between offsets `lo` and `hi` (clipped to it), unless that part is empty."""
+    lo, hi = max(lo, 0), min(hi, len(block))
+    if hi > lo:
+        yield block[int(lo):int(hi)]
+
+
+def _read_exactly(handle: BinaryIO, size: int, key: str) -> Iterator[bytes]:
+    # A range is answered with the length announced, or broken off: never fewer bytes in silence.
+    with handle:
+        left = size
+        while left > 0:
+            chunk = handle.read(min(CHUNK, left))
+            if not chunk:
+                raise OSError(errno.EIO, f"{key} ended before the range asked for")
+            left -= len(chunk)
+            yield chunk
+
+
+def _temporary(target: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of `target` for this process and thread to build it in (matches _TEMPORARY)."""
+    return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{threading.get_ident()}")
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Rename `tmp` to `target`; an earlier directory there is moved aside first and then removed."""
+    try:
+        os.rename(tmp, target)
+        return
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+    old = _temporary(target, "old")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _link_tree(source: Path, dest: Path) -> int:
+    """Recreate `source`'s directories and regular files at `dest` (which must not exist) as hard links,
+    or copies where links cannot be made (another filesystem); symbolic links are left out and never
+    followed. Returns the files' bytes."""
+    entries = tar_entries(source)
+    root = os.open(source, _DIR_FLAGS)
+    try:
+        size = 0
+        for path, info in entries:
+            parts = path.relative_to(source).parts
+            if stat.S_ISDIR(info.st_mode):
+                dest.joinpath(*parts).mkdir()
+            else:
+                size += _link_file(root, parts, dest.joinpath(*parts))
+        return size
+    finally:
+        os.close(root)
+
+
+def _link_file(root: int, parts: tuple[str, ...], target: Path) -> int:
+    """Hard-link (else copy) the regular file at `parts` below directory fd `root`; its size, 0 if it
+    turned out not to be a regular file (left out)."""
+    parent, opened = root, []
+    try:
+        for part in parts[:-1]:
+            parent = os.open(part, _DIR_FLAGS, dir_fd=parent)
+            opened.append(parent)
+        try:
+            os.link(parts[-1], target, src_dir_fd=parent, follow_symlinks=False)
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                raise
+            return _copy_file(parent, parts[-1], target)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    info = target.lstat()
+    if not stat.S_ISREG(info.st_mode):  # swapped for a link since the listing: linkat linked the link itself
+        target.unlink()
+        log.warning("not publishing %s: not a regular file", target)
+        return 0
+    return info.st_size
+
+
+def _copy_file(parent: int, name: str, target: Path) -> int:
+    fd = _open_below(parent, (name,))
+    if fd is None:
+        return 0
+    with os.fdopen(fd, "rb") as src, target.open("xb") as out:
+        shutil.copyfileobj(src, out, CHUNK)
+        os.chmod(out.fileno(), os.fstat(src.fileno()).st_mode & 0o777)
+        return out.tell()
 
 
 def _header(name: str, info_stat: os.stat_result, kind: bytes, size: int) -> bytes:

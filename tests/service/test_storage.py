@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import io
 import tarfile
+from pathlib import Path
 
 import pytest
 
+from service import artifacts
 from service.artifacts import LocalStorage, iter_tar
 
 
@@ -77,3 +79,222 @@ def test_streamed_tar_extracts_to_the_same_files(tmp_path):
     assert names[0] == "ftckpt-1" and "ftckpt-1/sub/empty" in names
     for name, data in files.items():
         assert (tmp_path / "out" / "ftckpt-1" / name).read_bytes() == data
+
+
+# --- The Storage interface on LocalStorage: objects, published directories, ranges. ---
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStorage(tmp_path / "store")
+
+
+def _checkpoint(path: Path, big: int = 3000) -> dict[str, bytes]:
+    """A small directory like a checkpoint, with a nested file and an empty one."""
+    files = {"config.json": b'{"a": 1}', "model.safetensors": bytes(range(256)) * big,
+             "sub/empty": b"", "sub/deeper/x.txt": b"x" * 777}
+    for name, data in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(data)
+    return files
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_put_file_copies_and_reads_back_in_ranges(store, tmp_path):
+    src = tmp_path / "metrics.jsonl"
+    src.write_bytes(bytes(range(256)) * 10)
+    assert store.put_file("jobs/j/metrics.jsonl", src) == 2560
+    with src.open("ab") as f:
+        f.write(b"later")  # the source grows; the stored copy does not
+    assert store.size("jobs/j/metrics.jsonl") == 2560
+    assert b"".join(store.read_range("jobs/j/metrics.jsonl", 0, 2559)) == bytes(range(256)) * 10
+    assert b"".join(store.read_range("jobs/j/metrics.jsonl", 250, 260)) == (bytes(range(256)) * 2)[250:261]
+    with pytest.raises(FileNotFoundError):
+        store.read_range("jobs/j/missing", 0, 1)
+
+
+def test_fetch_file_is_the_stores_own_file(store, tmp_path):
+    store.put_stream("files/f.jsonl", [b"abc"])
+    got = store.fetch_file("files/f.jsonl", tmp_path / "dest" / "f.jsonl")
+    assert got == store.path("files/f.jsonl") and got.read_bytes() == b"abc"
+    assert not (tmp_path / "dest").exists()
+    assert store.presign("files/f.jsonl", 60, "f.jsonl") is None and store.remote is False
+    with pytest.raises(FileNotFoundError):
+        store.fetch_file("files/none.jsonl", tmp_path / "x")
+
+
+def test_list_yields_objects_under_the_prefix_only(store, tmp_path):
+    store.put_stream("jobs/a/metrics.jsonl", [b"12345"])
+    store.put_stream("jobs/ab/metrics.jsonl", [b"1"])
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=1)
+    store.publish_dir(src, "jobs/a/checkpoint-1", "ftckpt-1")
+    listed = {o.key: o.size for o in store.list("jobs/a")}
+    assert listed["jobs/a/metrics.jsonl"] == 5 and "jobs/ab/metrics.jsonl" not in listed
+    assert "jobs/a/checkpoint-1/config.json" in listed
+    assert {o.key for o in store.list("jobs/a/")} == set(listed)
+    assert len(list(store.list(""))) == len(listed) + 1
+    assert list(store.list("jobs/none")) == []
+    assert all(o.modified > 0 for o in store.list(""))
+
+
+def test_publish_fetch_and_list_dirs(store, tmp_path):
+    src = tmp_path / "ckpt"
+    files = _checkpoint(src)
+    (src / "link").symlink_to("/etc/passwd")  # never published
+    assert store.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-1") == sum(map(len, files.values()))
+    store.put_stream("jobs/j/tracking.json", [b"{}"])
+    assert store.dir_exists("jobs/j/checkpoint-10") and not store.dir_exists("jobs/j/checkpoint-20")
+    assert not store.dir_exists("jobs/j/tracking.json")
+    assert store.list_dirs("jobs/j") == ["jobs/j/checkpoint-10"] and store.list_dirs("jobs/none") == []
+    dest = store.fetch_dir("jobs/j/checkpoint-10", tmp_path / "scratch" / "output" / "checkpoint-10")
+    assert dest == tmp_path / "scratch" / "output" / "checkpoint-10" and _tree(dest) == files
+    with pytest.raises(FileNotFoundError):
+        store.fetch_dir("jobs/j/checkpoint-20", tmp_path / "other")
+    store.delete("jobs/j/checkpoint-10")
+    assert not store.dir_exists("jobs/j/checkpoint-10") and store.list_dirs("jobs/j") == []
+
+
+def test_publish_replaces_an_earlier_directory(store, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a").write_bytes(b"1")
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "b").write_bytes(b"22")
+    store.publish_dir(tmp_path / "one", "jobs/j/final", "x")
+    store.publish_dir(tmp_path / "two", "jobs/j/final", "x")
+    assert _tree(store.path("jobs/j/final")) == {"b": b"22"}
+    assert [p.name for p in store.path("jobs/j").iterdir()] == ["final"]  # nothing left aside
+
+
+def test_dir_tar_whole_and_in_ranges(store, tmp_path):
+    src = tmp_path / "ckpt"
+    files = _checkpoint(src)
+    store.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-7")
+    download = store.dir_tar("jobs/j/checkpoint-10", "ftckpt-7")
+    whole = b"".join(download.read(0, download.size - 1))
+    assert len(whole) == download.size
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        tar.extractall(tmp_path / "out", filter="data")
+    assert _tree(tmp_path / "out" / "ftckpt-7") == files
+    cuts = [0, 1, 511, 512, 513, 1024, 2000, 100_000, download.size - 1025, download.size - 1]
+    for start in cuts:
+        for end in (start, start + 1, start + 4096, download.size - 1):
+            end = min(end, download.size - 1)
+            assert b"".join(download.read(start, end)) == whole[start:end + 1], (start, end)
+    with pytest.raises(FileNotFoundError):
+        store.dir_tar("jobs/j/checkpoint-20", "x")
+
+
+def test_a_ranged_tar_reads_nothing_it_skips(store, tmp_path, monkeypatch):
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=4000)  # model.safetensors: ~1 MB
+    store.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-7")
+    download = store.dir_tar("jobs/j/checkpoint-10", "ftckpt-7")
+    whole = b"".join(download.read(0, download.size - 1))
+    opened, asked = [], []
+    real_open, real_exactly = artifacts._open_below, artifacts._exactly
+    monkeypatch.setattr(artifacts, "_open_below", lambda root, parts: opened.append(parts) or real_open(root, parts))
+    monkeypatch.setattr(artifacts, "_exactly", lambda handle, size: asked.append(size) or real_exactly(handle, size))
+    offset = whole.index(bytes(range(256)) * 4) + 500_000  # inside the big file
+    assert b"".join(download.read(offset, offset + 99)) == whole[offset:offset + 100]
+    assert opened == [("model.safetensors",)] and asked == [100]
+
+
+def test_symbolic_links_are_never_followed(store, tmp_path):
+    outside = tmp_path / "outside"
+    _checkpoint(outside, big=1)
+    store.root.mkdir(parents=True)
+    (store.root / "jobs").mkdir()
+    (store.root / "jobs" / "j").symlink_to(outside)
+    (store.root / "all").symlink_to(store.root / "jobs")
+    (store.root / "files").mkdir()
+    (store.root / "files" / "f.jsonl").symlink_to(outside / "config.json")
+    assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == []
+    assert list(store.list("")) == [] and list(store.list("jobs/j")) == [] and store.list_dirs("all") == []
+    assert list(store.list("all/j")) == [] and not store.dir_exists("all/j")
+    for call in (lambda: store.dir_tar("jobs/j", "x"), lambda: store.fetch_dir("jobs/j", tmp_path / "d"),
+                 lambda: store.fetch_file("files/f.jsonl", tmp_path / "f"),
+                 lambda: store.read_range("files/f.jsonl", 0, 1)):
+        with pytest.raises(FileNotFoundError):
+            call()
+    store.delete("jobs/j")  # the link goes, not what it points to
+    assert (outside / "config.json").exists()
+
+
+def test_publish_links_files_and_appears_whole(store, tmp_path, monkeypatch):
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=1)
+    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    assert store.path("jobs/j/checkpoint-1/config.json").stat().st_ino == (src / "config.json").stat().st_ino
+    calls = []
+
+    def failing(root, parts, target):
+        calls.append(parts)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(root, parts, target)
+
+    real = artifacts._link_file
+    monkeypatch.setattr(artifacts, "_link_file", failing)
+    with pytest.raises(OSError):
+        store.publish_dir(src, "jobs/j/checkpoint-2", "x")
+    assert [p.name for p in store.path("jobs/j").iterdir()] == ["checkpoint-1"]
+
+
+def test_publish_copies_across_filesystems(store, tmp_path, monkeypatch):
+    src = tmp_path / "ckpt"
+    files = _checkpoint(src, big=1)
+
+    def no_links(*args, **kwargs):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(artifacts.os, "link", no_links)
+    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    assert _tree(store.path("jobs/j/checkpoint-1")) == files
+    assert store.path("jobs/j/checkpoint-1/config.json").stat().st_ino != (src / "config.json").stat().st_ino
+
+
+def test_fetch_dir_refuses_an_existing_destination(store, tmp_path):
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=1)
+    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(FileExistsError):
+        store.fetch_dir("jobs/j/checkpoint-1", tmp_path / "dest")
+
+
+def test_remove_partial_removes_only_what_interrupted_writes_left(store, tmp_path):
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=1)
+    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    store.put_stream("jobs/j/metrics.jsonl", [b"m"])
+    job = store.path("jobs/j")
+    (job / ".checkpoint-2.tmp-123-456").mkdir()
+    (job / ".checkpoint-2.tmp-123-456" / "w").write_bytes(b"w")
+    (job / ".final.old-1-2").mkdir()
+    (job / ".metrics.jsonl.tmp-9-9").write_bytes(b"half")
+    (job / ".hidden-but-ours").write_bytes(b"kept")
+    assert store.list_dirs("jobs/j") == ["jobs/j/checkpoint-1"]
+    store.remove_partial("jobs/j")
+    assert sorted(p.name for p in job.iterdir()) == [".hidden-but-ours", "checkpoint-1", "metrics.jsonl"]
+    store.remove_partial("jobs/none")  # nothing there: nothing to do
+
+
+def test_an_empty_store_has_nothing(tmp_path):
+    store = LocalStorage(tmp_path / "never-made")
+    assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == [] and list(store.list("")) == []
+    store.remove_partial("jobs/j")
+
+
+def test_the_manifest_locates_each_file_in_the_tar(tmp_path):
+    src = tmp_path / "ckpt"
+    files = _checkpoint(src)
+    entries = artifacts.tar_entries(src)
+    manifest = artifacts.tar_manifest(src, "ftckpt-1", entries)
+    blob = b"".join(iter_tar(src, "ftckpt-1", entries))
+    assert manifest["size"] == len(blob) == artifacts.tar_size(src, "ftckpt-1", entries)
+    assert {f["name"] for f in manifest["files"]} == set(files)
+    for f in manifest["files"]:
+        assert blob[f["offset"]:f["offset"] + f["size"]] == files[f["name"]]
