@@ -1,20 +1,33 @@
 """Integration: downloads resume. A file's or a checkpoint's content is streamed with Accept-Ranges and its
 exact length; one Range gets 206 with Content-Range, a range past the end 416, several ranges (or
-If-Range) the whole body; the parts put together are the whole, and the tar extracts."""
+If-Range) the whole body; the parts put together are the whole, and the tar extracts. With the local
+store and with a real S3 server (DPO_STORAGE_PRESIGN=0); with presigning on, the API answers 307 to a
+presigned URL that serves the same bytes, ranges included."""
 from __future__ import annotations
 
 import io
 import tarfile
+import uuid
 
+import httpx
 import pytest
 
 from service.artifacts import make_storage
 from service.db import jobs
-from tests.service.support import sessions_for, upload
+from tests.service.support import make_settings, sessions_for, upload
 from tests.service.test_symlinks import create
 
 FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 300,
          "sub/tokenizer.json": b"{}" * 700}
+
+
+@pytest.fixture(params=["local", "s3"])
+def settings(request, tmp_path):
+    if request.param == "local":
+        return make_settings(tmp_path / "data")
+    server = request.getfixturevalue("s3_server")
+    return make_settings(tmp_path / "data", storage_url=f"s3://{server.bucket}/{uuid.uuid4().hex}",
+                         s3_endpoint_url=server.endpoint, storage_presign=request.param == "s3-presigned")
 
 
 @pytest.fixture
@@ -77,9 +90,7 @@ def test_a_checkpoint_download_resumes(client, checkpoint):
     assert r.status_code == 200
     assert r.headers["accept-ranges"] == "bytes" and r.headers["content-type"] == "application/x-tar"
     assert int(r.headers["content-length"]) == len(r.content)
-    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
-    assert members == {f"{checkpoint['id']}/{name}": data for name, data in FILES.items()}
+    assert _tar_files(r.content) == {f"{checkpoint['id']}/{name}": data for name, data in FILES.items()}
     _ranges_of(client, url, r.content)
 
 
@@ -88,3 +99,33 @@ def test_a_checkpoint_whose_files_are_gone_is_a_404_before_any_byte(client, sett
     for headers in ({}, {"Range": "bytes=10-"}):
         r = client.get(checkpoint["download_url"], headers=headers)
         assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
+
+
+def _tar_files(blob: bytes) -> dict[str, bytes]:
+    with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+
+
+@pytest.mark.parametrize("settings", ["s3-presigned"], indirect=True)
+def test_with_an_object_store_downloads_redirect_to_a_presigned_url(client, settings, task_files, checkpoint):
+    file_id = upload(client, task_files[0])["id"]
+    for url, name, whole in ((f"/v1/files/{file_id}/content", task_files[0].name, task_files[0].read_bytes()),
+                             (checkpoint["download_url"], f"{checkpoint['id']}.tar", None)):
+        r = client.get(url, follow_redirects=False)
+        assert r.status_code == 307, r.text
+        target = r.headers["location"]
+        assert target.startswith(settings.s3_endpoint_url) and "Signature" in target
+        got = httpx.get(target)  # no API key: the URL itself is the permission
+        assert got.status_code == 200, got.text
+        assert name in got.headers["content-disposition"]
+        if whole is None:
+            whole = got.content
+            assert _tar_files(whole) == {f"{checkpoint['id']}/{n}": data for n, data in FILES.items()}
+        assert got.content == whole
+        part = httpx.get(target, headers={"Range": "bytes=10-19"})
+        assert (part.status_code, part.content) == (206, whole[10:20])
+        assert httpx.get(target.replace("Signature=", "Signature=0")).status_code == 403
+    # A checkpoint whose files are gone is the API's 404, not a URL to nothing.
+    make_storage(settings).delete(f"jobs/{checkpoint['fine_tuning_job_id']}/checkpoint-1")
+    r = client.get(checkpoint["download_url"])
+    assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"

@@ -1,8 +1,11 @@
 """Integration: DELETE /v1/fine_tuning/jobs/{id} removes what an ended job keeps (checkpoints, final model,
 result files, events, samples, every stored object under jobs/<id>/), and the team's storage drops by
 their bytes; the job row stays, with its usage. Refused (409) while the job has not ended, and while a
-job not yet ended starts from one of its checkpoints. On SQLite and PostgreSQL."""
+job not yet ended starts from one of its checkpoints. On SQLite and PostgreSQL with the local store, and
+on PostgreSQL with a real S3 server."""
 from __future__ import annotations
+
+import uuid
 
 import pytest
 from sqlalchemy import select
@@ -19,10 +22,16 @@ CKPT = {STATE_FILE: b"{}", "config.json": b"{}", "model.safetensors": b"w" * 409
 METRICS = b'{"step": 1, "loss": 0.69}\n'
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["sqlite", "postgres", "postgres+s3"])
 def settings(request, tmp_path):
-    url = request.getfixturevalue("postgres_url") if request.param == "postgres" else None
-    s = make_settings(tmp_path / "data", **({"database_url": url} if url else {}))
+    extra = {}
+    if request.param.startswith("postgres"):
+        extra["database_url"] = request.getfixturevalue("postgres_url")
+    if request.param.endswith("s3"):
+        server = request.getfixturevalue("s3_server")
+        extra |= {"storage_url": f"s3://{server.bucket}/{uuid.uuid4().hex}", "s3_endpoint_url": server.endpoint,
+                  "storage_presign": False}  # the API streams what the test reads back
+    s = make_settings(tmp_path / "data", **extra)
     upgrade(s.db_url)
     return s
 
@@ -92,6 +101,7 @@ def test_deleting_an_ended_job_removes_what_it_keeps_and_frees_its_storage(clien
     assert client.delete(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
 
 
+@pytest.mark.parametrize("settings", ["sqlite", "postgres"], indirect=True)
 def test_a_job_not_ended_or_whose_checkpoint_a_live_job_starts_from_is_not_deleted(client, settings, task_files,
                                                                                   tmp_path):
     train_id = upload(client, task_files[0])["id"]
