@@ -76,7 +76,7 @@ class S3Storage:
     # --- objects ---
 
     def put_stream(self, key: str, chunks: Iterable[bytes]) -> int:
-        """Upload the chunks as they come (one part in memory at a time per upload thread); the object
+        """Upload the chunks as they come (a few parts in memory, never the whole stream); the object
         appears only when they ran out. An error meanwhile, the iterable's own included (raised as it
         was), aborts the multipart upload: nothing appears."""
         reader = _ChunkReader(chunks)
@@ -122,8 +122,10 @@ class S3Storage:
         """Remove the object at `key`, the directory published there (its manifest first, so it stops
         existing before its tar goes) and every object under `key/`."""
         full = self._full(key)
-        self._delete_keys([f"{full}.json", f"{full}.tar", full])
-        self._delete_keys([o["Key"] for o in self._objects(full + "/")])
+        if self.dir_exists(key):  # a .json that is no manifest (tracking.json) is some other key's object
+            self._delete_keys([f"{full}.json"])
+            self._delete_keys([f"{full}.tar"])
+        self._delete_keys([full, *(o["Key"] for o in self._objects(full + "/"))])
 
     def size(self, key: str) -> int:
         """Bytes of the object, else of the files in the directory published at `key`, else of the objects
@@ -255,9 +257,8 @@ class S3Storage:
         except ClientError as err:
             raise _mapped(err, f"{action} s3://{self.bucket}/{full}") from err
         except BotoCoreError as err:
-            endpoint = self.client.meta.endpoint_url
-            raise OSError(errno.EIO, f"object store at {endpoint}: could not {action} s3://{self.bucket}/{full}: {err}"
-                          ) from err
+            raise OSError(errno.EIO, f"object store at {self.client.meta.endpoint_url}: could not {action} "
+                          f"s3://{self.bucket}/{full}: {err}") from err
 
     def _ensure_bucket(self) -> None:
         """Create the bucket on first use if it does not exist yet: a fresh SeaweedFS or MinIO just works,
@@ -270,6 +271,10 @@ class S3Storage:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except ClientError as err:
+                if _status(err) in (401, 403):
+                    raise OSError(errno.EIO, f"object store: the bucket {self.bucket!r} refused these credentials "
+                                  f"({_code(err)}): check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the "
+                                  "profile, and that they may use this bucket") from err
                 if _status(err) != 404:
                     raise _mapped(err, f"reach the bucket {self.bucket!r}") from err
                 self._create_bucket()
@@ -295,8 +300,10 @@ class S3Storage:
     def _upload_config(self, part_size: int) -> TransferConfig:
         """Multipart above one part, parts sent 4 at a time; the bandwidth cap (DPO_UPLOAD_MAX_BYTES_PER_S)
         keeps a background checkpoint upload from starving the training it runs beside."""
-        return TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size, max_concurrency=4,
-                              max_bandwidth=self.max_bytes_per_s)
+        config = TransferConfig(multipart_threshold=part_size, multipart_chunksize=part_size, max_concurrency=4,
+                                max_bandwidth=self.max_bytes_per_s)
+        config.max_in_memory_upload_chunks = 6  # parts read ahead of the senders (s3transfer's own setting)
+        return config
 
     def _download_config(self) -> TransferConfig:
         return TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
@@ -335,6 +342,7 @@ class S3Storage:
     def _manifest(self, key: str) -> dict:
         """The manifest of the directory published at `key`; FileNotFoundError if there is none (or the
         .json there is some other object)."""
+        key_parts(key)  # `key` itself must be valid, not only `key`.json
         with self._get(f"{key}.json") as body, self._errors("read", self._full(key) + ".json"):
             raw = body.read()
         try:
@@ -375,30 +383,30 @@ class S3Storage:
             Params={"Bucket": self.bucket, "Key": full, "ResponseContentDisposition": disposition})
 
 
-class _ChunkReader(io.RawIOBase):
-    """A read-only file over an iterator of byte chunks, for upload_fileobj: it pulls a chunk only when
-    asked, so a stream (an upload being received, a tar being built) never sits whole in memory. It keeps
-    the iterator's own error, so the caller sees that rather than the transfer's wrapper of it."""
+class _ChunkReader:
+    """A read-only file over an iterator of byte chunks, for upload_fileobj: it pulls chunks only as a read
+    asks for them, so a stream (an upload being received, a tar being built) never sits whole in memory.
+    read(n) returns n bytes until the end (s3transfer takes a short read for the end of the stream). It
+    keeps the iterator's own error, so the caller sees that rather than the transfer's wrapper of it."""
 
     def __init__(self, chunks: Iterable[bytes]):
-        self._chunks, self._buffer, self.count, self.error = iter(chunks), b"", 0, None
+        self._chunks, self._buffer, self._ended = iter(chunks), bytearray(), False
+        self.count, self.error = 0, None
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, out) -> int:
-        while not self._buffer:
+    def read(self, size: int = -1) -> bytes:
+        while not self._ended and (size < 0 or len(self._buffer) < size):
             try:
-                self._buffer = next(self._chunks)
+                self._buffer += next(self._chunks)
             except StopIteration:
-                return 0
+                self._ended = True
             except BaseException as err:
                 self.error = err
                 raise
-        n = min(len(out), len(self._buffer))
-        out[:n], self._buffer = self._buffer[:n], self._buffer[n:]
-        self.count += n
-        return n
+        size = len(self._buffer) if size < 0 else size
+        out = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        self.count += len(out)
+        return out
 
 
 class _BodyReader(io.RawIOBase):

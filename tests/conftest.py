@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+pytest_plugins = ["tests.s3server"]  # the s3_server fixture: a real S3 server (SeaweedFS)
+
 # Nothing in the suite may reach a model hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -1,4 +1,5 @@
-"""Unit: the local artifact storage and the streamed tar of a checkpoint directory."""
+"""Unit: the two stores (LocalStorage; S3Storage against a real S3 server) and the streamed tar of a
+checkpoint directory."""
 from __future__ import annotations
 
 import io
@@ -9,6 +10,7 @@ import pytest
 
 from service import artifacts
 from service.artifacts import LocalStorage, iter_tar
+from tests.s3server import s3_storage
 
 
 def test_put_open_exists_delete(tmp_path):
@@ -81,13 +83,6 @@ def test_streamed_tar_extracts_to_the_same_files(tmp_path):
         assert (tmp_path / "out" / "ftckpt-1" / name).read_bytes() == data
 
 
-# --- The Storage interface on LocalStorage: objects, published directories, ranges. ---
-
-@pytest.fixture
-def store(tmp_path):
-    return LocalStorage(tmp_path / "store")
-
-
 def _checkpoint(path: Path, big: int = 3000) -> dict[str, bytes]:
     """A small directory like a checkpoint, with a nested file and an empty one."""
     files = {"config.json": b'{"a": 1}', "model.safetensors": bytes(range(256)) * big,
@@ -100,6 +95,52 @@ def _checkpoint(path: Path, big: int = 3000) -> dict[str, bytes]:
 
 def _tree(path: Path) -> dict[str, bytes]:
     return {p.relative_to(path).as_posix(): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# --- The Storage interface: what both stores do alike (a real S3 server for "s3"; tests/s3server.py). ---
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStorage(tmp_path / "store")
+    return s3_storage(request.getfixturevalue("s3_server"), tmp_path / "data")
+
+
+@pytest.fixture
+def local(tmp_path):
+    return LocalStorage(tmp_path / "store")
+
+
+def test_objects_round_trip(store):
+    assert store.put_stream("files/a.jsonl", [b"hel", b"lo"]) == 5
+    assert store.exists("files/a.jsonl") and store.size("files/a.jsonl") == 5
+    with store.open("files/a.jsonl") as handle:
+        assert handle.read() == b"hello"
+    assert b"".join(store.read_range("files/a.jsonl", 1, 3)) == b"ell"
+    store.delete("files/a.jsonl")
+    assert not store.exists("files/a.jsonl") and store.size("files/a.jsonl") == 0
+    store.delete("files/a.jsonl")  # deleting what is gone is no error
+    for call in (lambda: store.open("files/a.jsonl"), lambda: store.read_range("files/a.jsonl", 0, 1)):
+        with pytest.raises(FileNotFoundError):
+            call()
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../x", ""])
+def test_no_store_takes_a_key_that_climbs(store, key):
+    for call in (lambda: store.exists(key), lambda: store.put_stream(key, [b"x"]), lambda: store.dir_exists(key)):
+        with pytest.raises(ValueError):
+            call()
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), ValueError("the source was refused")])
+def test_a_failed_put_stream_leaves_no_object(store, error):
+    def chunks():
+        yield b"x" * 5000
+        raise error
+
+    with pytest.raises(type(error)):
+        store.put_stream("files/a.jsonl", chunks())
+    assert not store.exists("files/a.jsonl") and list(store.list("files")) == []
 
 
 def test_put_file_copies_and_reads_back_in_ranges(store, tmp_path):
@@ -115,14 +156,18 @@ def test_put_file_copies_and_reads_back_in_ranges(store, tmp_path):
         store.read_range("jobs/j/missing", 0, 1)
 
 
-def test_fetch_file_is_the_stores_own_file(store, tmp_path):
+def test_fetch_file(store, tmp_path):
     store.put_stream("files/f.jsonl", [b"abc"])
-    got = store.fetch_file("files/f.jsonl", tmp_path / "dest" / "f.jsonl")
-    assert got == store.path("files/f.jsonl") and got.read_bytes() == b"abc"
-    assert not (tmp_path / "dest").exists()
-    assert store.presign("files/f.jsonl", 60, "f.jsonl") is None and store.remote is False
+    dest = tmp_path / "scratch" / "data" / "f.jsonl"
+    got = store.fetch_file("files/f.jsonl", dest)
+    assert got.read_bytes() == b"abc"
+    if store.remote:
+        assert got == dest
+    else:  # the store's own file, no copy
+        assert got == store.path("files/f.jsonl") and not dest.parent.exists()
     with pytest.raises(FileNotFoundError):
         store.fetch_file("files/none.jsonl", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_list_yields_objects_under_the_prefix_only(store, tmp_path):
@@ -133,11 +178,11 @@ def test_list_yields_objects_under_the_prefix_only(store, tmp_path):
     store.publish_dir(src, "jobs/a/checkpoint-1", "ftckpt-1")
     listed = {o.key: o.size for o in store.list("jobs/a")}
     assert listed["jobs/a/metrics.jsonl"] == 5 and "jobs/ab/metrics.jsonl" not in listed
-    assert "jobs/a/checkpoint-1/config.json" in listed
+    assert any(key.startswith("jobs/a/checkpoint-1") for key in listed)  # its files, or its tar and manifest
     assert {o.key for o in store.list("jobs/a/")} == set(listed)
     assert len(list(store.list(""))) == len(listed) + 1
     assert list(store.list("jobs/none")) == []
-    assert all(o.modified > 0 for o in store.list(""))
+    assert all(o.modified > 1e9 for o in store.list(""))
 
 
 def test_publish_fetch_and_list_dirs(store, tmp_path):
@@ -147,14 +192,20 @@ def test_publish_fetch_and_list_dirs(store, tmp_path):
     assert store.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-1") == sum(map(len, files.values()))
     store.put_stream("jobs/j/tracking.json", [b"{}"])
     assert store.dir_exists("jobs/j/checkpoint-10") and not store.dir_exists("jobs/j/checkpoint-20")
-    assert not store.dir_exists("jobs/j/tracking.json")
+    assert not store.dir_exists("jobs/j/tracking.json") and not store.dir_exists("jobs/j/tracking")
+    assert store.exists("jobs/j/checkpoint-10") and store.size("jobs/j/checkpoint-10") == sum(map(len, files.values()))
     assert store.list_dirs("jobs/j") == ["jobs/j/checkpoint-10"] and store.list_dirs("jobs/none") == []
     dest = store.fetch_dir("jobs/j/checkpoint-10", tmp_path / "scratch" / "output" / "checkpoint-10")
     assert dest == tmp_path / "scratch" / "output" / "checkpoint-10" and _tree(dest) == files
+    assert not (dest / "link").exists() and not (dest / "link").is_symlink()
     with pytest.raises(FileNotFoundError):
         store.fetch_dir("jobs/j/checkpoint-20", tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     store.delete("jobs/j/checkpoint-10")
     assert not store.dir_exists("jobs/j/checkpoint-10") and store.list_dirs("jobs/j") == []
+    assert not store.exists("jobs/j/checkpoint-10") and store.size("jobs/j/checkpoint-10") == 0
+    store.delete("jobs/j/tracking")  # no directory: its name's .json is another object, left alone
+    assert [o.key for o in store.list("jobs/j")] == ["jobs/j/tracking.json"]
 
 
 def test_publish_replaces_an_earlier_directory(store, tmp_path):
@@ -164,8 +215,11 @@ def test_publish_replaces_an_earlier_directory(store, tmp_path):
     (tmp_path / "two" / "b").write_bytes(b"22")
     store.publish_dir(tmp_path / "one", "jobs/j/final", "x")
     store.publish_dir(tmp_path / "two", "jobs/j/final", "x")
-    assert _tree(store.path("jobs/j/final")) == {"b": b"22"}
-    assert [p.name for p in store.path("jobs/j").iterdir()] == ["final"]  # nothing left aside
+    assert _tree(store.fetch_dir("jobs/j/final", tmp_path / "got")) == {"b": b"22"}
+    assert store.list_dirs("jobs/j") == ["jobs/j/final"]
+    store.remove_partial("jobs/j")  # nothing partial: nothing goes
+    assert store.dir_exists("jobs/j/final")
+    assert all(o.key.startswith("jobs/j/final") for o in store.list("jobs/j"))  # nothing left aside
 
 
 def test_dir_tar_whole_and_in_ranges(store, tmp_path):
@@ -187,11 +241,29 @@ def test_dir_tar_whole_and_in_ranges(store, tmp_path):
         store.dir_tar("jobs/j/checkpoint-20", "x")
 
 
-def test_a_ranged_tar_reads_nothing_it_skips(store, tmp_path, monkeypatch):
+def test_fetch_dir_refuses_an_existing_destination(store, tmp_path):
+    src = tmp_path / "ckpt"
+    _checkpoint(src, big=1)
+    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    (tmp_path / "dest").mkdir()
+    with pytest.raises(FileExistsError):
+        store.fetch_dir("jobs/j/checkpoint-1", tmp_path / "dest")
+
+
+def test_an_empty_store_has_nothing(store):
+    assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == [] and list(store.list("")) == []
+    assert not store.exists("jobs/j") and store.size("jobs/j") == 0
+    store.remove_partial("jobs/j")
+    assert store.presign_dir("jobs/j/final", 60, "x.tar") is None or store.remote
+
+
+# --- LocalStorage only ---
+
+def test_a_ranged_tar_reads_nothing_it_skips(local, tmp_path, monkeypatch):
     src = tmp_path / "ckpt"
     _checkpoint(src, big=4000)  # model.safetensors: ~1 MB
-    store.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-7")
-    download = store.dir_tar("jobs/j/checkpoint-10", "ftckpt-7")
+    local.publish_dir(src, "jobs/j/checkpoint-10", "ftckpt-7")
+    download = local.dir_tar("jobs/j/checkpoint-10", "ftckpt-7")
     whole = b"".join(download.read(0, download.size - 1))
     opened, asked = [], []
     real_open, real_exactly = artifacts._open_below, artifacts._exactly
@@ -202,32 +274,32 @@ def test_a_ranged_tar_reads_nothing_it_skips(store, tmp_path, monkeypatch):
     assert opened == [("model.safetensors",)] and asked == [100]
 
 
-def test_symbolic_links_are_never_followed(store, tmp_path):
+def test_symbolic_links_are_never_followed(local, tmp_path):
     outside = tmp_path / "outside"
     _checkpoint(outside, big=1)
-    store.root.mkdir(parents=True)
-    (store.root / "jobs").mkdir()
-    (store.root / "jobs" / "j").symlink_to(outside)
-    (store.root / "all").symlink_to(store.root / "jobs")
-    (store.root / "files").mkdir()
-    (store.root / "files" / "f.jsonl").symlink_to(outside / "config.json")
-    assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == []
-    assert list(store.list("")) == [] and list(store.list("jobs/j")) == [] and store.list_dirs("all") == []
-    assert list(store.list("all/j")) == [] and not store.dir_exists("all/j")
-    for call in (lambda: store.dir_tar("jobs/j", "x"), lambda: store.fetch_dir("jobs/j", tmp_path / "d"),
-                 lambda: store.fetch_file("files/f.jsonl", tmp_path / "f"),
-                 lambda: store.read_range("files/f.jsonl", 0, 1)):
+    local.root.mkdir(parents=True)
+    (local.root / "jobs").mkdir()
+    (local.root / "jobs" / "j").symlink_to(outside)
+    (local.root / "all").symlink_to(local.root / "jobs")
+    (local.root / "files").mkdir()
+    (local.root / "files" / "f.jsonl").symlink_to(outside / "config.json")
+    assert not local.dir_exists("jobs/j") and local.list_dirs("jobs") == []
+    assert list(local.list("")) == [] and list(local.list("jobs/j")) == [] and local.list_dirs("all") == []
+    assert list(local.list("all/j")) == [] and not local.dir_exists("all/j")
+    for call in (lambda: local.dir_tar("jobs/j", "x"), lambda: local.fetch_dir("jobs/j", tmp_path / "d"),
+                 lambda: local.fetch_file("files/f.jsonl", tmp_path / "f"),
+                 lambda: local.read_range("files/f.jsonl", 0, 1)):
         with pytest.raises(FileNotFoundError):
             call()
-    store.delete("jobs/j")  # the link goes, not what it points to
+    local.delete("jobs/j")  # the link goes, not what it points to
     assert (outside / "config.json").exists()
 
 
-def test_publish_links_files_and_appears_whole(store, tmp_path, monkeypatch):
+def test_publish_links_files_and_appears_whole(local, tmp_path, monkeypatch):
     src = tmp_path / "ckpt"
     _checkpoint(src, big=1)
-    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
-    assert store.path("jobs/j/checkpoint-1/config.json").stat().st_ino == (src / "config.json").stat().st_ino
+    local.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    assert local.path("jobs/j/checkpoint-1/config.json").stat().st_ino == (src / "config.json").stat().st_ino
     calls = []
 
     def failing(root, parts, target):
@@ -239,11 +311,11 @@ def test_publish_links_files_and_appears_whole(store, tmp_path, monkeypatch):
     real = artifacts._link_file
     monkeypatch.setattr(artifacts, "_link_file", failing)
     with pytest.raises(OSError):
-        store.publish_dir(src, "jobs/j/checkpoint-2", "x")
-    assert [p.name for p in store.path("jobs/j").iterdir()] == ["checkpoint-1"]
+        local.publish_dir(src, "jobs/j/checkpoint-2", "x")
+    assert [p.name for p in local.path("jobs/j").iterdir()] == ["checkpoint-1"]
 
 
-def test_publish_copies_across_filesystems(store, tmp_path, monkeypatch):
+def test_publish_copies_across_filesystems(local, tmp_path, monkeypatch):
     src = tmp_path / "ckpt"
     files = _checkpoint(src, big=1)
 
@@ -251,41 +323,26 @@ def test_publish_copies_across_filesystems(store, tmp_path, monkeypatch):
         raise OSError(18, "Invalid cross-device link")
 
     monkeypatch.setattr(artifacts.os, "link", no_links)
-    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
-    assert _tree(store.path("jobs/j/checkpoint-1")) == files
-    assert store.path("jobs/j/checkpoint-1/config.json").stat().st_ino != (src / "config.json").stat().st_ino
+    local.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    assert _tree(local.path("jobs/j/checkpoint-1")) == files
+    assert local.path("jobs/j/checkpoint-1/config.json").stat().st_ino != (src / "config.json").stat().st_ino
 
 
-def test_fetch_dir_refuses_an_existing_destination(store, tmp_path):
+def test_remove_partial_removes_only_what_interrupted_writes_left(local, tmp_path):
     src = tmp_path / "ckpt"
     _checkpoint(src, big=1)
-    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
-    (tmp_path / "dest").mkdir()
-    with pytest.raises(FileExistsError):
-        store.fetch_dir("jobs/j/checkpoint-1", tmp_path / "dest")
-
-
-def test_remove_partial_removes_only_what_interrupted_writes_left(store, tmp_path):
-    src = tmp_path / "ckpt"
-    _checkpoint(src, big=1)
-    store.publish_dir(src, "jobs/j/checkpoint-1", "x")
-    store.put_stream("jobs/j/metrics.jsonl", [b"m"])
-    job = store.path("jobs/j")
+    local.publish_dir(src, "jobs/j/checkpoint-1", "x")
+    local.put_stream("jobs/j/metrics.jsonl", [b"m"])
+    job = local.path("jobs/j")
     (job / ".checkpoint-2.tmp-123-456").mkdir()
     (job / ".checkpoint-2.tmp-123-456" / "w").write_bytes(b"w")
     (job / ".final.old-1-2").mkdir()
     (job / ".metrics.jsonl.tmp-9-9").write_bytes(b"half")
     (job / ".hidden-but-ours").write_bytes(b"kept")
-    assert store.list_dirs("jobs/j") == ["jobs/j/checkpoint-1"]
-    store.remove_partial("jobs/j")
+    assert local.list_dirs("jobs/j") == ["jobs/j/checkpoint-1"]
+    local.remove_partial("jobs/j")
     assert sorted(p.name for p in job.iterdir()) == [".hidden-but-ours", "checkpoint-1", "metrics.jsonl"]
-    store.remove_partial("jobs/none")  # nothing there: nothing to do
-
-
-def test_an_empty_store_has_nothing(tmp_path):
-    store = LocalStorage(tmp_path / "never-made")
-    assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == [] and list(store.list("")) == []
-    store.remove_partial("jobs/j")
+    local.remove_partial("jobs/none")  # nothing there: nothing to do
 
 
 def test_the_manifest_locates_each_file_in_the_tar(tmp_path):
