@@ -14,7 +14,7 @@ import pytest
 
 from service.artifacts import make_storage
 from service.db import jobs
-from tests.service.support import make_settings, sessions_for, upload
+from tests.service.support import API_KEY, make_settings, sessions_for, upload
 from tests.service.test_symlinks import create
 
 FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 300,
@@ -129,3 +129,34 @@ def test_with_an_object_store_downloads_redirect_to_a_presigned_url(client, sett
     make_storage(settings).delete(f"jobs/{checkpoint['fine_tuning_job_id']}/checkpoint-1")
     r = client.get(checkpoint["download_url"])
     assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
+
+
+@pytest.mark.parametrize("settings", ["s3-presigned"], indirect=True)
+def test_dpo_jobs_download_follows_the_redirect_without_the_api_key(client, settings, checkpoint, tmp_path):
+    from rich.console import Console
+
+    from dpo_client.api import Api
+    from dpo_client.config import Target
+    from dpo_client.transfer import download
+
+    seen = []
+    store = httpx.HTTPTransport()
+
+    class Recorded(httpx.BaseTransport):  # the store's side: what reached it
+        def handle_request(self, request):
+            seen.append(request)
+            return store.handle_request(request)
+
+    class ThisApp(httpx.BaseTransport):  # the API's side: this app, in this process
+        def handle_request(self, request):
+            answer = client.request(request.method, str(request.url), headers=request.headers,
+                                    content=request.read(), follow_redirects=False)
+            return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
+
+    api = Api(Target("http://testserver", API_KEY, "test"))
+    api.http = httpx.Client(base_url="http://testserver", headers=api.http.headers,
+                            mounts={"http://testserver": ThisApp(), "all://": Recorded()})
+    path = download(api, checkpoint["fine_tuning_job_id"], checkpoint["id"], tmp_path / "out", Console())
+    assert {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()} == FILES
+    assert seen and all(str(r.url).startswith(settings.s3_endpoint_url) for r in seen)
+    assert not any("authorization" in r.headers for r in seen)  # the API key stays with the API
