@@ -1,8 +1,8 @@
 """`dpo-service`: run the service.
 
-    dpo-service up      [--host H] [--port P] [--data-dir D]   API + one worker, embedded defaults
+    dpo-service up      [--host H] [--port P] [--data-dir D]   API + one worker, embedded defaults (dpo-service[worker])
     dpo-service api     [--host H] [--port P] [--data-dir D] [--workers N]   the API alone (production)
-    dpo-service worker  [--data-dir D]                         one worker alone (one per GPU)
+    dpo-service worker  [--data-dir D]                         one worker alone (one per GPU; dpo-service[worker])
     dpo-service migrate [--data-dir D]                         bring the database to the newest schema
     dpo-service admin   teams|keys|usage|pool|sweep ...        the admin API over HTTP (see service.admin_cli)
 
@@ -12,6 +12,7 @@ The worker runs as `python -m worker` in its own process, so this module never i
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import signal
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "admin":
         return admin_cli.run(args, settings)
+    if args.command in ("worker", "up") and importlib.util.find_spec("torch") is None:
+        print("dpo-service: a worker trains with torch, which this install lacks: "
+              "pip install 'dpo-service[worker]'", file=sys.stderr)
+        return 2
     if args.command == "worker":
         os.execv(sys.executable, [sys.executable, "-m", "worker", "--data-dir", str(settings.data_dir),
                                   "--loglevel", args.loglevel])

@@ -84,3 +84,13 @@ def test_bench_samples_times_every_sampling_step_against_the_whole_job(tmp_path)
     assert record["machine"] in out and "of the job's time" in out
     assert record["sample_steps"] == [0, 1, 2]
     assert 0 < record["samples_s"] < record["job_s"] and record["share"] == record["samples_s"] / record["job_s"]
+
+
+def test_bench_footprint_starts_the_api_from_a_venv_and_reads_its_size_and_rss(tmp_path):
+    record_file = tmp_path / "footprint.json"
+    out = _run("bench_footprint.py", sys.prefix, "--runs", "1", "--no-size", "--json", str(record_file))
+    (record,) = json.loads(record_file.read_text())
+    assert record["torch"] is True and record["venv_mib"] is None  # this venv has the worker's install
+    assert 0 < record["healthz_s"] <= record["readyz_s"]
+    assert 0 < record["rss_started_mib"] <= record["rss_preflight_mib"]
+    assert "/healthz s" in out
