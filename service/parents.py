@@ -2,20 +2,21 @@
 (`ftjob-…`: its final model, the `fine_tuned_model` checkpoint) of the caller's team, its parent.
 
 The job keeps that id (its stored spec holds no server path); the API resolves it when it checks the
-request and the worker again on its own machine (`starting_point`). A full-weight checkpoint is a model
-directory: the policy loads it. A LoRA checkpoint is an adapter (a final model's is in `adapter/`): the
-job trains it further on the base its job trained on, with the same LoRA settings. Either way the
-default reference is that starting point, frozen. Another team's id gets the answer an unknown id gets.
+request, and the worker again when the job starts (`of_job`), then brings the checkpoints it names from
+the store onto its own disk (`materialize`). A full-weight checkpoint is a model directory: the policy
+loads it. A LoRA checkpoint is an adapter (a final model's is in `adapter/`): the job trains it further
+on the base its job trained on, with the same LoRA settings. Either way the default reference is that
+starting point, frozen. Another team's id gets the answer an unknown id gets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dpo_core.layout import STATE_FILE
 from service.artifacts import Storage
 from service.auth import Principal
 from service.db.models import Checkpoint, Job, JobStatus, is_id
@@ -23,7 +24,6 @@ from service.errors import InvalidInput, NotFound
 
 PREFIXES = ("ftckpt-", "ftjob-")
 ADAPTER_DIR = "adapter"  # where a LoRA job's final model keeps its adapter (dpo_core.trainer)
-MODEL_FILE = "config.json"
 
 
 def names_parent(model: str) -> bool:
@@ -40,7 +40,10 @@ class ParentGone(InvalidInput):
 @dataclass(frozen=True)
 class Start:
     """Where a job's policy starts. `model`: what it loads (a checkpoint directory, or the LoRA base);
-    `adapter`: the LoRA adapter directory it trains further; `lora`: that adapter's settings."""
+    `adapter`: the LoRA adapter directory it trains further; `lora`: that adapter's settings.
+
+    A directory in the store is named by its key (`model_key`, `adapter_key`); until `materialize` puts
+    it on local disk, `model` and `adapter` hold that key, not a path."""
 
     checkpoint: str
     job: str
@@ -48,6 +51,9 @@ class Start:
     adapter: str | None
     lora: dict[str, Any] | None
     behind_model: tuple[str, ...]  # the checkpoints whose files `model` is (none: a model dir or hub id)
+    model_key: str | None = None  # the store's directory `model` is, if it is one
+    adapter_key: str | None = None  # the store's directory the adapter is in: a checkpoint, or a final model
+    adapter_subdir: str | None = None  # where in adapter_key's directory the adapter is (ADAPTER_DIR)
 
     @property
     def needs(self) -> tuple[str, ...]:
@@ -88,31 +94,43 @@ def _final(session: Session, job: Job) -> Checkpoint:
 
 
 def starting_point(session: Session, storage: Storage, ckpt: Checkpoint) -> Start:
-    """Where a job that starts from `ckpt` starts, its files checked; ParentGone if any is missing."""
+    """Where a job that starts from `ckpt` starts, its files checked; ParentGone if any is missing.
+    The store publishes a directory whole or not at all: one that is there is complete."""
     job = session.get(Job, ckpt.job_id)
-    directory = storage.path(ckpt.storage_key)
-    marker = MODEL_FILE if ckpt.final else STATE_FILE  # a complete checkpoint, or final model
-    if not (directory / marker).is_file():
+    key = ckpt.storage_key
+    if not storage.dir_exists(key):
         raise ParentGone(f"the files of checkpoint {ckpt.id} (job {job.id}, step {ckpt.step_number}) are gone "
                          "(removed by save_total_limit or by hand); start from another checkpoint", param="model")
     lora = job.spec.get("lora")
     if lora is None:
-        return Start(ckpt.id, job.id, str(directory), None, None, (ckpt.id,))
-    base, behind = base_model(session, storage, job)
-    adapter = directory / ADAPTER_DIR if ckpt.final else directory
-    return Start(ckpt.id, job.id, base, str(adapter), lora, behind)
+        return Start(ckpt.id, job.id, key, None, None, (ckpt.id,), model_key=key)
+    base = base_model(session, storage, job)
+    subdir = ADAPTER_DIR if ckpt.final else None
+    return Start(ckpt.id, job.id, base.model, f"{key}/{subdir}" if subdir else key, lora, base.behind_model,
+                 model_key=base.model_key, adapter_key=key, adapter_subdir=subdir)
 
 
-def base_model(session: Session, storage: Storage, job: Job) -> tuple[str, tuple[str, ...]]:
-    """The model a job's policy was loaded from (its LoRA base), and the checkpoints whose files it is."""
+def base_model(session: Session, storage: Storage, job: Job) -> Start:
+    """Where a job's policy was loaded from (its LoRA base: `model`, `model_key`, `behind_model`)."""
     if job.parent_checkpoint is None:
-        return job.model, ()
+        return Start("", job.id, job.model, None, None, ())
     parent = session.get(Checkpoint, job.parent_checkpoint)
     if parent is None:
         raise ParentGone(f"job {job.id} started from checkpoint {job.parent_checkpoint}, which was deleted: its "
                          "LoRA adapter has no base left to train on; start from another checkpoint", param="model")
-    start = starting_point(session, storage, parent)
-    return start.model, start.behind_model
+    return starting_point(session, storage, parent)
+
+
+def materialize(storage: Storage, start: Start, dest: Path) -> Start:
+    """`start` with the store's directories it names fetched under `dest` (model/, adapter/), and its
+    `model` and `adapter` those local paths."""
+    model, adapter = start.model, start.adapter
+    if start.model_key is not None:
+        model = str(storage.fetch_dir(start.model_key, Path(dest) / "model"))
+    if start.adapter_key is not None:
+        fetched = storage.fetch_dir(start.adapter_key, Path(dest) / "adapter")
+        adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
+    return replace(start, model=model, adapter=adapter)
 
 
 def resolve(session: Session, principal: Principal, storage: Storage, model: str) -> Start:

@@ -2,6 +2,7 @@
 
 It joins the pool (registers its name, GPU type and count; see worker.membership), sends heartbeats
 from a thread while it runs, listens on its own queue, and marks itself stopped when it shuts down.
+Its jobs run in its own scratch directory (worker.scratch), locked while it lives.
 On SIGTERM the job it runs checkpoints at its next step and goes back to the queue (a hand-back), so
 another worker resumes it there.
 """
@@ -20,6 +21,7 @@ from service.errors import Conflict
 from service.settings import settings_for_command
 from worker.app import create_worker_app, worker_argv
 from worker.membership import Membership, identity
+from worker.scratch import Scratch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)  # harmless when the API already did it: migrations run under a lock
     membership = Membership(settings, identity(settings))
+    scratch = Scratch(settings.worker_scratch_dir, membership.me.name)
     # From here on a SIGTERM, wherever start-up is, exits through `leave` (which copes with a heartbeat
     # thread interrupted as it starts), so the pool shows the worker stopped, not lost. Without the
     # handler, SIGTERM's default action would end the worker with its row unmarked.
@@ -42,10 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             membership.join()
+            scratch.claim()
         except Conflict as err:
             print(f"dpo-service worker: {err.message}", file=sys.stderr)
             return 2
-        app = create_worker_app(settings, membership.worker_id)
+        app = create_worker_app(settings, membership.worker_id, scratch.path)
         declare_queue(app, membership.queue)  # before Celery consumes it (see service.broker.declare_queue)
         membership.start_heartbeats()
         _drain_on_shutdown(membership)
@@ -53,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         app.worker_main(worker_argv(settings, membership.queue, args.loglevel))
     finally:
         membership.leave()
+        scratch.close()
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 from celery import Celery
 
@@ -10,11 +11,13 @@ from service.broker import celery_config
 from service.settings import Settings
 
 
-def create_worker_app(settings: Settings, worker_id: str) -> Celery:
+def create_worker_app(settings: Settings, worker_id: str, scratch_dir: Path | None = None) -> Celery:
     app = Celery("dpo", broker=settings.broker, set_as_current=False)
     app.conf.update(celery_config(settings))
-    app.dpo_settings = settings  # the task reads its settings and identity from its app, not from globals
+    # The task reads its settings, identity and scratch directory (worker.scratch) from its app, not globals.
+    app.dpo_settings = settings
     app.dpo_worker_id = worker_id
+    app.dpo_scratch_dir = scratch_dir
     app.conf.include = ["worker.tasks"]
     app.conf.worker_pool = "worker.process_pool:TaskPool"  # prefork, quicker to replace a finished job's process
     import worker.tasks  # noqa: F401  - registers run_job (a shared task) with this app

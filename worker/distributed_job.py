@@ -3,8 +3,9 @@
 The worker's job process is a daemonic Celery child, and those may not start processes of their own
 through multiprocessing; so a job with gpus > 1 runs this module as a plain subprocess, which becomes
 the elastic agent (dpo_core.launch) of one rank per GPU. Rank 0 records progress through its own
-connection to the job store, under the lease (token) of the run that started it; this process writes
-rank 0's result, or the error, to RESULT_JSON.
+connection to the job store, under the lease (token) of the run that started it, and publishes the
+checkpoints it writes to the store (worker.publisher); this process writes rank 0's result, or the
+error, to RESULT_JSON.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _outcome(lease: Lease, gpus: int, spec: TrainingSpec) -> dict:
     from dpo_core.launch import launch
 
     try:
-        result = launch(spec, gpus, "worker.recorder:recorder_for_job", (get_settings(), lease))
+        result = launch(spec, gpus, "worker.recorder:recorder_for_job", (get_settings(), lease, spec.output_dir))
     except (SpecError, DataError, TrainingError) as err:
         from worker.runner import _code, one_line
 

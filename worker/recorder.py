@@ -9,27 +9,37 @@ keeper's `write`): training goes on. Metrics events are throttled to one per
 The run stops at a step boundary when the job is cancelled (no checkpoint), when its worker shuts
 down or its team pauses it (a checkpoint first, so the job resumes there), or when it lost its lease
 (nothing more written).
+
+Checkpoints go to the store through the run's worker.publisher.Publisher: a checkpoint's row and its
+`checkpoint_saved` event are written once it is whole in the store, and a pruned one's row goes once
+it is gone from there. The publisher is drained when the run ends, however it ends.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dpo_core.callbacks import Callbacks
-from dpo_core.layout import list_checkpoints
-from service.artifacts import LocalStorage
+from service.artifacts import Storage, job_key, make_storage
 from service.db import jobs
 from service.db.engine import is_unavailable
 from service.db.leases import Lease
-from service.db.models import Checkpoint, Job, JobStatus
+from service.db.models import Checkpoint, Job, JobStatus, new_id
 from service.settings import Settings
 from worker.lease import LeaseKeeper
+from worker.publisher import CHECKPOINT, Publisher, Task
+
+log = logging.getLogger("dpo.worker")
+_CHECKPOINT_KEY = re.compile(r"/checkpoint-(\d+)$")
 
 PROGRESS_INTERVAL_S = 1.0
 SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
@@ -40,9 +50,10 @@ CANCEL, HANDBACK, PAUSE, LEASE_LOST = "cancel", "handback", "pause", "lease_lost
 
 
 class JobRecorder(Callbacks):
-    def __init__(self, sessions: sessionmaker[Session], storage: LocalStorage, keeper: LeaseKeeper,
+    def __init__(self, sessions: sessionmaker[Session], storage: Storage, keeper: LeaseKeeper,
                  metrics_interval_s: float, cancel_poll_s: float):
         self.sessions, self.storage, self.keeper = sessions, storage, keeper
+        self.publisher: Publisher | None = None  # attach_publisher
         self.lease: Lease = keeper.lease
         self.job_id = self.lease.job_id
         self.metrics_interval_s, self.cancel_poll_s = metrics_interval_s, cancel_poll_s
@@ -66,14 +77,18 @@ class JobRecorder(Callbacks):
         # resumed_from is a path on the worker: the team sees the step it resumed from, never the path.
         shown = {k: v for k, v in _jsonable(info).items() if k != "resumed_from"}
 
+        published = self._published() if info.get("resumed_from") else None
+
         def write(s: Session) -> None:
             jobs.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
             jobs.add_event(s, self.job_id, message, data={"code": "training_started", **shown})
-            if info.get("resumed_from"):
-                self._sync_checkpoints(s, Path(info["resumed_from"]).parent)
+            if published is not None:
+                self._sync_checkpoints(s, published)
         self.keeper.write(write)
 
     def on_step(self, step: int, total_steps: int) -> None:
+        if self.publisher is not None:
+            self.publisher.poll()  # records the checkpoints whose upload is done
         now = time.monotonic()
         if now - self._last_progress < PROGRESS_INTERVAL_S:
             return
@@ -116,18 +131,33 @@ class JobRecorder(Callbacks):
         self.keeper.write(write)
 
     def on_checkpoint(self, step: int, path: str) -> None:
-        pending, key = self._pending, self.storage.key_for(path)
-        size = self.storage.size(key)
+        self.publisher.checkpoint(step, path, self._pending)
+
+    def published(self, task: Task) -> None:
+        """The publisher's word that a checkpoint is whole in the store (its row and event are written),
+        or that a pruned one is gone from it (its row goes)."""
+        if task.kind != CHECKPOINT:
+            self.keeper.write(lambda s: s.execute(delete(Checkpoint).where(
+                Checkpoint.job_id == self.job_id, Checkpoint.storage_key == task.key, ~Checkpoint.final)))
+            return
 
         def write(s: Session) -> None:
-            self._forget_pruned(s)
-            if not self.storage.exists(key):
-                return  # pruned already, while this write waited for the database
-            ckpt = jobs.add_checkpoint(s, self.job_id, step, key, pending, size=size)
+            ckpt = jobs.add_checkpoint(s, self.job_id, task.step, task.key, task.metrics, size=task.size,
+                                       id=task.checkpoint_id)
             s.flush()
-            jobs.add_event(s, self.job_id, f"Checkpoint saved at step {step}",
-                           data={"code": "checkpoint_saved", "checkpoint": ckpt.id, "step": step})
+            jobs.add_event(s, self.job_id, f"Checkpoint saved at step {task.step}",
+                           data={"code": "checkpoint_saved", "checkpoint": ckpt.id, "step": task.step})
         self.keeper.write(write)
+
+    def drain(self) -> None:
+        """Return once every checkpoint of the run is in the store and recorded (OSError if one failed)."""
+        if self.publisher is not None:
+            self.publisher.drain()
+
+    def close(self) -> None:
+        """Stop publishing (what is not uploaded yet is dropped) and remove the staged files."""
+        if self.publisher is not None:
+            self.publisher.close()
 
     def on_warning(self, message: str, *, code: str | None = None, data: dict[str, Any] | None = None) -> None:
         self.keeper.write(lambda s: jobs.add_warning(s, self.job_id, message, code, data))
@@ -170,9 +200,21 @@ class JobRecorder(Callbacks):
         """The run's last records: written before it ends (rank 0 of a multi-GPU job is a process of its
         own, which exits after this), however long the database takes to answer again."""
         self.flush()
+        self.drain()
         if result.early_stopped_at_step is not None:
             self.keeper.write(lambda s: _early_stopped(s, self.job_id, result))
         self.keeper.drain()
+
+    def on_error(self, error: Exception) -> None:
+        self.drain_quietly()
+
+    def drain_quietly(self) -> None:
+        """A failed run still records the checkpoints it uploads; an upload that fails now is only logged
+        (the run fails for its own reason)."""
+        try:
+            self.drain()
+        except OSError as err:
+            log.warning("job %s: a checkpoint's upload failed as the run ended: %s", self.job_id, err)
 
     def flush(self) -> None:
         """Write the last metrics record if throttling held it back."""
@@ -189,22 +231,26 @@ class JobRecorder(Callbacks):
         return lambda s: jobs.add_event(s, self.job_id, f"Step {m.get('step')}/{m.get('total_steps')}: {shown}",
                                          type="metrics", data=m)
 
-    def _forget_pruned(self, s: Session) -> None:
-        # save_total_limit (the service's retention by default) deletes old checkpoint directories; drop
-        # their rows so lists and the team's storage stay true.
-        for ckpt in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, ~Checkpoint.final)):
-            if not self.storage.exists(ckpt.storage_key):
-                s.delete(ckpt)
+    def _published(self) -> dict[str, tuple[int, int, str | None]]:
+        """The job's checkpoints in the store: key -> (step, bytes, the id it was published under)."""
+        found = {}
+        for key in self.storage.list_dirs(job_key(self.job_id)):
+            if match := _CHECKPOINT_KEY.search(key):
+                found[key] = (int(match.group(1)), self.storage.size(key), _published_id(self.storage, key))
+        return found
 
-    def _sync_checkpoints(self, s: Session, output_dir: Path) -> None:
-        """A resumed run: list every complete checkpoint directory an earlier run left, also one written
-        just before its worker died and never recorded; forget rows whose directories are gone."""
-        self._forget_pruned(s)
-        known = {c.storage_key for c in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id))}
-        for step, directory in list_checkpoints(output_dir):
-            key = self.storage.key_for(directory)
-            if key not in known:
-                jobs.add_checkpoint(s, self.job_id, step, key, None, size=self.storage.size(key))
+    def _sync_checkpoints(self, s: Session, published: dict[str, tuple[int, int, str | None]]) -> None:
+        """A resumed run: a row for every checkpoint an earlier run published, also one published just
+        before its worker died and never recorded; forget rows whose directories are gone (pruned)."""
+        known = set()
+        for ckpt in s.scalars(select(Checkpoint).where(Checkpoint.job_id == self.job_id, ~Checkpoint.final)):
+            if ckpt.storage_key in published:
+                known.add(ckpt.storage_key)
+            else:
+                s.delete(ckpt)
+        for key, (step, size, published_id) in sorted(published.items(), key=lambda kv: kv[1][0]):
+            if key not in known and (published_id is None or s.get(Checkpoint, published_id) is None):
+                jobs.add_checkpoint(s, self.job_id, step, key, None, size=size, id=published_id)
 
     def _eta(self, step: int | None, total: int | None) -> int | None:
         done = (step or 0) - self.first_step
@@ -230,18 +276,43 @@ def _jsonable(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v if isinstance(v, str | int | float | bool | type(None)) else str(v) for k, v in info.items()}
 
 
-def make_recorder(sessions: sessionmaker[Session], settings: Settings, keeper: LeaseKeeper) -> JobRecorder:
-    return JobRecorder(sessions, LocalStorage(settings.storage_dir), keeper, settings.metrics_event_interval_s,
+def _published_id(storage: Storage, key: str) -> str | None:
+    """The checkpoint id a directory was published under (its tar's arcname), where the store keeps one:
+    an object store serves the directory's tar under that name only. None (a new id) for a local store,
+    whose download names its tar when it is made."""
+    if not storage.remote:
+        return None
+    arcname = getattr(storage, "dir_arcname", None)
+    try:
+        return arcname(key) if arcname is not None else storage._manifest(key)["arcname"]
+    except FileNotFoundError:
+        return None
+
+
+def make_recorder(sessions: sessionmaker[Session], settings: Settings, keeper: LeaseKeeper,
+                  storage: Storage | None = None) -> JobRecorder:
+    return JobRecorder(sessions, storage or make_storage(settings), keeper, settings.metrics_event_interval_s,
                        settings.cancel_poll_interval_s)
 
 
-def recorder_for_job(settings: Settings, lease: Lease) -> JobRecorder:
+def attach_publisher(recorder: JobRecorder, settings: Settings, output_dir: Path) -> Publisher:
+    """The run's publisher, which records through `recorder`; staged files go next to `output_dir`
+    (the run's scratch directory, worker.scratch)."""
+    recorder.publisher = Publisher(recorder.storage, recorder.job_id, output_dir, Path(output_dir).parent / ".publish",
+                                   recorder.published, lambda: new_id("ftckpt"),
+                                   store_factory=functools.partial(make_storage, settings))
+    return recorder.publisher
+
+
+def recorder_for_job(settings: Settings, lease: Lease, output_dir: str) -> JobRecorder:
     """A JobRecorder built inside rank 0 of a multi-process job (dpo_core.launch): callbacks cannot cross
-    the process boundary, so this process opens its own connection to the job store, and renews the
-    run's lease from a thread of its own as well."""
+    the process boundary, so this process opens its own connection to the job store, renews the run's
+    lease from a thread of its own as well, and publishes the checkpoints it writes."""
     from service.db.engine import make_engine, make_sessionmaker
 
     sessions = make_sessionmaker(make_engine(settings.db_url))
     keeper = LeaseKeeper(sessions, lease, settings.job_lease_s, settings.worker_heartbeat_interval_s)
     keeper.start()
-    return make_recorder(sessions, settings, keeper)
+    recorder = make_recorder(sessions, settings, keeper)
+    attach_publisher(recorder, settings, Path(output_dir))
+    return recorder

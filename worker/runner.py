@@ -1,13 +1,17 @@
 """JobRunner: load a job by id, take its lease, run it with dpo_core, record the outcome.
 
-A run starts from the job's latest complete checkpoint when an earlier run left one (a worker was
-lost, handed the job back on SIGTERM, or the job was paused). User errors (a bad spec, bad data, a
-model that does not load) fail the job with their one-line message and a stable code; a failed write
-of the data volume fails it with `storage_error` or `checkpoint_error`; anything else is an internal
-error: the team sees a short message with an error id, the worker's log has the traceback under that
-id. Every write names the run's lease (worker.lease): a run that lost its job to another writes
-nothing more. A database that cannot answer for a while is waited out, at the start and at the end of
-a run as while it trains: it never fails a job, nor uses one of its attempts.
+A run works in the worker's scratch directory (worker.scratch), the only disk it uses: its inputs
+are fetched from the store first (worker.inputs), its checkpoints published there as it trains
+(worker.publisher), its final model and result files before it is recorded as finished. It starts
+from the job's latest checkpoint in the store when an earlier run published one (a worker was lost,
+handed the job back on SIGTERM, or the job was paused), on whichever worker. User errors (a bad spec,
+bad data, a model that does not load) fail the job with their one-line message and a stable code; a
+failed write or read of the scratch disk or of the store fails it with `storage_error` or
+`checkpoint_error`; anything else is an internal error: the team sees a short message with an error
+id, the worker's log has the traceback under that id. Every write names the run's lease
+(worker.lease): a run that lost its job to another writes nothing more. A database that cannot answer
+for a while is waited out, at the start and at the end of a run as while it trains: it never fails a
+job, nor uses one of its attempts.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
@@ -31,10 +36,10 @@ from sqlalchemy.orm import Session
 from dpo_core import estimate
 from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
-from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR, remove_partial
+from dpo_core.layout import FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR
 from dpo_core.spec import SpecError, TrainingSpec
 from service import parents
-from service.artifacts import LocalStorage, iter_tar, job_key
+from service.artifacts import iter_tar, job_key, make_storage
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
 from service.db.leases import Lease
@@ -43,21 +48,45 @@ from service.errors import LeaseLost
 from service.jobspec import runnable
 from service.model_paths import model_problem
 from service.settings import Settings
+from worker import inputs
 from worker.lease import LeaseKeeper, retrying
-from worker.recorder import JobRecorder, make_recorder
+from worker.recorder import JobRecorder, attach_publisher, make_recorder
+from worker.scratch import RunDirs, Scratch
 
 log = logging.getLogger("dpo.worker")
-# A write or read of the data volume failed for a reason the operator can fix.
+# A write or read of the scratch disk or the store failed for a reason the operator can fix.
 STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG, errno.EACCES,
                             errno.EPERM})
 
 
-class JobRunner:
-    """Runs jobs dispatched to one worker (`worker_id`, its row in the pool)."""
+@dataclass(frozen=True)
+class _JobInputs:
+    """What the database says a run reads: the job's stored spec, its files' keys, its starting point."""
 
-    def __init__(self, settings: Settings, worker_id: str):
+    spec: dict
+    train_key: str
+    validation_key: str | None
+    start: parents.Start | None
+
+
+@dataclass
+class _Outputs:
+    """What a finished run put in the store: the final model (id, key, bytes) and the result files."""
+
+    final: tuple[str, str, int] | None = None
+    metrics: tuple[str, int, int] | None = None  # key, bytes, records
+    tensorboard: tuple[str, int, int] | None = None  # key, bytes, event files
+
+
+class JobRunner:
+    """Runs jobs dispatched to one worker (`worker_id`, its row in the pool), in its scratch directory
+    (default: settings.worker_scratch_dir/<worker_id>)."""
+
+    def __init__(self, settings: Settings, worker_id: str, scratch_dir: Path | None = None):
         self.settings, self.worker_id = settings, worker_id
-        self.storage = LocalStorage(settings.storage_dir)
+        self.storage = make_storage(settings)
+        self.scratch = Scratch(scratch_dir.parent, scratch_dir.name) if scratch_dir else \
+            Scratch(settings.worker_scratch_dir, worker_id)
 
     def run(self, job_id: str, start_deadline_s: float | None = None) -> str:
         """Start the job if it is dispatched to this worker, train it, record the outcome; returns what
@@ -113,25 +142,40 @@ class JobRunner:
         return lease
 
     def _train(self, keeper: LeaseKeeper) -> str:
+        with self.scratch.run(keeper.lease.job_id) as dirs:
+            recorder = make_recorder(self.sessions, self.settings, keeper, self.storage)
+            try:
+                return self._run_in(keeper, recorder, dirs)
+            finally:
+                recorder.close()
+
+    def _run_in(self, keeper: LeaseKeeper, recorder: JobRecorder, dirs: RunDirs) -> str:
         import dpo_core  # torch comes in here, in the worker only
 
         lease = keeper.lease
-        recorder = make_recorder(self.sessions, self.settings, keeper)
         try:
             with _handback_on_sigterm(recorder):
-                spec, gpus = keeper.read(lambda s: self._spec(s, lease.job_id)), self._gpus(keeper)
-                remove_partial(spec.output_dir)  # a dead run's; this run holds the lease, no other writes there
-                result = self._launch(lease, spec, gpus) if gpus > 1 else dpo_core.train(spec, recorder)
+                job, gpus = keeper.read(lambda s: self._inputs(s, lease.job_id)), self._gpus(keeper)
+                spec = self._spec(lease.job_id, job, dirs)
+                if gpus > 1:
+                    result = self._launch(lease, spec, gpus)
+                else:
+                    attach_publisher(recorder, self.settings, dirs.output)
+                    result = dpo_core.train(spec, recorder)
+                    recorder.drain()
+                outputs = self._publish_outputs(lease.job_id, result, dirs.output)
         except LeaseLost:
             raise
         except (SpecError, DataError, TrainingError) as err:
             recorder.flush()  # the metrics logged before the failure (a diverged run's last finite ones)
+            recorder.drain_quietly()
             return self._fail(keeper, _code(err), one_line(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
-            if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # the data volume: full, read-only, failing
+            recorder.drain_quietly()
+            if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:  # full, read-only, failing, unreachable
                 return self._fail(keeper, "storage_error", storage_message(err))
             return self._fail_internal(keeper, err)
-        return self._finish(keeper, result, self._measured(keeper, spec, result, gpus))
+        return self._finish(keeper, result, outputs, self._measured(keeper, spec, result, gpus))
 
     def _measured(self, keeper: LeaseKeeper, spec: TrainingSpec, result, gpus: int) -> dict | None:
         """What the run measured (dpo_core.estimate.measured): it calibrates later estimates. Its FLOPs come
@@ -157,7 +201,8 @@ class JobRunner:
         with tempfile.TemporaryDirectory(prefix="dpo-job-") as tmp:
             spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
             spec_path.write_text(spec.model_dump_json())
-            env = {**os.environ, "DPO_DATA_DIR": str(self.settings.data_dir), "DPO_DATABASE_URL": self.settings.db_url}
+            env = {**os.environ, "DPO_DATA_DIR": str(self.settings.data_dir), "DPO_DATABASE_URL": self.settings.db_url,
+                   "DPO_STORAGE_URL": self.settings.store_url}
             args = [sys.executable, "-m", "worker.distributed_job", lease.job_id, str(lease.token), str(gpus),
                     str(spec_path), str(result_path)]
             proc = subprocess.run(args, env=env, preexec_fn=_die_with_parent)
@@ -171,11 +216,11 @@ class JobRunner:
     def _gpus(self, keeper: LeaseKeeper) -> int:
         return keeper.read(lambda s: s.scalar(select(Job.gpus).where(Job.id == keeper.lease.job_id))) or 1
 
-    def _spec(self, s: Session, job_id: str) -> TrainingSpec:
+    def _inputs(self, s: Session, job_id: str) -> _JobInputs:
         job = s.get(Job, job_id)
-        paths = {f.id: str(self.storage.path(f.storage_key))
-                 for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
-        if job.training_file not in paths or (job.validation_file and job.validation_file not in paths):
+        keys = {f.id: f.storage_key
+                for f in s.scalars(select(File).where(File.id.in_([job.training_file, job.validation_file])))}
+        if job.training_file not in keys or (job.validation_file and job.validation_file not in keys):
             raise DataError([_missing_file(job)])
         start = self._start_point(s, job)
         # Model names are checked against the allowed model dirs: the job's, or the base its LoRA parent trained
@@ -185,14 +230,22 @@ class JobRunner:
         for name in filter(None, (model, job.spec.get("reference_model"), reward_model)):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
-        output_dir = str(self.storage.path(job_key(job_id)))
-        # "auto": the latest complete checkpoint an earlier run of this job left, if any (a resumed job).
-        return runnable(job.spec, paths[job.training_file], paths.get(job.validation_file), output_dir,
-                        resume_from="auto", start=start)
+        return _JobInputs(job.spec, keys[job.training_file], keys.get(job.validation_file), start)
+
+    def _spec(self, job_id: str, job: _JobInputs, dirs: RunDirs) -> TrainingSpec:
+        """The run's spec on this machine, once what it reads is on the scratch disk. What an interrupted
+        run left half-written in the store goes first: this run holds the lease, no other writes there."""
+        self.storage.remove_partial(job_key(job_id))
+        train = inputs.fetch_upload(self.storage, job.train_key, dirs)
+        validation = inputs.fetch_upload(self.storage, job.validation_key, dirs) if job.validation_key else None
+        inputs.fetch_output(self.storage, job_id, dirs.output)
+        start = inputs.fetch_parent(self.storage, job.start, dirs)
+        # "auto": the latest checkpoint an earlier run of this job published, if any (a resumed job).
+        return runnable(job.spec, train, validation, str(dirs.output), resume_from="auto", start=start)
 
     def _start_point(self, s: Session, job: Job) -> parents.Start | None:
-        """Where a job that continues a checkpoint starts, on this machine's storage; a checkpoint deleted
-        since it was queued fails it (parent_checkpoint_deleted)."""
+        """Where a job that continues a checkpoint starts (in the store); a checkpoint deleted since it
+        was queued fails it (parent_checkpoint_deleted)."""
         if job.parent_checkpoint is None:
             return None
         try:
@@ -200,11 +253,31 @@ class JobRunner:
         except parents.ParentGone as err:
             raise TrainingError(err.message, code=err.code) from None
 
-    def _finish(self, keeper: LeaseKeeper, result, measured: dict | None) -> str:
+    def _publish_outputs(self, job_id: str, result, output: Path) -> _Outputs:
+        """The final model and the result files of a run that ended (not stopped), put in the store before
+        the job is recorded as finished, so its final model and result files are whole when listed."""
+        outputs, prefix = _Outputs(), job_key(job_id)
+        if result.stopped:
+            return outputs
+        if result.final_dir:
+            final_id, key = new_id("ftckpt"), f"{prefix}/{FINAL_DIR}"
+            outputs.final = (final_id, key, self.storage.publish_dir(Path(result.final_dir), key, final_id))
+        metrics = output / METRICS_FILE
+        if metrics.is_file():
+            key = f"{prefix}/{METRICS_FILE}"
+            records = sum(1 for _ in metrics.open("rb"))
+            outputs.metrics = (key, self.storage.put_file(key, metrics), records)
+        directory = output / TENSORBOARD_DIR
+        if directory.is_dir():  # one uncompressed tar of the TensorBoard event files
+            key = f"{prefix}/{TENSORBOARD_TAR}"
+            size = self.storage.put_stream(key, iter_tar(directory, TENSORBOARD_DIR))
+            outputs.tensorboard = (key, size, sum(1 for p in directory.rglob("events.out.tfevents.*") if p.is_file()))
+        return outputs
+
+    def _finish(self, keeper: LeaseKeeper, result, outputs: _Outputs, measured: dict | None) -> str:
         """Record the run's outcome, and with a success what it measured; waits out a database that cannot
         answer (LeaseLost once the lease is lost)."""
         lease, outcome = keeper.lease, {}
-        tensorboard = self._pack_tensorboard(lease.job_id) if not result.stopped else None
 
         def write(s: Session) -> None:
             fields = dict(trained_tokens=result.trained_tokens, step=result.global_step, estimated_finish=None)
@@ -220,51 +293,37 @@ class JobRunner:
                 leases.hand_back(s, lease, name, result.global_step, paused=paused)
                 outcome["status"] = JobStatus.PAUSED if paused else JobStatus.QUEUED
                 return
-            if result.final_dir:
-                key = self.storage.key_for(result.final_dir)
+            if outputs.final is not None:
+                final_id, key, size = outputs.final
                 # The final model is the best evaluation's weights under early stopping or load_best_at_end.
                 step = result.global_step if result.best_step is None else result.best_step
-                final = jobs.add_checkpoint(s, lease.job_id, step, key,
-                                             {**result.metrics, **(result.eval_metrics or {})}, final=True,
-                                             size=self.storage.size(key))
+                jobs.add_checkpoint(s, lease.job_id, step, key, {**result.metrics, **(result.eval_metrics or {})},
+                                    final=True, size=size, id=final_id)
                 s.flush()
-                fields["fine_tuned_model"] = final.id
-            fields["result_files"] = self._result_files(s, lease.job_id, tensorboard)
+                fields["fine_tuned_model"] = final_id
+            fields["result_files"] = self._result_files(s, lease.job_id, outputs)
             leases.finish(s, lease, JobStatus.SUCCEEDED, measured=measured, **fields)
             outcome["status"] = JobStatus.SUCCEEDED
         keeper.write_now(write)
         return outcome["status"].value
 
-    def _result_files(self, s, job_id: str, tensorboard: tuple[str, int] | None) -> list[str]:
+    def _result_files(self, s, job_id: str, outputs: _Outputs) -> list[str]:
         """The run's outputs registered as downloadable files (OpenAI's result_files): dpo_core's
         metrics.jsonl, and the TensorBoard event files packed as one tar (report_to: tensorboard)."""
         team_id = s.scalar(select(Job.team_id).where(Job.id == job_id))
         files = []
-        key = f"{job_key(job_id)}/{METRICS_FILE}"
-        if self.storage.exists(key):
-            path = self.storage.path(key)
+        if outputs.metrics is not None:
+            key, size, records = outputs.metrics
             files.append(File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-metrics.jsonl",
-                              purpose="fine-tune-results", bytes=path.stat().st_size, format="metrics",
-                              rows=sum(1 for _ in path.open("rb")), status="processed", storage_key=key,
-                              created_at=now()))
-        if tensorboard is not None:
-            key, event_files = tensorboard
+                              purpose="fine-tune-results", bytes=size, format="metrics", rows=records,
+                              status="processed", storage_key=key, created_at=now()))
+        if outputs.tensorboard is not None:
+            key, size, event_files = outputs.tensorboard
             files.append(File(id=new_id("file"), team_id=team_id, filename=f"{job_id}-{TENSORBOARD_TAR}",
-                              purpose="fine-tune-results", bytes=self.storage.size(key), format="tensorboard",
-                              rows=event_files, status="processed", storage_key=key, created_at=now()))
+                              purpose="fine-tune-results", bytes=size, format="tensorboard", rows=event_files,
+                              status="processed", storage_key=key, created_at=now()))
         s.add_all(files)
         return [f.id for f in files]
-
-    def _pack_tensorboard(self, job_id: str) -> tuple[str, int] | None:
-        """The job's TensorBoard directory as one uncompressed tar next to it (its key, and how many event
-        files it holds); None when the run wrote none. Written before the job is recorded as finished, so
-        its result files are complete when they are listed."""
-        directory = self.storage.path(f"{job_key(job_id)}/{TENSORBOARD_DIR}")
-        if not directory.is_dir():
-            return None
-        key = f"{job_key(job_id)}/{TENSORBOARD_TAR}"
-        self.storage.put_stream(key, iter_tar(directory, TENSORBOARD_DIR))
-        return key, sum(1 for p in directory.rglob("events.out.tfevents.*") if p.is_file())
 
     def _fail_internal(self, keeper: LeaseKeeper, err: Exception) -> str:
         """An error no code path names: the team gets its kind and an error id, never the traceback (it
@@ -300,10 +359,11 @@ def one_line(err: Exception) -> str:
 
 
 def storage_message(err: OSError) -> str:
-    """A failed write or read of the data volume, said plainly: what failed, where, and what to do."""
+    """A failed write or read of the scratch disk or the store, said plainly: what failed, where, and what
+    to do."""
     where = f" ({err.filename})" if err.filename else ""
     return (f"storage error: {err.strerror or type(err).__name__}{where}; the job's earlier checkpoints are "
-            "intact. Free space on (or repair) the data volume, then resubmit the job")
+            "intact. Free space on (or repair) the worker's scratch disk or the store, then resubmit the job")
 
 
 def _code(err: Exception) -> str:

@@ -14,4 +14,5 @@ def run_job(self, job_id: str) -> str:
     settings = self.app.dpo_settings
     # A process that cannot start its job within the dispatch timeout is stuck: it exits, and the
     # reconciler, which queues the job again at that timeout, finds the worker's slot free.
-    return JobRunner(settings, self.app.dpo_worker_id).run(job_id, start_deadline_s=settings.dispatch_timeout_s)
+    runner = JobRunner(settings, self.app.dpo_worker_id, self.app.dpo_scratch_dir)
+    return runner.run(job_id, start_deadline_s=settings.dispatch_timeout_s)

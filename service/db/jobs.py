@@ -216,12 +216,13 @@ def update_job(session: Session, job_id: str, **fields: Any) -> None:
 
 def add_checkpoint(
     session: Session, job_id: str, step: int, storage_key: str, metrics: dict | None, final: bool = False,
-    size: int = 0,
+    size: int = 0, id: str | None = None,
 ) -> Checkpoint:
     """A checkpoint's row, and its webhook deliveries (checkpoint.created) in the same transaction;
-    `size`: its directory's bytes (Storage.size), what counts against the team's quota."""
+    `size`: its directory's bytes (Storage.size), what counts against the team's quota. `id`: the one the
+    worker chose before publishing the directory (its tar's arcname); a new one if None."""
     checkpoint = Checkpoint(
-        id=new_id("ftckpt"), job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final,
+        id=id or new_id("ftckpt"), job_id=job_id, step_number=step, storage_key=storage_key, metrics=metrics, final=final,
         created_at=now(), bytes=size,
     )
     session.add(checkpoint)

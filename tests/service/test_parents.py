@@ -1,8 +1,9 @@
 """A job's `model` naming a checkpoint or a job (service.parents), through the real app (SQLite, embedded
 broker): what the job keeps and shows, the LoRA base and adapter it resolves to, the 400s of a parent with
 no final model or with its files gone, the 404 of another team's, the 409 on deleting a live job's
-starting point, and the worker failing a job whose starting point went since it was queued. The training
-itself is tests/integration/test_continue.py's and tests/service/test_e2e_continue.py's."""
+starting point, the worker failing a job whose starting point went since it was queued, and the
+starting point it fetches from the store. The training itself is tests/integration/test_continue.py's
+and tests/service/test_e2e_continue.py's."""
 from __future__ import annotations
 
 import shutil
@@ -122,3 +123,16 @@ def test_the_worker_fails_a_job_whose_starting_point_is_gone(client, settings, t
     assert run_on_worker(settings, b["id"]) == "failed"
     job = client.get(f"/v1/fine_tuning/jobs/{b['id']}").json()
     assert job["error"]["code"] == "parent_checkpoint_deleted" and a["mid"] in job["error"]["message"]
+
+
+def test_the_worker_materializes_a_starting_point_from_the_store(client, settings, train_id, tmp_path):
+    storage = LocalStorage(settings.storage_dir)
+    full, lora = _finished(client, settings, train_id), _finished(client, settings, train_id, lora=LORA)
+    b, c = (_create(client, a["id"], train_id).json() for a in (full, lora))
+    with sessions_for(settings)() as s:
+        starts = [parents.of_job(s, storage, s.get(Job, j["id"])) for j in (b, c)]
+    local = [parents.materialize(storage, start, tmp_path / j["id"]) for start, j in zip(starts, (b, c))]
+    assert local[0].model == str(tmp_path / b["id"] / "model") and local[0].adapter is None
+    assert (tmp_path / b["id"] / "model" / "config.json").is_file()
+    assert local[1].model == "owner/model" and local[1].adapter == str(tmp_path / c["id"] / "adapter" / "adapter")
+    assert not (tmp_path / c["id"] / "model").exists()
