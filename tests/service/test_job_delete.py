@@ -101,7 +101,6 @@ def test_deleting_an_ended_job_removes_what_it_keeps_and_frees_its_storage(clien
     assert client.delete(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
 
 
-@pytest.mark.parametrize("settings", ["sqlite", "postgres"], indirect=True)
 def test_a_job_not_ended_or_whose_checkpoint_a_live_job_starts_from_is_not_deleted(client, settings, task_files,
                                                                                   tmp_path):
     train_id = upload(client, task_files[0])["id"]
