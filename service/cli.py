@@ -4,7 +4,7 @@
     dpo-service api     [--host H] [--port P] [--data-dir D] [--workers N]   the API alone (production)
     dpo-service worker  [--data-dir D]                         one worker alone (one per GPU; dpo-service[worker])
     dpo-service migrate [--data-dir D]                         bring the database to the newest schema
-    dpo-service admin   teams|keys|usage|pool ...              the admin API over HTTP (see service.admin_cli)
+    dpo-service admin   teams|keys|usage|pool|sweep ...        the admin API over HTTP (see service.admin_cli)
 
 Settings come from DPO_* environment variables (service.settings.Settings); flags override them.
 The worker runs as `python -m worker` in its own process, so this module never imports worker/.
@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 
 from service import admin_cli
+from service.artifacts import make_storage
 from service.auth import KEY_FILE, admin_key
 from service.db.migrate import upgrade
 from service.settings import Settings, settings_for_command
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         os.execv(sys.executable, [sys.executable, "-m", "worker", "--data-dir", str(settings.data_dir),
                                   "--loglevel", args.loglevel])
+    if args.command in ("api", "up") and (problem := _store_problem(settings)):
+        print(f"dpo-service: {problem}", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     if args.command == "migrate":
@@ -53,6 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "api":
         return _api(settings, args.host, args.port, args.workers)
     return _up(settings, args.host, args.port)
+
+
+def _store_problem(settings: Settings) -> str | None:
+    """Why the store DPO_STORAGE_URL names cannot be used, said before any process starts; None if it can."""
+    try:
+        make_storage(settings)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _api(settings: Settings, host: str, port: int, workers: int = 1) -> int:

@@ -26,7 +26,7 @@ from dpo_core.errors import ModelLoadError, TrainingError
 from dpo_core.preflight import data_report
 from dpo_core.spec import TrainingSpec
 from dpo_core.tokenizer_loading import load_tokenizer
-from service import submit
+from service import parents, submit
 from service.artifacts import Storage
 from service.auth import Principal
 from service.db.models import Job, JobStatus, Preflight, new_id, now
@@ -45,9 +45,9 @@ def preflight(session: Session, principal: Principal, req: JobCreate, settings: 
     """The report of `req` (validated exactly as job creation validates it), stored as a `preflights` row."""
     at = time.time()
     job, built = submit.validate(req, session, storage, settings, principal)
-    with _local_data(storage, built.spec) as spec:
+    with _local_inputs(session, storage, job, built.spec) as spec:
         data = _data(spec)
-    estimate = _estimate(session, principal, settings, built.spec, data, job, at)
+        estimate = _estimate(session, principal, settings, spec, data, job, at)
     queue = forecast(session, settings, job, _chosen(estimate), at)
     report = {"object": "fine_tuning.preflight", "id": new_id("ftpre"), "created_at": now(), "model": req.model,
               "data": {"training_file": data["training_file"], "validation_file": data["validation_file"]},
@@ -67,21 +67,40 @@ def job_estimate(report: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _local_data(storage: Storage, spec: TrainingSpec) -> Iterator[TrainingSpec]:
-    """The spec with its data files on this machine: a local store's own files (fetch_file copies
-    nothing), or a remote store's downloaded into a temporary directory, removed afterwards."""
-    keys = {"train_file": spec.train_file, "validation_file": spec.validation_file}
+def _local_inputs(session: Session, storage: Storage, job: Job, spec: TrainingSpec) -> Iterator[TrainingSpec]:
+    """The spec with what it reads on this machine: its data files, and the checkpoint it starts from
+    (service.parents) if any. A local store's own files (nothing is copied); a remote store's downloaded
+    into a temporary directory, removed afterwards."""
     with tempfile.TemporaryDirectory(prefix="dpo-preflight-") as tmp:
-        try:
-            paths = {field: str(storage.fetch_file(key, Path(tmp) / f"{field}.jsonl"))
-                     for field, key in keys.items() if key}
-        except FileNotFoundError:
-            raise InvalidInput("the bytes of the job's training or validation file are gone from storage; upload "
-                               "it again", param="training_file", code="invalid_file") from None
-        except OSError as err:
-            raise StorageFailed(f"could not read the job's data from storage: {err.strerror or err}; try again "
-                                "later", param="training_file") from None
-        yield spec.model_copy(update=paths)
+        local = _fetch_data(storage, spec, Path(tmp))
+        if job.parent_checkpoint is not None:
+            local |= _fetch_start(session, storage, job, Path(tmp) / "parent")
+        yield spec.model_copy(update=local)
+
+
+def _fetch_data(storage: Storage, spec: TrainingSpec, tmp: Path) -> dict[str, str]:
+    keys = {"train_file": spec.train_file, "validation_file": spec.validation_file}
+    try:
+        return {field: str(storage.fetch_file(key, tmp / f"{field}.jsonl")) for field, key in keys.items() if key}
+    except FileNotFoundError:
+        raise InvalidInput("the bytes of the job's training or validation file are gone from storage; upload it "
+                           "again", param="training_file", code="invalid_file") from None
+    except OSError as err:
+        raise StorageFailed(f"could not read the job's data from storage: {err.strerror or err}; try again later",
+                            param="training_file") from None
+
+
+def _fetch_start(session: Session, storage: Storage, job: Job, dest: Path) -> dict[str, str | None]:
+    """The model (and LoRA adapter) of the checkpoint the job starts from, fetched under `dest`."""
+    try:
+        start = parents.materialize(storage, parents.of_job(session, storage, job), dest)
+    except FileNotFoundError:
+        raise parents.ParentGone(f"the files of checkpoint {job.parent_checkpoint}, which the job starts from, are "
+                                 "gone; start from another checkpoint", param="model") from None
+    except OSError as err:
+        raise StorageFailed(f"could not read checkpoint {job.parent_checkpoint} from storage: "
+                            f"{err.strerror or err}; try again later", param="model") from None
+    return {"model": start.model, "adapter": start.adapter}
 
 
 def _data(spec: TrainingSpec) -> dict[str, Any]:

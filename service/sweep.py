@@ -54,18 +54,20 @@ def sweep(sessions: sessionmaker[Session], storage: Storage, min_age_s: float, d
     """One pass over the store: remove the orphans older than `min_age_s` (with dry_run, only list them)."""
     cutoff = (time.time() if at is None else at) - min_age_s
     report = SweepReport(dry_run=dry_run)
+    listed = [o for o in storage.list(JOBS) if len(o.key.split("/")) > 2]
+    by_job: dict[str, list[StoredObject]] = {}
+    for obj in listed:
+        by_job.setdefault(obj.key.split("/")[1], []).append(obj)
+    orphans, ended, named = [], [], set()
     with sessions() as session:
-        orphans = _orphan_uploads(session, _old(storage.list(UPLOADS), cutoff))
-        by_job: dict[str, list[StoredObject]] = {}
-        for obj in _old(storage.list(JOBS), cutoff):
-            by_job.setdefault(obj.key.split("/")[1], []).append(obj)
-        ended = []
+        orphans += _orphan_uploads(session, [o for o in storage.list(UPLOADS) if o.modified <= cutoff])
         for ids in _batches(sorted(by_job)):
-            found, done = _job_orphans(session, {j: by_job[j] for j in ids})
-            orphans += found
-            ended += done
-    for obj in orphans:
-        _remove(storage, obj, report)
+            found = _job_orphans(session, {j: by_job[j] for j in ids}, cutoff)
+            orphans += found.orphans
+            ended += found.ended
+            named |= found.named
+    for key, objects in _units(orphans, listed, named):
+        _remove(storage, key, objects, report)
     if not dry_run:
         for job_id in ended:
             _remove_partial(storage, job_id, report)
@@ -73,10 +75,6 @@ def sweep(sessions: sessionmaker[Session], storage: Storage, min_age_s: float, d
         log.info("orphan sweep%s: %d objects, %d bytes%s", " (dry run)" if dry_run else "", len(report.removed),
                  report.bytes, f"; {len(report.failed)} could not be removed" if report.failed else "")
     return report
-
-
-def _old(objects: Iterable[StoredObject], cutoff: float) -> list[StoredObject]:
-    return [o for o in objects if o.modified <= cutoff and len(o.key.split("/")) > 1]
 
 
 def _batches(items: list) -> Iterable[list]:
@@ -92,25 +90,31 @@ def _orphan_uploads(session: Session, objects: list[StoredObject]) -> list[Store
     return orphans
 
 
-def _job_orphans(session: Session, objects: dict[str, list[StoredObject]]) -> tuple[list[StoredObject], list[str]]:
-    """The orphans among these jobs' objects, and the ids of those jobs that have ended."""
+@dataclass
+class _Found:
+    orphans: list[StoredObject]
+    ended: list[str]  # the jobs that have ended (their unfinished uploads go too)
+    named: set[str]  # the keys rows name under these jobs' prefixes
+
+
+def _job_orphans(session: Session, objects: dict[str, list[StoredObject]], cutoff: float) -> _Found:
+    """The orphans older than `cutoff` among these jobs' objects."""
     ids = list(objects)
     status = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).all())
-    named = {(r.job_id, r.storage_key) for r in session.execute(
-        select(Checkpoint.job_id, Checkpoint.storage_key).where(Checkpoint.job_id.in_(ids)))}
-    keys = [o.key for job_objects in objects.values() for o in job_objects]
+    dirs = session.execute(select(Checkpoint.job_id, Checkpoint.storage_key).where(Checkpoint.job_id.in_(ids))).all()
     files = set()
-    for batch in _batches(keys):
+    for batch in _batches([o.key for job_objects in objects.values() for o in job_objects]):
         files |= set(session.scalars(select(File.storage_key).where(File.storage_key.in_(batch))))
-    orphans, ended = [], []
+    found = _Found([], [], files | {key for _, key in dirs})
     for job_id, job_objects in objects.items():
         if job_id in status and not JobStatus(status[job_id]).terminal:
             continue  # its run writes here, and resumes from what it wrote
         if job_id in status:
-            ended.append(job_id)
-        dirs = [key for owner, key in named if owner == job_id]
-        orphans += [o for o in job_objects if o.key not in files and not any(_names(d, o.key) for d in dirs)]
-    return orphans, ended
+            found.ended.append(job_id)
+        own = [key for owner, key in dirs if owner == job_id]
+        found.orphans += [o for o in job_objects if o.modified <= cutoff and o.key not in files
+                          and not any(_names(d, o.key) for d in own)]
+    return found
 
 
 def _names(row_key: str, key: str) -> bool:
@@ -118,19 +122,43 @@ def _names(row_key: str, key: str) -> bool:
     return key == row_key or key.startswith(f"{row_key}/") or key in (row_key + e for e in _DIR_OBJECTS)
 
 
-def _remove(storage: Storage, obj: StoredObject, report: SweepReport) -> None:
+def _units(orphans: list[StoredObject], listed: list[StoredObject], named: set[str]
+           ) -> list[tuple[str, list[StoredObject]]]:
+    """The orphans grouped under the widest key they fill: a job's whole prefix, or a directory under it,
+    when every object listed there is an orphan and no row names a key there (so a directory goes whole,
+    leaving no empty one behind); else each object alone."""
+    orphan_keys = {o.key for o in orphans}
+    inside: dict[str, list[StoredObject]] = {}
+    for obj in listed:
+        for prefix in _prefixes(obj.key):
+            inside.setdefault(prefix, []).append(obj)
+    full = {p for p, objects in inside.items() if all(o.key in orphan_keys for o in objects)
+            and not any(k == p or k.startswith(f"{p}/") for k in named)}
+    units: dict[str, list[StoredObject]] = {}
+    for obj in orphans:
+        units.setdefault(next((p for p in _prefixes(obj.key) if p in full), obj.key), []).append(obj)
+    return sorted(units.items())
+
+
+def _prefixes(key: str) -> list[str]:
+    """`jobs/J` and the directories between it and a key under it, widest first (none outside jobs/)."""
+    parts = key.split("/")
+    return ["/".join(parts[:i]) for i in range(2, len(parts))] if parts[0] == JOBS.rstrip("/") else []
+
+
+def _remove(storage: Storage, key: str, objects: list[StoredObject], report: SweepReport) -> None:
     if report.dry_run:
-        report.removed.append(obj)
+        report.removed += objects
         return
     try:
-        storage.delete(obj.key)
+        storage.delete(key)
     except FileNotFoundError:
         return  # removed meanwhile (another API process's sweep)
     except OSError as err:
-        log.warning("orphan sweep: could not remove %s: %s", obj.key, err)
-        report.failed.append(obj.key)
+        log.warning("orphan sweep: could not remove %s: %s", key, err)
+        report.failed.append(key)
         return
-    report.removed.append(obj)
+    report.removed += objects
 
 
 def _remove_partial(storage: Storage, job_id: str, report: SweepReport) -> None:

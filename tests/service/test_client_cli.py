@@ -246,7 +246,11 @@ def test_pause_ends_a_watch_with_5_and_resume_queues_the_job_again(service, home
     assert [j["id"] for j in paused["data"]] == [job_id]
     assert f"Resumed {job_id}" in dpo("jobs", "resume", job_id, home=home, env=env).stdout
     assert "(job_not_paused)" in one_line_error(dpo("jobs", "resume", job_id, home=home, env=env, ok=False))
+    assert "(job_not_finished)" in one_line_error(dpo("jobs", "delete", job_id, home=home, env=env, ok=False))
     assert json.loads(dpo("jobs", "cancel", job_id, "--json", home=home, env=env).stdout)["status"] == "cancelled"
+    assert f"Deleted the checkpoints, final model, result files and events of {job_id}" in dpo(
+        "jobs", "delete", job_id, home=home, env=env).stdout
+    assert json.loads(dpo("jobs", "events", job_id, "--json", home=home, env=env).stdout)["data"] == []
 
 
 def test_pool_and_usage(service, home, env):
