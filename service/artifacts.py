@@ -34,6 +34,12 @@ def upload_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
+def state_key(job_id: str, name: str) -> str:
+    """Where a running job keeps the state a resumed run goes on from (metrics.jsonl, tracking.json,
+    tensorboard/): apart from the result files of the same names, which a job that succeeded registers."""
+    return f"{job_key(job_id)}/state/{name}"
+
+
 def job_key(job_id: str) -> str:
     """The key of the job's output directory: its checkpoints, final model and metrics (dpo_core.layout)."""
     return f"jobs/{job_id}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE, list_checkpoints
 from service import parents
-from service.artifacts import Storage, job_key
+from service.artifacts import Storage, job_key, state_key
 from worker.scratch import RunDirs
 
 _CHECKPOINT_PREFIX = "checkpoint-"
@@ -23,14 +23,15 @@ def fetch_upload(storage: Storage, key: str, dirs: RunDirs) -> str:
 
 def fetch_output(storage: Storage, job_id: str, output: Path) -> list[int]:
     """Every checkpoint the job published, and its state objects, into `output`; returns the steps."""
-    prefix = job_key(job_id)
-    for key in storage.list_dirs(prefix):
+    for key in storage.list_dirs(job_key(job_id)):
         name = key.rsplit("/", 1)[-1]
-        if name.startswith(_CHECKPOINT_PREFIX) or name == TENSORBOARD_DIR:
+        if name.startswith(_CHECKPOINT_PREFIX):
             storage.fetch_dir(key, output / name)
+    if storage.dir_exists(state_key(job_id, TENSORBOARD_DIR)):
+        storage.fetch_dir(state_key(job_id, TENSORBOARD_DIR), output / TENSORBOARD_DIR)
     for name in (METRICS_FILE, TRACKING_FILE):
         try:
-            got = storage.fetch_file(f"{prefix}/{name}", output / name)
+            got = storage.fetch_file(state_key(job_id, name), output / name)
         except FileNotFoundError:
             continue
         if Path(got) != output / name:  # the store's own file: the trainer must append to a copy

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE, checkpoint_dir, list_checkpoints
-from service.artifacts import Storage, job_key
+from service.artifacts import Storage, job_key, state_key
 
 log = logging.getLogger("dpo.worker")
 MAX_PENDING = 2
@@ -79,7 +79,7 @@ class Publisher:
                  on_done: Callable[[Task], None], new_id: Callable[[], str],
                  store_factory: Callable[[], Storage] | None = None, known_steps: set[int] | None = None,
                  max_pending: int = MAX_PENDING, background: bool | None = None):
-        self.storage, self.prefix = storage, job_key(job_id)
+        self.storage, self.job_id, self.prefix = storage, job_id, job_key(job_id)
         self.output_dir, self.staging = Path(output_dir), Path(staging)
         self.on_done, self.new_id, self.max_pending = on_done, new_id, max_pending
         # Steps published or queued, not deleted: a pruned one among them is deleted from the store.
@@ -170,7 +170,7 @@ class Publisher:
             if copy_to is not None:
                 copy_to.mkdir(parents=True, exist_ok=True)
                 source = _copy(source, copy_to / name)
-            key = f"{self.prefix}/{name}"
+            key = state_key(self.job_id, name)
             ops.append((op, (source, key, name) if op == "publish_dir" else (key, source)))
         return ops
 

@@ -50,10 +50,11 @@ def test_checkpoints_are_published_in_order_with_their_state_and_pruned_ones_del
     assert [(t.kind, t.step) for t in done] == [(CHECKPOINT, 1), (CHECKPOINT, 2), (DELETE, 1), (CHECKPOINT, 3)]
     assert [t.checkpoint_id for t in done if t.kind == CHECKPOINT] == ["ftckpt-0", "ftckpt-1", "ftckpt-2"]
     assert all(t.size == 1024 + len(json.dumps({"step": t.step})) for t in done if t.kind == CHECKPOINT)
-    assert storage.list_dirs(f"jobs/{JOB}") == [f"jobs/{JOB}/checkpoint-2", f"jobs/{JOB}/checkpoint-3"]
+    checkpoints = [k for k in storage.list_dirs(f"jobs/{JOB}") if "/checkpoint-" in k]
+    assert checkpoints == [f"jobs/{JOB}/checkpoint-2", f"jobs/{JOB}/checkpoint-3"]
     stored = storage.path(f"jobs/{JOB}/checkpoint-3/model.safetensors").read_bytes()
     assert stored == (checkpoint_dir(output, 3) / "model.safetensors").read_bytes()
-    metrics = storage.path(f"jobs/{JOB}/metrics.jsonl").read_text().splitlines()
+    metrics = storage.path(f"jobs/{JOB}/state/metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in metrics] == [1, 2, 3]
     assert not (output.parent / ".publish").exists() or not any((output.parent / ".publish").iterdir())
 
@@ -74,7 +75,7 @@ def test_the_state_is_published_as_it_was_at_the_checkpoint(dirs, tmp_path):
     finally:
         pub.close()
     storage = LocalStorage(root)
-    assert [json.loads(x)["step"] for x in storage.path(f"jobs/{JOB}/metrics.jsonl").read_text().splitlines()] == [1]
+    assert [json.loads(x)["step"] for x in storage.path(f"jobs/{JOB}/state/metrics.jsonl").read_text().splitlines()] == [1]
     assert storage.dir_exists(f"jobs/{JOB}/checkpoint-1") and done[0].step == 1
 
 
@@ -240,4 +241,4 @@ def test_checkpoints_fetched_at_the_start_are_deleted_when_the_trainer_prunes_th
     finally:
         pub.close()
     assert [(t.kind, t.step) for t in done] == [(DELETE, 2), (CHECKPOINT, 4)]
-    assert storage.list_dirs(f"jobs/{JOB}") == [f"jobs/{JOB}/checkpoint-4"]
+    assert [k for k in storage.list_dirs(f"jobs/{JOB}") if "/checkpoint-" in k] == [f"jobs/{JOB}/checkpoint-4"]

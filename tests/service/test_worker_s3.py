@@ -123,7 +123,7 @@ def test_the_publisher_uploads_in_the_background_in_order_and_deletes_pruned_che
         assert storage._manifest(task.key)["arcname"] == task.checkpoint_id
     fetched = storage.fetch_dir(f"{prefix}/checkpoint-3", tmp_path / "back")
     assert (fetched / "model.safetensors").read_bytes() == (checkpoint_dir(output, 3) / "model.safetensors").read_bytes()
-    lines = b"".join(storage.read_range(f"{prefix}/metrics.jsonl", 0, storage.size(f"{prefix}/metrics.jsonl") - 1))
+    lines = b"".join(storage.read_range(f"{prefix}/state/metrics.jsonl", 0, storage.size(f"{prefix}/state/metrics.jsonl") - 1))
     assert [json.loads(line)["step"] for line in lines.decode().splitlines()] == [1, 2, 3]
 
 
