@@ -106,14 +106,16 @@ def _job_orphans(session: Session, objects: dict[str, list[StoredObject]], cutof
     for batch in _batches([o.key for job_objects in objects.values() for o in job_objects]):
         files |= set(session.scalars(select(File.storage_key).where(File.storage_key.in_(batch))))
     found = _Found([], [], files | {key for _, key in dirs})
+    own: dict[str, list[str]] = {}
+    for owner, key in dirs:
+        own.setdefault(owner, []).append(key)
     for job_id, job_objects in objects.items():
         if job_id in status and not JobStatus(status[job_id]).terminal:
             continue  # its run writes here, and resumes from what it wrote
         if job_id in status:
             found.ended.append(job_id)
-        own = [key for owner, key in dirs if owner == job_id]
         found.orphans += [o for o in job_objects if o.modified <= cutoff and o.key not in files
-                          and not any(_names(d, o.key) for d in own)]
+                          and not any(_names(d, o.key) for d in own.get(job_id, ()))]
     return found
 
 
@@ -132,8 +134,8 @@ def _units(orphans: list[StoredObject], listed: list[StoredObject], named: set[s
     for obj in listed:
         for prefix in _prefixes(obj.key):
             inside.setdefault(prefix, []).append(obj)
-    full = {p for p, objects in inside.items() if all(o.key in orphan_keys for o in objects)
-            and not any(k == p or k.startswith(f"{p}/") for k in named)}
+    rows_under = {p for k in named for p in (k, *_prefixes(k))}  # the prefixes with a key a row names
+    full = {p for p, objects in inside.items() if p not in rows_under and all(o.key in orphan_keys for o in objects)}
     units: dict[str, list[StoredObject]] = {}
     for obj in orphans:
         units.setdefault(next((p for p in _prefixes(obj.key) if p in full), obj.key), []).append(obj)

@@ -98,6 +98,16 @@ def test_whole_lifecycle_over_http(service, file_ids, tiny_model, tmp_path):
     assert memory == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # a CPU worker: its RAM
     assert measured["train_seconds"] > 0 and measured["flops"] > 0
 
+    # Deleting the ended job removes every object under its prefix, and its bytes leave the team's storage.
+    with service.client() as c:
+        results = [c.get(f"/v1/files/{f}").json()["bytes"] for f in job["result_files"]]
+        before = c.get("/v1/usage").json()["storage_bytes"]
+        assert (service.data_dir / "jobs" / job_id / "final").is_dir()
+        assert c.delete(f"/v1/fine_tuning/jobs/{job_id}").status_code == 200
+        assert c.get("/v1/usage").json()["storage_bytes"] == before - sum(ck["bytes"] for ck in ckpts) - sum(results)
+        assert c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"] == []
+    assert results and not (service.data_dir / "jobs" / job_id).exists()
+
 
 def test_cancel_stops_a_running_job_and_frees_the_worker(service, file_ids, tiny_model):
     job_id = create_job(service, tiny_model, file_ids[0], max_steps=100_000)

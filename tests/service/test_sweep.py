@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from service import admin_cli, cli
-from service.artifacts import make_storage
+from service.artifacts import make_storage, state_key
 from service.db import jobs
 from service.db.migrate import upgrade
 from service.sweep import Sweeper, sweep
@@ -75,7 +75,7 @@ def store(client, settings, task_files, tmp_path) -> dict:
         *put(storage, "files/file-0123abc.jsonl"),  # an upload without its row
         *put(storage, "jobs/ftjob-0gone/metrics.jsonl"),  # a job without its row
         *publish(storage, tmp_path, f"jobs/{ended}/checkpoint-1"),  # no Checkpoint row names it
-        *put(storage, f"jobs/{ended}/tracking.json"),  # no row names it
+        *put(storage, state_key(ended, "tracking.json")),  # no row names it: only a resumed run reads it
         *put(storage, f"jobs/{ended}/checkpoint-3.tar"),  # a publish that never finished
     ]
     kept += [
