@@ -37,7 +37,7 @@ class Cluster:
     """The service (API) and its workers, each worker in a data directory of its own."""
 
     def __init__(self, root: Path, env: dict[str, str], store):
-        self.root, self.store = root, store
+        self.store = store
         self.svc = new_service(root / "api", "store-" + secrets.token_hex(12), env)
         self.worker_dirs: dict[str, Path] = {}
         self.jobs: list[str] = []  # every job the tests submitted
