@@ -34,10 +34,11 @@ def upload_key(file_id: str) -> str:
     return f"files/{file_id}.jsonl"
 
 
-def state_key(job_id: str, name: str) -> str:
+def state_key(job_id: str, name: str | None = None) -> str:
     """Where a running job keeps the state a resumed run goes on from (metrics.jsonl, tracking.json,
-    tensorboard/): apart from the result files of the same names, which a job that succeeded registers."""
-    return f"{job_key(job_id)}/state/{name}"
+    tensorboard/): apart from the result files of the same names, which a job that succeeded registers.
+    Without a name: the folder of them all."""
+    return f"{job_key(job_id)}/state" + (f"/{name}" if name else "")
 
 
 def job_key(job_id: str) -> str:

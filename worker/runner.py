@@ -39,7 +39,7 @@ from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.layout import FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR
 from dpo_core.spec import SpecError, TrainingSpec
 from service import parents
-from service.artifacts import iter_tar, job_key, make_storage
+from service.artifacts import iter_tar, job_key, make_storage, state_key
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
 from service.db.leases import Lease
@@ -145,9 +145,19 @@ class JobRunner:
         with self.scratch.run(keeper.lease.job_id) as dirs:
             recorder = make_recorder(self.sessions, self.settings, keeper, self.storage)
             try:
-                return self._run_in(keeper, recorder, dirs)
+                status = self._run_in(keeper, recorder, dirs)
             finally:
                 recorder.close()
+        if JobStatus(status).terminal:
+            self._drop_state(keeper.lease.job_id)
+        return status
+
+    def _drop_state(self, job_id: str) -> None:
+        """An ended job is never resumed: the state its runs kept for that goes (its result files stay)."""
+        try:
+            self.storage.delete(state_key(job_id))
+        except OSError as err:  # the orphan sweep removes it later
+            log.warning("job %s: its resume state stays in the store for now (%s)", job_id, err)
 
     def _run_in(self, keeper: LeaseKeeper, recorder: JobRecorder, dirs: RunDirs) -> str:
         import dpo_core  # torch comes in here, in the worker only

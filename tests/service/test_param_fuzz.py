@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from api.main import create_app
+from service.artifacts import make_storage
 from service.db.jobs import add_checkpoint, add_event
 from tests.service.support import API_KEY, as_key, fresh_postgres, make_settings, make_team, sessions_for
 
@@ -60,6 +61,11 @@ def _objects(client, app_settings, key: str) -> dict[str, str]:
         checkpoint = add_checkpoint(s, job_id, 1, f"jobs/{job_id}/checkpoint-1", {"step": 1})
         s.flush()
         checkpoint_id = checkpoint.id
+    # Its files are in the store, so its content route reads what the Range headers ask for.
+    written = app_settings.data_dir / "written" / checkpoint_id
+    written.mkdir(parents=True)
+    (written / "config.json").write_text("{}")
+    make_storage(app_settings).publish_dir(written, f"jobs/{job_id}/checkpoint-1", checkpoint_id)
     webhook = client.post("/v1/webhooks", headers=as_key(key),
                           json={"url": "http://127.0.0.1:9/hook", "events": ["fine_tuning.job.succeeded"]})
     assert webhook.status_code == 200, webhook.text
@@ -116,6 +122,8 @@ def test_a_hostile_parameter_gets_a_4xx_that_names_it(world, who, method, path, 
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(value=VALUES)
     def check(value: str) -> None:
+        if method == "DELETE" and not _names_the_parameter(where, value):
+            return  # `..` makes it a DELETE of the parent (the job): a real deletion, not a hostile value
         r = _request(client, caller, method, path, name, where, value)
         assert r.status_code < 500, f"{method} {path} {name}={value[:60]!r}: {r.status_code} {r.text[:300]}"
         if r.status_code in (400, 404) and _names_the_parameter(where, value):
