@@ -32,6 +32,12 @@ def presigned(storage: Storage, settings: Settings, ckpt: Checkpoint) -> str | N
         return downloads.presigned_url(storage, settings, ckpt.storage_key, f"{ckpt.id}.tar", directory=True)
 
 
+def link(storage: Storage, settings: Settings, ckpt: Checkpoint) -> downloads.DownloadLink:
+    """A link to the checkpoint's tar that needs no API key (service.downloads.link)."""
+    with reading(ckpt):
+        return downloads.link(storage, settings, ckpt.storage_key, f"{ckpt.id}.tar", "checkpoint_id", directory=True)
+
+
 def reading(ckpt: Checkpoint):
     """Store errors while reading the checkpoint, as the API answers them (service.downloads.reading)."""
     return downloads.reading(NotFound(f"the files of checkpoint {ckpt.id} are gone (removed by save_total_limit "

@@ -87,6 +87,12 @@ def presigned(storage: Storage, settings: Settings, file: File) -> str | None:
         return downloads.presigned_url(storage, settings, file.storage_key, file.filename)
 
 
+def link(storage: Storage, settings: Settings, file: File) -> downloads.DownloadLink:
+    """A link to the file's bytes that needs no API key (service.downloads.link)."""
+    with reading(file):
+        return downloads.link(storage, settings, file.storage_key, file.filename, "file_id")
+
+
 def reading(file: File):
     """Store errors while reading the file, as the API answers them (service.downloads.reading)."""
     return downloads.reading(NotFound(f"the bytes of file {file.id} are gone from storage (removed by hand?)",

@@ -9,7 +9,7 @@ from sqlalchemy import select
 from api import byte_ranges
 from api.deps import IfRangeHeader, JobDep, RangeHeader, SessionDep, SettingsDep, StorageDep
 from api.pagination import After, Limit, page
-from api.schemas.common import DeletedPublic, ListPublic
+from api.schemas.common import DeletedPublic, DownloadLinkPublic, ListPublic
 from api.schemas.jobs import CheckpointPublic
 from service import checkpoints
 from service.db.models import Checkpoint, is_id
@@ -55,6 +55,15 @@ def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep, sto
     with checkpoints.reading(ckpt):
         return byte_ranges.respond(tar.size, tar.read, range_, if_range, "application/x-tar",
                                    {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
+
+
+@router.post("/{checkpoint_id}/content/url", response_model=DownloadLinkPublic,
+             responses={409: {"description": "download_link_unavailable: the API streams the content itself"}})
+def checkpoint_content_url(job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep,
+                           settings: SettingsDep) -> DownloadLinkPublic:
+    """A short-lived URL of the checkpoint's tar that needs no API key (a presigned URL of the object store)."""
+    link = checkpoints.link(storage, settings, checkpoints.load(session, job.id, checkpoint_id))
+    return DownloadLinkPublic(url=link.url, expires_at=link.expires_at)
 
 
 @router.delete("/{checkpoint_id}", response_model=DeletedPublic)

@@ -21,7 +21,7 @@ from api.deps import (
     load_file,
 )
 from api.pagination import After, Limit, page
-from api.schemas.common import DeletedPublic, ListPublic
+from api.schemas.common import DeletedPublic, DownloadLinkPublic, ListPublic
 from api.schemas.files import FilePublic
 from service import files
 from service.db.models import File
@@ -82,6 +82,14 @@ def file_content(file: FileDep, storage: StorageDep, settings: SettingsDep, rang
     with files.reading(file):
         return byte_ranges.respond(size, read, range_, if_range, "application/jsonl",
                                    {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
+
+
+@router.post("/{file_id}/content/url", response_model=DownloadLinkPublic,
+             responses={409: {"description": "download_link_unavailable: the API streams the content itself"}})
+def file_content_url(file: FileDep, storage: StorageDep, settings: SettingsDep) -> DownloadLinkPublic:
+    """A short-lived URL of the file's bytes that needs no API key (a presigned URL of the object store)."""
+    link = files.link(storage, settings, file)
+    return DownloadLinkPublic(url=link.url, expires_at=link.expires_at)
 
 
 @router.delete("/{file_id}", response_model=DeletedPublic)

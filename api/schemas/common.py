@@ -45,3 +45,11 @@ class DeletedPublic(BaseModel):
     id: str
     object: str
     deleted: bool = True
+
+
+class DownloadLinkPublic(BaseModel):
+    """A URL that serves a download without the API key (a browser can navigate to it), until expires_at."""
+
+    object: Literal["download_link"] = "download_link"
+    url: str = Field(description="GET it, with no Authorization header; it answers Range requests")
+    expires_at: int = Field(description="Unix seconds after which the URL is refused; ask for a new one")

@@ -1,7 +1,8 @@
 """The web dashboard in a real browser: Playwright driving Debian's chromium against a real API process and
 a real worker. A team signs in by pasting its key, uploads its data, checks the job (a bad value first: the
 error shows under its field; then the pre-flight report) and starts it through the form, watches the charts
-gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint,
+gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint
+(fetched with the key: the local store has no download link; test_dashboard_s3 downloads one from a store),
 and pauses, resumes and cancels a second job. Screenshots of each view go to the test's temporary directory;
 with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
@@ -281,6 +282,8 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     assert resumed["sentIds"][0] is None and cut_after in ids[:-1], resumed["sentIds"]  # resumed mid-job
     with page.expect_download() as download:
         page.click(f"[data-checkpoint={final}] [data-download]")
+    # The local store has no download link to give (409): fetched with the key, saved from memory.
+    expect(page.locator(f"[data-checkpoint={final}] [data-download]")).to_have_attribute("data-via", "fetched")
     saved = tmp_path / "final.tar"
     download.value.save_as(saved)
     with tarfile.open(saved) as tar:

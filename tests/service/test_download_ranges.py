@@ -2,11 +2,13 @@
 exact length; one Range gets 206 with Content-Range, a range past the end 416, several ranges (or
 If-Range) the whole body; the parts put together are the whole, and the tar extracts. With the local
 store and with a real S3 server (DPO_STORAGE_PRESIGN=0); with presigning on, the API answers 307 to a
-presigned URL that serves the same bytes, ranges included."""
+presigned URL that serves the same bytes, ranges included, and POST …/content/url hands that URL out as
+JSON (409 download_link_unavailable where the API streams the bytes itself)."""
 from __future__ import annotations
 
 import io
 import tarfile
+import time
 import uuid
 
 import httpx
@@ -129,6 +131,32 @@ def test_with_an_object_store_downloads_redirect_to_a_presigned_url(client, sett
     make_storage(settings).delete(f"jobs/{checkpoint['fine_tuning_job_id']}/checkpoint-1")
     r = client.get(checkpoint["download_url"])
     assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
+
+
+@pytest.mark.parametrize("settings", ["local", "s3", "s3-presigned"], indirect=True)
+def test_a_download_link_is_the_presigned_url_or_a_409_where_the_api_streams(client, settings, task_files,
+                                                                               checkpoint):
+    file_id = upload(client, task_files[0])["id"]
+    content = {f"/v1/files/{file_id}/content": "file_id", checkpoint["download_url"]: "checkpoint_id"}
+    linked = settings.storage_presign and make_storage(settings).remote
+    for url, param in content.items():
+        asked = time.time()
+        r = client.post(f"{url}/url")
+        if not linked:
+            assert r.status_code == 409, r.text
+            assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("download_link_unavailable", param)
+            continue
+        assert r.status_code == 200, r.text
+        link = r.json()
+        assert asked + settings.presign_ttl_s - 5 <= link["expires_at"] <= time.time() + settings.presign_ttl_s
+        got = httpx.get(link["url"])  # no API key
+        redirected = httpx.get(client.get(url, follow_redirects=False).headers["location"])
+        assert got.status_code == 200 and got.content == redirected.content and got.content
+        assert "attachment" in got.headers["content-disposition"]
+    if linked:  # gone: the API's 404, not a link to nothing
+        make_storage(settings).delete(f"jobs/{checkpoint['fine_tuning_job_id']}/checkpoint-1")
+        r = client.post(f"{checkpoint['download_url']}/url")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_missing"
 
 
 @pytest.mark.parametrize("settings", ["s3-presigned"], indirect=True)

@@ -90,8 +90,18 @@ export async function signIn(key) {
   }
 }
 
-/** Save a checkpoint: fetched with the key in the header, handed to the browser as an object URL. */
+/**
+ * Save a download (`path`: a content route). Where the service hands out a link that needs no key (an
+ * object store's presigned URL), the browser saves what it points to: the bytes never pass through this
+ * page, and the store needs no CORS rule (no script reads them). Otherwise fetched with the key and saved
+ * from memory. Resolves to "link" or "fetched".
+ */
 export async function download(path, filename, onProgress) {
+  const link = await downloadLink(path);
+  if (link) {
+    save(link.url, filename);
+    return "link";
+  }
   const response = await raw(path);
   const total = Number(response.headers.get("Content-Length")) || null;
   const reader = response.body.getReader();
@@ -105,9 +115,25 @@ export async function download(path, filename, onProgress) {
     onProgress?.(received, total);
   }
   const url = URL.createObjectURL(new Blob(parts, { type: response.headers.get("Content-Type") || "" }));
-  const a = Object.assign(document.createElement("a"), { href: url, download: filename });
+  save(url, filename);
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  return "fetched";
+}
+
+/** The content's download link, or null where the service streams downloads itself. */
+async function downloadLink(path) {
+  try {
+    return await api(`${path}/url`, { method: "POST" });
+  } catch (err) {
+    if (err.code === "download_link_unavailable") return null;
+    throw err;
+  }
+}
+
+/** Let the browser save `url` (a cross-origin one by its Content-Disposition: the page stays). */
+function save(url, filename) {
+  const a = Object.assign(document.createElement("a"), { href: url, download: filename, rel: "noopener" });
   document.body.append(a);
   a.click();
   a.remove();
-  setTimeout(() => URL.revokeObjectURL(url), 60_000);
 }

@@ -202,10 +202,12 @@ class JobPage {
                                  onclick: async () => {
       button.disabled = true;
       try {
-        await download(ckpt.download_url, `${ckpt.id}.tar`, (got, total) => {
+        const how = await download(ckpt.download_url, `${ckpt.id}.tar`, (got, total) => {
           button.textContent = total ? `${Math.floor((100 * got) / total)}%` : `${bytes(got)}…`;
         });
-        button.textContent = "Downloaded";
+        // A link is saved by the browser's own downloads, which show its progress.
+        button.textContent = how === "link" ? "Download started" : "Downloaded";
+        button.dataset.via = how;
       } catch (err) {
         button.textContent = "Download failed";
         button.title = err.message;
