@@ -63,9 +63,10 @@ def wait_until(condition, timeout_s: float, what: str, service) -> None:
 
 
 def trained_steps(service, job_id: str) -> int:
-    """The last step the trainer logged, from the job's metrics.jsonl (written by dpo_core, not the database)."""
-    path = service.data_dir / "jobs" / job_id / "metrics.jsonl"
-    steps = re.findall(rb'"step": (\d+)', path.read_bytes()) if path.exists() else []
+    """The last step the trainer logged, from the job's metrics.jsonl (written by dpo_core, not the database)
+    in the worker's scratch directory (worker.scratch), where the run writes it."""
+    paths = list(service.data_dir.glob(f"scratch/*/{job_id}/output/{job_id}/metrics.jsonl"))
+    steps = re.findall(rb'"step": (\d+)', paths[0].read_bytes()) if paths else []
     return int(steps[-1]) if steps else 0
 
 
