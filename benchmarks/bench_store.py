@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks import machine, workload  # noqa: E402
 
+TRAIN_CPU = 0  # --pin: the training's core
 MID_SHAPE = dict(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=704)  # --quick, with a 4k vocabulary
 
 
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for the training (default: torch's, every core): fewer leave the upload a "
                    "core, as a GPU worker's CPU does")
+    p.add_argument("--pin", action="store_true",
+                   help="partition the cores: the training on CPU 0 with one torch thread, the upload process and "
+                   "the store the bench starts on the others, as on a GPU worker (whose training loop leaves its "
+                   "other cores free) with its store on another machine")
     p.add_argument("--endpoint", help="an S3 endpoint to use instead of starting weed")
     p.add_argument("--bucket", default="dpo-bench")
     p.add_argument("--work-dir", type=Path, default=None)
@@ -66,6 +71,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.steps = args.steps or (16 if args.quick else 48)
     args.save_steps = args.save_steps or (4 if args.quick else 8)
     args.repeats = args.repeats or (1 if args.quick else 3)
+    if args.pin:
+        args.threads = 1
+        os.sched_setaffinity(0, {TRAIN_CPU})  # before anything starts: the upload process inherits it
     if args.threads:
         import torch
 
@@ -77,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     with _store_server(args, work) as (endpoint, where):
         settings = _settings(args, work, endpoint)
         record = {"machine": described, "uptime": _uptime(), "store": where, "torch_threads": _threads(),
-                  **measure(args, work, settings)}
+                  "pinned": args.pin, **measure(args, work, settings)}
     print(report(record))
     if args.json:
         args.json.write_text(json.dumps(record, indent=1))
@@ -99,6 +107,8 @@ class _store_server:
         os.environ.update(server.env())  # boto3's credentials, here and in the upload process
         self.args.bucket = server.bucket
         os.setpriority(os.PRIO_PROCESS, self.proc.pid, self.args.store_nice)
+        if self.args.pin:
+            _move_off_training(self.proc.pid)
         self.args.store_pid = self.proc.pid
         return server.endpoint, f"SeaweedFS on this machine (weed server -s3, nice {self.args.store_nice})"
 
@@ -161,6 +171,8 @@ def upload_overlap(args, work: Path, settings, model: str, train_file: str) -> d
                           new_id=lambda: f"ftckpt-{uuid.uuid4().hex[:24]}",
                           store_factory=functools.partial(make_storage, settings))
     _stamp_answers(publisher, done_at)
+    if args.pin:
+        _move_off_training(publisher.backend.proc.pid)
     steps: list[tuple[int, float, float]] = []  # (step, start, end)
     submitted: dict[int, float] = {}  # task id -> when the training handed it over
     pauses: list[tuple[float, float]] = []  # (torch.save, staging and hand-over) per checkpoint
@@ -289,6 +301,14 @@ def _ready(args, model: str, train_file: str, output: Path, step: int | None) ->
     return stop.at - began
 
 
+def _move_off_training(pid: int) -> None:
+    """Every thread of process `pid` onto the cores other than the training's (threads it starts later
+    inherit it)."""
+    others = (os.sched_getaffinity(pid) | set(range(os.cpu_count() or 1))) - {TRAIN_CPU}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(tid), others)
+
+
 def _cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU seconds of a live process (Linux /proc); None without one."""
     if pid is None:
@@ -319,7 +339,8 @@ def report(r: dict) -> str:
     lines = [
         f"store: {r['store']}; model {r['model']}, checkpoint {r['checkpoint_bytes'] / 1e6:.1f} MB every "
         f"{r['save_steps']} steps, {r['steps']} steps, batch {r['batch_size']} x {r['max_length']} tokens, "
-        f"{r['torch_threads']} torch threads; load average {r['uptime']}",
+        f"{r['torch_threads']} torch threads{' on a core of their own' if r.get('pinned') else ''}; load average "
+        f"{r['uptime']}",
         f"uploads: {', '.join(f'{s:.2f}' for s in r['upload_s'])} s each; a checkpoint pauses the training "
         f"{statistics.median(r['save_s']):.3f} s (torch.save) + {statistics.median(r['handover_s']):.3f} s "
         f"(staging) at the median; CPU seconds in all: upload process {_cpu(r['upload_cpu_s'])}, store server "
