@@ -42,7 +42,9 @@ class Job:
     seed: int = 42
     device: str = "cpu"  # "cuda" for the GPU comparison (bench_gpu.py)
     ours: dict = field(default_factory=dict)  # extra TrainingSpec fields for dpo_core (chunk size, ...)
-    trl: dict = field(default_factory=dict)  # extra DPOConfig fields for TRL (gradient_checkpointing, ...)
+    # Extra DPOConfig fields for TRL (gradient_checkpointing, ...); "peft_config" holds a LoraConfig's fields
+    # instead, for DPOTrainer (dpo_core takes its LoRA as the `lora` field in `ours`).
+    trl: dict = field(default_factory=dict)
 
 
 class Baton:
@@ -154,6 +156,8 @@ def run_trl(job: Job, clock: Clock) -> None:
     # Counted as reference work: TRL precomputes inside DPOTrainer.__init__.
     DPOTrainer._precompute_ref_logps = _timed(DPOTrainer._precompute_ref_logps, clock)
     rows = [json.loads(line) for line in open(job.train_file)]
+    extra = dict(job.trl)
+    lora = extra.pop("peft_config", None)
     args = DPOConfig(
         output_dir=job.output_dir,
         per_device_train_batch_size=job.batch_size,
@@ -173,7 +177,7 @@ def run_trl(job: Job, clock: Clock) -> None:
         save_strategy="no",
         report_to="none",
         disable_tqdm=True,
-        **job.trl,
+        **extra,
     )
     trainer = DPOTrainer(
         model=job.model,
@@ -181,8 +185,15 @@ def run_trl(job: Job, clock: Clock) -> None:
         train_dataset=Dataset.from_list(rows),
         processing_class=AutoTokenizer.from_pretrained(job.model),
         callbacks=[Timer()],
+        peft_config=_lora_config(lora) if lora else None,
     )
     trainer.train()
+
+
+def _lora_config(fields: dict):
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", **fields)
 
 
 def run_dpo_core(job: Job, clock: Clock) -> None:

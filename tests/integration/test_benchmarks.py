@@ -113,3 +113,79 @@ def test_bench_footprint_starts_the_api_from_a_venv_and_reads_its_size_and_rss(t
     assert 0 < record["healthz_s"] <= record["readyz_s"]
     assert 0 < record["rss_started_mib"] <= record["rss_preflight_mib"]
     assert "/healthz s" in out
+
+
+def _bench_gpu():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_gpu
+
+    return bench_gpu
+
+
+def test_bench_gpu_all_runs_every_target_row_and_tabulates_it(tmp_path):
+    """--all's whole code path (model building, LoRA for both trainers, figures, ratios, JSON, table) on a
+    CPU with tiny shapes: what would otherwise crash on its first run on a GPU."""
+    record_file = tmp_path / "all.json"
+    out = _run("bench_gpu.py", "--all", "--quick", "--device", "cpu", "--peak-tflops", "1",
+               "--work-dir", str(tmp_path), "--json", str(record_file))
+    record = json.loads(record_file.read_text())
+    assert out.startswith("machine: cpu: ") and record["machine"] in out
+    plan = [(s.name, label) for s, label in _bench_gpu().all_plan(quick=True)]
+    rows = {(r["setting"], r["label"]): r for r in record["rows"]}
+    assert list(rows) == plan and len(plan) == 12
+    assert {r["setting"] for r in record["rows"] if r["lora"]} == {"7B LoRA 2×256"}
+    for r in rows.values():
+        assert r["status"] in ("ok", "oom"), r
+        if r["status"] == "ok":
+            assert r["tokens_per_s"] > 0 and r["step_s_median"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
+            assert r["x_trl_tokens_per_s"] > 0 and r["x_trl_memory"] > 0
+            assert len(r["losses"]) == r["steps"] and r["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+    for setting in {s for s, _ in plan}:
+        if rows[(setting, "TRL")]["status"] == "ok":
+            assert rows[(setting, "TRL")]["x_trl_tokens_per_s"] == 1.0
+        # Checkpointing recomputes the same forward: the same losses.
+        ours, ckpt = rows[(setting, "dpo_core")], rows[(setting, "dpo_core grad-ckpt")]
+        assert ckpt["losses"] == pytest.approx(ours["losses"], abs=1e-5)
+    table = [line for line in out.splitlines() if line.startswith(("| 0.5B", "| 7B"))]
+    assert len(table) == 12 and "| peak RSS GiB |" in out
+
+
+@pytest.mark.parametrize("failure, status", [
+    ("import torch\nraise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n", "oom"),
+    ("raise ValueError('broken')\n", "failed"),
+    ("import time\ntime.sleep(60)\n", "timeout"),
+])
+def test_bench_gpu_all_records_a_contender_that_does_not_finish(tmp_path, monkeypatch, failure, status):
+    """A contender that runs out of memory, fails or overruns is a row of its own, not the end of the run."""
+    import dataclasses
+    import time
+
+    bench_gpu = _bench_gpu()
+    fake = tmp_path / "fake"  # imported as dpo_core by the contender's process
+    (fake / "dpo_core").mkdir(parents=True)
+    (fake / "dpo_core" / "__init__.py").write_text(failure)
+    real = bench_gpu.all_contender
+    monkeypatch.setattr(bench_gpu, "all_contender",
+                        lambda label, lora: dataclasses.replace(real(label, lora), pythonpath=str(fake)))
+    setting = bench_gpu.Setting("0.5B", 8, 512, 8).quick()
+    w = bench_gpu.prepare_setting(setting, tmp_path, bench_gpu.Progress(None))
+    args = bench_gpu.parse_args(["--all", "--quick", "--device", "cpu"])
+    deadline = time.monotonic() + 5 if status == "timeout" else None
+    row = bench_gpu.run_row(setting, "dpo_core", w, args, tmp_path / setting.slug, None, deadline)
+    assert row["status"] == status and row["setting"] == "0.5B 2×64"
+    if status != "timeout":
+        assert "Error" in row["log_tail"][-1]
+    bench_gpu.with_ratios([row])
+    assert row["x_trl_tokens_per_s"] is None
+    assert f"| 0.5B 2×64 | dpo_core | {status.upper()} |" in bench_gpu.all_table([row], "cpu")
+
+
+def test_bench_gpu_all_skips_rows_past_its_time_limit(tmp_path, capsys):
+    bench_gpu = _bench_gpu()
+    record_file = tmp_path / "all.json"
+    args = bench_gpu.parse_args(["--all", "--quick", "--device", "cpu", "--time-limit", "1e-9",
+                                 "--work-dir", str(tmp_path), "--json", str(record_file)])
+    record = bench_gpu.run_all(args)
+    assert [r["status"] for r in record["rows"]] == ["skipped"] * 12
+    assert json.loads(record_file.read_text())["rows"] == record["rows"]
+    assert capsys.readouterr().out.count("| SKIPPED |") == 12
