@@ -196,7 +196,8 @@ class Setting:
 
     @property
     def slug(self) -> str:
-        return f"{self.shape}{'-lora' if self.lora else ''}-{self.pairs}x{self.max_length}{'-tiny' if self.tiny else ''}"
+        lora, tiny = "-lora" if self.lora else "", "-tiny" if self.tiny else ""
+        return f"{self.shape}{lora}-{self.pairs}x{self.max_length}{tiny}"
 
     @property
     def sizes(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,9 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, **env: str) -> str:
     done = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env={**os.environ, **env})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done.stdout
 
@@ -126,8 +127,9 @@ def test_bench_gpu_all_runs_every_target_row_and_tabulates_it(tmp_path):
     """--all's whole code path (model building, LoRA for both trainers, figures, ratios, JSON, table) on a
     CPU with tiny shapes: what would otherwise crash on its first run on a GPU."""
     record_file = tmp_path / "all.json"
+    # One thread a process: the figures mean nothing here, and twelve processes should not fight over cores.
     out = _run("bench_gpu.py", "--all", "--quick", "--device", "cpu", "--peak-tflops", "1",
-               "--work-dir", str(tmp_path), "--json", str(record_file))
+               "--work-dir", str(tmp_path), "--json", str(record_file), OMP_NUM_THREADS="1")
     record = json.loads(record_file.read_text())
     assert out.startswith("machine: cpu: ") and record["machine"] in out
     plan = [(s.name, label) for s, label in _bench_gpu().all_plan(quick=True)]
@@ -154,7 +156,7 @@ def test_bench_gpu_all_runs_every_target_row_and_tabulates_it(tmp_path):
     ("import torch\nraise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')\n", "oom"),
     ("raise ValueError('broken')\n", "failed"),
     ("import time\ntime.sleep(60)\n", "timeout"),
-])
+], ids=["oom", "failed", "timeout"])
 def test_bench_gpu_all_records_a_contender_that_does_not_finish(tmp_path, monkeypatch, failure, status):
     """A contender that runs out of memory, fails or overruns is a row of its own, not the end of the run."""
     import dataclasses
