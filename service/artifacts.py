@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 
 CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
-# What an interrupted write leaves (see _temporary): remove_partial removes these, list_dirs never shows them.
+# What an interrupted write leaves (see temporary_sibling): remove_partial removes these, list_dirs never shows them.
 _TEMPORARY = re.compile(r"\..+\.(tmp|old)-\d+-\d+")
 log = logging.getLogger("dpo.storage")
 
@@ -133,7 +133,7 @@ class LocalStorage:
         was refused) leaves nothing, neither the key nor a temporary file."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(target)
+        tmp = temporary_sibling(target)
         size = 0
         try:
             with tmp.open("wb") as out:
@@ -216,7 +216,7 @@ class LocalStorage:
         `local_dir` are left out; `arcname` matters only to the tar of a download."""
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(target)
+        tmp = temporary_sibling(target)
         try:
             size = _link_tree(Path(local_dir), tmp)
             _swap_in(tmp, target)
@@ -256,18 +256,7 @@ class LocalStorage:
         """The published directory at `dest` (which must not exist yet), as hard links (copies across
         filesystems), appearing whole: an interrupted fetch leaves no directory a resume could take."""
         source = self._dir_path(key)
-        dest = Path(dest)
-        if dest.exists() or dest.is_symlink():
-            raise FileExistsError(str(dest))
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = _temporary(dest)
-        try:
-            _link_tree(source, tmp)
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
+        return appear_whole(dest, lambda tmp: _link_tree(source, tmp))
 
     def dir_tar(self, key: str, arcname: str) -> TarDownload:
         """The directory as a tar under `arcname/`, listed now (a missing one fails here, not mid-download)."""
@@ -456,7 +445,24 @@ def _read_exactly(handle: BinaryIO, size: int, key: str) -> Iterator[bytes]:
             yield chunk
 
 
-def _temporary(target: Path, kind: str = "tmp") -> Path:
+def appear_whole(dest: Path, fill: Callable[[Path], object]) -> Path:
+    """Make the directory `dest` (which must not exist yet) with fill(tmp) under a temporary sibling, then
+    rename it into place: an interrupted fill leaves neither `dest` nor the temporary directory."""
+    dest = Path(dest)
+    if dest.exists() or dest.is_symlink():
+        raise FileExistsError(str(dest))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(dest)
+    try:
+        fill(tmp)
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def temporary_sibling(target: Path, kind: str = "tmp") -> Path:
     """A hidden sibling of `target` for this process and thread to build it in (matches _TEMPORARY)."""
     return target.with_name(f".{target.name}.{kind}-{os.getpid()}-{threading.get_ident()}")
 
@@ -469,7 +475,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
             raise
-    old = _temporary(target, "old")
+    old = temporary_sibling(target, "old")
     os.rename(target, old)
     os.rename(tmp, target)
     if old.is_dir() and not old.is_symlink():

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import tarfile
 import threading
 from collections.abc import Iterable, Iterator
@@ -27,8 +26,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from service.artifacts import (CHUNK, StoredObject, TarDownload, key_parts, tar_entries, tar_manifest, iter_file,
-                               iter_tar)
+from service.artifacts import (CHUNK, StoredObject, TarDownload, appear_whole, iter_file, iter_tar, key_parts,
+                               tar_entries, tar_manifest, temporary_sibling)
 
 log = logging.getLogger("dpo.storage")
 
@@ -101,7 +100,7 @@ class S3Storage:
         """Download to `dest` (parents made), appearing whole: a temporary sibling, then a rename."""
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp = temporary_sibling(dest)
         try:
             with self._errors("download", self._full(key)):
                 self.client.download_file(self.bucket, self._full(key), str(tmp), Config=self._download_config())
@@ -183,25 +182,19 @@ class S3Storage:
     def fetch_dir(self, key: str, dest: Path) -> Path:
         """Extract the published directory to `dest` (which must not exist yet) from its streamed tar,
         members stripped of their arcname and passed through tarfile's "data" filter, appearing whole."""
-        dest = Path(dest)
-        if dest.exists() or dest.is_symlink():
+        if Path(dest).exists() or Path(dest).is_symlink():  # refused before a byte is asked of the store
             raise FileExistsError(str(dest))
         manifest = self._manifest(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        tmp.mkdir()
-        try:
+
+        def extract(tmp: Path) -> None:
+            tmp.mkdir()
             stream = io.BufferedReader(_BodyReader(self._get(f"{key}.tar"), self._where(f"{key}.tar")), CHUNK)
             with stream, tarfile.open(fileobj=stream, mode="r|") as tar:
                 tar.extractall(tmp, members=_stripped(tar, manifest["arcname"]), filter="data")
             got = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
             if got != sum(f["size"] for f in manifest["files"]):
                 raise OSError(errno.EIO, f"{self._where(key)}: the tar does not hold what its manifest lists")
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return dest
+        return appear_whole(dest, extract)
 
     def dir_tar(self, key: str, arcname: str) -> TarDownload:
         """The stored tar itself: its size from the manifest, its bytes by ranged GETs (S3 serves Range)."""

@@ -1,5 +1,5 @@
 """The pre-flight data report against a real run: its token total is what one epoch trains on, and its
-rows dropped and truncated are the trainer's own counts (issue 19's "done when")."""
+rows dropped and truncated are the trainer's own counts."""
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,16 @@ def make_settings(data_dir: Path, **overrides) -> Settings:
                 metrics_event_interval_s=0, cancel_poll_interval_s=0.2, dispatcher=False,
                 webhook_delivery=False, sweep=False, webhook_allow_private=True, model_dirs=list(MODEL_DIRS))
     return Settings(**{**base, **overrides})
+
+
+def store_settings(request, data_dir: Path, **overrides) -> Settings:
+    """make_settings on the store a parametrized fixture names: "local" (the data directory), or else a
+    prefix of its own on the SeaweedFS fixture (s3://bucket/<uuid>)."""
+    if request.param == "local":
+        return make_settings(data_dir, **overrides)
+    server = request.getfixturevalue("s3_server")
+    return make_settings(data_dir, storage_url=f"s3://{server.bucket}/{uuid.uuid4().hex}",
+                         s3_endpoint_url=server.endpoint, **overrides)
 
 
 _ENGINES: dict = {}

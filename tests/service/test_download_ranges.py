@@ -9,14 +9,13 @@ from __future__ import annotations
 import io
 import tarfile
 import time
-import uuid
 
 import httpx
 import pytest
 
 from service.artifacts import make_storage
 from service.db import jobs
-from tests.service.support import API_KEY, make_settings, sessions_for, upload
+from tests.service.support import API_KEY, sessions_for, store_settings, upload
 from tests.service.test_symlinks import create
 
 FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(range(256)) * 300,
@@ -25,11 +24,7 @@ FILES = {"config.json": b'{"model_type": "llama"}', "model.safetensors": bytes(r
 
 @pytest.fixture(params=["local", "s3"])
 def settings(request, tmp_path):
-    if request.param == "local":
-        return make_settings(tmp_path / "data")
-    server = request.getfixturevalue("s3_server")
-    return make_settings(tmp_path / "data", storage_url=f"s3://{server.bucket}/{uuid.uuid4().hex}",
-                         s3_endpoint_url=server.endpoint, storage_presign=request.param == "s3-presigned")
+    return store_settings(request, tmp_path / "data", storage_presign=request.param == "s3-presigned")
 
 
 @pytest.fixture

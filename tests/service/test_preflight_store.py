@@ -5,25 +5,20 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
 
 from service.artifacts import make_storage
 from service.db import jobs
-from tests.service.support import make_settings, sessions_for, upload
+from tests.service.support import sessions_for, store_settings, upload
 from tests.service.test_api_preflight import body
 from tests.service.test_symlinks import create
 
 
 @pytest.fixture(params=["local", "s3"])
 def settings(request, tmp_path):
-    if request.param == "local":
-        return make_settings(tmp_path / "data")
-    server = request.getfixturevalue("s3_server")
-    return make_settings(tmp_path / "data", storage_url=f"s3://{server.bucket}/{uuid.uuid4().hex}",
-                         s3_endpoint_url=server.endpoint)
+    return store_settings(request, tmp_path / "data")
 
 
 @pytest.fixture

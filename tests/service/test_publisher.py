@@ -59,11 +59,17 @@ def test_checkpoints_are_published_in_order_with_their_state_and_pruned_ones_del
     assert not (output.parent / ".publish").exists() or not any((output.parent / ".publish").iterdir())
 
 
+def gated(output, root, tmp_path):
+    """A background Publisher whose checkpoint uploads wait for the file `gate`; and `gate`, and the list
+    of the publishes it hands over."""
+    gate, done = tmp_path / "gate", []
+    return make(LocalStorage(root), output, done, True, functools.partial(GatedStore, root, gate)), gate, done
+
+
 def test_the_state_is_published_as_it_was_at_the_checkpoint(dirs, tmp_path):
     """Metrics appended after a checkpoint, while its upload waits, are not in what it publishes."""
     output, root = dirs
-    gate, done = tmp_path / "gate", []
-    pub = make(LocalStorage(root), output, done, True, functools.partial(GatedStore, root, gate))
+    pub, gate, done = gated(output, root, tmp_path)
     try:
         write_checkpoint(output, 1)
         pub.checkpoint(1, checkpoint_dir(output, 1))
@@ -81,8 +87,7 @@ def test_the_state_is_published_as_it_was_at_the_checkpoint(dirs, tmp_path):
 
 def test_at_most_two_uploads_wait_and_training_goes_on_meanwhile(dirs, tmp_path):
     output, root = dirs
-    gate, done = tmp_path / "gate", []
-    pub = make(LocalStorage(root), output, done, True, functools.partial(GatedStore, root, gate))
+    pub, gate, done = gated(output, root, tmp_path)
     returned: list[int] = []
 
     def train():
@@ -126,8 +131,7 @@ def test_a_refused_upload_is_an_oserror_and_nothing_is_recorded(dirs, background
 
 def test_an_upload_process_that_dies_fails_its_uploads(dirs, tmp_path):
     output, root = dirs
-    gate, done = tmp_path / "gate", []
-    pub = make(LocalStorage(root), output, done, True, functools.partial(GatedStore, root, gate))
+    pub, gate, done = gated(output, root, tmp_path)
     try:
         write_checkpoint(output, 1)
         pub.checkpoint(1, checkpoint_dir(output, 1))
