@@ -218,7 +218,7 @@ class LocalStorage:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = temporary_sibling(target)
         try:
-            size = _link_tree(Path(local_dir), tmp)
+            size = link_tree(Path(local_dir), tmp)
             _swap_in(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -256,7 +256,7 @@ class LocalStorage:
         """The published directory at `dest` (which must not exist yet), as hard links (copies across
         filesystems), appearing whole: an interrupted fetch leaves no directory a resume could take."""
         source = self._dir_path(key)
-        return appear_whole(dest, lambda tmp: _link_tree(source, tmp))
+        return appear_whole(dest, lambda tmp: link_tree(source, tmp))
 
     def dir_tar(self, key: str, arcname: str) -> TarDownload:
         """The directory as a tar under `arcname/`, listed now (a missing one fails here, not mid-download)."""
@@ -484,7 +484,7 @@ def _swap_in(tmp: Path, target: Path) -> None:
         old.unlink()
 
 
-def _link_tree(source: Path, dest: Path) -> int:
+def link_tree(source: Path, dest: Path) -> int:
     """Recreate `source`'s directories and regular files at `dest` (which must not exist) as hard links,
     or copies where links cannot be made (another filesystem); symbolic links are left out and never
     followed. Returns the files' bytes."""

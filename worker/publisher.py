@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dpo_core.layout import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE, checkpoint_dir, list_checkpoints
-from service.artifacts import Storage, job_key, state_key
+from service.artifacts import Storage, job_key, link_tree, state_key
 
 log = logging.getLogger("dpo.worker")
 MAX_PENDING = 2
@@ -151,7 +151,9 @@ class Publisher:
         if self.stage:  # a background upload reads files the trainer may prune or append to meanwhile
             root = self.staging / checkpoint_id
             staged = [root]
-            path = stage_links(path, root / path.name)
+            root.mkdir(parents=True)
+            link_tree(path, root / path.name)
+            path = root / path.name
             ops = self.state_ops(self.output_dir, root / "state")
         else:
             ops = self.state_ops(self.output_dir)
@@ -173,21 +175,6 @@ class Publisher:
             key = state_key(self.job_id, name)
             ops.append((op, (source, key, name) if op == "publish_dir" else (key, source)))
         return ops
-
-
-def stage_links(source: Path, dest: Path) -> Path:
-    """`source`'s files as hard links under `dest` (copies where a link cannot be made); returns `dest`."""
-    for directory, _dirs, files in os.walk(source):
-        target = dest / Path(directory).relative_to(source)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in files:
-            try:
-                os.link(Path(directory) / name, target / name, follow_symlinks=False)
-            except OSError as err:
-                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-                    raise
-                shutil.copy2(Path(directory) / name, target / name, follow_symlinks=False)
-    return dest
 
 
 def _copy(source: Path, dest: Path) -> Path:
