@@ -79,6 +79,8 @@ def test_packed_training_follows_the_padded_run(tiny_model, varied, unpaired, tm
     packed = train(_spec(tiny_model, data, tmp_path / "packed", packing=True, **extra))
     _assert_same_run(tmp_path / "padded", tmp_path / "packed")
     assert packed.trained_tokens == padded.trained_tokens and packed.global_step == 4
+    # The saved model names no attention of this process's: it loads anywhere.
+    assert "dpo_packed" not in (Path(packed.final_dir) / "config.json").read_text()
 
 
 @pytest.mark.parametrize("mode", ["model", "precomputed"])
