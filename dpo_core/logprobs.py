@@ -19,6 +19,10 @@ Which of the last two pays on which GPU, and whether the others can go, is measu
 benchmarks/bench_gpu.py (docs/performance.md#gpu). The step computes the paired loss a second time,
 without gradients, on [pairs]-sized tensors for its metrics (dpo_core.step.forward_loss): the fused
 pass returns only the loss.
+
+The body takes any of the batch layouts (dpo_core.batching): right-padded rows, shared-prompt rows
+under a 4-D mask, or one packed row whose segments go to dpo_core.packing's attention. Every path
+after it sees the same thing: the hidden states at the targets' flat positions.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dpo_core.batching import Batch, Targets
+from dpo_core import packing
+from dpo_core.batching import Batch, Segments, Targets
 from dpo_core.headlogp import head_logprobs
 from dpo_core.pairhead import PairObjective, pair_head_loss
 
@@ -49,6 +54,14 @@ def _body_and_head(model):
     if body is None or head is None or body is inner:
         return None
     return body, head
+
+
+def packing_unsupported(model) -> str | None:
+    """Why `model` cannot take the packed layout (batching._collate_packed), or None when it can: it needs
+    the body/head split (a packed row's logits would be [T, vocab]) and dpo_core.packing's attention."""
+    if _body_and_head(model) is None:
+        return "needs a model whose logits are its LM head applied to the body's output"
+    return packing.unsupported(unwrap(model))
 
 
 def can_share_prompt(model) -> bool:
@@ -97,21 +110,24 @@ def _pair_loss(objective, logps: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_size: int = 1024,
-                     objective: PairObjective | None = None, position_ids=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                     objective: PairObjective | None = None, position_ids=None,
+                     segments: Segments | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """(loss, summed completion log-probs [S] in fp32) of every sequence.
 
     With an `objective` (paired targets only) the loss is objective(all pairs) and differentiable;
     on a plain linear head it is computed inside the head pass (dpo_core.pairhead) and the log-probs
     come back detached. Without one the loss is None and the log-probs carry the gradient.
-    position_ids (and a 4-D attention_mask) come with the shared-prompt layout (batching._collate_shared).
+    position_ids (and a 4-D attention_mask) come with the shared-prompt layout (batching._collate_shared);
+    position_ids and segments with the packed one (batching._collate_packed, dpo_core.packing).
     """
     parts = _body_and_head(model)
     if parts is None:
+        if segments is not None:
+            raise ValueError(f"a packed batch {packing_unsupported(model)}")
         logps = _full_forward_logps(model, input_ids, attention_mask, targets, position_ids)
         return (None if objective is None else _pair_loss(objective, logps)), logps
     body, head = parts
-    hidden = body(input_ids=input_ids, attention_mask=_body_mask(attention_mask), position_ids=position_ids,
-                  use_cache=False).last_hidden_state
+    hidden = _body_hidden(body, input_ids, attention_mask, position_ids, segments)
     picked = hidden.flatten(0, 1)[targets.pos]  # [T, H]: only positions that predict a completion token
     if objective is not None and type(head) is torch.nn.Linear:
         b = targets.counts.shape[0] // 2
@@ -120,6 +136,16 @@ def completion_logps(model, input_ids, attention_mask, targets: Targets, chunk_s
         return pair_head_loss(head, picked, targets.ids, slot, pair_rows, chunk_size, objective)
     logps = _summed(_chunked_logps(head, picked, targets.ids, chunk_size), targets)
     return (None if objective is None else _pair_loss(objective, logps)), logps
+
+
+def _body_hidden(body, input_ids, attention_mask, position_ids, segments: Segments | None) -> torch.Tensor:
+    """The body's last hidden state [R, L, H] for the batch's layout."""
+    if segments is None:
+        return body(input_ids=input_ids, attention_mask=_body_mask(attention_mask), position_ids=position_ids,
+                    use_cache=False).last_hidden_state
+    with packing.packed_forward():
+        return body(input_ids=input_ids, attention_mask=None, position_ids=position_ids, use_cache=False,
+                    **packing.attention_kwargs(segments)).last_hidden_state
 
 
 def _body_mask(attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -141,7 +167,7 @@ def _slots(seq: torch.Tensor, n_pairs: int) -> torch.Tensor:
 def sequence_logps(model, batch: Batch, chunk_size: int = 1024) -> torch.Tensor:
     """Summed completion log-probs [S] of a packed Batch's sequences."""
     return completion_logps(model, batch.input_ids, batch.attention_mask, batch.targets, chunk_size,
-                            position_ids=batch.position_ids)[1]
+                            position_ids=batch.position_ids, segments=batch.segments)[1]
 
 
 class LogProbModel(torch.nn.Module):
@@ -157,5 +183,6 @@ class LogProbModel(torch.nn.Module):
         self.model, self.chunk_size = model, chunk_size
 
     def forward(self, input_ids, attention_mask, targets: Targets, objective: PairObjective | None = None,
-                position_ids=None):
-        return completion_logps(self.model, input_ids, attention_mask, targets, self.chunk_size, objective, position_ids)
+                position_ids=None, segments: Segments | None = None):
+        return completion_logps(self.model, input_ids, attention_mask, targets, self.chunk_size, objective,
+                                position_ids, segments)

@@ -32,7 +32,8 @@ class ModelReference:
     @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
         with self.autocast():
-            return self.model(batch.input_ids, batch.attention_mask, batch.targets, position_ids=batch.position_ids)[1]
+            return self.model(batch.input_ids, batch.attention_mask, batch.targets, position_ids=batch.position_ids,
+                              segments=batch.segments)[1]
 
 
 class AdapterReference:

@@ -341,6 +341,12 @@ class TrainingSpec(_Strict):
         description="one row `prompt, chosen, rejected` per pair, so the prompt runs through the model once "
         "(pairs only, not kto; needs SDPA attention and a body/head model); auto: when the model allows it",
     )
+    packing: bool | Literal["auto"] = Field(
+        "auto",
+        description="every sequence of a micro batch in one row, no padding, attention kept within each sequence "
+        "(needs a body/head model without sliding-window or soft-capped attention); auto: on a GPU in bf16/fp16 "
+        "when the model allows it and share_prompt is not true",
+    )
 
     # Logging, evaluation, checkpoints.
     logging_steps: Steps = Field(10, description="a metrics record every this many steps")
@@ -407,6 +413,8 @@ class TrainingSpec(_Strict):
             problems.append(("precision", "fsdp trains in fp32 or bf16; fp16 needs a sharded grad scaler, use bf16"))
         if self.share_prompt is True and self.loss.unpaired:
             problems.append(("share_prompt", f"needs pairs; loss {self.loss.type!r} trains on unpaired rows"))
+        if self.share_prompt is True and self.packing is True:
+            problems.append(("packing", "and share_prompt are two layouts of a batch; set one of them to false"))
         problems += self._best_problems() + self._samples_problems()
         if problems:
             raise CrossFieldError(problems)

@@ -88,7 +88,7 @@ def forward_loss(run, batch: Batch, norms: tuple[float, float], sums: MetricSums
     objective = _pair_objective(run, batch, ref, norms) if _fuse(run, batch) else None
     with run.autocast():
         fused_loss, policy_logps = run.policy(batch.input_ids, batch.attention_mask, batch.targets, objective,
-                                              position_ids=batch.position_ids)
+                                              position_ids=batch.position_ids, segments=batch.segments)
     inputs = _loss_inputs(run, batch, policy_logps, ref)
     # Fused: the gradient is already in fused_loss; the same loss again gives the value and metrics.
     with torch.no_grad() if fused_loss is not None else contextlib.nullcontext():
@@ -123,7 +123,8 @@ def filler(run) -> Batch:
 
 
 def _collate(run, rows: list) -> Batch:
-    return collate(rows, run.tokenizer.pad_token_id, run.share_prompt, run.pad_multiple, run.spec.max_length)
+    return collate(rows, run.tokenizer.pad_token_id, run.share_prompt, run.pad_multiple, run.spec.max_length,
+                   packed=run.packing)
 
 
 def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:

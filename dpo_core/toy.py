@@ -84,21 +84,28 @@ def llama_config(
     hidden_size: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    num_kv_heads: int | None = None,
     intermediate_size: int = 128,
     max_position_embeddings: int = 1024,
     pad_token_id: int = 0,
     bos_token_id: int = 2,
     eos_token_id: int = 3,
+    architecture: str = "llama",
 ):
-    """A LlamaConfig with untied embeddings (so LM-head memory is what a real model's would be)."""
-    from transformers import LlamaConfig
+    """A LlamaConfig with untied embeddings (so LM-head memory is what a real model's would be).
 
-    return LlamaConfig(
+    num_kv_heads below num_heads: grouped-query attention. architecture "qwen2": a Qwen2Config of the
+    same shape instead (a Llama with biases on q, k and v), for code that must hold for both."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    if architecture not in ("llama", "qwen2"):
+        raise ValueError(f"unknown architecture {architecture!r}; choose llama or qwen2")
+    return (LlamaConfig if architecture == "llama" else Qwen2Config)(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=num_kv_heads or num_heads,
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
@@ -119,16 +126,18 @@ def parameter_count(config) -> int:
 
 
 def build_model(out_dir, *, vocab_size: int | None = None, seed: int = 0, tokenizer=None, **shape: int) -> str:
-    """Save a randomly initialised LlamaForCausalLM and its tokenizer in `out_dir`; return the path.
+    """Save a randomly initialised LlamaForCausalLM (or Qwen2, see llama_config) and its tokenizer in
+    `out_dir`; return the path.
 
     Without `tokenizer`, builds the toy one, padded with filler words up to `vocab_size` if given.
     The vocabulary defaults to the tokenizer's size. `shape`: llama_config's sizes (hidden_size,
-    num_layers, num_heads, intermediate_size, max_position_embeddings; PRESETS holds some).
+    num_layers, num_heads, num_kv_heads, intermediate_size, max_position_embeddings; PRESETS holds some)
+    and architecture.
     `AutoModelForCausalLM.from_pretrained(out_dir)` and `AutoTokenizer.from_pretrained(out_dir)` load
     the result.
     """
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     if tokenizer is None:
         tokenizer = build_tokenizer(extra_vocab=max(0, (vocab_size or 0) - len(base_vocab())))
@@ -140,7 +149,7 @@ def build_model(out_dir, *, vocab_size: int | None = None, seed: int = 0, tokeni
     # fork_rng: seed the initialisation without changing the caller's random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     tokenizer.model_max_length = config.max_position_embeddings
     model.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed, divergence, samples
+from dpo_core import distributed, divergence, packing, samples
 from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
@@ -24,7 +24,7 @@ from dpo_core.early_stopping import Best
 from dpo_core.errors import TrainingError
 from dpo_core.estimate import epoch_summary, peak_rss_bytes
 from dpo_core.layout import FINAL_DIR, checkpoint_dir
-from dpo_core.logprobs import LogProbModel, can_share_prompt
+from dpo_core.logprobs import LogProbModel, can_share_prompt, packing_unsupported
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import adapter_start, enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
@@ -72,6 +72,7 @@ class Run:
     scheduler: object | None = None
     scaler: torch.amp.GradScaler | None = None
     share_prompt: bool = False  # pairs packed one row each (batching._collate_shared)
+    packing: bool = False  # a micro batch's sequences in one row (batching._collate_packed)
     pad_multiple: int = 1  # batch widths round up to a multiple of this (batching.padded_width)
     progress: ckpt.Progress = field(default_factory=ckpt.Progress)
     total_steps: int = 0
@@ -159,9 +160,12 @@ def _live_reference(run: Run, initial_copy):
                 raise TrainingError("share_prompt: the reference model does not take the shared-prompt layout "
                                     "(it needs SDPA attention and a separate LM head); set share_prompt: false")
             run.share_prompt = False  # auto: no batch is built yet, so both models get two rows per pair
+        run.packing = run.packing and _packs(spec, model, "the reference model ")
         return ModelReference(model, run.autocast, spec.logprob_chunk_size, wrap)
     if spec.lora is not None and spec.adapter is None:
         return AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
+    if run.packing:  # the policy's architecture: it packs as the policy does
+        packing.enable(initial_copy)
     return ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size, wrap)
 
 
@@ -196,6 +200,28 @@ def _share_prompt(spec: TrainingSpec, model) -> bool:
         raise TrainingError("share_prompt: true needs a model with SDPA attention and a separate LM head; "
                             "set share_prompt: false (or auto)")
     return able
+
+
+def _packing(spec: TrainingSpec, model, device: torch.device) -> bool:
+    """Whether batches are packed rows (batching._collate_packed). Auto: on a GPU in bf16/fp16, where a
+    variable-length attention kernel saves the padding's FLOPs; on a CPU the padded rows stay (their
+    attention is one batched call, the packed row's one call a sequence). A separate reference model is
+    checked when it is loaded."""
+    if spec.packing is False:
+        return False
+    if spec.packing == "auto" and (device.type != "cuda" or spec.precision == "fp32" or spec.share_prompt is True):
+        return False
+    return _packs(spec, model, "")
+
+
+def _packs(spec: TrainingSpec, model, which: str) -> bool:
+    """Whether `model` takes packed rows (and, if so, set it up for them); packing: true raises if not."""
+    why = packing_unsupported(model)
+    if why is not None and spec.packing is True:
+        raise TrainingError(f"packing: {which}{why}; set packing: false (or auto)")
+    if why is None:
+        packing.enable(model)
+    return why is None
 
 
 def _pad_multiple(spec: TrainingSpec, device: torch.device) -> int:
@@ -241,7 +267,8 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, evals.rows if evals else None)
     run.sample_prompts = held_out
     run.row_counts = _row_counts(train, evals)
-    run.share_prompt = _share_prompt(spec, model)
+    run.packing = _packing(spec, model, device)
+    run.share_prompt = not run.packing and _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
     run.total_steps = spec.total_steps(len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)

@@ -40,12 +40,14 @@ def one_rank(tiny_model, synthetic, tmp_path_factory):
     return out, result
 
 
-@pytest.mark.parametrize("mode, share_prompt", [("ddp", False), ("fsdp", False), ("fsdp", True)],
-                         ids=["ddp", "fsdp", "fsdp-shared-prompt"])
-def test_two_ranks_follow_the_one_rank_loss_curve(tiny_model, synthetic, tmp_path, one_rank, mode, share_prompt):
+@pytest.mark.parametrize("mode, layout", [("ddp", {}), ("ddp", {"packing": True}), ("fsdp", {}),
+                                          ("fsdp", {"share_prompt": True})],
+                         ids=["ddp", "ddp-packed", "fsdp", "fsdp-shared-prompt"])
+def test_two_ranks_follow_the_one_rank_loss_curve(tiny_model, synthetic, tmp_path, one_rank, mode, layout):
     from transformers import AutoModelForCausalLM
 
-    result = launch(_spec(tiny_model, synthetic, tmp_path, distributed=mode, share_prompt=share_prompt), nproc=2)
+    result = launch(_spec(tiny_model, synthetic, tmp_path, distributed=mode, **{"share_prompt": False, **layout}),
+                    nproc=2)
     single_out, single = one_rank
     assert result.global_step == 6
     assert _losses(tmp_path) == pytest.approx(_losses(single_out), rel=1e-5)
