@@ -27,7 +27,7 @@ from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import adapter_start, enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
-from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
+from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, frozen_dtype, release
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec, steps_per_epoch
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
@@ -153,7 +153,7 @@ def _live_reference(run: Run, initial_copy):
     # Under FSDP the frozen reference is sharded too; under DDP each rank keeps a full copy.
     wrap = distributed.shard_fsdp if run.dist.enabled and spec.distributed == "fsdp" else None
     if spec.reference_model:
-        model = load_causal_lm(spec.reference_model, "reference model").to(run.device)
+        model = load_causal_lm(spec.reference_model, "reference model", frozen_dtype(spec)).to(run.device)
         if run.share_prompt and not can_share_prompt(model):
             if spec.share_prompt is True:
                 raise TrainingError("share_prompt: the reference model does not take the shared-prompt layout "
@@ -212,11 +212,11 @@ def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
     # The default reference is the policy's initial weights: copy before the first update.
     # A LoRA run's is the base with its adapters disabled, unless it trains a given adapter further.
     needs_copy = spec.loss.needs_reference and not spec.reference_model and (spec.lora is None or spec.adapter)
-    initial = None
+    initial, dtype = None, frozen_dtype(spec)
     if needs_copy and spec.adapter:
-        initial = adapter_start(spec).to(device)
+        initial = adapter_start(spec, dtype).to(device)
     elif needs_copy:
-        initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model)
+        initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model, dtype)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
