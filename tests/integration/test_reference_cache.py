@@ -143,3 +143,18 @@ def test_reference_cache_needs_precomputed_and_is_a_server_path():
     assert "reference_cache" in SERVER_PATH_FIELDS
     with pytest.raises(SpecError, match="reference_cache"):
         parse_spec({"model": "m", "train_file": "t.jsonl", "reference_cache": "/tmp/c"})
+
+
+@pytest.mark.slow
+def test_two_ranks_read_the_tables_one_rank_made(tiny_model, data, tmp_path):
+    """Every rank reads the file (and all agree to use it): none is written, and the losses are one rank's."""
+    from dpo_core.launch import launch
+
+    cache = tmp_path / "cache"
+    train(_spec(tiny_model, None, data, tmp_path / "one", cache, device="cpu", distributed="ddp", max_steps=2))
+    (path,) = cache.glob("*.pt")
+    made = path.stat()
+    launch(_spec(tiny_model, None, data, tmp_path / "two", cache, device="cpu", distributed="ddp", max_steps=2), nproc=2)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    assert [r["loss"] for r in _numbers(tmp_path / "two") if "loss" in r] == pytest.approx(
+        [r["loss"] for r in _numbers(tmp_path / "one") if "loss" in r], rel=1e-5)
