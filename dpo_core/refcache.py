@@ -6,7 +6,7 @@ used only when it says the same key and has the run's row counts; any other is i
 and replaced by the tables this run computes.
 
 What the key covers: the reference's identity (reference_model, else model and adapter; a local
-directory by its files, see `_fingerprint`; a hub id as given), the tokenizer's source, the training and
+directory by its files' bytes, see `_fingerprint`; a hub id as given), the tokenizer's source, the training and
 validation files' bytes (sha256), max_length, max_prompt_length, precision and the dtype the reference's
 weights are held in (reference.frozen_dtype; the LoRA base runs in the policy's fp32), whether the loss
 splits pairs into unpaired rows (kto), the transformers version (its model code is the forward), and
@@ -28,11 +28,7 @@ from dpo_core.reference import frozen_dtype
 from dpo_core.spec import TrainingSpec
 
 FORMAT = 1  # the file's layout and the key's recipe: raised when either changes
-# Files up to this size are hashed whole (configs, tokenizers, LoRA adapters); larger ones (full weights,
-# many GB, hashed at about 1 GB/s for every job) by name, size and mtime_ns: a rewritten file gets a new
-# mtime, and a copy of other weights that keeps both the size and the nanosecond mtime is not a thing
-# that happens by accident.
-HASHED_BYTES = 64 << 20
+HASH_THREADS = 8  # files hashed at once (hashlib lets go of the GIL): weights come in shards of a few GB
 
 
 def cache_key(spec: TrainingSpec) -> str:
@@ -64,22 +60,24 @@ def _source(name: str) -> dict:
 
 
 def _fingerprint(directory: Path) -> list:
-    """The directory's top-level files (what from_pretrained reads): each by its bytes' sha256, or, above
-    HASHED_BYTES, by its size and mtime_ns."""
-    found = []
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        info = path.stat()
-        if info.st_size <= HASHED_BYTES:
-            found.append([path.name, _file_sha256(path)])
-        else:
-            found.append([path.name, info.st_size, info.st_mtime_ns])
-    return found
+    """The directory's top-level files (what from_pretrained reads), each by its bytes' sha256.
+
+    The bytes, weights included, not a file's size and mtime: a checkpoint fetched from the service's
+    object store carries its tar's whole-second mtimes, and two jobs' checkpoints of one model have the same
+    sizes and may well be saved in the same second. The price is a read of the weights at about 1 GB/s a
+    thread (sha256 on a shared CPU), a small part of the reference pass a hit saves.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = sorted(p for p in directory.iterdir() if p.is_file())
+    with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+        return [[p.name, digest] for p, digest in zip(paths, pool.map(_file_sha256, paths))]
 
 
 def _file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
+        while chunk := handle.read(4 << 20):
             digest.update(chunk)
     return digest.hexdigest()
 

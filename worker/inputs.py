@@ -68,7 +68,7 @@ def fetch_reference_tables(storage: Storage, team_id: str, spec: TrainingSpec, d
                            max_bytes: int) -> tuple[TrainingSpec, ReferenceTables | None]:
     """The spec pointed at a directory of the scratch disk holding the team's tables for it, if the team
     has them (the run writes them there otherwise). Unchanged without reference_mode: precomputed, or with
-    a cache of 0 bytes. A cache that cannot be read is only a miss: it never fails the job."""
+    a cache of 0 bytes. A cache that cannot be read leaves the run without one: it never fails the job."""
     from dpo_core import refcache
 
     if max_bytes <= 0 or spec.reference_mode != "precomputed" or not spec.loss.needs_reference:

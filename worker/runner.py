@@ -167,8 +167,9 @@ class JobRunner:
         try:
             with _handback_on_sigterm(recorder):
                 job, gpus = keeper.read(lambda s: self._inputs(s, lease.job_id)), self._gpus(keeper)
-                spec, tables = inputs.fetch_reference_tables(self.storage, job.team_id, self._spec(lease.job_id, job, dirs),
-                                                             dirs, self.settings.reference_cache_team_bytes)
+                spec = self._spec(lease.job_id, job, dirs)
+                spec, tables = inputs.fetch_reference_tables(self.storage, job.team_id, spec, dirs,
+                                                             self.settings.reference_cache_team_bytes)
                 if gpus > 1:
                     result = self._launch(lease, spec, gpus)
                 else:
