@@ -37,11 +37,18 @@ def cache_key(spec: TrainingSpec) -> str:
 
     separate = bool(spec.reference_model) or spec.lora is None or bool(spec.adapter)
     weights = str(frozen_dtype(spec)) if separate else "policy"
+    sources: dict[str, dict] = {}  # the tokenizer's directory is the model's or the adapter's: read it once
+
+    def source(name: str) -> dict:
+        if name not in sources:
+            sources[name] = _source(name)
+        return sources[name]
+
     parts = {
         "format": FORMAT,
-        "reference": _source(spec.reference_model) if spec.reference_model else
-        {"model": _source(spec.model), "adapter": _source(spec.adapter) if spec.adapter else None},
-        "tokenizer": _source(spec.tokenizer_source),
+        "reference": source(spec.reference_model) if spec.reference_model else
+        {"model": source(spec.model), "adapter": source(spec.adapter) if spec.adapter else None},
+        "tokenizer": source(spec.tokenizer_source),
         "train": _file_sha256(spec.train_file),
         "validation": _file_sha256(spec.validation_file) if spec.validation_file else None,
         "max_length": spec.max_length, "max_prompt_length": spec.max_prompt_length,
