@@ -56,3 +56,15 @@ def test_a_bf16_run_trains_with_the_16_bit_frozen_copy(tiny_model, synthetic, tm
     after = dict(load_causal_lm(result.final_dir).named_parameters())
     assert result.global_step == 3 and 0 < result.metrics["loss"] < 1
     assert all(not torch.equal(before[n], after[n].detach()) for n in before)
+
+
+def test_the_adapter_start_is_16_bit_and_the_adapter_disabled_base_stays_the_policys(tiny_model, synthetic, tmp_path):
+    lora = {"r": 4, "alpha": 8}
+    first = train(_spec(tiny_model, synthetic, tmp_path / "lora", validation_file=None, precision="fp32", lora=lora))
+    further, _ = setup(_spec(tiny_model, synthetic, tmp_path / "further", adapter=f"{first.final_dir}/adapter",
+                             lora=lora))
+    assert isinstance(further.reference, ModelReference)
+    assert {p.dtype for p in further.reference.model.parameters()} == {torch.bfloat16}
+    fresh, _ = setup(_spec(tiny_model, synthetic, tmp_path / "fresh", lora=lora))
+    assert fresh.reference.model is fresh.model  # AdapterReference: the policy's own fp32 weights
+    assert {p.dtype for p in fresh.model.parameters()} == {torch.float32}
