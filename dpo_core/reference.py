@@ -99,9 +99,9 @@ class PrecomputedReference:
 def frozen_dtype(spec) -> torch.dtype | None:
     """The dtype of a separate frozen reference model's weights (ModelReference): the run's 16-bit one under
     bf16/fp16, in which autocast would cast them at every matmul anyway, so they take half the memory and
-    no cast per forward; None (fp32) under fp32, and under FSDP, whose reference is sharded beside the fp32
-    policy and runs under no_grad (ModelReference): the 16-bit path is not exercised under FSDP's
-    all-gathers. AdapterReference shares the policy's fp32 weights, whatever this says."""
+    no cast per forward. None (fp32) under fp32, and under FSDP: there the reference is sharded by the same
+    fully_shard as the fp32 policy, and the sharded paths are tested (tests/integration/test_distributed.py,
+    gloo on CPU) with fp32 weights only. AdapterReference shares the policy's fp32 weights, whatever this says."""
     if spec.distributed == "fsdp":
         return None
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
