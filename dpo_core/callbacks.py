@@ -11,7 +11,9 @@ from typing import Any
 class Callbacks:
     def on_start(self, info: dict[str, Any]) -> None:
         """Called once before the first step: total_steps, num_train_rows, num_eval_rows, train_rows_dropped,
-        train_rows_truncated, eval_rows_dropped, eval_rows_truncated, resumed_from_step, world_size."""
+        train_rows_truncated, eval_rows_dropped, eval_rows_truncated, resumed_from_step, world_size,
+        reference_cache (`hit`: the reference log-probs were read from spec.reference_cache, `stored`: computed
+        and written there, None: neither)."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; cheap, for progress bars."""

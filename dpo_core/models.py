@@ -10,12 +10,13 @@ from dpo_core.errors import TrainingError, load_error
 from dpo_core.spec import LoraSpec, TrainingSpec
 
 
-def load_causal_lm(name: str, what: str = "model"):
+def load_causal_lm(name: str, what: str = "model", dtype: torch.dtype | None = None):
+    """`dtype` None: fp32. A policy's master weights stay fp32 (bf16/fp16 come from autocast, so optimizer
+    updates are not lost); a frozen reference may be loaded in its 16-bit dtype (reference.frozen_dtype)."""
     from transformers import AutoModelForCausalLM
 
     try:
-        # Master weights stay fp32; bf16/fp16 come from autocast, so optimizer updates are not lost.
-        return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype or torch.float32)
     except (OSError, ValueError, KeyError) as err:
         raise load_error(what, name, err) from None
 
@@ -59,17 +60,30 @@ def load_adapter(base, directory: str, trainable: bool):
         raise load_error("LoRA adapter", directory, err) from None
 
 
-def adapter_start(spec: TrainingSpec):
+def adapter_start(spec: TrainingSpec, dtype: torch.dtype | None = None):
     """The starting point of a run that trains `spec.adapter` further: the base with that adapter merged in,
-    frozen. It is the default reference of such a run: the policy's initial weights, as without LoRA."""
+    frozen, its weights in `dtype` (None: fp32). It is the default reference of such a run: the policy's
+    initial weights, as without LoRA. The merge itself is done in fp32."""
     merged = load_adapter(load_causal_lm(spec.model), spec.adapter, trainable=False).merge_and_unload()
-    return merged.eval().requires_grad_(False)
+    return cast_weights(merged.eval().requires_grad_(False), dtype)
 
 
-def frozen_copy(model):
-    """A frozen copy of the policy's initial weights: the default reference without LoRA."""
-    ref = copy.deepcopy(model)
+def frozen_copy(model, dtype: torch.dtype | None = None):
+    """A frozen copy of the policy's initial weights: the default reference without LoRA. With a `dtype`
+    each weight is copied straight into it, so no second fp32 copy of the model is ever held."""
+    memo = {id(p): torch.nn.Parameter(p.detach().to(dtype or p.dtype, copy=True), requires_grad=False)
+            for p in model.parameters()}  # deepcopy takes these for the parameters (tied ones stay tied)
+    ref = copy.deepcopy(model, memo)
     return ref.eval().requires_grad_(False)
+
+
+def cast_weights(model, dtype: torch.dtype | None):
+    """`model` with its parameters in `dtype` (None: left as they are), one at a time, so no second copy of
+    the model is held. Buffers keep theirs: rotary frequencies stay fp32, as from_pretrained keeps them."""
+    if dtype is not None:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model
 
 
 def enable_gradient_checkpointing(model) -> None:

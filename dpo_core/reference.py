@@ -21,19 +21,28 @@ class Reference(Protocol):
 
 
 class ModelReference:
-    """A separate frozen model: the user's `reference_model`, or a copy of the initial policy."""
+    """A separate frozen model: the user's `reference_model`, or a copy of the initial policy.
+
+    Its weights come in the dtype `frozen_dtype` gives (16-bit under bf16/fp16). Its log-probs are fp32
+    whatever the weights: the LM-head pass computes them in fp32 (dpo_core.headlogp).
+    """
 
     def __init__(self, model, autocast: Callable[[], contextlib.AbstractContextManager], chunk_size: int, wrap=None):
         # `wrap` shards the frozen model like the policy under FSDP, so it costs 1/world of the memory.
         module = LogProbModel(model.eval().requires_grad_(False), chunk_size)
         self.model = wrap(module) if wrap else module
         self.autocast = autocast
+        # No autograd state at all (no version counters, no views tracked), except under FSDP: FSDP2's
+        # unshard swaps parameters in place through version counters, which inference tensors lack.
+        self.no_grad = torch.no_grad if wrap else torch.inference_mode
 
-    @torch.no_grad()
     def logps(self, batch: Batch) -> torch.Tensor:
-        with self.autocast():
-            return self.model(batch.input_ids, batch.attention_mask, batch.targets, position_ids=batch.position_ids,
-                              segments=batch.segments)[1]
+        with self.no_grad(), self.autocast():
+            values = self.model(batch.input_ids, batch.attention_mask, batch.targets, position_ids=batch.position_ids,
+                                segments=batch.segments)[1]
+        # An inference tensor may not be saved for backward: a loss whose graph saved these would fail there.
+        # A copy made out here is a plain tensor, for any loss; [N] floats, nothing to speak of.
+        return values.clone()
 
 
 class AdapterReference:
@@ -86,6 +95,17 @@ class PrecomputedReference:
     def logps(self, batch: Batch) -> torch.Tensor:
         values = self.tables[self.split][batch.row_index, batch.side]
         return values.to(batch.input_ids.device)
+
+
+def frozen_dtype(spec) -> torch.dtype | None:
+    """The dtype of a separate frozen reference model's weights (ModelReference): the run's 16-bit one under
+    bf16/fp16, in which autocast would cast them at every matmul anyway, so they take half the memory and
+    no cast per forward. None (fp32) under fp32, and under FSDP: there the reference is sharded by the same
+    fully_shard as the fp32 policy, and the sharded paths are tested (tests/integration/test_distributed.py,
+    gloo on CPU) with fp32 weights only. AdapterReference shares the policy's fp32 weights, whatever this says."""
+    if spec.distributed == "fsdp":
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
 
 
 def release(reference: ModelReference) -> None:

@@ -32,7 +32,7 @@ REPORT_TO = ("tensorboard", "mlflow", "wandb")
 ReportTo = Literal["tensorboard", "mlflow", "wandb"]
 
 # Fields that name paths on the machine that runs the job. The service sets them; requests may not.
-SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from", "adapter")
+SERVER_PATH_FIELDS = ("train_file", "validation_file", "output_dir", "resume_from", "adapter", "reference_cache")
 
 MAX_STEPS = 10_000_000  # optimizer steps of one run, however they are asked for (max_steps, epochs)
 MAX_ROWS = 65_536  # rows of one optimizer step, of one forward pass
@@ -336,6 +336,10 @@ class TrainingSpec(_Strict):
     reference_mode: Literal["model", "precomputed"] = Field(
         "model", description="precomputed: tabulate the reference log-probs once, then free the reference model "
         "(losses with a reference only)")
+    reference_cache: str | None = Field(
+        None, description="a directory of precomputed reference log-probs: a run reads its tables there when an "
+        "earlier run with the same reference, data and sequence settings wrote them, else writes them there "
+        "(reference_mode: precomputed; docs/training.md)")
     share_prompt: bool | Literal["auto"] = Field(
         False,
         description="one row `prompt, chosen, rejected` per pair, so the prompt runs through the model once "
@@ -404,6 +408,9 @@ class TrainingSpec(_Strict):
         if self.reference_mode == "precomputed" and not self.loss.needs_reference:
             problems.append(("reference_mode", f"loss {self.loss.type!r} uses no reference model; drop "
                              "reference_mode: precomputed"))
+        if self.reference_cache is not None and self.reference_mode != "precomputed":
+            problems.append(("reference_cache", "holds precomputed reference log-probs; set reference_mode: "
+                             "precomputed, or drop reference_cache"))
         if self.adapter is not None and self.lora is None:
             problems.append(("lora", "an adapter trains further as LoRA: set lora (the adapter's own r, alpha and "
                              "target_modules apply), or drop adapter to train the whole model"))

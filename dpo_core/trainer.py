@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed, divergence, packing, samples
+from dpo_core import distributed, divergence, packing, refcache, samples
 from dpo_core.batching import epoch_order, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
@@ -27,7 +27,7 @@ from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt, packing_unsupported
 from dpo_core.metrics import MetricSums, MetricsFile
 from dpo_core.models import adapter_start, enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
-from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, release
+from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, frozen_dtype, release
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec, steps_per_epoch
 from dpo_core.step import aligned_batches, evaluate, filler, train_step
@@ -83,6 +83,7 @@ class Run:
     early_stopped_at: int | None = None
     sampler: samples.Sampler | None = None  # spec.samples, on rank 0
     sample_prompts: list = field(default_factory=list)  # prompts held out of training for samples
+    reference_cache: str | None = None  # hit | stored: the reference log-probs came from, or went to, spec.reference_cache
 
     @property
     def final_is_best(self) -> bool:
@@ -154,7 +155,7 @@ def _live_reference(run: Run, initial_copy):
     # Under FSDP the frozen reference is sharded too; under DDP each rank keeps a full copy.
     wrap = distributed.shard_fsdp if run.dist.enabled and spec.distributed == "fsdp" else None
     if spec.reference_model:
-        model = load_causal_lm(spec.reference_model, "reference model").to(run.device)
+        model = load_causal_lm(spec.reference_model, "reference model", frozen_dtype(spec)).to(run.device)
         if run.share_prompt and not can_share_prompt(model):
             if spec.share_prompt is True:
                 raise TrainingError("share_prompt: the reference model does not take the shared-prompt layout "
@@ -169,9 +170,12 @@ def _live_reference(run: Run, initial_copy):
     return ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size, wrap)
 
 
-def _make_reference(run: Run, initial_copy) -> None:
+def _make_reference(run: Run, initial_copy, cache: refcache.Entry | None = None) -> None:
     spec = run.spec
     if not spec.loss.needs_reference:
+        return
+    if cache is not None and cache.hit:
+        run.reference, run.reference_cache = PrecomputedReference(cache.tables), "hit"
         return
     ref = _live_reference(run, initial_copy)
     if spec.reference_mode == "model":
@@ -184,6 +188,8 @@ def _make_reference(run: Run, initial_copy) -> None:
     run.reference = PrecomputedReference.compute(ref, splits, filler(run), run.dist)
     if isinstance(ref, ModelReference):
         release(ref)  # its work is done: free the memory for the policy
+    if cache is not None and run.dist.main and refcache.save(cache, run.reference.tables, run.callbacks):
+        run.reference_cache = "stored"
 
 
 def _num_rows(rows: list) -> int:
@@ -232,17 +238,19 @@ def _pad_multiple(spec: TrainingSpec, device: torch.device) -> int:
     return 64 if device.type == "cuda" else 1
 
 
-def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir):
-    """(model, wrapped policy, frozen initial copy or None)."""
+def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir, reference: bool = True):
+    """(model, wrapped policy, frozen initial copy or None); `reference` False: no reference model is needed
+    (its log-probs come from the cache)."""
     model = load_policy(spec, resume_dir).to(device)
     # The default reference is the policy's initial weights: copy before the first update.
     # A LoRA run's is the base with its adapters disabled, unless it trains a given adapter further.
-    needs_copy = spec.loss.needs_reference and not spec.reference_model and (spec.lora is None or spec.adapter)
-    initial = None
+    needs_copy = (reference and spec.loss.needs_reference and not spec.reference_model
+                  and (spec.lora is None or spec.adapter))
+    initial, dtype = None, frozen_dtype(spec)
     if needs_copy and spec.adapter:
-        initial = adapter_start(spec).to(device)
+        initial = adapter_start(spec, dtype).to(device)
     elif needs_copy:
-        initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model)
+        initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model, dtype)
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
@@ -259,7 +267,9 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     train = _load_rows(spec.train_file, spec, tokenizer, callbacks)
     evals = _load_rows(spec.validation_file, spec, tokenizer, callbacks) if spec.validation_file else None
     device = distributed.device(d, spec.device)
-    model, policy, initial = _build_policy(spec, d, device, resume_dir)
+    rows = {"train": _num_rows(train.rows), **({"eval": _num_rows(evals.rows)} if evals else {})}
+    cache = refcache.lookup(spec, rows, callbacks, d)
+    model, policy, initial = _build_policy(spec, d, device, resume_dir, reference=not (cache and cache.hit))
     train_rows, held_out = hold_out_for_samples(spec, train.rows)
     if not train_rows:
         raise TrainingError(f"every training row has one of the {len(held_out)} prompts held out for samples; "
@@ -273,7 +283,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     run.total_steps = spec.total_steps(len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     run.diagnostics, run.best = Diagnostics(spec, run.total_steps), Best.of(spec)
-    _make_reference(run, initial)
+    _make_reference(run, initial, cache)
     run.optimizer = _make_optimizer(spec, policy)
     run.scheduler = _make_scheduler(spec, run.optimizer, run.total_steps)
     run.scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
@@ -546,6 +556,7 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
             "resumed_from_step": run.progress.step if resume_dir else None,
             "resumed_from": resume_dir,
             "world_size": run.dist.world,
+            "reference_cache": run.reference_cache,
         }
     )
     if spec.samples is not None and run.dist.main:

@@ -127,7 +127,8 @@ def _refuse(problems: list[tuple[str, str]], origin: dict[str, str]) -> None:
 def _refuse_server_fields(training: dict[str, Any]) -> None:
     for name in (*SERVER_PATH_FIELDS, "model"):
         if name in training:
-            where = {"model": "the top-level model", "adapter": "the service (from the checkpoint id given as model)"}.get(
+            where = {"model": "the top-level model", "adapter": "the service (from the checkpoint id given as model)",
+                     "reference_cache": "the service (its team's cache of reference log-probs)"}.get(
                 name, "the service (from file ids and the job id)")
             raise InvalidInput(f"training.{name} is set by {where}; remove it from training", param=f"training.{name}")
     if training.get("device") not in SERVICE_DEVICES:

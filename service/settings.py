@@ -70,6 +70,10 @@ class Settings(BaseSettings):
     team_storage_bytes: int | None = Field(None, gt=0, description="bytes a team may store (uploads, checkpoints, "
                                            "result files) unless the admin set the team's own; default: no limit")
 
+    reference_cache_team_bytes: int = Field(1 << 30, ge=0, description="bytes of precomputed reference log-probs "
+                                            "a team's cache keeps (teams/<team>/reference-cache/), the most "
+                                            "recently used first; 0: no cache")
+
     # Where artifacts live (service.artifacts.make_storage; docs/operations.md, "Storage").
     storage_url: str | None = Field(None, description="file:///path or s3://bucket/prefix; default: file:// the "
                                     "data directory. Credentials and region come from the standard AWS variables")

@@ -81,6 +81,9 @@ class JobRecorder(Callbacks):
 
         def write(s: Session) -> None:
             jobs.update_job(s, self.job_id, total_steps=self.total_steps, step=self.first_step)
+            if info.get("reference_cache") == "hit":  # the worker fetched them from the team's cache
+                jobs.add_event(s, self.job_id, "Reference log-probs reused from the team's cache",
+                               data={"code": "reference_cache_hit"})
             jobs.add_event(s, self.job_id, message, data={"code": "training_started", **shown})
             if published is not None:
                 self._sync_checkpoints(s, published)

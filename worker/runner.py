@@ -38,7 +38,7 @@ from dpo_core.data import DataError, Problem
 from dpo_core.errors import RankFailedError, TrainingError
 from dpo_core.layout import FINAL_DIR, METRICS_FILE, TENSORBOARD_DIR, TENSORBOARD_TAR
 from dpo_core.spec import SpecError, TrainingSpec
-from service import parents
+from service import parents, reference_cache
 from service.artifacts import iter_tar, job_key, make_storage, state_key
 from service.db import jobs, leases
 from service.db.engine import make_engine, make_sessionmaker
@@ -67,6 +67,7 @@ class _JobInputs:
     train_key: str
     validation_key: str | None
     start: parents.Start | None
+    team_id: str
 
 
 @dataclass
@@ -162,23 +163,27 @@ class JobRunner:
     def _run_in(self, keeper: LeaseKeeper, recorder: JobRecorder, dirs: RunDirs) -> str:
         import dpo_core  # torch comes in here, in the worker only
 
-        lease = keeper.lease
+        lease, tables = keeper.lease, None
         try:
             with _handback_on_sigterm(recorder):
                 job, gpus = keeper.read(lambda s: self._inputs(s, lease.job_id)), self._gpus(keeper)
                 spec = self._spec(lease.job_id, job, dirs)
+                spec, tables = inputs.fetch_reference_tables(self.storage, job.team_id, spec, dirs,
+                                                             self.settings.reference_cache_team_bytes)
                 if gpus > 1:
                     result = self._launch(lease, spec, gpus)
                 else:
                     attach_publisher(recorder, self.settings, dirs.output)
                     result = dpo_core.train(spec, recorder)
                     recorder.drain()
+                self._keep_reference_tables(keeper, tables)
                 outputs = self._publish_outputs(lease.job_id, result, dirs.output)
         except LeaseLost:
             raise
         except (SpecError, DataError, TrainingError) as err:
             recorder.flush()  # the metrics logged before the failure (a diverged run's last finite ones)
             recorder.drain_quietly()
+            self._keep_reference_tables(keeper, tables)  # tables computed before the failure are good for the next
             return self._fail(keeper, _code(err), one_line(err))
         except Exception as err:  # noqa: BLE001 - the job must end failed, whatever went wrong
             recorder.drain_quietly()
@@ -186,6 +191,21 @@ class JobRunner:
                 return self._fail(keeper, "storage_error", storage_message(err))
             return self._fail_internal(keeper, err)
         return self._finish(keeper, result, outputs, self._measured(keeper, spec, result, gpus))
+
+    def _keep_reference_tables(self, keeper: LeaseKeeper, tables: inputs.ReferenceTables | None) -> None:
+        """Put the reference log-probs the run computed in its team's cache (service.reference_cache), and say
+        so on the job. A store that refuses them costs later jobs the reference pass, never this job."""
+        if tables is None or not tables.computed():
+            return
+        try:
+            kept = reference_cache.put(self.storage, tables.team_id, tables.key, tables.path,
+                                       self.settings.reference_cache_team_bytes)
+        except OSError as err:
+            log.warning("job %s: its reference log-probs were not cached (%s)", keeper.lease.job_id, err)
+            return
+        if kept:
+            keeper.write(lambda s: jobs.add_event(s, keeper.lease.job_id, "Reference log-probs computed and cached "
+                                                  "for the team's later jobs", data={"code": "reference_cache_stored"}))
 
     def _measured(self, keeper: LeaseKeeper, spec: TrainingSpec, result, gpus: int) -> dict | None:
         """What the run measured (dpo_core.estimate.measured): it calibrates later estimates. Its FLOPs come
@@ -240,7 +260,7 @@ class JobRunner:
         for name in filter(None, (model, job.spec.get("reference_model"), reward_model)):
             if problem := model_problem(name, self.settings.model_dirs, must_exist=False):
                 raise TrainingError(problem, code="model_not_allowed")
-        return _JobInputs(job.spec, keys[job.training_file], keys.get(job.validation_file), start)
+        return _JobInputs(job.spec, keys[job.training_file], keys.get(job.validation_file), start, job.team_id)
 
     def _spec(self, job_id: str, job: _JobInputs, dirs: RunDirs) -> TrainingSpec:
         """The run's spec on this machine, once what it reads is on the scratch disk. What an interrupted

@@ -74,6 +74,7 @@ def test_a_job_row_is_written_queued_with_its_status_event(client, train_id):
     ({"training_file": "file-missing"}, "training_file"),
     ({"validation_file": "file-missing"}, "validation_file"),
     ({"training": {"output_dir": "/etc"}}, "training.output_dir"),
+    ({"training": {"reference_mode": "precomputed", "reference_cache": "/etc"}}, "training.reference_cache"),
     ({"training": {**TRAINING, "loss": {"type": "nope"}}}, "training.loss.type"),
     ({"training": {**TRAINING, "lora": {"r": 0}}}, "training.lora.r"),
     ({"method": {"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}}, "method.dpo.hyperparameters.beta"),
