@@ -259,3 +259,11 @@ def test_epoch_summary_and_what_a_run_measured():
     assert estimate.measured(_spec(), result, "cpu", 1, None)["flops"] is None
     precomputed = estimate.measured(_spec(reference_mode="precomputed"), result, "cpu", 1, FACTS)
     assert precomputed["flops"] == pytest.approx(estimate.run_flops(_spec(), FACTS, shape, 90)["policy"])
+    # The plan the run had: its checkpointed layers' recompute counts, and it is recorded.
+    result.memory_plan = {"micro_batch": 2, "checkpointed_layers": 1, "layers": FACTS.layers,
+                          "budget_bytes": 3 * GIB, "predicted_bytes": 2 * GIB}
+    planned = estimate.measured(_spec(), result, "cpu", 1, FACTS)
+    assert planned["flops"] == pytest.approx(estimate.run_flops(_spec(), FACTS, shape, 90, checkpointed=1)["total"])
+    assert planned["flops"] > got["flops"]
+    assert (planned["micro_batch_size"], planned["checkpointed_layers"], planned["gradient_checkpointing"],
+            planned["memory_budget_bytes"], planned["predicted_memory_bytes"]) == (2, 1, True, 3 * GIB, 2 * GIB)
