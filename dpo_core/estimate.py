@@ -293,28 +293,32 @@ def checkpointed_layers(spec: TrainingSpec, facts: ModelFacts) -> int:
     return facts.layers if spec.gradient_checkpointing is True else 0
 
 
-def _layer_bytes(spec: TrainingSpec, facts: ModelFacts) -> int:
+def _layer_bytes(spec: TrainingSpec, facts: ModelFacts, width: int = 0) -> int:
     """What autograd keeps for backward per decoder layer and token: two RMSNorms (input, normalised, output:
     6 x hidden), q and o_proj's input and the attention output (3 x hidden), k and v (2 x kv width), the MLP's
-    gate, activation, up and product (4 x intermediate). Under bf16/fp16 autocast all but the norms are 16-bit."""
+    gate, activation, up and product (4 x intermediate). Under bf16/fp16 autocast all but the norms are 16-bit.
+    A padded batch's attention mask, [sequences, 1, width, width], reaches SDPA as a float bias that each layer
+    converts and keeps: `width` (the batch's padded sequence width) mask entries a token."""
     kv = facts.kv_heads * facts.head_dim
     wide = 3 * facts.hidden_size + 2 * kv + 4 * facts.intermediate_size
     low = FP32 if spec.precision == "fp32" else 2
-    return 6 * facts.hidden_size * FP32 + wide * low
+    return 6 * facts.hidden_size * FP32 + (wide + width) * low
 
 
-def _activation_bytes(spec: TrainingSpec, facts: ModelFacts, tokens: int, checkpointed: int = 0) -> int:
-    """Activations kept over `tokens` tokens of a micro batch with `checkpointed` of the decoder layers
-    checkpointed: a checkpointed layer keeps only its input (hidden x 4 bytes a token), the others every
-    activation (`_layer_bytes`). Backward recomputes one checkpointed layer at a time. The checkpointed layers
-    are the first ones (dpo_core.models.checkpoint_layers): backward reaches them after the other layers'
-    activations are freed, so the recompute adds one layer to the kept inputs alone, and only raises the peak
-    when every layer is checkpointed."""
-    per_layer, kept_input = _layer_bytes(spec, facts), facts.hidden_size * FP32
+def _activation_bytes(spec: TrainingSpec, facts: ModelFacts, tokens: int, checkpointed: int = 0,
+                      width: int = 0) -> int:
+    """Activations kept over `tokens` tokens of a micro batch of sequences `width` wide, with `checkpointed`
+    of the decoder layers checkpointed: a checkpointed layer keeps only its input (hidden x 4 bytes a token),
+    the others every activation (`_layer_bytes`). Backward recomputes one checkpointed layer at a time. The
+    checkpointed layers are the first ones (dpo_core.models.checkpoint_layers): backward reaches them after
+    the other layers' activations are freed, so the recompute adds one layer to the kept inputs alone, and
+    only raises the peak when every layer is checkpointed. Backward of a layer holds about one layer's
+    activations more at once (their gradients): measured on a CPU, 0.85-1 x `_layer_bytes`."""
+    per_layer, kept_input = _layer_bytes(spec, facts, width), facts.hidden_size * FP32
     k = max(0, min(checkpointed, facts.layers))
     kept = (facts.layers - k) * per_layer + k * kept_input
     recompute = k * kept_input + per_layer if k else 0
-    return tokens * max(kept, recompute)
+    return tokens * (max(kept, recompute) + per_layer)
 
 
 def _head_bytes(spec: TrainingSpec, facts: ModelFacts, completion_tokens: int, device: str) -> int:
@@ -338,9 +342,9 @@ def _reference_bytes(spec: TrainingSpec, facts: ModelFacts) -> int:
 
 
 def micro_batch_memory(spec: TrainingSpec, facts: ModelFacts, device: str, tokens: int, completion_share: float,
-                       checkpointed: int = 0, gpus: int = 1) -> dict:
-    """Peak bytes of one training process whose micro batches hold `tokens` tokens (padding included) with
-    `checkpointed` decoder layers checkpointed, by term (see docs/training.md, Estimates). The one memory
+                       checkpointed: int = 0, gpus: int = 1, width: int = 0) -> dict:
+    """Peak bytes of one training process whose micro batches hold `tokens` tokens (padding included) in
+    sequences `width` wide, with `checkpointed` decoder layers checkpointed, by term (see docs/training.md, Estimates). The one memory
     model of pre-flight (`memory`) and of a run's plan (dpo_core.memplan):
 
     weights: fp32 master weights (+ LoRA adapters), and under bf16/fp16 autocast a 16-bit copy of each
@@ -358,7 +362,7 @@ def micro_batch_memory(spec: TrainingSpec, facts: ModelFacts, device: str, token
     terms = {
         "weights": weights, "gradients": trainable * FP32 // share,
         "optimizer": ADAMW_STATES * trainable * FP32 // share, "reference": _reference_bytes(spec, facts) // share,
-        "activations": _activation_bytes(spec, facts, tokens, checkpointed) + head,
+        "activations": _activation_bytes(spec, facts, tokens, checkpointed, width) + head,
         "runtime": RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"]),
     }
     total = sum(terms.values())
@@ -378,7 +382,8 @@ def memory(spec: TrainingSpec, facts: ModelFacts, data_report: dict, device: str
     rows = micro_batch_size or spec.micro_batch
     tokens = rows * shape.sequences_per_row * shape.longest_sequence
     layers = checkpointed_layers(spec, facts) if checkpointed is None else checkpointed
-    return micro_batch_memory(spec, facts, device, tokens, shape.completion_share, layers, gpus)
+    return micro_batch_memory(spec, facts, device, tokens, shape.completion_share, layers, gpus,
+                              shape.longest_sequence)
 
 
 def largest_micro_batch(spec: TrainingSpec, facts: ModelFacts, data_report: dict, device: str,

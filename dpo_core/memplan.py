@@ -37,11 +37,13 @@ BUSY_TOKENS = 8192  # tokens of a micro batch that keep a GPU's matrix units bus
 @dataclass(frozen=True)
 class Workload:
     """What the plan needs of the data: the padded tokens one row puts in a micro batch (sequences a row x
-    the longest sequence, rounded up to the batch width multiple), and the share of them the LM head scores.
-    A packed layout (no padding) would pass its real tokens a row."""
+    the longest sequence, rounded up to the batch width multiple), the share of them the LM head scores, and
+    the padded width of a sequence (what a padded batch's attention mask grows with). A packed layout (no
+    padding) would pass its real tokens a row."""
 
     tokens_per_row: int
     completion_share: float = 1.0
+    width: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ def plan(spec: TrainingSpec, facts: ModelFacts, device: str, budget: int, worklo
 
     def cost(rows: int, k: int) -> int:
         return micro_batch_memory(spec, facts, device, rows * workload.tokens_per_row, workload.completion_share,
-                                  k, world)["total"]
+                                  k, world, workload.width)["total"]
 
     def made(rows: int, k: int) -> MemoryPlan:
         return MemoryPlan(rows, k, facts.layers, cost(rows, k), budget, rows * workload.tokens_per_row)
@@ -181,3 +183,25 @@ def _meminfo_total() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# glibc's mallopt parameter M_MMAP_THRESHOLD, and the value it starts at.
+M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 << 10
+
+
+def return_freed_memory() -> bool:
+    """Have glibc give large freed blocks back to the system at once, so that a CPU run's resident memory
+    follows its live tensors. By default glibc raises its mmap threshold to the size of each large block
+    freed, after which blocks of that size come from the heap, where the freed activations of one micro
+    batch stay resident under the next one's: up to half the activations again (a 2-micro-batch step of the
+    memory test in tests/integration/test_memplan_runs.py peaked 15% over the plan). Setting the threshold
+    fixes it (mallopt). Costs a page fault per 4 KiB of each large tensor made. False where there is no glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):  # no C library by that name, or one without mallopt (musl, macOS)
+        return False

@@ -234,10 +234,11 @@ def _workload(spec: TrainingSpec, rows: list, shared: bool, pad_multiple: int) -
     longer completion (batching.collate pads both to one width)."""
     if shared:
         longest = max(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
-        return memplan.Workload(padded_width(longest, pad_multiple), _completion_share(rows))
+        width = padded_width(longest, pad_multiple)
+        return memplan.Workload(width, _completion_share(rows), width)
     per_row = 1 if spec.loss.unpaired else 2
     width = padded_width(max(row_length(r) for r in rows), pad_multiple, spec.max_length)
-    return memplan.Workload(per_row * width, _completion_share(rows))
+    return memplan.Workload(per_row * width, _completion_share(rows), width)
 
 
 def _completion_share(rows: list) -> float:
@@ -253,6 +254,8 @@ def _plan_memory(run: Run, rows: list) -> memplan.MemoryPlan:
     shared = run.share_prompt and (spec.share_prompt is True or not spec.reference_model)
     workload = _workload(spec, rows, shared, run.pad_multiple)
     budget = memplan.device_budget(spec, run.device)
+    if run.device.type == "cpu" and spec.max_memory is not None:
+        memplan.return_freed_memory()  # else freed activations can stay resident past the budget
     return memplan.plan(spec, live_model_facts(run.model), run.device.type, budget, workload, run.dist.world)
 
 

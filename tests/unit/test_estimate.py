@@ -175,10 +175,17 @@ def test_memory_terms():
     p = FACTS.parameters
     full = estimate.memory(_spec(batch_size=2), FACTS, _report(), "cpu")
     assert (full["weights"], full["gradients"], full["optimizer"], full["reference"]) == (4 * p, 4 * p, 8 * p, 4 * p)
-    # 2 rows x 2 sequences x 60 tokens; per layer and token (6 x 64) x 4 bytes + (3 x 64 + 2 x 64 + 4 x 256) x 4.
-    per_token_layer = 6 * 64 * 4 + (3 * 64 + 2 * 64 + 4 * 256) * 4
+    # 2 rows x 2 sequences x 60 tokens; per layer and token (6 x 64) x 4 bytes + (3 x 64 + 2 x 64 + 4 x 256) x 4,
+    # and the padded batch's attention mask, 60 wide: 60 x 4. Two layers, and one more in backward.
+    per_token_layer = 6 * 64 * 4 + (3 * 64 + 2 * 64 + 4 * 256) * 4 + 60 * 4
     head = 2 * 4 * min(60 * 1000, 1 << 20)  # 240 tokens x 1/4 completion = 60 rows of logits, and their softmax
-    assert full["activations"] == 240 * 2 * per_token_layer + head
+    assert full["activations"] == 240 * 3 * per_token_layer + head
+    # The first layer checkpointed keeps its input alone (64 x 4 bytes a token); every layer: the inputs and a
+    # layer recomputed.
+    one = estimate.memory(_spec(batch_size=2), FACTS, _report(), "cpu", checkpointed=1)
+    assert one["activations"] == 240 * (2 * per_token_layer + 256) + head
+    every = estimate.memory(_spec(batch_size=2, gradient_checkpointing=True), FACTS, _report(), "cpu")
+    assert every["activations"] == 240 * (2 * per_token_layer + 2 * 256) + head
     assert full["runtime"] == estimate.RUNTIME_BYTES["cpu"]
     assert full["total"] == sum(v for k, v in full.items() if k != "total")
     lora = estimate.memory(_spec(batch_size=2, lora={"r": 2}), FACTS, _report(), "cpu")

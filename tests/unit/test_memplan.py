@@ -18,9 +18,9 @@ ROW = memplan.Workload(tokens_per_row=1000, completion_share=1.0)
 HEAD = 2 * 1000 * 1000 * 4
 # Per token and layer: norms 6 x 64 x 4 + (3 x 64 + 2 x 64 + 4 x 256) x 4 = 6912; a checkpointed layer's input 256.
 LAYER, INPUT = 6912, 256
-# Activations of one row by checkpointed layers k (the first k): (4 - k) x 6912 + k x 256 per token; with all
-# four checkpointed, the inputs plus one layer recomputed (4 x 256 + 6912).
-PER_ROW = {0: 27_648_000, 1: 20_992_000, 2: 14_336_000, 3: 7_680_000, 4: 7_936_000}
+# Activations of one row by checkpointed layers k (the first k): (4 - k) x 6912 + k x 256 per token, with all
+# four checkpointed the inputs plus one layer recomputed (4 x 256 + 6912); and backward's one layer, 6912.
+PER_ROW = {0: 34_560_000, 1: 27_904_000, 2: 21_248_000, 3: 14_592_000, 4: 14_848_000}
 # Weights, gradients, AdamW's two states and the frozen reference: 4 + 4 + 8 + 4 bytes a parameter.
 FIXED = {device: 20 * P + HEAD + RUNTIME_BYTES[device] for device in ("cpu", "cuda")}
 
@@ -57,13 +57,13 @@ def test_on_a_gpu_it_checkpoints_layers_rather_than_cut_a_busy_micro_batch():
 
 
 def test_on_a_cpu_it_cuts_the_micro_batch_before_it_recomputes():
-    # 114,688,000 bytes of activations: 4 rows of 27,648,000 without checkpointing.
+    # 169,984,000 bytes of activations: 4 rows of 34,560,000 without checkpointing.
     assert _plan("cpu", FIXED["cpu"] + 8 * PER_ROW[2]) == (4, 0)
     assert _plan("cpu", FIXED["cpu"] + PER_ROW[0] - 1) == (1, 1)  # not one row whole: the fewest layers
 
 
 def test_when_no_layer_count_keeps_a_busy_micro_batch_the_largest_micro_batch_wins():
-    # 38,400,000 bytes: 5 rows at k = 3 (7,680,000 each), 4 at k = 4, 2 at k = 2, 1 at k = 0 or 1.
+    # 72,960,000 bytes: 5 rows at k = 3 (14,592,000 each), 4 at k = 4, 3 at k = 2, 2 at k = 0 or 1.
     assert _plan("cuda", FIXED["cuda"] + 5 * PER_ROW[3]) == (5, 3)
 
 
@@ -81,7 +81,7 @@ def test_nothing_fits_fails_with_the_bytes_the_budget_and_what_to_change():
         memplan.plan(_spec(), FACTS, "cuda", budget, ROW)
     text = str(err.value)
     assert err.value.code == "memory_budget"
-    assert f"micro batch 1 with 3 of 4 layers checkpointed needs about 1.03 GiB ({FIXED['cuda'] + PER_ROW[3]:,} bytes)" in text
+    assert f"micro batch 1 with 3 of 4 layers checkpointed needs about 1.04 GiB ({FIXED['cuda'] + PER_ROW[3]:,} bytes)" in text
     assert f"({budget:,} bytes) budget" in text
     for change in ("max_memory", "max_length (1024)", "lora", "bf16", "precomputed", "fsdp"):
         assert change in text
