@@ -268,11 +268,12 @@ def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: i
     return {"policy": policy, "reference": reference, "total": policy + reference, "recompute": tokens * recompute}
 
 
-def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict) -> dict:
+def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict, checkpointed: int | None = None) -> dict:
     """Steps, tokens and FLOPs of the run `spec` over the training file that `data_report` describes.
 
     tokens = rows trained x tokens per row (tokens.total x epochs when epochs are whole), stepping as
-    the trainer does (`rows_trained`); FLOPs as `run_flops`.
+    the trainer does (`rows_trained`); FLOPs as `run_flops`, with `checkpointed` layers recomputed (a memory
+    plan's; default `checkpointed_layers`).
     """
     shape = shape_of_report(data_report["training_file"], spec.loss.unpaired)
     steps, rows = rows_trained(spec, shape.rows)
@@ -280,7 +281,7 @@ def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict) -> d
     return {
         "steps": steps, "epochs": round(rows / max(shape.rows, 1), 4), "tokens": tokens,
         "parameters": facts.parameters, "trainable_parameters": trainable_parameters(spec, facts),
-        "flops": run_flops(spec, facts, shape, tokens), "precision": spec.precision,
+        "flops": run_flops(spec, facts, shape, tokens, checkpointed), "precision": spec.precision,
     }
 
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from dpo_core.errors import TrainingError
-from dpo_core.estimate import GIB, ModelFacts, micro_batch_memory
+from dpo_core.estimate import GIB, ModelFacts, micro_batch_memory, shape_of_report
 from dpo_core.spec import TrainingSpec
 
 BUDGET_SHARE = 0.9  # of the device's memory, when max_memory is not set
@@ -63,6 +63,19 @@ class MemoryPlan:
         return (f"memory plan: micro batch {self.micro_batch}, {self.checkpointed_layers} of {self.layers} "
                 f"layers checkpointed, predicted peak {self.predicted_bytes / GIB:.2f} GiB of a "
                 f"{self.budget_bytes / GIB:.2f} GiB budget (max_memory)")
+
+
+def workload_of_report(spec: TrainingSpec, data_report: dict, device: str) -> Workload:
+    """A pre-flight data report's workload: two sequences a pair (or one unpaired row) of the longest train or
+    validation sequence, padded as the trainer pads on `device` (64 on a GPU, 1 on a CPU, unless
+    pad_to_multiple_of), the completion share at the training file's medians. A shared prompt's one row a pair
+    is not known before the model loads: the report plans for two rows, the larger layout."""
+    shape = shape_of_report(data_report["training_file"], spec.loss.unpaired)
+    files = [data_report["training_file"], data_report.get("validation_file") or {}]
+    longest = max(f.get("tokens", {}).get("longest_sequence", 0) for f in files)
+    multiple = spec.pad_to_multiple_of or (1 if device == "cpu" else 64)
+    width = min(-(-longest // multiple) * multiple, max(spec.max_length, longest))
+    return Workload(shape.sequences_per_row * width, shape.completion_share, width)
 
 
 def busy_rows(device: str, workload: Workload, most: int) -> int:
