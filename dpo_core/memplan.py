@@ -56,13 +56,13 @@ class MemoryPlan:
     tokens_per_micro_batch: int
 
     def info(self) -> dict:
-        """The plan as on_start's `memory_plan` and TrainResult.memory_plan report it."""
+        """The plan as TrainResult.memory_plan and the memory_plan warning's data report it."""
         return asdict(self)
 
     def message(self) -> str:
         return (f"memory plan: micro batch {self.micro_batch}, {self.checkpointed_layers} of {self.layers} "
                 f"layers checkpointed, predicted peak {self.predicted_bytes / GIB:.2f} GiB of a "
-                f"{self.budget_bytes / GIB:.2f} GiB budget (max_memory)")
+                f"{self.budget_bytes / GIB:.2f} GiB budget")
 
 
 def workload_of_report(spec: TrainingSpec, data_report: dict, device: str) -> Workload:
