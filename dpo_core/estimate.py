@@ -345,8 +345,8 @@ def _reference_bytes(spec: TrainingSpec, facts: ModelFacts) -> int:
 def micro_batch_memory(spec: TrainingSpec, facts: ModelFacts, device: str, tokens: int, completion_share: float,
                        checkpointed: int = 0, gpus: int = 1, width: int = 0) -> dict:
     """Peak bytes of one training process whose micro batches hold `tokens` tokens (padding included) in
-    sequences `width` wide, with `checkpointed` decoder layers checkpointed, by term (see docs/training.md, Estimates). The one memory
-    model of pre-flight (`memory`) and of a run's plan (dpo_core.memplan):
+    sequences `width` wide, with `checkpointed` decoder layers checkpointed, by term (see docs/training.md,
+    Estimates). The one memory model of pre-flight (`memory`) and of a run's plan (dpo_core.memplan):
 
     weights: fp32 master weights (+ LoRA adapters), and under bf16/fp16 autocast a 16-bit copy of each
     trained weight; gradients: 4 x trainable; optimizer: AdamW's two fp32 states, 8 x trainable;

@@ -98,7 +98,9 @@ def checkpoint_layers(model, count: int) -> None:
     layer, the activations of every later (kept) layer are freed, so one layer's recompute adds to the saved
     layer inputs alone (dpo_core.estimate._activation_bytes). Checkpointing the last layers instead would
     recompute them while every earlier layer's activations are still held. Enabling checkpointing sets the
-    flag on every such layer; the layers past `count` get it switched off again (the flag is per instance)."""
+    flag on every such layer; the layers past `count` get it switched off again (the flag is per instance).
+    A model without such layers (older remote code) checkpoints as its own flag says: every layer, which
+    keeps less than the plan counted on."""
     if count <= 0:
         return
     enable_gradient_checkpointing(model)

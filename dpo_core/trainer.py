@@ -55,7 +55,7 @@ class TrainResult:
     peak_memory_bytes: int = 0  # cpu: this process's peak RSS; cuda: torch.cuda.max_memory_allocated
     memory_kind: str = "rss"  # rss | cuda_allocated
     epoch: dict = field(default_factory=dict)  # one epoch of training rows (dpo_core.estimate.epoch_summary)
-    memory_plan: dict = field(default_factory=dict)  # the micro batch and checkpointed layers it ran with (MemoryPlan.info)
+    memory_plan: dict = field(default_factory=dict)  # the micro batch and layers checkpointed (MemoryPlan.info)
 
 
 @dataclass

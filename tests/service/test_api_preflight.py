@@ -90,7 +90,8 @@ def test_the_estimate_per_gpu_type_fits_and_is_calibrated_by_measured_jobs(clien
     # The trainer's memory plan on each: the whole batch and no checkpointing on 64 GiB; nothing fits in 1 MiB,
     # and the note says what to change.
     plan = types["cpu"]["plan"]
-    assert (plan["micro_batch_size"], plan["checkpointed_layers"], plan["budget_bytes"]) == (4, 0, int(0.9 * (64 << 30)))
+    assert (plan["micro_batch_size"], plan["checkpointed_layers"]) == (4, 0)
+    assert plan["budget_bytes"] == int(0.9 * (64 << 30))
     assert plan["predicted_bytes"] == types["cpu"]["peak_memory_bytes"] and plan["recompute_flops"] == 0
     assert types["h100"]["plan"] is None and "max_memory" in types["h100"]["plan_note"]
     assert report["estimate"]["memory"]["planned"] is True

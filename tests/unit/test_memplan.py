@@ -81,7 +81,8 @@ def test_nothing_fits_fails_with_the_bytes_the_budget_and_what_to_change():
         memplan.plan(_spec(), FACTS, "cuda", budget, ROW)
     text = str(err.value)
     assert err.value.code == "memory_budget"
-    assert f"micro batch 1 with 3 of 4 layers checkpointed needs about 1.04 GiB ({FIXED['cuda'] + PER_ROW[3]:,} bytes)" in text
+    least = FIXED["cuda"] + PER_ROW[3]
+    assert f"micro batch 1 with 3 of 4 layers checkpointed needs about 1.04 GiB ({least:,} bytes)" in text
     assert f"({budget:,} bytes) budget" in text
     for change in ("max_memory", "max_length (1024)", "lora", "bf16", "precomputed", "fsdp"):
         assert change in text
