@@ -208,7 +208,10 @@ def return_freed_memory() -> bool:
     freed, after which blocks of that size come from the heap, where the freed activations of one micro
     batch stay resident under the next one's: up to half the activations again (a 2-micro-batch step of the
     memory test in tests/integration/test_memplan_runs.py peaked 15% over the plan). Setting the threshold
-    fixes it (mallopt). Costs a page fault per 4 KiB of each large tensor made. False where there is no glibc."""
+    fixes it (mallopt). It costs time: every large tensor is a fresh mapping, faulted in page by page (that
+    test's run, 8k tokens a micro batch through 64-wide layers, stepped 1.2-2.3x slower; wider layers do more
+    work per byte). Calling malloc_trim after each micro batch instead cost nothing there but left the peak
+    3-5% over the plan. False where there is no glibc."""
     import ctypes
     import ctypes.util
 
