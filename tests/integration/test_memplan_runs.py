@@ -135,3 +135,13 @@ def test_a_cpu_run_held_to_max_memory_peaks_under_it(tmp_path):
     assert unplanned["plan"]["predicted_bytes"] > memory_bytes(budget)
     assert planned["plan"]["micro_batch"] < 16 and planned["plan"]["predicted_bytes"] <= memory_bytes(budget)
     assert planned["rss"] < memory_bytes(budget), planned
+
+
+def test_a_loaded_models_facts_are_its_files_facts_with_or_without_lora(tiny_model):
+    from dpo_core.models import add_lora
+    from dpo_core.spec import LoraSpec
+
+    files = estimate.model_facts(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert estimate.live_model_facts(model) == files
+    assert estimate.live_model_facts(add_lora(model, LoraSpec(r=2))) == files  # the base's, adapters left out
