@@ -89,9 +89,12 @@ def estimate_view(estimate: dict) -> list:
                   f"reference forward {_flops(flops.get('reference'))})")]
     if memory:
         breakdown = ", ".join(f"{k} {size(v)}" for k, v in (memory.get("breakdown") or {}).items() if k != "total")
+        layers = memory.get("checkpointed_layers")
+        planned = "" if memory.get("planned", True) else " (no memory plan: device memory not reported)"
+        ckpt = f", {layers} of {memory.get('layers')} layers checkpointed" if layers else ""
         lines.append(Text(f"Memory on {memory['device']}: {size(memory['total'])} at micro batch "
-                          f"{memory['micro_batch_size']}, {memory['precision']} ({breakdown}); each GPU type's peak "
-                          "is in the table"))
+                          f"{memory['micro_batch_size']}{ckpt}{planned}, {memory['precision']} ({breakdown}); each "
+                          "GPU type's peak and plan are in the table"))
     if estimate.get("by_gpu_type"):
         lines += ["", gpu_table(estimate["by_gpu_type"])]
     else:
@@ -105,14 +108,17 @@ def _flops(value: float | None) -> str:
 
 def gpu_table(rows: list[dict]) -> Table:
     """A row per GPU type: the job's peak beside one device's memory, whether it fits, the time and its basis."""
-    return table("GPU TYPE", "WORKERS", "GPUS", "PEAK", "MEMORY", "FITS", "LARGEST MICRO BATCH", "TIME", "BASIS",
-                 rows=(_gpu_row(r) for r in rows))
+    return table("GPU TYPE", "WORKERS", "GPUS", "PEAK", "MEMORY", "FITS", "PLAN", "LARGEST MICRO BATCH", "TIME",
+                 "BASIS", rows=(_gpu_row(r) for r in rows))
 
 
 def _gpu_row(r: dict) -> tuple:
     memory = size(r["memory_bytes"]) if r.get("memory_bytes") else "unknown"
     fits = {True: "yes", False: "NO", None: "unknown"}[r.get("fits")]
-    return (r["gpu_type"], r["workers"], r["gpus"], size(r.get("peak_memory_bytes")), memory, fits,
+    plan = r.get("plan")
+    planned = (f"micro batch {plan['micro_batch_size']}, {plan['checkpointed_layers']}/{plan['layers']} layers "
+               "checkpointed") if plan else "-"
+    return (r["gpu_type"], r["workers"], r["gpus"], size(r.get("peak_memory_bytes")), memory, fits, planned,
             r.get("largest_micro_batch_size"), seconds(r["seconds"]), basis(r))
 
 

@@ -13,7 +13,9 @@ class Callbacks:
         """Called once before the first step: total_steps, num_train_rows, num_eval_rows, train_rows_dropped,
         train_rows_truncated, eval_rows_dropped, eval_rows_truncated, resumed_from_step, world_size,
         reference_cache (`hit`: the reference log-probs were read from spec.reference_cache, `stored`: computed
-        and written there, None: neither)."""
+        and written there, None: neither), and the memory plan (dpo_core.memplan): micro_batch_size,
+        checkpointed_layers, layers, predicted_memory_bytes, memory_budget_bytes. A plan that asks more than
+        the spec did also comes as on_warning code memory_plan."""
 
     def on_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step; cheap, for progress bars."""

@@ -116,7 +116,21 @@ def model_facts(model_path: str | Path) -> ModelFacts:
     if not model_dir.is_dir():
         raise EstimateError(f"{model_path!r} is not a local directory; estimates read config.json and the "
                             "safetensors headers of a model on this machine")
-    cfg, shapes = _text_config(model_dir), _tensor_shapes(model_dir)
+    return _facts(_text_config(model_dir), _tensor_shapes(model_dir))
+
+
+def live_model_facts(model) -> ModelFacts:
+    """A loaded transformers model's shape (a PEFT model's base: its adapters are not the model's), from its
+    config and parameters, as `model_facts` reads them from files. Duck-typed, so this module needs no torch.
+    A tied LM head is one parameter (named_parameters lists a shared tensor once), as in a saved file."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config.to_dict()
+    shapes = {name.replace(".base_layer.", "."): list(p.shape) for name, p in base.named_parameters()
+              if "lora_" not in name}
+    return _facts({**config, **config.get("text_config", {})}, shapes)
+
+
+def _facts(cfg: dict[str, Any], shapes: dict[str, list[int]]) -> ModelFacts:
     vocab, hidden = int(cfg["vocab_size"]), int(cfg["hidden_size"])
     heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
     numel = {name: math.prod(shape) for name, shape in shapes.items()}
@@ -226,14 +240,17 @@ def forward_flops_per_token(facts: ModelFacts, shape: DataShape) -> dict[str, fl
     }
 
 
-def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: int) -> dict[str, float]:
+def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: int,
+              checkpointed: int | None = None) -> dict[str, float]:
     """FLOPs of training `tokens` tokens, and of the reference model's forward passes.
 
-    policy = tokens x (F + B (+ F of the body and attention with gradient checkpointing)), F the forward
+    policy = tokens x (F + B + R), F the forward
     per token (`forward_flops_per_token`) and B its backward: 2 x F in full fine-tuning (input and weight
     gradients, about 6 x parameters a token in all); with LoRA 1 x F of the frozen matrices (input
     gradients only) + 6 x adapter parameters (the adapters' forward and backward); attention's backward
-    is 2 x its forward either way. reference = tokens x F with a reference model run every step, one
+    is 2 x its forward either way. R, the recompute: the checkpointed share of the decoder layers (of
+    `checkpointed`, default `checkpointed_layers`) x F of the body and attention. reference = tokens x F
+    with a reference model run every step, one
     epoch's tokens x F with reference_mode: precomputed, 0 for reference-free losses.
     """
     f = forward_flops_per_token(facts, shape)
@@ -242,19 +259,21 @@ def run_flops(spec: TrainingSpec, facts: ModelFacts, shape: DataShape, tokens: i
     backward = 2 * f["attention"] + (1 if spec.lora is not None else 2) * matrices
     if spec.lora is not None:
         backward += 6.0 * trainable_parameters(spec, facts)
-    recompute = f["body"] + f["attention"] if spec.gradient_checkpointing else 0.0
+    layers = checkpointed_layers(spec, facts) if checkpointed is None else checkpointed
+    recompute = (f["body"] + f["attention"]) * min(layers, facts.layers) / max(facts.layers, 1)
     policy = tokens * (forward + backward + recompute)
     reference = 0.0
     if spec.loss.needs_reference:
         reference = forward * (shape.tokens if spec.reference_mode == "precomputed" else tokens)
-    return {"policy": policy, "reference": reference, "total": policy + reference}
+    return {"policy": policy, "reference": reference, "total": policy + reference, "recompute": tokens * recompute}
 
 
-def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict) -> dict:
+def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict, checkpointed: int | None = None) -> dict:
     """Steps, tokens and FLOPs of the run `spec` over the training file that `data_report` describes.
 
     tokens = rows trained x tokens per row (tokens.total x epochs when epochs are whole), stepping as
-    the trainer does (`rows_trained`); FLOPs as `run_flops`.
+    the trainer does (`rows_trained`); FLOPs as `run_flops`, with `checkpointed` layers recomputed (a memory
+    plan's; default `checkpointed_layers`).
     """
     shape = shape_of_report(data_report["training_file"], spec.loss.unpaired)
     steps, rows = rows_trained(spec, shape.rows)
@@ -262,26 +281,45 @@ def training_plan(spec: TrainingSpec, facts: ModelFacts, data_report: dict) -> d
     return {
         "steps": steps, "epochs": round(rows / max(shape.rows, 1), 4), "tokens": tokens,
         "parameters": facts.parameters, "trainable_parameters": trainable_parameters(spec, facts),
-        "flops": run_flops(spec, facts, shape, tokens), "precision": spec.precision,
+        "flops": run_flops(spec, facts, shape, tokens, checkpointed), "precision": spec.precision,
     }
 
 
 # ---------------------------------------------------------------- memory
 
 
-def _activation_bytes(spec: TrainingSpec, facts: ModelFacts, tokens: int) -> int:
-    """What autograd keeps for backward over `tokens` tokens of a micro batch, per decoder layer and token:
-    two RMSNorms (input, normalised, output: 6 x hidden), q and o_proj's input and the attention output
-    (3 x hidden), k and v (2 x kv width), the MLP's gate, activation, up and product (4 x intermediate).
-    Under bf16/fp16 autocast all but the norms are 16-bit. Gradient checkpointing keeps each layer's input
-    and one layer's activations at a time."""
+def checkpointed_layers(spec: TrainingSpec, facts: ModelFacts) -> int:
+    """Decoder layers the spec itself checkpoints: every one (true) or none (false). "auto" leaves it to a
+    run's memory plan (dpo_core.memplan), which callers that have one pass instead; without one, none."""
+    return facts.layers if spec.gradient_checkpointing is True else 0
+
+
+def _layer_bytes(spec: TrainingSpec, facts: ModelFacts, width: int = 0) -> int:
+    """What autograd keeps for backward per decoder layer and token: two RMSNorms (input, normalised, output:
+    6 x hidden), q and o_proj's input and the attention output (3 x hidden), k and v (2 x kv width), the MLP's
+    gate, activation, up and product (4 x intermediate). Under bf16/fp16 autocast all but the norms are 16-bit.
+    A padded batch's attention mask, [sequences, 1, width, width], reaches SDPA as a float bias that each layer
+    converts and keeps: `width` (the batch's padded sequence width) mask entries a token."""
     kv = facts.kv_heads * facts.head_dim
     wide = 3 * facts.hidden_size + 2 * kv + 4 * facts.intermediate_size
     low = FP32 if spec.precision == "fp32" else 2
-    per_layer = 6 * facts.hidden_size * FP32 + wide * low
-    if spec.gradient_checkpointing:
-        return tokens * (facts.layers * facts.hidden_size * FP32 + per_layer)
-    return tokens * facts.layers * per_layer
+    return 6 * facts.hidden_size * FP32 + (wide + width) * low
+
+
+def _activation_bytes(spec: TrainingSpec, facts: ModelFacts, tokens: int, checkpointed: int = 0,
+                      width: int = 0) -> int:
+    """Activations kept over `tokens` tokens of a micro batch of sequences `width` wide, with `checkpointed`
+    of the decoder layers checkpointed: a checkpointed layer keeps only its input (hidden x 4 bytes a token),
+    the others every activation (`_layer_bytes`). Backward recomputes one checkpointed layer at a time. The
+    checkpointed layers are the first ones (dpo_core.models.checkpoint_layers): backward reaches them after
+    the other layers' activations are freed, so the recompute adds one layer to the kept inputs alone, and
+    only raises the peak when every layer is checkpointed. Backward of a layer holds about one layer's
+    activations more at once (their gradients): measured on a CPU, 0.85-1 x `_layer_bytes`."""
+    per_layer, kept_input = _layer_bytes(spec, facts, width), facts.hidden_size * FP32
+    k = max(0, min(checkpointed, facts.layers))
+    kept = (facts.layers - k) * per_layer + k * kept_input
+    recompute = k * kept_input + per_layer if k else 0
+    return tokens * (max(kept, recompute) + per_layer)
 
 
 def _head_bytes(spec: TrainingSpec, facts: ModelFacts, completion_tokens: int, device: str) -> int:
@@ -295,55 +333,73 @@ def _head_bytes(spec: TrainingSpec, facts: ModelFacts, completion_tokens: int, d
 
 
 def _reference_bytes(spec: TrainingSpec, facts: ModelFacts) -> int:
-    """A second fp32 model: the frozen copy of the policy, or reference_model (assumed the policy's size).
-    None with LoRA (the base with adapters disabled), for reference-free losses, or once precomputed."""
+    """A second model: the frozen copy of the policy, or reference_model (assumed the policy's size), in
+    16-bit weights under bf16/fp16 but for FSDP (dpo_core.reference.frozen_dtype), else fp32. None with LoRA
+    (the base with adapters disabled), for reference-free losses, or once precomputed."""
     if not spec.loss.needs_reference or spec.reference_mode == "precomputed":
         return 0
     if spec.lora is not None and not spec.reference_model:
         return 0
-    return facts.parameters * FP32
+    return facts.parameters * _reference_width(spec)
 
 
-def memory(spec: TrainingSpec, facts: ModelFacts, data_report: dict, device: str,
-           micro_batch_size: int | None = None, gpus: int = 1) -> dict:
-    """Peak bytes of one training process, by term (see docs/training.md, Estimates):
+def _reference_width(spec: TrainingSpec) -> int:
+    """Bytes per weight of a separate frozen reference (dpo_core.reference.frozen_dtype)."""
+    return 2 if spec.precision != "fp32" and spec.distributed != "fsdp" else FP32
+
+
+def micro_batch_memory(spec: TrainingSpec, facts: ModelFacts, device: str, tokens: int, completion_share: float,
+                       checkpointed: int = 0, gpus: int = 1, width: int = 0) -> dict:
+    """Peak bytes of one training process whose micro batches hold `tokens` tokens (padding included) in
+    sequences `width` wide, with `checkpointed` decoder layers checkpointed, by term (see docs/training.md,
+    Estimates). The one memory model of pre-flight (`memory`) and of a run's plan (dpo_core.memplan):
 
     weights: fp32 master weights (+ LoRA adapters), and under bf16/fp16 autocast a 16-bit copy of each
     trained weight; gradients: 4 x trainable; optimizer: AdamW's two fp32 states, 8 x trainable;
-    reference: `_reference_bytes`; activations: `_activation_bytes` for micro_batch_size rows of the
-    longest sequence (pairs: two sequences a row) + the LM head's chunk (`_head_bytes`); runtime:
-    RUNTIME_BYTES. FSDP over `gpus` divides weights, gradients, optimizer and reference among them.
-    With reference_mode: precomputed the tabulating pass (weights, the reference, no gradients) peaks
-    first; the total is the larger of the two phases.
+    reference: `_reference_bytes`; activations: `_activation_bytes` + the LM head's chunk (`_head_bytes`,
+    over the completion share of the tokens); runtime: RUNTIME_BYTES. FSDP over `gpus` divides weights,
+    gradients, optimizer and reference among them. With reference_mode: precomputed the tabulating pass
+    (weights, the reference, no gradients) peaks first; the total is the larger of the two phases.
     """
-    shape = shape_of_report(data_report["training_file"], spec.loss.unpaired)
     trainable = trainable_parameters(spec, facts)
     share = gpus if spec.distributed == "fsdp" and gpus > 1 else 1
-    rows = micro_batch_size or spec.micro_batch
-    tokens = rows * shape.sequences_per_row * shape.longest_sequence
     cast = trainable * 2 if spec.precision != "fp32" else 0
     weights = ((facts.parameters + (trainable if spec.lora is not None else 0)) * FP32 + cast) // share
-    head = _head_bytes(spec, facts, round(tokens * shape.completion_share), device)
+    head = _head_bytes(spec, facts, round(tokens * completion_share), device)
     terms = {
         "weights": weights, "gradients": trainable * FP32 // share,
         "optimizer": ADAMW_STATES * trainable * FP32 // share, "reference": _reference_bytes(spec, facts) // share,
-        "activations": _activation_bytes(spec, facts, tokens) + head,
+        "activations": _activation_bytes(spec, facts, tokens, checkpointed, width) + head,
         "runtime": RUNTIME_BYTES.get(device, RUNTIME_BYTES["cuda"]),
     }
     total = sum(terms.values())
     if spec.reference_mode == "precomputed" and spec.loss.needs_reference:
         separate = spec.lora is None or bool(spec.reference_model)
-        tabulating = weights + (facts.parameters * FP32 // share if separate else 0) + head + terms["runtime"]
+        tabulating = (weights + (facts.parameters * _reference_width(spec) // share if separate else 0) + head
+                      + terms["runtime"])
         total = max(total, tabulating)
     return {**terms, "total": total}
 
 
+def memory(spec: TrainingSpec, facts: ModelFacts, data_report: dict, device: str,
+           micro_batch_size: int | None = None, gpus: int = 1, checkpointed: int | None = None) -> dict:
+    """`micro_batch_memory` of the run over the training file that `data_report` describes: micro_batch_size
+    rows (default the spec's micro batch) of the longest sequence (pairs: two sequences a row), with
+    `checkpointed` layers checkpointed (default `checkpointed_layers`)."""
+    shape = shape_of_report(data_report["training_file"], spec.loss.unpaired)
+    rows = micro_batch_size or spec.micro_batch
+    tokens = rows * shape.sequences_per_row * shape.longest_sequence
+    layers = checkpointed_layers(spec, facts) if checkpointed is None else checkpointed
+    return micro_batch_memory(spec, facts, device, tokens, shape.completion_share, layers, gpus,
+                              shape.longest_sequence)
+
+
 def largest_micro_batch(spec: TrainingSpec, facts: ModelFacts, data_report: dict, device: str,
-                        capacity_bytes: int, gpus: int = 1) -> int | None:
+                        capacity_bytes: int, gpus: int = 1, checkpointed: int | None = None) -> int | None:
     """The largest micro_batch_size (up to batch_size) whose `memory` total fits in capacity_bytes; None
     when not even one row fits."""
     def fits(size: int) -> bool:
-        return memory(spec, facts, data_report, device, size, gpus)["total"] <= capacity_bytes
+        return memory(spec, facts, data_report, device, size, gpus, checkpointed)["total"] <= capacity_bytes
 
     if not fits(1):
         return None
@@ -421,12 +477,16 @@ def measured(spec: TrainingSpec, result, gpu_type: str, gpus: int, facts: ModelF
     precision, gpu_type, gpus, device ("cpu" | "cuda"), peak_memory_bytes and memory_kind ("rss": the
     training process's peak resident memory; "cuda_allocated": torch.cuda.max_memory_allocated, without
     the CUDA context), flops (`run_flops` of the tokens trained, counting only work inside the timed
-    steps: a precomputed reference's pass is not), lora, gradient_checkpointing. flops is None when the
-    model's shape cannot be read (`model_facts`).
+    steps: a precomputed reference's pass is not), lora, and the memory plan it ran with (result.memory_plan,
+    dpo_core.memplan): micro_batch_size, checkpointed_layers, gradient_checkpointing (whether any layer was),
+    memory_budget_bytes and predicted_memory_bytes. flops is None when the model's shape cannot be read
+    (`model_facts`).
     """
+    plan = getattr(result, "memory_plan", None) or {}  # a result from before plans: none
+    layers = plan.get("checkpointed_layers")
     flops = None
     if facts is not None and result.epoch:
-        work = run_flops(spec, facts, shape_of_summary(result.epoch), result.trained_tokens)
+        work = run_flops(spec, facts, shape_of_summary(result.epoch), result.trained_tokens, layers)
         flops = work["policy"] + (0.0 if spec.reference_mode == "precomputed" else work["reference"])
     return {
         "train_seconds": round(result.train_seconds, 3), "steps": result.global_step, "tokens": result.trained_tokens,
@@ -434,5 +494,8 @@ def measured(spec: TrainingSpec, result, gpu_type: str, gpus: int, facts: ModelF
         "parameters": result.parameters, "trainable_parameters": result.trainable_parameters,
         "precision": spec.precision, "gpu_type": gpu_type, "gpus": gpus, "device": result.device,
         "peak_memory_bytes": result.peak_memory_bytes, "memory_kind": result.memory_kind, "flops": flops,
-        "lora": spec.lora is not None, "gradient_checkpointing": spec.gradient_checkpointing,
+        "lora": spec.lora is not None, "micro_batch_size": plan.get("micro_batch", spec.micro_batch),
+        "checkpointed_layers": layers,
+        "gradient_checkpointing": bool(layers) if layers is not None else spec.gradient_checkpointing is True,
+        "memory_budget_bytes": plan.get("budget_bytes"), "predicted_memory_bytes": plan.get("predicted_bytes"),
     }

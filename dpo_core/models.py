@@ -95,3 +95,28 @@ def enable_gradient_checkpointing(model) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+
+
+def decoder_layers(model) -> list:
+    """The model's decoder layers, in order: the modules transformers can checkpoint one by one
+    (GradientCheckpointingLayer, in transformers 4.52 and later)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_layers(model, count: int) -> None:
+    """Checkpoint the first `count` decoder layers (non-reentrant), keep every activation of the others.
+
+    The first ones, because backward runs the layers last to first: by the time it reaches a checkpointed
+    layer, the activations of every later (kept) layer are freed, so one layer's recompute adds to the saved
+    layer inputs alone (dpo_core.estimate._activation_bytes). Checkpointing the last layers instead would
+    recompute them while every earlier layer's activations are still held. Enabling checkpointing sets the
+    flag on every such layer; the layers past `count` get it switched off again (the flag is per instance).
+    A model without such layers (older remote code) checkpoints as its own flag says: every layer, which
+    keeps less than the plan counted on."""
+    if count <= 0:
+        return
+    enable_gradient_checkpointing(model)
+    for layer in decoder_layers(model)[count:]:
+        layer.gradient_checkpointing = False

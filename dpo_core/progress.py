@@ -40,7 +40,9 @@ class ConsoleCallbacks(Callbacks):
     def on_start(self, info):
         self.total, self.started = info["total_steps"], time.perf_counter()
         resumed = f", resumed at step {info['resumed_from_step']}" if info.get("resumed_from") else ""
-        self._print(f"training {info['num_train_rows']} rows for {self.total} steps{resumed}")
+        plan = (f", micro batch {info['micro_batch_size']}, {info['checkpointed_layers']} of {info['layers']} layers "
+                "checkpointed") if info.get("micro_batch_size") else ""
+        self._print(f"training {info['num_train_rows']} rows for {self.total} steps{resumed}{plan}")
         if self.tty and self.total:
             from tqdm.auto import tqdm
 

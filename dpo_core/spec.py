@@ -42,6 +42,12 @@ MAX_LEARNING_RATE = 0.1
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_MAX_PROMPT_LENGTH = 512
 DEVICE_RANGE = f"cpu, cuda, cuda:0 ... cuda:{MAX_DEVICE_INDEX}"
+# max_memory: bytes (an int), or a decimal number and a unit: B, KB/MB/GB/TB (powers of 1000), KiB/MiB/GiB/TiB
+# (powers of 1024); case-insensitive, a space allowed between. From about a small CPU run to a 64-GPU node's host.
+MEMORY_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+MIN_MEMORY, MAX_MEMORY = 256 << 20, 64 << 40
+MEMORY_RANGE = "256MiB to 64TiB: bytes, or a number and a unit (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
 
 
 def _float(**bounds: float) -> Any:
@@ -323,7 +329,14 @@ class TrainingSpec(_Strict):
     # Compute.
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="bf16/fp16: autocast over fp32 weights (fp16 with a grad scaler, not with fsdp)")
-    gradient_checkpointing: bool = Field(False, description="trade compute for activation memory")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute decoder layers' activations in backward instead of keeping them: true every "
+        "layer, false none; auto: as few layers as fit max_memory (docs/training.md, Memory)")
+    max_memory: int | str | None = Field(
+        None, description="the memory budget of one training process; the run plans its micro batch and "
+        "checkpointed layers to fit it, and fails early when nothing fits",
+        json_schema_extra=_doc(MEMORY_RANGE, "90% of the device's memory (a GPU's, or on a CPU the process's "
+                               "cgroup limit, else the machine's)", examples=(MIN_MEMORY, "40GiB", "1.5TB", "64TiB")))
     device: str | None = Field(None, description="null: cuda if available, else cpu",
                                json_schema_extra=_doc(DEVICE_RANGE, examples=("cpu", "cuda", "cuda:0", "cuda:63")))
     logprob_chunk_size: ChunkSize = Field(1024, description="completion positions per LM-head chunk")
@@ -384,6 +397,13 @@ class TrainingSpec(_Strict):
     def _once_each(cls, value: list[str]) -> list[str]:
         if len(set(value)) != len(value):
             raise ValueError("names a tracker twice; list each once")
+        return value
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_in_range(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            memory_bytes(value)  # raises ValueError with the grammar and range
         return value
 
     @field_validator("device")
@@ -478,7 +498,13 @@ class TrainingSpec(_Strict):
 
     @property
     def micro_batch(self) -> int:
+        """The micro batch the user asked for (batch_size when unset); a run's plan may choose a smaller one
+        (dpo_core.memplan)."""
         return self.micro_batch_size or self.batch_size
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else memory_bytes(self.max_memory)
 
     def total_steps(self, num_rows: int) -> int:
         """Optimizer steps of a run over `num_rows` training rows (KTO: rows after pairs are split)."""
@@ -508,6 +534,23 @@ def data_problems(spec: TrainingSpec, train_rows: int, train_paired: bool,
                          f"{spec.batch_size} are {steps:,} steps, above the {MAX_STEPS:,} a run may take; lower "
                          "num_epochs, raise batch_size or set max_steps"))
     return problems
+
+
+def memory_bytes(value: int | str) -> int:
+    """Bytes of a max_memory value: an int, or "40GiB", "900 MiB", "1.5TB" (MEMORY_UNITS); ValueError when it
+    is neither or lies outside MIN_MEMORY .. MAX_MEMORY."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        found = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*", value) if isinstance(value, str) else None
+        unit = MEMORY_UNITS.get(found.group(2).lower()) if found else None
+        if unit is None:
+            raise ValueError(f"{value!r} is not a memory size: give bytes as an int, or a number and a unit, such as "
+                             "40GiB, 900MiB or 1.5TB (units: B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        size = int(float(found.group(1)) * unit)
+    if not MIN_MEMORY <= size <= MAX_MEMORY:
+        raise ValueError(f"{value!r} is {size:,} bytes, outside {MEMORY_RANGE.split(':')[0]}")
+    return size
 
 
 def _is_number(value: Any) -> bool:

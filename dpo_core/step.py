@@ -131,7 +131,7 @@ def train_step(run, rows: list, sums: MetricSums) -> tuple[float, float, int]:
     """One optimizer step over the global batch `rows`: (loss, grad norm, non-padding tokens).
     Raises TrainingDiverged, on every rank alike, instead of applying a step that is not finite."""
     d = run.dist
-    batches = aligned_batches(run, distributed.shard(rows, d), run.spec.micro_batch)
+    batches = aligned_batches(run, distributed.shard(rows, d), run.micro_batch)
     norms = _norms(run, [b for b in batches if b is not None])
     run.policy.train()
     local_loss = 0.0
@@ -178,7 +178,7 @@ def evaluate(run) -> dict:
     if isinstance(run.reference, PrecomputedReference):
         run.reference.use("eval")
     run.policy.eval()
-    size = run.spec.eval_batch_size or run.spec.micro_batch
+    size = run.spec.eval_batch_size or run.micro_batch
     batches = aligned_batches(run, distributed.shard(run.eval_rows, run.dist), size)
     norms = _norms(run, [b for b in batches if b is not None])
     sums = MetricSums()

@@ -15,18 +15,18 @@ from pathlib import Path
 import torch
 
 from dpo_core import checkpoint as ckpt
-from dpo_core import distributed, divergence, packing, refcache, samples
-from dpo_core.batching import epoch_order, row_length
+from dpo_core import distributed, divergence, memplan, packing, refcache, samples
+from dpo_core.batching import epoch_order, padded_width, row_length
 from dpo_core.callbacks import Callbacks
 from dpo_core.data import read_jsonl, rows_for_loss
 from dpo_core.diagnostics import Diagnostics
 from dpo_core.early_stopping import Best
 from dpo_core.errors import TrainingError
-from dpo_core.estimate import epoch_summary, peak_rss_bytes
+from dpo_core.estimate import epoch_summary, live_model_facts, peak_rss_bytes
 from dpo_core.layout import FINAL_DIR, checkpoint_dir
 from dpo_core.logprobs import LogProbModel, can_share_prompt, packing_unsupported
 from dpo_core.metrics import MetricSums, MetricsFile
-from dpo_core.models import adapter_start, enable_gradient_checkpointing, frozen_copy, load_causal_lm, load_policy
+from dpo_core.models import adapter_start, checkpoint_layers, frozen_copy, load_causal_lm, load_policy
 from dpo_core.reference import AdapterReference, ModelReference, PrecomputedReference, frozen_dtype, release
 from dpo_core.reporting import with_reporters
 from dpo_core.spec import TrainingSpec, steps_per_epoch
@@ -54,6 +54,7 @@ class TrainResult:
     peak_memory_bytes: int = 0  # cpu: this process's peak RSS; cuda: torch.cuda.max_memory_allocated
     memory_kind: str = "rss"  # rss | cuda_allocated
     epoch: dict = field(default_factory=dict)  # one epoch of training rows (dpo_core.estimate.epoch_summary)
+    memory_plan: dict = field(default_factory=dict)  # the micro batch and layers checkpointed (MemoryPlan.info)
 
 
 @dataclass
@@ -84,6 +85,12 @@ class Run:
     sampler: samples.Sampler | None = None  # spec.samples, on rank 0
     sample_prompts: list = field(default_factory=list)  # prompts held out of training for samples
     reference_cache: str | None = None  # hit | stored: the reference log-probs came from, or went to, spec.reference_cache
+    plan: memplan.MemoryPlan | None = None  # the micro batch and checkpointed layers that fit max_memory
+
+    @property
+    def micro_batch(self) -> int:
+        """Rows per forward pass: the memory plan's (dpo_core.memplan), which keeps a micro_batch_size given."""
+        return self.plan.micro_batch if self.plan is not None else self.spec.micro_batch
 
     @property
     def final_is_best(self) -> bool:
@@ -181,7 +188,7 @@ def _make_reference(run: Run, initial_copy, cache: refcache.Entry | None = None)
     if spec.reference_mode == "model":
         run.reference = ref
         return
-    size = spec.eval_batch_size or spec.micro_batch
+    size = spec.eval_batch_size or run.micro_batch
     splits = {"train": (_num_rows(run.train_rows), aligned_batches(run, distributed.shard(run.train_rows, run.dist), size))}
     if run.eval_rows:
         splits["eval"] = (_num_rows(run.eval_rows), aligned_batches(run, distributed.shard(run.eval_rows, run.dist), size))
@@ -238,8 +245,8 @@ def _pad_multiple(spec: TrainingSpec, device: torch.device) -> int:
     return 64 if device.type == "cuda" else 1
 
 
-def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir, reference: bool = True):
-    """(model, wrapped policy, frozen initial copy or None); `reference` False: no reference model is needed
+def _load_models(spec: TrainingSpec, device, resume_dir, reference: bool = True):
+    """(the policy's model, a frozen initial copy or None); `reference` False: no reference model is needed
     (its log-probs come from the cache)."""
     model = load_policy(spec, resume_dir).to(device)
     # The default reference is the policy's initial weights: copy before the first update.
@@ -251,10 +258,38 @@ def _build_policy(spec: TrainingSpec, d: distributed.Dist, device, resume_dir, r
         initial = adapter_start(spec, dtype).to(device)
     elif needs_copy:
         initial = frozen_copy(load_causal_lm(spec.model).to(device) if resume_dir else model, dtype)
-    if spec.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
-    return model, policy, initial
+    return model, initial
+
+
+def _workload(spec: TrainingSpec, rows: list, shared: bool, pad_multiple: int) -> memplan.Workload:
+    """Padded tokens a row puts in a micro batch, at the longest train or eval row: one row of prompt, chosen
+    and rejected when the prompt is shared, else a sequence per completion (two a pair) of prompt + the
+    longer completion (batching.collate pads both to one width)."""
+    if shared:
+        longest = max(len(r.prompt_ids) + len(r.chosen_ids) + len(r.rejected_ids) for r in rows)
+        width = padded_width(longest, pad_multiple)
+        return memplan.Workload(width, _completion_share(rows), width)
+    per_row = 1 if spec.loss.unpaired else 2
+    width = padded_width(max(row_length(r) for r in rows), pad_multiple, spec.max_length)
+    return memplan.Workload(per_row * width, _completion_share(rows), width)
+
+
+def _completion_share(rows: list) -> float:
+    summary = epoch_summary(rows)
+    return summary["completion_tokens"] / max(summary["tokens"], 1)
+
+
+def _plan_memory(run: Run, rows: list) -> memplan.MemoryPlan:
+    """The micro batch and checkpointed layers that fit the budget (dpo_core.memplan), for the layout the run
+    batches with. A separate reference model may still turn an auto share_prompt off (_live_reference): then
+    the plan is made for two rows a pair, the larger layout."""
+    spec = run.spec
+    shared = run.share_prompt and (spec.share_prompt is True or not spec.reference_model)
+    workload = _workload(spec, rows, shared, run.pad_multiple)
+    budget = memplan.device_budget(spec, run.device)
+    if run.device.type == "cpu" and spec.max_memory is not None:
+        memplan.return_freed_memory()  # else freed activations can stay resident past the budget
+    return memplan.plan(spec, live_model_facts(run.model), run.device.type, budget, workload, run.dist.world)
 
 
 def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, str | None]:
@@ -269,22 +304,25 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     device = distributed.device(d, spec.device)
     rows = {"train": _num_rows(train.rows), **({"eval": _num_rows(evals.rows)} if evals else {})}
     cache = refcache.lookup(spec, rows, callbacks, d)
-    model, policy, initial = _build_policy(spec, d, device, resume_dir, reference=not (cache and cache.hit))
+    model, initial = _load_models(spec, device, resume_dir, reference=not (cache and cache.hit))
     train_rows, held_out = hold_out_for_samples(spec, train.rows)
     if not train_rows:
         raise TrainingError(f"every training row has one of the {len(held_out)} prompts held out for samples; "
                             "give a validation_file for samples' prompts, or lower samples.num_prompts")
-    run = Run(spec, callbacks, d, device, tokenizer, model, policy, train_rows, evals.rows if evals else None)
+    run = Run(spec, callbacks, d, device, tokenizer, model, None, train_rows, evals.rows if evals else None)
     run.sample_prompts = held_out
     run.row_counts = _row_counts(train, evals)
     run.packing = _packing(spec, model, device)
     run.share_prompt = not run.packing and _share_prompt(spec, model)
     run.pad_multiple = _pad_multiple(spec, device)
+    run.plan = _plan_memory(run, train.rows + (evals.rows if evals else []))
+    checkpoint_layers(model, run.plan.checkpointed_layers)
+    run.policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
     run.total_steps = spec.total_steps(len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
     run.diagnostics, run.best = Diagnostics(spec, run.total_steps), Best.of(spec)
     _make_reference(run, initial, cache)
-    run.optimizer = _make_optimizer(spec, policy)
+    run.optimizer = _make_optimizer(spec, run.policy)
     run.scheduler = _make_scheduler(spec, run.optimizer, run.total_steps)
     run.scaler = torch.amp.GradScaler(device.type, enabled=spec.precision == "fp16")
     if resume_dir:
@@ -527,6 +565,7 @@ def _result(run: Run, last: dict, stopped: bool, final: str | None) -> TrainResu
         trainable_parameters=sum(t.numel() for t in params if t.requires_grad), device=run.device.type,
         peak_memory_bytes=torch.cuda.max_memory_allocated(run.device) if cuda else peak_rss_bytes(),
         memory_kind="cuda_allocated" if cuda else "rss", epoch=epoch_summary(run.train_rows),
+        memory_plan=run.plan.info() if run.plan is not None else {},
     )
 
 
@@ -545,6 +584,23 @@ def train(spec: TrainingSpec, callbacks: Callbacks | None = None) -> TrainResult
     return result
 
 
+def _plan_info(run: Run) -> dict:
+    """on_start's account of the memory plan, flat (a worker's job event keeps plain values)."""
+    p = run.plan
+    return {"micro_batch_size": p.micro_batch, "checkpointed_layers": p.checkpointed_layers, "layers": p.layers,
+            "predicted_memory_bytes": p.predicted_bytes, "memory_budget_bytes": p.budget_bytes}
+
+
+def _warn_plan(run: Run) -> None:
+    """A memory_plan warning when the plan asks more of the run than its spec did: a smaller micro batch than
+    asked (the whole batch by default), or layers checkpointed (recomputed in backward) under auto."""
+    spec, p = run.spec, run.plan
+    asked = min(spec.micro_batch, memplan.rows_per_process(spec, run.dist.world))
+    if p.micro_batch < asked or (spec.gradient_checkpointing == "auto" and p.checkpointed_layers):
+        run.callbacks.on_warning(f"{p.message()}; asked for micro batch {asked}, gradient_checkpointing "
+                                 f"{str(spec.gradient_checkpointing).lower()}", code="memory_plan", data=p.info())
+
+
 def _train(run: Run, resume_dir: str | None) -> TrainResult:
     spec = run.spec
     run.callbacks.on_start(
@@ -557,8 +613,10 @@ def _train(run: Run, resume_dir: str | None) -> TrainResult:
             "resumed_from": resume_dir,
             "world_size": run.dist.world,
             "reference_cache": run.reference_cache,
+            **_plan_info(run),
         }
     )
+    _warn_plan(run)
     if spec.samples is not None and run.dist.main:
         run.sampler = samples.start(run, resumed=resume_dir is not None)
     if run.eval_rows and spec.eval_on_start and run.progress.step == 0 and run.total_steps > 0:

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dpo_core import estimate as est
+from dpo_core import memplan
 from dpo_core.data import DataError
 from dpo_core.errors import ModelLoadError, TrainingError
 from dpo_core.preflight import data_report
@@ -133,16 +134,26 @@ def _estimate(session: Session, principal: Principal, settings: Settings, spec: 
         facts = est.model_facts(spec.model)
     except est.EstimateError as err:
         raise InvalidInput(f"model: {err}", param="model", code="invalid_model") from None
-    plan = est.training_plan(spec, facts, data)
     runs = _measured(session)
-    types = [_on_type(spec, facts, data, plan, shape, runs, principal, job.gpus)
+    types = [_on_type(spec, facts, data, shape, runs, principal, job.gpus)
              for shape in _pool(session, settings, job, at)]
-    # The memory of the run on the GPU type it would most likely get (a GPU when the pool has none).
+    # The plan and memory of the run on the GPU type it would most likely get (a GPU when the pool has none).
     likely = _chosen({"by_gpu_type": types})
     device = CPU if (likely["gpu_type"] if likely else job.gpu_type) == CPU else "cuda"
-    memory = est.memory(spec, facts, data, device, gpus=job.gpus)
+    planned = likely["plan"] if likely and likely["plan"] else None
+    layers = planned["checkpointed_layers"] if planned else None
+    plan = est.training_plan(spec, facts, data, layers)
+    if planned:  # the plan's own bytes, term by term
+        w = memplan.workload_of_report(spec, data, device)
+        memory = est.micro_batch_memory(spec, facts, device, planned["micro_batch_size"] * w.tokens_per_row,
+                                        w.completion_share, layers, job.gpus, w.width)
+    else:
+        memory = est.memory(spec, facts, data, device, gpus=job.gpus)
     return {**{k: v for k, v in plan.items() if k != "precision"},
-            "memory": {"micro_batch_size": spec.micro_batch, "precision": spec.precision, "device": device,
+            "memory": {"micro_batch_size": planned["micro_batch_size"] if planned else spec.micro_batch,
+                       "checkpointed_layers": layers if planned else est.checkpointed_layers(spec, facts),
+                       "layers": facts.layers, "planned": planned is not None,
+                       "precision": spec.precision, "device": device,
                        "breakdown": {k: v for k, v in memory.items() if k != "total"}, "total": memory["total"]},
             "by_gpu_type": types}
 
@@ -168,23 +179,45 @@ def _measured(session: Session) -> list[tuple[str, str, dict[str, Any]]]:
     return [(r.id, r.team_id, r.measured) for r in rows if isinstance(r.measured, dict)]
 
 
-def _on_type(spec: TrainingSpec, facts, data: dict[str, Any], plan: dict[str, Any], shape: dict[str, Any],
-             runs: list, principal: Principal, gpus: int) -> dict[str, Any]:
-    """The estimate on one GPU type: memory fit, the largest micro batch that fits, time and its basis."""
+def _on_type(spec: TrainingSpec, facts, data: dict[str, Any], shape: dict[str, Any], runs: list,
+             principal: Principal, gpus: int) -> dict[str, Any]:
+    """The estimate on one GPU type: the memory plan the trainer would make for its device's memory (the micro
+    batch, the checkpointed layers, their peak and recompute FLOPs), the largest micro batch that fits, time
+    and its basis. A type whose memory is not reported gets no plan: its peak is the spec's own settings'."""
     gpu_type = shape["gpu_type"]
     device = CPU if gpu_type == CPU else "cuda"
-    memory = est.memory(spec, facts, data, device, gpus=gpus)
     capacity = shape["memory_bytes"]
-    timing = est.seconds(plan, [dict(m, job_id=job_id) for job_id, _, m in runs], device, gpu_type, gpus)
+    plan, note = _memory_plan(spec, facts, data, device, capacity, gpus)
+    layers = plan["checkpointed_layers"] if plan else None
+    work = est.training_plan(spec, facts, data, layers)
+    peak = plan["predicted_bytes"] if plan else est.memory(spec, facts, data, device, gpus=gpus)["total"]
+    timing = est.seconds(work, [dict(m, job_id=job_id) for job_id, _, m in runs], device, gpu_type, gpus)
     teams = {job_id: team for job_id, team, _ in runs}
     mine = [j for j in timing["calibrated_by"] if principal.is_admin or teams.get(j) == principal.team_id]
-    return {**shape, "peak_memory_bytes": memory["total"],
-            "fits": None if capacity is None else memory["total"] <= capacity,
+    return {**shape, "peak_memory_bytes": peak,
+            "fits": None if capacity is None else plan is not None and peak <= capacity,
             "largest_micro_batch_size": None if capacity is None else est.largest_micro_batch(
-                spec, facts, data, device, capacity, gpus),
+                spec, facts, data, device, memplan.budget_bytes(spec, capacity), gpus, layers),
+            "plan": plan, "plan_note": note,
             "seconds": round(timing["seconds"], 3), "basis": timing["basis"], "calibrated_by": mine,
             "other_jobs": len(timing["calibrated_by"]) - len(mine), "mfu": timing["mfu"],
             "flops_per_s": timing["flops_per_s"]}
+
+
+def _memory_plan(spec: TrainingSpec, facts, data: dict[str, Any], device: str, capacity: int | None,
+                 gpus: int) -> tuple[dict[str, Any] | None, str | None]:
+    """(the trainer's memory plan on a device of `capacity` bytes, or None; why there is none)."""
+    if capacity is None and spec.max_memory is None:
+        return None, "the device's memory is not reported: no plan; the peak is at the spec's own settings"
+    budget = memplan.budget_bytes(spec, capacity or 0)
+    try:
+        plan = memplan.plan(spec, facts, device, budget, memplan.workload_of_report(spec, data, device), gpus)
+    except TrainingError as err:
+        return None, str(err)
+    recompute = est.training_plan(spec, facts, data, plan.checkpointed_layers)["flops"]["recompute"]
+    return {"micro_batch_size": plan.micro_batch, "checkpointed_layers": plan.checkpointed_layers,
+            "layers": plan.layers, "predicted_bytes": plan.predicted_bytes, "budget_bytes": plan.budget_bytes,
+            "recompute_flops": recompute}, None
 
 
 def _chosen(estimate: dict[str, Any]) -> dict[str, Any] | None:

@@ -69,6 +69,9 @@ class JobRecorder(Callbacks):
         self.started, self.total_steps = time.time(), info.get("total_steps")
         self.first_step = info.get("resumed_from_step") or 0
         rows = f"{info.get('num_train_rows')} rows, {self.total_steps} steps"
+        if info.get("micro_batch_size"):  # the memory plan (dpo_core.memplan)
+            rows += (f", micro batch {info['micro_batch_size']}, {info.get('checkpointed_layers', 0)} of "
+                     f"{info.get('layers')} layers checkpointed")
         message = f"Training started: {rows}"
         if info.get("resumed_from_step"):
             message = (f"Training resumed from checkpoint at step {self.first_step}: {rows} "

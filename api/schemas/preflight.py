@@ -27,8 +27,16 @@ class GpuTypeEstimate(BaseModel):
     gpus: int = Field(description="GPUs per worker")
     memory_bytes: int | None = Field(description="memory of one device (a CPU worker: its RAM); null: not reported")
     peak_memory_bytes: int = Field(description="the run's expected peak on one device of this type")
-    fits: bool | None = Field(description="whether the peak fits the device's memory; null: memory not reported")
-    largest_micro_batch_size: int | None = Field(description="the largest micro_batch_size that fits")
+    fits: bool | None = Field(description="whether the run's memory plan fits its budget and the device's memory; "
+                              "null: memory not reported")
+    largest_micro_batch_size: int | None = Field(description="the largest micro_batch_size that fits the budget, "
+                                                 "at the plan's checkpointed layers")
+    plan: dict[str, Any] | None = Field(
+        None, description="the memory plan the trainer would make on this type (docs/training.md, Memory): "
+        "micro_batch_size, checkpointed_layers, layers, predicted_bytes, budget_bytes (max_memory, else 90% of the "
+        "device), recompute_flops; null: none (see plan_note)")
+    plan_note: str | None = Field(None, description="why there is no plan: the device's memory is not reported, "
+                                  "or nothing fits (what to change)")
     seconds: float = Field(description="expected training time")
     basis: Literal["calibrated", "flops_model"]
     calibrated_by: list[str] = Field(description="the caller's earlier jobs whose measured throughput calibrated it")
@@ -40,7 +48,11 @@ class GpuTypeEstimate(BaseModel):
 
 
 class MemoryEstimate(BaseModel):
-    micro_batch_size: int
+    micro_batch_size: int = Field(description="the memory plan's on the likely GPU type, else the spec's")
+    checkpointed_layers: int = Field(description="decoder layers recomputed in backward: the plan's, else the "
+                                     "spec's (auto without a plan: none)")
+    layers: int
+    planned: bool = Field(description="whether these follow a memory plan for a known device memory")
     precision: str
     device: Literal["cpu", "cuda"]
     breakdown: dict[str, int] = Field(description="bytes: weights, gradients, optimizer, reference, activations, "
@@ -54,7 +66,8 @@ class Estimate(BaseModel):
     tokens: int = Field(description="non-padding tokens the whole run trains on")
     parameters: int
     trainable_parameters: int
-    flops: dict[str, float] = Field(description="policy (forward and backward), reference (forward), total")
+    flops: dict[str, float] = Field(description="policy (forward and backward, with the recompute), reference "
+                                    "(forward), total, recompute (of the checkpointed layers)")
     memory: MemoryEstimate
     by_gpu_type: list[GpuTypeEstimate]
 

@@ -87,6 +87,15 @@ def test_the_estimate_per_gpu_type_fits_and_is_calibrated_by_measured_jobs(clien
     types = {t["gpu_type"]: t for t in report["estimate"]["by_gpu_type"]}
     assert types["cpu"]["fits"] is True and types["cpu"]["largest_micro_batch_size"] >= 4
     assert types["h100"]["fits"] is False and types["h100"]["largest_micro_batch_size"] is None
+    # The trainer's memory plan on each: the whole batch and no checkpointing on 64 GiB; nothing fits in 1 MiB,
+    # and the note says what to change.
+    plan = types["cpu"]["plan"]
+    assert (plan["micro_batch_size"], plan["checkpointed_layers"]) == (4, 0)
+    assert plan["budget_bytes"] == int(0.9 * (64 << 30))
+    assert plan["predicted_bytes"] == types["cpu"]["peak_memory_bytes"] and plan["recompute_flops"] == 0
+    assert types["h100"]["plan"] is None and "max_memory" in types["h100"]["plan_note"]
+    assert report["estimate"]["memory"]["planned"] is True
+    assert report["estimate"]["memory"]["total"] == plan["predicted_bytes"]
     assert types["cpu"]["basis"] == "flops_model" and types["cpu"]["calibrated_by"] == []
     # A job of this team that a cpu worker measured calibrates the next estimate; another team sees a count.
     job = client.post("/v1/fine_tuning/jobs", json=body(tiny_model, file_id)).json()

@@ -175,10 +175,17 @@ def test_memory_terms():
     p = FACTS.parameters
     full = estimate.memory(_spec(batch_size=2), FACTS, _report(), "cpu")
     assert (full["weights"], full["gradients"], full["optimizer"], full["reference"]) == (4 * p, 4 * p, 8 * p, 4 * p)
-    # 2 rows x 2 sequences x 60 tokens; per layer and token (6 x 64) x 4 bytes + (3 x 64 + 2 x 64 + 4 x 256) x 4.
-    per_token_layer = 6 * 64 * 4 + (3 * 64 + 2 * 64 + 4 * 256) * 4
+    # 2 rows x 2 sequences x 60 tokens; per layer and token (6 x 64) x 4 bytes + (3 x 64 + 2 x 64 + 4 x 256) x 4,
+    # and the padded batch's attention mask, 60 wide: 60 x 4. Two layers, and one more in backward.
+    per_token_layer = 6 * 64 * 4 + (3 * 64 + 2 * 64 + 4 * 256) * 4 + 60 * 4
     head = 2 * 4 * min(60 * 1000, 1 << 20)  # 240 tokens x 1/4 completion = 60 rows of logits, and their softmax
-    assert full["activations"] == 240 * 2 * per_token_layer + head
+    assert full["activations"] == 240 * 3 * per_token_layer + head
+    # The first layer checkpointed keeps its input alone (64 x 4 bytes a token); every layer: the inputs and a
+    # layer recomputed.
+    one = estimate.memory(_spec(batch_size=2), FACTS, _report(), "cpu", checkpointed=1)
+    assert one["activations"] == 240 * (2 * per_token_layer + 256) + head
+    every = estimate.memory(_spec(batch_size=2, gradient_checkpointing=True), FACTS, _report(), "cpu")
+    assert every["activations"] == 240 * (2 * per_token_layer + 2 * 256) + head
     assert full["runtime"] == estimate.RUNTIME_BYTES["cpu"]
     assert full["total"] == sum(v for k, v in full.items() if k != "total")
     lora = estimate.memory(_spec(batch_size=2, lora={"r": 2}), FACTS, _report(), "cpu")
@@ -259,3 +266,11 @@ def test_epoch_summary_and_what_a_run_measured():
     assert estimate.measured(_spec(), result, "cpu", 1, None)["flops"] is None
     precomputed = estimate.measured(_spec(reference_mode="precomputed"), result, "cpu", 1, FACTS)
     assert precomputed["flops"] == pytest.approx(estimate.run_flops(_spec(), FACTS, shape, 90)["policy"])
+    # The plan the run had: its checkpointed layers' recompute counts, and it is recorded.
+    result.memory_plan = {"micro_batch": 2, "checkpointed_layers": 1, "layers": FACTS.layers,
+                          "budget_bytes": 3 * GIB, "predicted_bytes": 2 * GIB}
+    planned = estimate.measured(_spec(), result, "cpu", 1, FACTS)
+    assert planned["flops"] == pytest.approx(estimate.run_flops(_spec(), FACTS, shape, 90, checkpointed=1)["total"])
+    assert planned["flops"] > got["flops"]
+    assert (planned["micro_batch_size"], planned["checkpointed_layers"], planned["gradient_checkpointing"],
+            planned["memory_budget_bytes"], planned["predicted_memory_bytes"]) == (2, 1, True, 3 * GIB, 2 * GIB)

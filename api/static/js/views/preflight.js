@@ -64,16 +64,23 @@ function estimateBlock(e) {
       `${num(e.parameters)} parameters (${num(e.trainable_parameters)} trainable) · ${flops(e.flops?.total)} FLOPs`,
       h("span", { class: "muted" }, ` (policy ${flops(e.flops?.policy)}, reference ${flops(e.flops?.reference)})`)),
     memory.total ? h("p", {}, h("strong", {}, `${bytes(memory.total)} peak memory on ${memory.device}`),
-      ` at micro batch ${memory.micro_batch_size}, ${memory.precision}; each GPU type's peak is in the table`,
+      ` at micro batch ${memory.micro_batch_size}, ${planText(memory)}, ${memory.precision}; each GPU type's peak and plan are in the table`,
       h("br"), h("span", { class: "muted" }, breakdown)) : null,
     table([
       { title: "GPU type", cell: (r) => r.gpu_type },
       { title: "Workers", class: "right", cell: (r) => `${r.workers}${r.gpus ? ` × ${r.gpus} GPU${r.gpus === 1 ? "" : "s"}` : ""}` },
       { title: "Fits", cell: (r) => fits(r) },
+      { title: "Memory plan", cell: (r) => r.plan ? `micro batch ${num(r.plan.micro_batch_size)}, ${planText(r.plan)}` : h("span", { class: "muted" }, r.plan_note || "—") },
       { title: "Largest micro batch", class: "right", cell: (r) => num(r.largest_micro_batch_size) || "—" },
       { title: "Time", class: "right", cell: (r) => trainingTime(r.seconds) },
       { title: "Basis", cell: (r) => basis(r) },
     ], e.by_gpu_type || [], { empty: "No workers in the pool to estimate a time for.", rowAttrs: (r) => ({ dataset: { gpuType: r.gpu_type } }) }));
+}
+
+/** The checkpointed decoder layers of a memory plan (or of the spec, without one). */
+function planText(plan) {
+  const layers = plan.checkpointed_layers ? `${plan.checkpointed_layers} of ${plan.layers} layers checkpointed` : "no checkpointing";
+  return plan.planned === false ? `${layers} (no plan: device memory not reported)` : layers;
 }
 
 function flops(x) {
