@@ -5,6 +5,8 @@
     python benchmarks/bench_gpu.py --max-length 1024 --json gpu.json
     python benchmarks/bench_gpu.py --all --quick --device cpu   # --all's code on a CPU, tiny shapes, 1-2 minutes
 
+A GPU machine without TRL, datasets or pydantic takes them as wheels: benchmarks/gpu_wheels.sh says how.
+
 The 0.5B model is a Llama with the shape of Qwen2.5-0.5B (hidden 896, 24 layers, 14 query / 2 key-value
 heads, MLP 4864, 151,936-word vocabulary, tied embeddings: 494M parameters), randomly initialised and
 saved locally, with the benchmark's word-level tokenizer padded to that vocabulary. Data, order, batch,
@@ -12,15 +14,16 @@ max_length, learning rate, beta and steps are shared exactly as in bench_trainer
 autocast for both (TRL's DPOConfig default on a GPU, fp32 master weights). Contenders run one after
 another on the otherwise idle GPU, each in a fresh process; every step ends with a device synchronise.
 
-`--all` measures, in one run, TRL at its defaults, dpo_core at its defaults and dpo_core with gradient
-checkpointing, at the same batch:
+`--all` measures, in one run and at the same batch, TRL at its defaults, dpo_core held to TRL's memory
+(`max_memory` set to the peak TRL's row measured in that setting: the memory planner chooses what to
+checkpoint) and dpo_core at its defaults (`max_memory`: 90% of the card):
 - the 0.5B model at 8 and 32 pairs × 512 and 8 pairs × 2048 (8 steps each, the first 2 untimed);
 - a Llama of Qwen2.5-7B's shape (hidden 3584, 28 layers, 28 query / 4 key-value heads, MLP 18944,
   152,064-word vocabulary, untied: 7.6B parameters) training LoRA adapters (r 16, alpha 32, dropout 0,
   every linear layer but the LM head; the reference is the model with its adapters disabled) at 8 pairs ×
   2048 (6 steps, 2 untimed). Its random weights are initialised on the GPU in bf16 and saved once (15 GB).
 Both trainers load the weights in fp32, their default, and train under bf16 autocast. Rows run in order
-of need: TRL and dpo_core at every setting first, dpo_core's 7B run without checkpointing last. A
+of need: TRL and dpo_core at TRL's memory in every setting first, dpo_core at its defaults last. A
 contender that runs out of GPU memory is recorded as `oom`, one that fails otherwise as `failed` (with
 its log's tail), and one that would start or still runs after --time-limit seconds as `skipped` or
 `timeout`. Every progress line has a timestamp and the JSON is rewritten after every row, so a run cut
@@ -76,7 +79,8 @@ PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}
 LORA = dict(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
 TRL_LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
 WARMUP = 2  # --all: untimed first steps (kernel planning, allocator growth)
-ALL_CONTENDERS = ("TRL", "dpo_core", "dpo_core grad-ckpt")
+MATCHED = "dpo_core at TRL's memory"
+ALL_CONTENDERS = ("TRL", MATCHED, "dpo_core")
 
 
 def build_model(work_dir: Path, max_length: int, shape: str = "0.5B", tiny: bool = False) -> str:
@@ -209,26 +213,32 @@ class Setting:
 
 
 def all_plan(quick: bool) -> list[tuple[Setting, str]]:
-    """(setting, contender) in the order they run: what the targets need first, so that a run cut short
-    still holds them; dpo_core's 7B run at its defaults (expected not to fit) last."""
+    """(setting, contender) in the order they run: what the targets need first (TRL, then dpo_core held to
+    TRL's peak, which it needs measured), so that a run cut short still holds them; defaults last."""
     small = [Setting("0.5B", 8, 512, 8), Setting("0.5B", 32, 512, 8), Setting("0.5B", 8, 2048, 8)]
     big = Setting("7B", 8, 2048, 6, lora=True)
     if quick:
         small, big = [s.quick() for s in small], big.quick()
-    plan = [(s, label) for s in small for label in ("TRL", "dpo_core")]
-    plan += [(big, "TRL"), (big, "dpo_core grad-ckpt")]
-    plan += [(s, "dpo_core grad-ckpt") for s in small]
-    return plan + [(big, "dpo_core")]
+    settings = [*small, big]
+    plan = [(s, label) for s in settings for label in ("TRL", MATCHED)]
+    return plan + [(s, "dpo_core") for s in settings]
 
 
-def all_contender(label: str, lora: bool) -> Contender:
-    """TRL at its defaults (gradient checkpointing on), dpo_core at its defaults, or with checkpointing."""
+def all_contender(label: str, lora: bool, max_memory: int | None = None) -> Contender:
+    """TRL at its defaults (gradient checkpointing on); dpo_core at its defaults, or with the memory budget
+    `max_memory` (bytes: TRL's peak in the same setting)."""
     if label == "TRL":
         return Contender(label, "trl", "bf16", "model", {}, {"peft_config": TRL_LORA} if lora else {})
     ours = {"lora": LORA} if lora else {}
-    if label == "dpo_core grad-ckpt":
-        ours["gradient_checkpointing"] = True
+    if max_memory is not None:
+        ours["max_memory"] = max_memory
     return Contender(label, "dpo_core", "bf16", "model", ours)
+
+
+def trl_peak_bytes(rows: list[dict], s: Setting) -> int | None:
+    """The peak memory TRL's row measured in setting `s` (GPU memory, or RSS on a CPU), None without one."""
+    found = [r for r in rows if r["setting"] == s.name and r["label"] == "TRL" and r["status"] == "ok"]
+    return round(found[0]["peak_memory_gib"] * 2**30) if found else None
 
 
 class Progress:
@@ -268,9 +278,9 @@ def row_figures(r: dict, w: bt.Workload, s: Setting, peak: float | None, device:
 
 
 def run_row(s: Setting, label: str, w: bt.Workload, args, work_dir: Path, peak: float | None,
-            deadline: float | None) -> dict:
+            deadline: float | None, max_memory: int | None = None) -> dict:
     """One contender in a fresh process; its figures, or why there are none (oom, failed, timeout)."""
-    c = all_contender(label, s.lora)
+    c = all_contender(label, s.lora, max_memory)
     settings = argparse.Namespace(max_length=s.max_length, batch_size=s.pairs, steps=s.steps,
                                   learning_rate=args.learning_rate, beta=args.beta, device=args.device)
     child = bt.Child(c, w, settings, work_dir, tag=label.replace(" ", "-"), baton=False)
@@ -290,7 +300,7 @@ def run_row(s: Setting, label: str, w: bt.Workload, args, work_dir: Path, peak: 
         return {**row, "status": status, "error": str(failed), "log_tail": log.splitlines()[-15:]}
     finally:
         shutil.rmtree(child.out, ignore_errors=True)  # dpo_core's saved model: the disk holds the 7B once only
-    return {**row, "status": "ok", **row_figures(r, w, s, peak, args.device)}
+    return {**row, "status": "ok", "max_memory": max_memory, **row_figures(r, w, s, peak, args.device)}
 
 
 def with_ratios(rows: list[dict]) -> None:
@@ -342,11 +352,15 @@ def run_all(args) -> dict:
             if s not in workloads:
                 workloads[s] = prepare_setting(s, work_dir, progress)
             w = workloads[s]
+            budget = trl_peak_bytes(record["rows"], s) if label == MATCHED else None
             if isinstance(w, str):  # the model or the data could not be made: every row of it fails alike
                 row = {"setting": s.name, **asdict(s), "label": label, "status": "failed", "error": w}
+            elif label == MATCHED and budget is None:
+                row = {"setting": s.name, **asdict(s), "label": label, "status": "skipped",
+                       "error": "no TRL peak to match in this setting"}
             else:
-                progress.say(f"{s.name} {label}: starting")
-                row = run_row(s, label, w, args, work_dir / s.slug, peak, deadline)
+                progress.say(f"{s.name} {label}: starting" + (f", max_memory {budget:,} bytes" if budget else ""))
+                row = run_row(s, label, w, args, work_dir / s.slug, peak, deadline, budget)
         record["rows"].append(row)
         with_ratios(record["rows"])
         progress.save(record)
