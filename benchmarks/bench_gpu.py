@@ -147,7 +147,7 @@ def contenders(args) -> list[Contender]:
     rows += [bt.row_contender(row, p, "model", {}) for row in args.row or []]
     if not args.main_only:
         rows += [
-            # Each with the other's gradient-checkpointing default (TRL: on, dpo_core: off).
+            # Gradient checkpointing off for TRL (its default: on), on every layer for dpo_core (default: planned).
             Contender("TRL no grad-ckpt", "trl", p, "model", {}, {"gradient_checkpointing": False}),
             Contender("dpo_core grad-ckpt", "dpo_core", p, "model", {"gradient_checkpointing": True}),
             Contender("dpo_core precomputed", "dpo_core", p, "precomputed", {}),
