@@ -141,7 +141,9 @@ def test_bench_gpu_all_runs_every_target_row_and_tabulates_it(tmp_path):
         if r["status"] == "ok":
             assert r["tokens_per_s"] > 0 and r["step_s_median"] > 0 and r["mfu"] > 0 and r["peak_memory_gib"] > 0
             assert r["x_trl_tokens_per_s"] > 0 and r["x_trl_memory"] > 0
-            assert len(r["losses"]) == r["steps"] and r["losses"][0] == pytest.approx(math.log(2), abs=1e-6)
+            # Step 1's policy is the reference: log 2, up to the rounding between dpo_core's bf16-weight
+            # reference and its fp32-weight policy under bf16 autocast.
+            assert len(r["losses"]) == r["steps"] and r["losses"][0] == pytest.approx(math.log(2), abs=1e-3)
     for setting in {s for s, _ in plan}:
         trl, ours, matched = (rows[(setting, label)] for label in ("TRL", "dpo_core", "dpo_core at TRL's memory"))
         assert trl["status"] == ours["status"] == matched["status"] == "ok"
