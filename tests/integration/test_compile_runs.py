@@ -11,10 +11,15 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from dpo_core import parse_spec, train
+from dpo_core.compiling import compile_layers
+from dpo_core.samples import generate
+from dpo_core.spec import SamplesSpec
 
 
 def _records(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    """The train and eval records (samples' records aside)."""
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "loss" in r or "eval_loss" in r]
 
 
 # Inductor's first compile of the tiny model's layers (training, then the no-gradient graph of evaluation and
@@ -51,3 +56,18 @@ def test_a_compiled_run_follows_the_eager_run_and_saves_the_same_keys(tiny_model
     # The checkpoint itself loads with from_pretrained too, with every weight it holds.
     loaded = AutoModelForCausalLM.from_pretrained(saved.parent)
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in load_file(saved).items())
+
+
+def test_samples_generate_with_compiled_layers_run_eagerly(tiny_model):
+    """Generation (samples) compiles nothing: its KV cache would recompile the layers at every token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompts = [tokenizer.encode("sort : n3 n1 n2"), tokenizer.encode("sort : n9 n4")]
+    spec = SamplesSpec(max_new_tokens=6)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    expected = generate(model, prompts, tokenizer, spec, seed=0, device=torch.device("cpu"))
+    assert compile_layers(model) == model.config.num_hidden_layers
+    graphs = counters["stats"]["unique_graphs"]
+    assert generate(model, prompts, tokenizer, spec, seed=0, device=torch.device("cpu")) == expected
+    assert counters["stats"]["unique_graphs"] == graphs
