@@ -23,7 +23,7 @@ def _records(out) -> list[dict]:
 
 
 # Inductor's first compile of the tiny model's layers (training, then the no-gradient graph of evaluation and
-# the frozen reference) takes about 45 s on two CPU cores.
+# the frozen reference) takes about 50 s on two CPU cores (half that with inductor's on-disk cache warm).
 @pytest.mark.slow
 def test_a_compiled_run_follows_the_eager_run_and_saves_the_same_keys(tiny_model, synthetic, tmp_path):
     train_file, held_out = synthetic
