@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from dpo_core import compiling
 from dpo_core.batching import collate
 from dpo_core.logprobs import sequence_logps, unwrap
 from dpo_core.spec import SamplesSpec
@@ -77,7 +78,7 @@ def generate(model, prompts: list[list[int]], tokenizer, spec: SamplesSpec, seed
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(), compiling.eager():
             torch.manual_seed(seed)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config)
     finally:

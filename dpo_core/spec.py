@@ -337,6 +337,10 @@ class TrainingSpec(_Strict):
         "checkpointed layers to fit it, and fails early when nothing fits",
         json_schema_extra=_doc(MEMORY_RANGE, "90% of the device's memory (a GPU's, or on a CPU the process's "
                                "cgroup limit, else the machine's)", examples=(MIN_MEMORY, "40GiB", "1.5TB", "64TiB")))
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer of the policy and of a frozen reference model (norms, "
+        "rotary embeddings, activations fused; the embedding, LM head and generation stay eager); the first steps "
+        "pay the compile time (docs/training.md, Compiling the decoder layers)")
     device: str | None = Field(None, description="null: cuda if available, else cpu",
                                json_schema_extra=_doc(DEVICE_RANGE, examples=("cpu", "cuda", "cuda:0", "cuda:63")))
     logprob_chunk_size: ChunkSize = Field(1024, description="completion positions per LM-head chunk")

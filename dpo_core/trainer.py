@@ -18,6 +18,7 @@ from dpo_core import checkpoint as ckpt
 from dpo_core import distributed, divergence, memplan, packing, refcache, samples
 from dpo_core.batching import epoch_order, padded_width, row_length
 from dpo_core.callbacks import Callbacks
+from dpo_core.compiling import compile_layers
 from dpo_core.data import read_jsonl, rows_for_loss
 from dpo_core.diagnostics import Diagnostics
 from dpo_core.early_stopping import Best
@@ -169,12 +170,12 @@ def _live_reference(run: Run, initial_copy):
                                     "(it needs SDPA attention and a separate LM head); set share_prompt: false")
             run.share_prompt = False  # auto: no batch is built yet, so both models get two rows per pair
         run.packing = run.packing and _packs(spec, model, "the reference model ")
-        return ModelReference(model, run.autocast, spec.logprob_chunk_size, wrap)
+        return ModelReference(_compiled(spec, model), run.autocast, spec.logprob_chunk_size, wrap)
     if spec.lora is not None and spec.adapter is None:
         return AdapterReference(run.model, run.autocast, spec.logprob_chunk_size)
     if run.packing:  # the policy's architecture: it packs as the policy does
         packing.enable(initial_copy)
-    return ModelReference(initial_copy, run.autocast, spec.logprob_chunk_size, wrap)
+    return ModelReference(_compiled(spec, initial_copy), run.autocast, spec.logprob_chunk_size, wrap)
 
 
 def _make_reference(run: Run, initial_copy, cache: refcache.Entry | None = None) -> None:
@@ -292,6 +293,13 @@ def _plan_memory(run: Run, rows: list) -> memplan.MemoryPlan:
     return memplan.plan(spec, live_model_facts(run.model), run.device.type, budget, workload, run.dist.world)
 
 
+def _compiled(spec: TrainingSpec, model):
+    """`model` with its decoder layers compiled in place when spec.compile (dpo_core.compiling)."""
+    if spec.compile:
+        compile_layers(model)
+    return model
+
+
 def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, str | None]:
     callbacks = callbacks or Callbacks()
     d = distributed.init(spec.device)
@@ -317,6 +325,7 @@ def setup(spec: TrainingSpec, callbacks: Callbacks | None = None) -> tuple[Run, 
     run.pad_multiple = _pad_multiple(spec, device)
     run.plan = _plan_memory(run, train.rows + (evals.rows if evals else []))
     checkpoint_layers(model, run.plan.checkpointed_layers)
+    _compiled(spec, model)  # after frozen_copy (_load_models): a deep copy of a compiled layer would run these weights
     run.policy = distributed.wrap(LogProbModel(model, spec.logprob_chunk_size), spec.distributed, d, device)
     run.total_steps = spec.total_steps(len(train_rows))
     run.metrics_file = MetricsFile(spec.output_dir)
