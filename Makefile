@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 # the machine, so that no other test's load skews them. Both runs always go; either failing fails `make test`.
 test: install
 	status=0; \
-	$(PY) -m pytest -q --timeout=900 -n $(JOBS) --dist loadfile -m "not timing" || status=$$?; \
+	$(PY) -m pytest -q --timeout=900 -n $(JOBS) --dist loadfile --durations=20 -m "not timing" || status=$$?; \
 	$(PY) -m pytest -q --timeout=900 -m timing || status=$$?; \
 	exit $$status
 

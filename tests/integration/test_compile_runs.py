@@ -25,8 +25,11 @@ def _records(out) -> list[dict]:
 # Inductor's first compile of the tiny model's layers (training, then the no-gradient graph of evaluation and
 # the frozen reference) takes about 50 s on two CPU cores (half that with inductor's on-disk cache warm).
 @pytest.mark.slow
-def test_a_compiled_run_follows_the_eager_run_and_saves_the_same_keys(tiny_model, synthetic, tmp_path):
+def test_a_compiled_run_follows_the_eager_run_and_saves_the_same_keys(tiny_model, synthetic, tmp_path, monkeypatch):
     train_file, held_out = synthetic
+    # Compile in this process: inductor's default pool of compile workers, one a core, would take the cores
+    # the suite's other test processes run on.
+    monkeypatch.setattr(torch._inductor.config, "compile_threads", 1)
     # Gradient checkpointing runs inside the compiled layers; packed rows take the CPU attention path, whose
     # per-segment loop (cu.tolist()) is a graph break. Both eager and compiled runs use them.
     common = dict(model=tiny_model, train_file=train_file, validation_file=held_out, learning_rate=1e-3,
