@@ -191,10 +191,12 @@ class LocalStorage:
 
     def size(self, key: str) -> int:
         """Bytes of the file at `key`, or of the regular files under the directory (symlinks not followed);
-        0 when nothing is there."""
+        FileNotFoundError when neither is there."""
         target = self.path(key)
         if not target.is_dir():
-            return target.stat().st_size if target.is_file() else 0
+            if not target.is_file():
+                raise FileNotFoundError(key)
+            return target.stat().st_size
         return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
     def list(self, prefix: str) -> Iterator[StoredObject]:

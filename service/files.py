@@ -76,8 +76,6 @@ def contents(storage: Storage, file: File) -> tuple[int, Callable[[int, int], It
     key = file.storage_key
     with reading(file):
         size = storage.size(key)
-        if size == 0 and not storage.exists(key):  # LocalStorage.size is 0 for a missing key
-            raise FileNotFoundError(key)
     return size, lambda start, end: storage.read_range(key, start, end)
 
 

@@ -128,7 +128,7 @@ class S3Storage:
 
     def size(self, key: str) -> int:
         """Bytes of the object, else of the files in the directory published at `key`, else of the objects
-        under `key/` (0 when nothing is there), as LocalStorage counts a file or a directory."""
+        under `key/`, as LocalStorage counts a file or a directory; FileNotFoundError when none is there."""
         full = self._full(key)
         head = self._head(full)
         if head is not None:
@@ -136,7 +136,10 @@ class S3Storage:
         try:
             return sum(f["size"] for f in self._manifest(key)["files"])
         except FileNotFoundError:
-            return sum(o["Size"] for o in self._objects(full + "/"))
+            sizes = [o["Size"] for o in self._objects(full + "/")]
+        if not sizes:
+            raise FileNotFoundError(errno.ENOENT, "not in the object store", self._where(key))
+        return sum(sizes)
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under `prefix` ("" for all): published directories show as their .tar and .json."""
