@@ -34,6 +34,7 @@ log = logging.getLogger("dpo.storage")
 PART_SIZE = 16 << 20  # multipart threshold and part size: memory held per part in flight
 MAX_PARTS = 9000  # S3 allows 10,000 parts; a larger tar gets larger parts
 _MISSING = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+_PRESIGNED = {"GET": "get_object", "HEAD": "head_object"}  # the S3 operation a presigned URL serves
 
 
 class S3Storage:
@@ -109,8 +110,8 @@ class S3Storage:
             tmp.unlink(missing_ok=True)
         return dest
 
-    def presign(self, key: str, ttl_s: int, filename: str) -> str | None:
-        return self._presign(self._full(key), ttl_s, filename)
+    def presign(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
+        return self._presign(self._full(key), ttl_s, filename, method)
 
     def exists(self, key: str) -> bool:
         """An object, a published directory, or anything under `key/` (as a local directory would be)."""
@@ -208,8 +209,8 @@ class S3Storage:
         return TarDownload(manifest["size"], lambda start, end: _chunks(
             self._get(tar_key, f"bytes={start}-{end}"), self._where(tar_key), end - start + 1))
 
-    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None:
-        return self._presign(f"{self._full(key)}.tar", ttl_s, filename)
+    def presign_dir(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
+        return self._presign(f"{self._full(key)}.tar", ttl_s, filename, method)
 
     def remove_partial(self, prefix: str) -> None:
         """Abort the multipart uploads in progress under `prefix` and delete the tars that have no manifest
@@ -372,10 +373,11 @@ class S3Storage:
                 raise OSError(errno.EIO, f"object store: could not delete s3://{self.bucket}/{errors[0]['Key']}: "
                               f"{errors[0].get('Code')} {errors[0].get('Message')}")
 
-    def _presign(self, full: str, ttl_s: int, filename: str) -> str:
+    def _presign(self, full: str, ttl_s: int, filename: str, method: str) -> str:
+        """A URL for `method` (GET or HEAD) only: S3 signs the method, so a GET's URL refuses a HEAD."""
         disposition = f"attachment; filename*=UTF-8''{quote(filename)}"
         return self.presign_client.generate_presigned_url(
-            "get_object", ExpiresIn=ttl_s,
+            _PRESIGNED[method], ExpiresIn=ttl_s,
             Params={"Bucket": self.bucket, "Key": full, "ResponseContentDisposition": disposition})
 
 
