@@ -10,6 +10,7 @@ starting point, frozen. Another team's id gets the answer an unknown id gets.
 """
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.artifacts import Storage
+from service.artifacts import Storage, key_parts
 from service.auth import Principal
 from service.db.models import Checkpoint, Job, JobStatus, is_id
 from service.errors import InvalidInput, NotFound
@@ -131,6 +132,52 @@ def materialize(storage: Storage, start: Start, dest: Path) -> Start:
         fetched = storage.fetch_dir(start.adapter_key, Path(dest) / "adapter")
         adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
     return replace(start, model=model, adapter=adapter)
+
+
+# What pre-flight reads of a checkpoint (configs, tokenizer files; of weights, only the safetensors headers
+# dpo_core.estimate reads): the one rule of which members a partial fetch brings.
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npy", ".npz")
+
+
+def preflight_part(name: str) -> str | None:
+    """What pre-flight needs of the checkpoint file `name`: "whole", "header" (a .safetensors file's
+    header: the shapes), or None (weights and optimizer state it never reads)."""
+    if name.endswith(".safetensors"):
+        return "header"
+    return None if name.endswith(WEIGHTS) else "whole"
+
+
+def materialize_for_preflight(storage: Storage, start: Start, dest: Path) -> Start:
+    """`start` with what pre-flight reads of its directories on local disk: a local store's hard links
+    (nothing copied); of an object store's tar (S3Storage.dir_manifest gives the members' offsets), only
+    what preflight_part names, by byte ranges."""
+    if not storage.remote:
+        return materialize(storage, start, dest)
+    model, adapter = start.model, start.adapter
+    if start.model_key is not None:
+        model = str(_fetch_parts(storage, start.model_key, Path(dest) / "model"))
+    if start.adapter_key is not None:
+        fetched = _fetch_parts(storage, start.adapter_key, Path(dest) / "adapter")
+        adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
+    return replace(start, model=model, adapter=adapter)
+
+
+def _fetch_parts(storage: Storage, key: str, dest: Path) -> Path:
+    tar_key = f"{key}.tar"
+    for member in storage.dir_manifest(key)["files"]:
+        part = preflight_part(member["name"])
+        if part is None or member["size"] == 0:
+            continue
+        target = dest.joinpath(*key_parts(member["name"]))  # a name that climbs out of dest is refused
+        target.parent.mkdir(parents=True, exist_ok=True)
+        first = member["offset"]
+        if part == "header":  # an 8-byte little-endian length, then that much JSON
+            (length,) = struct.unpack("<Q", b"".join(storage.read_range(tar_key, first, first + 7)))
+            last = first + min(8 + length, member["size"]) - 1
+        else:
+            last = first + member["size"] - 1
+        target.write_bytes(b"".join(storage.read_range(tar_key, first, last)))
+    return dest
 
 
 def resolve(session: Session, principal: Principal, storage: Storage, model: str) -> Start:

@@ -200,6 +200,11 @@ class S3Storage:
                 raise OSError(errno.EIO, f"{self._where(key)}: the tar does not hold what its manifest lists")
         return appear_whole(dest, extract)
 
+    def dir_manifest(self, key: str) -> dict:
+        """The manifest of the directory published at `key`: each file's name, size and data offset in
+        `<key>.tar`, so one file is read by a range (FileNotFoundError if none is published there)."""
+        return self._manifest(key)
+
     def dir_tar(self, key: str, arcname: str) -> TarDownload:
         """The stored tar itself: its size from the manifest, its bytes by ranged GETs (S3 serves Range)."""
         manifest = self._manifest(key)
