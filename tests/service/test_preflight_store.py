@@ -55,6 +55,9 @@ def test_a_preflight_of_a_job_that_continues_a_checkpoint_reads_it_from_the_stor
     assert r.json()["data"]["training_file"]["rows_used"] > 0
     assert r.json()["estimate"]["memory"]["total"] > 0
     assert list(scratch.iterdir()) == []
+    # The report of the model directory itself: what a fetch of the whole checkpoint would have read.
+    whole = client.post("/v1/fine_tuning/jobs/preflight", json=body(str(model), file_id)).json()
+    assert (r.json()["data"], r.json()["estimate"]) == (whole["data"], whole["estimate"])
 
 
 def test_a_preflight_fetches_only_the_members_it_reads_of_a_checkpoint_on_s3(s3_server, tiny_model, tmp_path):
