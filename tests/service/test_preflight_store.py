@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -80,12 +81,23 @@ def test_a_preflight_fetches_only_the_members_it_reads_of_a_checkpoint_on_s3(s3_
     store = Counted.from_settings(s3_settings(s3_server, tmp_path / "data"))
     model = shutil.copytree(tiny_model, tmp_path / "final")
     (model / "optimizer.pt").write_bytes(b"\0" * 50_000)  # trainer state pre-flight never reads
+    (model / "adapter").mkdir()  # a LoRA final model's adapter, read from the same tar
+    (model / "adapter" / "adapter_config.json").write_text('{"r": 4}')
+    shutil.copyfile(model / "model.safetensors", model / "adapter" / "adapter_model.safetensors")
     store.publish_dir(model, "jobs/j/final", "ftckpt-1")
-    start = parents.Start("ftckpt-1", "j", "jobs/j/final", None, None, ("ftckpt-1",), model_key="jobs/j/final")
+    start = parents.Start("ftckpt-1", "j", "jobs/j/final", "jobs/j/final/adapter", {"r": 4}, ("ftckpt-1",),
+                          model_key="jobs/j/final", adapter_key="jobs/j/final", adapter_subdir="adapter")
 
-    local = Path(parents.materialize_for_preflight(store, start, tmp_path / "parent").model)
+    fetched = parents.materialize_for_preflight(store, start, tmp_path / "parent")
+    local, adapter = Path(fetched.model), Path(fetched.adapter)
+    assert (adapter / "adapter_config.json").read_text() == '{"r": 4}'
+    assert estimate._safetensors_shapes(adapter / "adapter_model.safetensors") == \
+        estimate._safetensors_shapes(model / "model.safetensors")
+    Counted.fetched = 0  # the model's share alone, below
+    local = Path(parents.materialize_for_preflight(store, replace(start, adapter=None, adapter_key=None),
+                                                   tmp_path / "again").model)
     weights = sum(p.stat().st_size for p in model.iterdir() if p.name.endswith(parents.WEIGHTS))
-    small = sum(p.stat().st_size for p in model.iterdir() if not p.name.endswith(parents.WEIGHTS))
+    small = sum(p.stat().st_size for p in model.rglob("*") if p.is_file() and not p.name.endswith(parents.WEIGHTS))
     assert Counted.fetched < small + 8 * 1024 < weights
     assert not (local / "optimizer.pt").exists()
     assert (local / "model.safetensors").stat().st_size < (model / "model.safetensors").stat().st_size
