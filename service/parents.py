@@ -11,6 +11,7 @@ starting point, frozen. Another team's id gets the answer an unknown id gets.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -122,14 +123,17 @@ def base_model(session: Session, storage: Storage, job: Job) -> Start:
     return starting_point(session, storage, parent)
 
 
-def materialize(storage: Storage, start: Start, dest: Path) -> Start:
+def materialize(storage: Storage, start: Start, dest: Path, fetch: Callable[[str, Path], Path] | None = None
+                ) -> Start:
     """`start` with the store's directories it names fetched under `dest` (model/, adapter/), and its
-    `model` and `adapter` those local paths."""
+    `model` and `adapter` those local paths. `fetch(key, dest)`: how a directory is fetched (whole,
+    by storage.fetch_dir, unless told otherwise)."""
+    fetch = fetch or storage.fetch_dir
     model, adapter = start.model, start.adapter
     if start.model_key is not None:
-        model = str(storage.fetch_dir(start.model_key, Path(dest) / "model"))
+        model = str(fetch(start.model_key, Path(dest) / "model"))
     if start.adapter_key is not None:
-        fetched = storage.fetch_dir(start.adapter_key, Path(dest) / "adapter")
+        fetched = fetch(start.adapter_key, Path(dest) / "adapter")
         adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
     return replace(start, model=model, adapter=adapter)
 
@@ -153,30 +157,22 @@ def materialize_for_preflight(storage: Storage, start: Start, dest: Path) -> Sta
     what preflight_part names, by byte ranges."""
     if not storage.remote:
         return materialize(storage, start, dest)
-    model, adapter = start.model, start.adapter
-    if start.model_key is not None:
-        model = str(_fetch_parts(storage, start.model_key, Path(dest) / "model"))
-    if start.adapter_key is not None:
-        fetched = _fetch_parts(storage, start.adapter_key, Path(dest) / "adapter")
-        adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
-    return replace(start, model=model, adapter=adapter)
+    return materialize(storage, start, dest, lambda key, to: _fetch_parts(storage, key, to))
 
 
 def _fetch_parts(storage: Storage, key: str, dest: Path) -> Path:
     tar_key = f"{key}.tar"
+    dest.mkdir(parents=True)
     for member in storage.dir_manifest(key)["files"]:
-        part = preflight_part(member["name"])
-        if part is None or member["size"] == 0:
+        if (part := preflight_part(member["name"])) is None:
             continue
         target = dest.joinpath(*key_parts(member["name"]))  # a name that climbs out of dest is refused
         target.parent.mkdir(parents=True, exist_ok=True)
-        first = member["offset"]
-        if part == "header":  # an 8-byte little-endian length, then that much JSON
+        first, size = member["offset"], member["size"]
+        if part == "header" and size >= 8:  # an 8-byte little-endian length, then that much JSON
             (length,) = struct.unpack("<Q", b"".join(storage.read_range(tar_key, first, first + 7)))
-            last = first + min(8 + length, member["size"]) - 1
-        else:
-            last = first + member["size"] - 1
-        target.write_bytes(b"".join(storage.read_range(tar_key, first, last)))
+            size = min(8 + length, size)
+        target.write_bytes(b"".join(storage.read_range(tar_key, first, first + size - 1)) if size else b"")
     return dest
 
 
