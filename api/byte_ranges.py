@@ -8,7 +8,7 @@ import itertools
 import re
 from collections.abc import Callable, Iterator
 
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -19,6 +19,12 @@ RESPONSES = {
                          "Content-Range"},
     416: {"description": "the range starts past the end; Content-Range: bytes */<length>"},
 }
+
+
+def head_responses(responses: dict) -> dict:
+    """The OpenAPI entries of a route's HEAD twin: the same statuses, no body."""
+    return {status: {"description": entry.get("description", "as GET answers it, without the body")}
+            for status, entry in responses.items()}
 
 
 class Unsatisfiable(Exception):
@@ -51,22 +57,35 @@ def parse(header: str | None, size: int) -> tuple[int, int] | None:
 
 
 def respond(size: int, read: Callable[[int, int], Iterator[bytes]], range_header: str | None,
-            if_range: str | None, media_type: str, headers: dict[str, str]) -> StreamingResponse:
+            if_range: str | None, media_type: str, headers: dict[str, str], head: bool = False) -> Response:
     """The response for a body of `size` bytes whose bytes `read(start, end)` streams (end inclusive).
     With If-Range the whole body is sent: these bodies carry no validator it could match. The first
-    chunk is read here, so a source that cannot be opened raises before the status line is sent."""
+    chunk is read here, so a source that cannot be opened raises before the status line is sent.
+    `head`: the same status and headers, and no body (nothing is read)."""
     try:
         wanted = None if if_range is not None else parse(range_header, size)
     except Unsatisfiable:
         raise HTTPException(416, f"the range {range_header!r} starts past the end of the {size} bytes",
                             headers={"Content-Range": f"bytes */{size}", "Accept-Ranges": "bytes"}) from None
     headers = {**headers, "Accept-Ranges": "bytes"}
+    if head:
+        return _head(size, wanted, media_type, headers)
     if wanted is None:
         body = _primed(read(0, size - 1)) if size else iter(())
         return StreamingResponse(body, media_type=media_type, headers={**headers, "Content-Length": str(size)})
     start, end = wanted
     headers.update({"Content-Range": f"bytes {start}-{end}/{size}", "Content-Length": str(end - start + 1)})
     return StreamingResponse(_primed(read(start, end)), status_code=206, media_type=media_type, headers=headers)
+
+
+def _head(size: int, wanted: tuple[int, int] | None, media_type: str, headers: dict[str, str]) -> Response:
+    # Response() would set Content-Length from its empty body: the header is set after, to what GET sends.
+    start, end = wanted or (0, size - 1)
+    response = Response(status_code=200 if wanted is None else 206, media_type=media_type, headers=headers)
+    if wanted is not None:
+        response.headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    response.headers["Content-Length"] = str(end - start + 1)
+    return response
 
 
 def _primed(chunks: Iterator[bytes]) -> Iterator[bytes]:

@@ -66,6 +66,8 @@ class Storage(Protocol):
       exists only once its manifest does). fetch_dir materializes it on local disk, dir_tar streams it as a
       tar download, presign_dir gives a URL to that tar (None where the store cannot sign one).
 
+    presign and presign_dir sign one HTTP method (GET, or HEAD for a client that asks the size first).
+
     exists, size and delete take either kind (delete removes everything under a key, a directory's tar and
     manifest included). Every method raises FileNotFoundError for a key that is not there (exists aside)
     and OSError for a failed store, so callers handle one kind of error whatever the store.
@@ -78,7 +80,7 @@ class Storage(Protocol):
     def open(self, key: str) -> BinaryIO: ...
     def read_range(self, key: str, start: int, end: int) -> Iterator[bytes]: ...
     def fetch_file(self, key: str, dest: Path) -> Path: ...
-    def presign(self, key: str, ttl_s: int, filename: str) -> str | None: ...
+    def presign(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def size(self, key: str) -> int: ...
@@ -89,7 +91,7 @@ class Storage(Protocol):
     def list_dirs(self, prefix: str) -> list[str]: ...
     def fetch_dir(self, key: str, dest: Path) -> Path: ...
     def dir_tar(self, key: str, arcname: str) -> TarDownload: ...
-    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None: ...
+    def presign_dir(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None: ...
     def remove_partial(self, prefix: str) -> None: ...
 
 
@@ -176,7 +178,7 @@ class LocalStorage:
         self.open(key).close()  # a regular file, reached through no link
         return self.path(key)
 
-    def presign(self, key: str, ttl_s: int, filename: str) -> str | None:
+    def presign(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
         return None  # files are served by the API itself
 
     def exists(self, key: str) -> bool:
@@ -191,10 +193,12 @@ class LocalStorage:
 
     def size(self, key: str) -> int:
         """Bytes of the file at `key`, or of the regular files under the directory (symlinks not followed);
-        0 when nothing is there."""
+        FileNotFoundError when neither is there."""
         target = self.path(key)
         if not target.is_dir():
-            return target.stat().st_size if target.is_file() else 0
+            if not target.is_file():
+                raise FileNotFoundError(key)
+            return target.stat().st_size
         return sum(p.lstat().st_size for p in target.rglob("*") if p.is_file() and not p.is_symlink())
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
@@ -265,7 +269,7 @@ class LocalStorage:
         return TarDownload(tar_size(directory, arcname, entries),
                            lambda start, end: iter_tar(directory, arcname, entries, start, end))
 
-    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None:
+    def presign_dir(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
         return None
 
     def remove_partial(self, prefix: str) -> None:

@@ -26,10 +26,11 @@ def contents(storage: Storage, ckpt: Checkpoint) -> TarDownload:
         return storage.dir_tar(ckpt.storage_key, ckpt.id)
 
 
-def presigned(storage: Storage, settings: Settings, ckpt: Checkpoint) -> str | None:
-    """A presigned URL of the checkpoint's tar, or None when the API streams it (service.downloads)."""
+def presigned(storage: Storage, settings: Settings, ckpt: Checkpoint, method: str = "GET") -> str | None:
+    """A presigned URL of the checkpoint's tar for `method`, or None when the API streams it (service.downloads)."""
     with reading(ckpt):
-        return downloads.presigned_url(storage, settings, ckpt.storage_key, f"{ckpt.id}.tar", directory=True)
+        return downloads.presigned_url(storage, settings, ckpt.storage_key, f"{ckpt.id}.tar", directory=True,
+                                       method=method)
 
 
 def link(storage: Storage, settings: Settings, ckpt: Checkpoint) -> downloads.DownloadLink:

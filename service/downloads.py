@@ -26,17 +26,17 @@ class DownloadLink:
     expires_at: int  # Unix seconds; the URL may stay valid a little longer, never shorter
 
 
-def presigned_url(storage: Storage, settings: Settings, key: str, filename: str, directory: bool = False
-                  ) -> str | None:
-    """A URL that serves `key` (a published directory as its tar) for DPO_PRESIGN_TTL_S, saved as
-    `filename`; None when the API streams it itself. FileNotFoundError when nothing is stored there:
-    the client gets the API's 404, not the store's."""
+def presigned_url(storage: Storage, settings: Settings, key: str, filename: str, directory: bool = False,
+                  method: str = "GET") -> str | None:
+    """A URL that serves `key` (a published directory as its tar) to `method` (GET or HEAD) for
+    DPO_PRESIGN_TTL_S, saved as `filename`; None when the API streams it itself. FileNotFoundError when
+    nothing is stored there: the client gets the API's 404, not the store's."""
     if not (storage.remote and settings.storage_presign):
         return None
     if not (storage.dir_exists(key) if directory else storage.exists(key)):
         raise FileNotFoundError(key)
     sign = storage.presign_dir if directory else storage.presign
-    return sign(key, settings.presign_ttl_s, filename)
+    return sign(key, settings.presign_ttl_s, filename, method)
 
 
 def link(storage: Storage, settings: Settings, key: str, filename: str, param: str,

@@ -76,15 +76,13 @@ def contents(storage: Storage, file: File) -> tuple[int, Callable[[int, int], It
     key = file.storage_key
     with reading(file):
         size = storage.size(key)
-        if size == 0 and not storage.exists(key):  # LocalStorage.size is 0 for a missing key
-            raise FileNotFoundError(key)
     return size, lambda start, end: storage.read_range(key, start, end)
 
 
-def presigned(storage: Storage, settings: Settings, file: File) -> str | None:
-    """A presigned URL of the file's bytes, or None when the API streams them (service.downloads)."""
+def presigned(storage: Storage, settings: Settings, file: File, method: str = "GET") -> str | None:
+    """A presigned URL of the file's bytes for `method`, or None when the API streams them (service.downloads)."""
     with reading(file):
-        return downloads.presigned_url(storage, settings, file.storage_key, file.filename)
+        return downloads.presigned_url(storage, settings, file.storage_key, file.filename, method=method)
 
 
 def link(storage: Storage, settings: Settings, file: File) -> downloads.DownloadLink:

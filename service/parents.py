@@ -10,6 +10,8 @@ starting point, frozen. Another team's id gets the answer an unknown id gets.
 """
 from __future__ import annotations
 
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.artifacts import Storage
+from service.artifacts import Storage, key_parts
 from service.auth import Principal
 from service.db.models import Checkpoint, Job, JobStatus, is_id
 from service.errors import InvalidInput, NotFound
@@ -121,16 +123,57 @@ def base_model(session: Session, storage: Storage, job: Job) -> Start:
     return starting_point(session, storage, parent)
 
 
-def materialize(storage: Storage, start: Start, dest: Path) -> Start:
+def materialize(storage: Storage, start: Start, dest: Path, fetch: Callable[[str, Path], Path] | None = None
+                ) -> Start:
     """`start` with the store's directories it names fetched under `dest` (model/, adapter/), and its
-    `model` and `adapter` those local paths."""
+    `model` and `adapter` those local paths. `fetch(key, dest)`: how a directory is fetched (whole,
+    by storage.fetch_dir, unless told otherwise)."""
+    fetch = fetch or storage.fetch_dir
     model, adapter = start.model, start.adapter
     if start.model_key is not None:
-        model = str(storage.fetch_dir(start.model_key, Path(dest) / "model"))
+        model = str(fetch(start.model_key, Path(dest) / "model"))
     if start.adapter_key is not None:
-        fetched = storage.fetch_dir(start.adapter_key, Path(dest) / "adapter")
+        fetched = fetch(start.adapter_key, Path(dest) / "adapter")
         adapter = str(fetched / start.adapter_subdir if start.adapter_subdir else fetched)
     return replace(start, model=model, adapter=adapter)
+
+
+# What pre-flight reads of a checkpoint (configs, tokenizer files; of weights, only the safetensors headers
+# dpo_core.estimate reads): the one rule of which members a partial fetch brings.
+WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".npy", ".npz")
+
+
+def preflight_part(name: str) -> str | None:
+    """What pre-flight needs of the checkpoint file `name`: "whole", "header" (a .safetensors file's
+    header: the shapes), or None (weights and optimizer state it never reads)."""
+    if name.endswith(".safetensors"):
+        return "header"
+    return None if name.endswith(WEIGHTS) else "whole"
+
+
+def materialize_for_preflight(storage: Storage, start: Start, dest: Path) -> Start:
+    """`start` with what pre-flight reads of its directories on local disk: a local store's hard links
+    (nothing copied); of an object store's tar (S3Storage.dir_manifest gives the members' offsets), only
+    what preflight_part names, by byte ranges."""
+    if not storage.remote:
+        return materialize(storage, start, dest)
+    return materialize(storage, start, dest, lambda key, to: _fetch_parts(storage, key, to))
+
+
+def _fetch_parts(storage: Storage, key: str, dest: Path) -> Path:
+    tar_key = f"{key}.tar"
+    dest.mkdir(parents=True)
+    for member in storage.dir_manifest(key)["files"]:
+        if (part := preflight_part(member["name"])) is None:
+            continue
+        target = dest.joinpath(*key_parts(member["name"]))  # a name that climbs out of dest is refused
+        target.parent.mkdir(parents=True, exist_ok=True)
+        first, size = member["offset"], member["size"]
+        if part == "header" and size >= 8:  # an 8-byte little-endian length, then that much JSON
+            (length,) = struct.unpack("<Q", b"".join(storage.read_range(tar_key, first, first + 7)))
+            size = min(8 + length, size)
+        target.write_bytes(b"".join(storage.read_range(tar_key, first, first + size - 1)) if size else b"")
+    return dest
 
 
 def resolve(session: Session, principal: Principal, storage: Storage, model: str) -> Start:

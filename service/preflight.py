@@ -94,7 +94,7 @@ def _fetch_data(storage: Storage, spec: TrainingSpec, tmp: Path) -> dict[str, st
 def _fetch_start(session: Session, storage: Storage, job: Job, dest: Path) -> dict[str, str | None]:
     """The model (and LoRA adapter) of the checkpoint the job starts from, fetched under `dest`."""
     try:
-        start = parents.materialize(storage, parents.of_job(session, storage, job), dest)
+        start = parents.materialize_for_preflight(storage, parents.of_job(session, storage, job), dest)
     except FileNotFoundError:
         raise parents.ParentGone(f"the files of checkpoint {job.parent_checkpoint}, which the job starts from, are "
                                  "gone; start from another checkpoint", param="model") from None

@@ -34,6 +34,7 @@ log = logging.getLogger("dpo.storage")
 PART_SIZE = 16 << 20  # multipart threshold and part size: memory held per part in flight
 MAX_PARTS = 9000  # S3 allows 10,000 parts; a larger tar gets larger parts
 _MISSING = {"NoSuchKey", "NotFound", "404", "NoSuchUpload"}
+_PRESIGNED = {"GET": "get_object", "HEAD": "head_object"}  # the S3 operation a presigned URL serves
 
 
 class S3Storage:
@@ -109,8 +110,8 @@ class S3Storage:
             tmp.unlink(missing_ok=True)
         return dest
 
-    def presign(self, key: str, ttl_s: int, filename: str) -> str | None:
-        return self._presign(self._full(key), ttl_s, filename)
+    def presign(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
+        return self._presign(self._full(key), ttl_s, filename, method)
 
     def exists(self, key: str) -> bool:
         """An object, a published directory, or anything under `key/` (as a local directory would be)."""
@@ -128,7 +129,7 @@ class S3Storage:
 
     def size(self, key: str) -> int:
         """Bytes of the object, else of the files in the directory published at `key`, else of the objects
-        under `key/` (0 when nothing is there), as LocalStorage counts a file or a directory."""
+        under `key/`, as LocalStorage counts a file or a directory; FileNotFoundError when none is there."""
         full = self._full(key)
         head = self._head(full)
         if head is not None:
@@ -136,7 +137,10 @@ class S3Storage:
         try:
             return sum(f["size"] for f in self._manifest(key)["files"])
         except FileNotFoundError:
-            return sum(o["Size"] for o in self._objects(full + "/"))
+            sizes = [o["Size"] for o in self._objects(full + "/")]
+        if not sizes:
+            raise FileNotFoundError(errno.ENOENT, "not in the object store", self._where(key))
+        return sum(sizes)
 
     def list(self, prefix: str) -> Iterator[StoredObject]:
         """Every object under `prefix` ("" for all): published directories show as their .tar and .json."""
@@ -196,6 +200,11 @@ class S3Storage:
                 raise OSError(errno.EIO, f"{self._where(key)}: the tar does not hold what its manifest lists")
         return appear_whole(dest, extract)
 
+    def dir_manifest(self, key: str) -> dict:
+        """The manifest of the directory published at `key`: each file's name, size and data offset in
+        `<key>.tar`, so one file is read by a range (FileNotFoundError if none is published there)."""
+        return self._manifest(key)
+
     def dir_tar(self, key: str, arcname: str) -> TarDownload:
         """The stored tar itself: its size from the manifest, its bytes by ranged GETs (S3 serves Range)."""
         manifest = self._manifest(key)
@@ -205,8 +214,8 @@ class S3Storage:
         return TarDownload(manifest["size"], lambda start, end: _chunks(
             self._get(tar_key, f"bytes={start}-{end}"), self._where(tar_key), end - start + 1))
 
-    def presign_dir(self, key: str, ttl_s: int, filename: str) -> str | None:
-        return self._presign(f"{self._full(key)}.tar", ttl_s, filename)
+    def presign_dir(self, key: str, ttl_s: int, filename: str, method: str = "GET") -> str | None:
+        return self._presign(f"{self._full(key)}.tar", ttl_s, filename, method)
 
     def remove_partial(self, prefix: str) -> None:
         """Abort the multipart uploads in progress under `prefix` and delete the tars that have no manifest
@@ -369,10 +378,11 @@ class S3Storage:
                 raise OSError(errno.EIO, f"object store: could not delete s3://{self.bucket}/{errors[0]['Key']}: "
                               f"{errors[0].get('Code')} {errors[0].get('Message')}")
 
-    def _presign(self, full: str, ttl_s: int, filename: str) -> str:
+    def _presign(self, full: str, ttl_s: int, filename: str, method: str) -> str:
+        """A URL for `method` (GET or HEAD) only: S3 signs the method, so a GET's URL refuses a HEAD."""
         disposition = f"attachment; filename*=UTF-8''{quote(filename)}"
         return self.presign_client.generate_presigned_url(
-            "get_object", ExpiresIn=ttl_s,
+            _PRESIGNED[method], ExpiresIn=ttl_s,
             Params={"Bucket": self.bucket, "Key": full, "ResponseContentDisposition": disposition})
 
 

@@ -241,8 +241,13 @@ class JobRecorder(Callbacks):
         """The job's checkpoints in the store: key -> (step, bytes, the id it was published under)."""
         found = {}
         for key in self.storage.list_dirs(job_key(self.job_id)):
-            if match := _CHECKPOINT_KEY.search(key):
-                found[key] = (int(match.group(1)), self.storage.size(key), _published_id(self.storage, key))
+            if not (match := _CHECKPOINT_KEY.search(key)):
+                continue
+            try:
+                size = self.storage.size(key)
+            except FileNotFoundError:
+                continue  # pruned since the listing: as gone as one never listed
+            found[key] = (int(match.group(1)), size, _published_id(self.storage, key))
         return found
 
     def _sync_checkpoints(self, s: Session, published: dict[str, tuple[int, int, str | None]]) -> None:

@@ -2,7 +2,7 @@
 once the job has ended."""
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
@@ -16,6 +16,9 @@ from service.db.models import Checkpoint, is_id
 from service.errors import InvalidInput
 
 router = APIRouter(prefix="/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", tags=["fine-tuning jobs"])
+_CONTENT = {200: {"content": {"application/x-tar": {}}},
+            307: {"description": "with an object store: the presigned URL of the tar (Location)"},
+            **byte_ranges.RESPONSES}
 
 
 @router.get("", response_model=ListPublic[CheckpointPublic])
@@ -39,22 +42,22 @@ def retrieve_checkpoint(job: JobDep, checkpoint_id: str, session: SessionDep) ->
     return CheckpointPublic.of(checkpoints.load(session, job.id, checkpoint_id))
 
 
-@router.get("/{checkpoint_id}/content", response_class=StreamingResponse,
-            responses={200: {"content": {"application/x-tar": {}}},
-                       307: {"description": "with an object store: the presigned URL of the tar (Location)"},
-                       **byte_ranges.RESPONSES})
-def checkpoint_content(job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep,
+@router.head("/{checkpoint_id}/content", response_class=Response, responses=byte_ranges.head_responses(_CONTENT))
+@router.get("/{checkpoint_id}/content", response_class=StreamingResponse, responses=_CONTENT)
+def checkpoint_content(request: Request, job: JobDep, checkpoint_id: str, session: SessionDep, storage: StorageDep,
                        settings: SettingsDep, range_: RangeHeader = None, if_range: IfRangeHeader = None) -> Response:
     """A tar of the checkpoint directory (its entries under `<checkpoint id>/`), with its exact Content-Length;
     extracted, `transformers` loads it with from_pretrained. Only its regular files and directories: a
-    symbolic link in it is left out, never followed. With an object store, a redirect to a presigned URL."""
+    symbolic link in it is left out, never followed. With an object store, a redirect to a presigned URL.
+    HEAD answers the same status and headers without the body (its redirect is presigned for HEAD)."""
     ckpt = checkpoints.load(session, job.id, checkpoint_id)
-    if url := checkpoints.presigned(storage, settings, ckpt):
+    if url := checkpoints.presigned(storage, settings, ckpt, request.method):
         return RedirectResponse(url, status_code=307)
     tar = checkpoints.contents(storage, ckpt)
     with checkpoints.reading(ckpt):
         return byte_ranges.respond(tar.size, tar.read, range_, if_range, "application/x-tar",
-                                   {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'})
+                                   {"Content-Disposition": f'attachment; filename="{ckpt.id}.tar"'},
+                                   head=request.method == "HEAD")
 
 
 @router.post("/{checkpoint_id}/content/url", response_model=DownloadLinkPublic,

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Query, Response, UploadFile
+from fastapi import APIRouter, Form, Query, Request, Response, UploadFile
 from fastapi import File as FileField
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
@@ -29,6 +29,8 @@ from service.errors import InvalidInput, NotFound
 from service.requests import PRINTABLE
 
 router = APIRouter(prefix="/files", tags=["files"])
+_CONTENT = {307: {"description": "with an object store: the presigned URL of the bytes (Location)"},
+            **byte_ranges.RESPONSES}
 
 
 @router.post("", response_model=FilePublic)
@@ -70,18 +72,19 @@ def retrieve_file(file: FileDep) -> FilePublic:
     return FilePublic.of(file)
 
 
-@router.get("/{file_id}/content", response_class=StreamingResponse,
-            responses={307: {"description": "with an object store: the presigned URL of the bytes (Location)"},
-                       **byte_ranges.RESPONSES})
-def file_content(file: FileDep, storage: StorageDep, settings: SettingsDep, range_: RangeHeader = None,
-                 if_range: IfRangeHeader = None) -> Response:
-    """The file's bytes as uploaded: a redirect to the object store, or streamed (with Range requests)."""
-    if url := files.presigned(storage, settings, file):
+@router.head("/{file_id}/content", response_class=Response, responses=byte_ranges.head_responses(_CONTENT))
+@router.get("/{file_id}/content", response_class=StreamingResponse, responses=_CONTENT)
+def file_content(request: Request, file: FileDep, storage: StorageDep, settings: SettingsDep,
+                 range_: RangeHeader = None, if_range: IfRangeHeader = None) -> Response:
+    """The file's bytes as uploaded: a redirect to the object store, or streamed (with Range requests).
+    HEAD answers the same status and headers without the body (its redirect is presigned for HEAD)."""
+    if url := files.presigned(storage, settings, file, request.method):
         return RedirectResponse(url, status_code=307)
     size, read = files.contents(storage, file)
     with files.reading(file):
         return byte_ranges.respond(size, read, range_, if_range, "application/jsonl",
-                                   {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"})
+                                   {"Content-Disposition": f"attachment; filename*=UTF-8''{quote(file.filename)}"},
+                                   head=request.method == "HEAD")
 
 
 @router.post("/{file_id}/content/url", response_model=DownloadLinkPublic,

@@ -183,3 +183,49 @@ def test_dpo_jobs_download_follows_the_redirect_without_the_api_key(client, sett
     assert {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()} == FILES
     assert seen and all(str(r.url).startswith(settings.s3_endpoint_url) for r in seen)
     assert not any("authorization" in r.headers for r in seen)  # the API key stays with the API
+
+
+def _head_matches_get(client, url: str) -> None:
+    """HEAD answers GET's status and headers, ranges included, with no body."""
+    for headers in ({}, {"Range": "bytes=10-19"}, {"Range": "bytes=-5"}):
+        got, head = client.get(url, headers=headers), client.head(url, headers=headers)
+        assert head.status_code == got.status_code in (200, 206), headers
+        assert head.content == b""
+        assert dict(head.headers) == dict(got.headers), headers
+    size = int(client.get(url).headers["content-length"])
+    r = client.head(url, headers={"Range": f"bytes={size}-"})
+    assert (r.status_code, r.headers["content-range"]) == (416, f"bytes */{size}")
+
+
+def test_head_tells_a_file_download_s_size_and_ranges(client, task_files):
+    url = f"/v1/files/{upload(client, task_files[0])['id']}/content"
+    r = client.head(url)
+    assert r.status_code == 200 and r.content == b""
+    assert int(r.headers["content-length"]) == task_files[0].stat().st_size
+    assert r.headers["accept-ranges"] == "bytes" and "attachment" in r.headers["content-disposition"]
+    _head_matches_get(client, url)
+
+
+def test_head_tells_a_checkpoint_download_s_size_and_ranges(client, settings, checkpoint):
+    url = checkpoint["download_url"]
+    r = client.head(url)
+    assert (r.status_code, r.headers["content-type"]) == (200, "application/x-tar")
+    assert int(r.headers["content-length"]) == len(client.get(url).content)
+    _head_matches_get(client, url)
+    make_storage(settings).delete(f"jobs/{checkpoint['fine_tuning_job_id']}/checkpoint-1")
+    assert client.head(url).status_code == 404
+
+
+@pytest.mark.parametrize("settings", ["s3-presigned"], indirect=True)
+def test_head_with_an_object_store_redirects_to_a_url_presigned_for_head(client, settings, task_files, checkpoint):
+    file_id = upload(client, task_files[0])["id"]
+    for url in (f"/v1/files/{file_id}/content", checkpoint["download_url"]):
+        size = len(httpx.get(client.get(url, follow_redirects=False).headers["location"]).content)
+        r = client.head(url, follow_redirects=False)
+        assert r.status_code == 307, r.text
+        target = r.headers["location"]
+        head = httpx.head(target)  # no API key; S3 signs the method, so a GET's URL would refuse this
+        assert head.status_code == 200, head.headers
+        assert int(head.headers["content-length"]) == size and head.headers["accept-ranges"] == "bytes"
+        assert "attachment" in head.headers["content-disposition"]
+        assert httpx.get(target).status_code == 403  # and this URL serves HEAD only

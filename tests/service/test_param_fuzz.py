@@ -126,7 +126,8 @@ def test_a_hostile_parameter_gets_a_4xx_that_names_it(world, who, method, path, 
             return  # `..` makes it a DELETE of the parent (the job): a real deletion, not a hostile value
         r = _request(client, caller, method, path, name, where, value)
         assert r.status_code < 500, f"{method} {path} {name}={value[:60]!r}: {r.status_code} {r.text[:300]}"
-        if r.status_code in (400, 404) and _names_the_parameter(where, value):
+        # A HEAD answer has no body to name it in: its status is checked, its GET twin names it.
+        if r.status_code in (400, 404) and _names_the_parameter(where, value) and method != "HEAD":
             assert r.json()["error"]["param"] == name, f"{name}={value[:60]!r}: {r.text[:300]}"
 
     for killer in KILLERS:

@@ -118,9 +118,10 @@ def test_objects_round_trip(store):
         assert handle.read() == b"hello"
     assert b"".join(store.read_range("files/a.jsonl", 1, 3)) == b"ell"
     store.delete("files/a.jsonl")
-    assert not store.exists("files/a.jsonl") and store.size("files/a.jsonl") == 0
+    assert not store.exists("files/a.jsonl")
     store.delete("files/a.jsonl")  # deleting what is gone is no error
-    for call in (lambda: store.open("files/a.jsonl"), lambda: store.read_range("files/a.jsonl", 0, 1)):
+    for call in (lambda: store.open("files/a.jsonl"), lambda: store.read_range("files/a.jsonl", 0, 1),
+                 lambda: store.size("files/a.jsonl")):
         with pytest.raises(FileNotFoundError):
             call()
 
@@ -203,7 +204,9 @@ def test_publish_fetch_and_list_dirs(store, tmp_path):
     assert not (tmp_path / "other").exists()
     store.delete("jobs/j/checkpoint-10")
     assert not store.dir_exists("jobs/j/checkpoint-10") and store.list_dirs("jobs/j") == []
-    assert not store.exists("jobs/j/checkpoint-10") and store.size("jobs/j/checkpoint-10") == 0
+    assert not store.exists("jobs/j/checkpoint-10")
+    with pytest.raises(FileNotFoundError):
+        store.size("jobs/j/checkpoint-10")
     store.delete("jobs/j/tracking")  # no directory: its name's .json is another object, left alone
     assert [o.key for o in store.list("jobs/j")] == ["jobs/j/tracking.json"]
 
@@ -250,9 +253,18 @@ def test_fetch_dir_refuses_an_existing_destination(store, tmp_path):
         store.fetch_dir("jobs/j/checkpoint-1", tmp_path / "dest")
 
 
+@pytest.mark.parametrize("key", ["files/none.jsonl", "jobs/j", "jobs/j/checkpoint-1"])
+def test_both_stores_refuse_the_size_of_a_missing_key(store, key):
+    store.put_stream("jobs/other/metrics.jsonl", [b"x"])  # a neighbour's bytes count for no missing key
+    with pytest.raises(FileNotFoundError):
+        store.size(key)
+    store.put_stream(f"{key}/part", [b"abc"])  # anything under the key: a directory of it
+    assert store.size(key) == 3
+
+
 def test_an_empty_store_has_nothing(store):
     assert not store.dir_exists("jobs/j") and store.list_dirs("jobs") == [] and list(store.list("")) == []
-    assert not store.exists("jobs/j") and store.size("jobs/j") == 0
+    assert not store.exists("jobs/j")
     store.remove_partial("jobs/j")
     assert store.presign_dir("jobs/j/final", 60, "x.tar") is None or store.remote
 

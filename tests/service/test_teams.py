@@ -122,7 +122,7 @@ def test_every_v1_route_isolates_teams(client, settings, task_files):
         return client.request(method, url, headers=as_key(key), **kw)
 
     walked = walk(client.app, call, objects, a["key"], b["key"], b["id"])
-    assert walked == {OBJECT: 19, LIST: 3, CREATE: 4, OWN_VIEW: 2, ADMIN: 10}
+    assert walked == {OBJECT: 21, LIST: 3, CREATE: 4, OWN_VIEW: 2, ADMIN: 10}
     # The admin key sees A's objects on the same routes.
     assert client.get(f"/v1/fine_tuning/jobs/{objects.job_id}/checkpoints/{objects.checkpoint_id}").status_code == 200
 
@@ -137,7 +137,7 @@ def test_every_v1_route_refuses_an_unknown_or_revoked_key(client, settings, task
     def call(method, url, key, **kw):
         return client.request(method, url, headers=as_key(key), **kw)
 
-    assert walk_without_a_valid_key(client.app, call, objects, a["key"], gone["key"]) == 38
+    assert walk_without_a_valid_key(client.app, call, objects, a["key"], gone["key"]) == 40
 
 
 def _team_a_objects(client, settings, a: dict, task_files) -> TeamObjects:
