@@ -436,8 +436,8 @@ def download_result_files(tab: Page, job: dict, tmp_path: Path) -> None:
 
 
 def delete_the_job(tab: Page, service, job_id: str) -> None:
-    """Delete asks inline first (Keep leaves everything); confirmed, the jobs list says what went, and the
-    API lists the job with no checkpoints left."""
+    """Delete asks inline first (Keep leaves everything); confirmed, the jobs list says what went, the API
+    lists the job with no checkpoints left, and its page shows its files as deleted."""
     page = tab.page
     page.evaluate("window.scrollTo(0, 0)")
     page.click("#delete")
@@ -456,3 +456,7 @@ def delete_the_job(tab: Page, service, job_id: str) -> None:
     with service.client() as c:
         assert c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"] == []
         assert c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "succeeded"
+    tab.go(f"#/jobs/{job_id}")  # the job's page again: its files listed as deleted, no samples
+    expect(page.locator("[data-result-file]").first).to_contain_text("deleted")
+    expect(page.locator("#samples-list")).to_contain_text("deleted with the job's files")
+    assert page.locator("[data-download]").count() == 0

@@ -35,7 +35,7 @@ class JobPage {
     this.checkpoints = h("div", { id: "checkpoints" });
     this.results = h("div", { id: "result-files" });
     this.resultsShown = null;  // the result_files the panel lists, to load them again only when they change
-    this.samples = new SamplesPanel(jobId, signal);
+    this.samples = new SamplesPanel(jobId, signal, () => TERMINAL.includes(this.job?.status));
     this.samplesCard = card("Samples", this.samples.el);
     this.spec = h("pre", { class: "spec", id: "spec" });
   }

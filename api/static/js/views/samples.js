@@ -9,8 +9,9 @@ import { num } from "../format.js";
 const LATEST = "";
 
 export class SamplesPanel {
-  constructor(jobId, signal) {
-    Object.assign(this, { jobId, signal, loading: null, again: false });
+  /** `ended`: whether the job has ended (then no samples means none will come). */
+  constructor(jobId, signal, ended) {
+    Object.assign(this, { jobId, signal, ended, loading: null, again: false });
     this.picked = LATEST;  // a step the user chose stays shown; LATEST follows new sampling steps
     this.select = h("select", { id: "samples-step", "aria-label": "Sampling step",
                                 onchange: () => { this.picked = this.select.value; this.load(); } });
@@ -50,7 +51,9 @@ export class SamplesPanel {
       samples.steps.map((s) => h("option", { value: String(s), selected: String(s) === this.picked }, `step ${s}`)));
     fill(this.head, h("label", { class: "inline" }, "Step ", this.select), summaryLine(samples));
     if (samples.step === null) {
-      return fill(this.body, h("p", { class: "muted" }, "No samples yet: the reference's come at step 0."));
+      const why = this.ended() ? "None: the run made none, or they were deleted with the job's files."
+        : "None yet: the reference's come at step 0.";
+      return fill(this.body, h("p", { class: "muted" }, why));
     }
     fill(this.body, samples.data.map((p, i) => promptBlock(p, i, samples.step)));
   }
