@@ -115,6 +115,9 @@ class Reporting(Callbacks):
         self.inner.on_eval(metrics)
         self._each("on_eval", metrics)
 
+    def on_samples(self, step, records, summary):
+        self.inner.on_samples(step, records, summary)
+
     def on_checkpoint(self, step, path):
         self.inner.on_checkpoint(step, path)
 

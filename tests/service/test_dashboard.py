@@ -3,7 +3,8 @@ a real worker. A team signs in by pasting its key, uploads its data, checks the 
 error shows under its field; then the pre-flight report) and starts it through the form, watches the charts
 gain points while the job runs (its estimate beside the measured run once it ends), downloads a checkpoint
 (fetched with the key: the local store has no download link; test_dashboard_s3 downloads one from a store),
-and pauses, resumes and cancels a second job. Screenshots of each view go to the test's temporary directory;
+and pauses, resumes and cancels a second job (no Delete until it has ended). An ended job's view shows its
+samples, downloads its result files and deletes what it keeps after an inline confirm. Screenshots of each view go to the test's temporary directory;
 with DPO_UPDATE_SCREENSHOTS=1 the job view is also written to docs/dashboard.png (README).
 """
 from __future__ import annotations
@@ -266,6 +267,8 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     expect(page.locator("#actual")).to_contain_text(re.compile(r"\(([+-]\d+%|[\d.]+× the estimate)\) · .* peak \(rss\)"))
     assert int(page.get_attribute("[data-chart=loss]", "data-points")) == loss_points(service, job_id)
     page.wait_for_selector("[data-checkpoint] [data-download]")
+    assert page.locator("#samples").is_hidden()  # a spec without `samples` makes none
+    expect(page.locator("[data-result-file] [data-download]")).to_have_count(1)  # metrics.jsonl
     readme_shot = tab.shot("job")
     if os.environ.get("DPO_UPDATE_SCREENSHOTS") == "1":
         shutil.copyfile(readme_shot, REPO / "docs" / "dashboard.png")
@@ -299,6 +302,7 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     with service.client() as c:
         reason = c.get(f"/v1/fine_tuning/jobs/{waiting}").json()["queue_reason"]
     expect(page.locator(".summary")).to_contain_text(reason)  # why it waits, as the API says it
+    assert page.locator("#delete").count() == 0  # only an ended job's files can be deleted
     page.click("#pause")
     page.wait_for_selector("main h1 .badge-paused")
     tab.shot("paused")
@@ -343,10 +347,11 @@ def test_a_team_trains_watches_downloads_and_cancels_in_the_browser(service, tea
     tab.context.close()
 
 
-def test_the_job_view_marks_the_trainings_warnings_on_its_charts(service, team, browser, task_files, tiny_model,
-                                                                 tmp_path):
+def test_an_ended_jobs_view_warnings_samples_result_files_and_delete(service, team, browser, task_files, tiny_model,
+                                                                     tmp_path):
     """A learning rate far too high makes both rewards fall: the diagnostic's warning is listed in the job's
-    summary and drawn at its step on every chart."""
+    summary and drawn at its step on every chart. The same job's samples show reference beside policy at each
+    sampling step, its result files download, and Delete (after its inline confirm) removes what it keeps."""
     headers = {"Authorization": f"Bearer {team['key']}"}
     with service.client() as c:
         with task_files[0].open("rb") as f:
@@ -355,7 +360,8 @@ def test_the_job_view_marks_the_trainings_warnings_on_its_charts(service, team, 
         r = c.post("/v1/fine_tuning/jobs", headers=headers, json={
             "model": tiny_model, "training_file": file_id,
             "training": {"learning_rate": 5e-2, "micro_batch_size": 4, "max_length": 64, "max_prompt_length": 32,
-                         "logging_steps": 1, "max_steps": 12},
+                         "logging_steps": 1, "max_steps": 12, "report_to": ["tensorboard"],
+                         "samples": {"num_prompts": 2, "max_new_tokens": 8, "max_share": 1.0}},
             "method": {"type": "dpo", "dpo": {"hyperparameters": {"batch_size": 8}}}})
         assert r.status_code == 200, r.text
         job_id = r.json()["id"]
@@ -374,4 +380,83 @@ def test_the_job_view_marks_the_trainings_warnings_on_its_charts(service, team, 
     expect(charts.first).to_have_attribute("data-marks", str(len(job["warnings"])))
     assert charts.evaluate_all("cs => cs.map(c => c.dataset.marks)") == [str(len(job["warnings"]))] * charts.count()
     tab.shot("job-warnings")
-    assert tab.errors == []
+    show_samples(tab, service, job_id)
+    download_result_files(tab, job, tmp_path)
+    delete_the_job(tab, service, job_id)
+    assert tab.errors == [], tab.errors
+
+
+def show_samples(tab: Page, service, job_id: str) -> None:
+    """The latest sampling step's completions beside the reference's, as the API gives them, as text; step 0
+    picked from the selector shows the reference's on both sides."""
+    page = tab.page
+    with service.client() as c:
+        latest = c.get(f"/v1/fine_tuning/jobs/{job_id}/samples").json()
+    assert latest["steps"][0] == 0 and latest["step"] == latest["steps"][-1] > 0, latest["steps"]
+    expect(page.locator("#samples")).to_have_attribute("data-step", str(latest["step"]))
+    assert page.get_attribute("#samples", "data-steps") == ",".join(map(str, latest["steps"]))
+    blocks = page.locator("#samples-list .sample")
+    assert blocks.count() == len(latest["data"]) == 2
+    shown = blocks.evaluate_all("""bs => bs.map(b => [...b.querySelectorAll('pre')].map(p => p.textContent))""")
+    assert shown == [[p["prompt"], p["reference"]["text"], p["policy"]["text"]] for p in latest["data"]]
+    assert page.locator("#samples-list pre *").count() == 0  # model output never becomes markup
+    expect(page.locator("#samples-summary")).to_contain_text("mean length")
+    first = latest["data"][0]
+    expect(page.locator("#samples-list [data-prompt='0'] [data-who=policy] .k")).to_contain_text(
+        f"{first['policy']['tokens']} tokens")
+    page.locator("#samples").scroll_into_view_if_needed()
+    tab.shot("job-samples")
+    page.select_option("#samples-step", "0")
+    expect(page.locator("#samples")).to_have_attribute("data-step", "0")
+    policy = page.locator("#samples-list [data-who=policy] pre").all_text_contents()
+    assert policy == [p["reference"]["text"] for p in latest["data"]]
+
+
+def download_result_files(tab: Page, job: dict, tmp_path: Path) -> None:
+    """Each of the job's result files (metrics.jsonl, the TensorBoard tar) downloads from its button."""
+    page = tab.page
+    rows = page.locator("[data-result-file]")
+    expect(rows).to_have_count(len(job["result_files"]))
+    assert rows.evaluate_all("rs => rs.map(r => r.dataset.resultFile)") == job["result_files"]
+    saved = {}
+    for file_id in job["result_files"]:
+        with page.expect_download() as download:
+            page.click(f"[data-result-file={file_id}] [data-download]")
+        expect(page.locator(f"[data-result-file={file_id}] [data-download]")).to_have_attribute("data-via", "fetched")
+        name = download.value.suggested_filename
+        download.value.save_as(tmp_path / name)
+        saved[name.removeprefix(job["id"] + "-")] = tmp_path / name
+    page.locator("#result-files").scroll_into_view_if_needed()
+    tab.shot("job-result-files")
+    assert sorted(saved) == ["metrics.jsonl", "tensorboard.tar"], sorted(saved)
+    records = [json.loads(line) for line in saved["metrics.jsonl"].read_text().splitlines()]
+    assert max(r["step"] for r in records if "loss" in r) == job["progress"]["step"]
+    with tarfile.open(saved["tensorboard.tar"]) as tar:
+        assert any(n.startswith("tensorboard/") and "tfevents" in n for n in tar.getnames())
+
+
+def delete_the_job(tab: Page, service, job_id: str) -> None:
+    """Delete asks inline first (Keep leaves everything); confirmed, the jobs list says what went, the API
+    lists the job with no checkpoints left, and its page shows its files as deleted."""
+    page = tab.page
+    page.evaluate("window.scrollTo(0, 0)")
+    page.click("#delete")
+    expect(page.locator("#delete-confirm-text")).to_contain_text("result files")
+    tab.shot("job-delete-confirm")
+    page.click("#delete-keep")
+    expect(page.locator("#delete")).to_be_visible()
+    with service.client() as c:
+        assert c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
+    page.click("#delete")
+    page.click("#delete-confirm")
+    page.wait_for_url(re.compile(r"#/jobs$"))
+    expect(page.locator("#notice")).to_contain_text(job_id)
+    page.wait_for_selector(f"#jobs-list tr[data-job='{job_id}']")  # still listed, with its usage
+    tab.shot("jobs-after-delete")
+    with service.client() as c:
+        assert c.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"] == []
+        assert c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["status"] == "succeeded"
+    tab.go(f"#/jobs/{job_id}")  # the job's page again: its files listed as deleted, no samples
+    expect(page.locator("[data-result-file]").first).to_contain_text("deleted")
+    expect(page.locator("#samples-list")).to_contain_text("deleted with the job's files")
+    assert page.locator("[data-download]").count() == 0

@@ -2,7 +2,7 @@
 an API and a worker whose store is a real S3 server (SeaweedFS), a bucket with no CORS rule. The job page's
 Download asks the API for a download link and lets the browser save the presigned URL's answer: the tar
 arrives whole (the same bytes as the content route serves), the page stays on the job, and neither the API
-key nor a script's fetch ever reaches the store. A screenshot of the job view goes to the test's temporary
+key nor a script's fetch ever reaches the store. The job's result file (metrics.jsonl) downloads the same way. A screenshot of the job view goes to the test's temporary
 directory.
 """
 from __future__ import annotations
@@ -97,6 +97,7 @@ def test_a_checkpoint_downloads_from_the_store_through_the_job_page(service, fin
     expect(button).to_have_text("Download started")
     assert page.url.endswith(f"#/jobs/{job_id}")  # the page stayed on the job
     tab.shot("job-s3-download")
+    download_the_result_file(tab, service, job_id, s3_server, tmp_path)
 
     asked = [u for u in tab.requested if u.endswith(f"{content}/url")]
     assert len(asked) == 1, tab.requested
@@ -104,3 +105,20 @@ def test_a_checkpoint_downloads_from_the_store_through_the_job_page(service, fin
     assert not [u for u in tab.requested if team["key"] in u]
     assert tab.errors == [], tab.errors
     tab.context.close()
+
+
+def download_the_result_file(tab: Page, service, job_id: str, s3_server, tmp_path) -> None:
+    """The result file's Download saves the store's presigned URL too: the bytes its content route sends to."""
+    with service.client() as c:
+        (file_id,) = c.get(f"/v1/fine_tuning/jobs/{job_id}").json()["result_files"]
+        redirect = c.get(f"/v1/files/{file_id}/content")
+        assert redirect.status_code == 307, redirect.text
+        served = httpx.get(redirect.headers["location"], timeout=60).content
+    button = tab.page.locator(f"[data-result-file={file_id}] [data-download]")
+    with tab.page.expect_download() as download:
+        button.click()
+    assert download.value.url.startswith(s3_server.endpoint + "/")
+    download.value.save_as(tmp_path / "metrics.jsonl")
+    assert (tmp_path / "metrics.jsonl").read_bytes() == served and served.startswith(b"{")
+    expect(button).to_have_attribute("data-via", "link")
+    assert not [u for u in tab.requested if u.endswith(f"/v1/files/{file_id}/content")]

@@ -50,3 +50,15 @@ export function table(columns, rows, { empty = "Nothing here yet.", rowAttrs } =
 export function card(title, ...children) {
   return h("section", { class: "card" }, title ? h("h2", {}, title) : null, ...children);
 }
+
+let notice = null;
+
+/** A message for the next view to show once (a job's deletion, shown on the jobs list it returns to). */
+export function leaveNotice(text) { notice = text; }
+
+/** The message left for this view, as a notice element, or null; it is shown once. */
+export function takeNotice() {
+  const text = notice;
+  notice = null;
+  return text ? h("div", { class: "notice", role: "status", id: "notice" }, text) : null;
+}

@@ -1,12 +1,14 @@
 // #/jobs/ID: one job. Status and spec (with the estimate beside the measured run), live metric charts and the
-// events tail (both fed by the job's event stream), its checkpoints with downloads, cancel, and pause or resume.
+// events tail (both fed by the job's event stream), its samples (reference beside policy), its checkpoints and
+// result files with downloads, cancel, pause or resume, and, once it has ended, deleting what it keeps.
 
 import { api, download, listAll } from "../api.js";
 import { JOB_CHARTS, MetricChart, MetricStore } from "../charts.js";
-import { badge, card, errorBox, fill, h, table } from "../dom.js";
+import { badge, card, errorBox, fill, h, leaveNotice, table } from "../dom.js";
 import { bytes, dateTime, duration, jobDuration, num, TERMINAL } from "../format.js";
 import { followEvents } from "../sse.js";
 import { estimateItems } from "./preflight.js";
+import { SamplesPanel } from "./samples.js";
 import { dump } from "../../vendor/js-yaml/js-yaml.esm.min.js";
 
 const POLL_MS = 2000;
@@ -31,6 +33,10 @@ class JobPage {
     this.eventsBody = h("tbody");
     this.showMetrics = h("input", { type: "checkbox", checked: true, onchange: () => this.filterEvents() });
     this.checkpoints = h("div", { id: "checkpoints" });
+    this.results = h("div", { id: "result-files" });
+    this.resultsShown = null;  // the result_files the panel lists, to load them again only when they change
+    this.samples = new SamplesPanel(jobId, signal, () => TERMINAL.includes(this.job?.status));
+    this.samplesCard = card("Samples", this.samples.el);
     this.spec = h("pre", { class: "spec", id: "spec" });
   }
 
@@ -58,10 +64,14 @@ class JobPage {
       h("div", { class: "columns" },
         card("Events", h("label", { class: "inline" }, this.showMetrics, " show metrics records"),
           h("div", { class: "scroll" }, tail)),
-        h("div", {}, card("Checkpoints", this.checkpoints), card("Spec", this.spec))));
+        h("div", {}, card("Checkpoints", this.checkpoints), card("Result files", this.results),
+          card("Spec", this.spec))));
+    this.samplesCard.hidden = !this.job.training?.samples;  // only a spec with `samples` makes any
+    this.main.insertBefore(this.samplesCard, this.main.querySelector(".columns"));
     this.render();
     this.charts.forEach((c) => c.update(this.store));  // empty axes until the first record
     this.loadCheckpoints();
+    if (!this.samplesCard.hidden) this.samples.load();
   }
 
   async refresh() {
@@ -83,8 +93,10 @@ class JobPage {
     cancel.disabled = job.cancel_requested;
     fill(this.head, h("div", {}, h("a", { href: "#/jobs", class: "muted" }, "← Jobs"),
       h("h1", {}, h("span", { class: "mono" }, job.id), " ", badge(job.status))),
-    h("div", { class: "actions" }, this.pauseButton(job), TERMINAL.includes(job.status) ? null : cancel));
+    h("div", { class: "actions", id: "job-actions" }, this.pauseButton(job),
+      TERMINAL.includes(job.status) ? this.deleteButton() : cancel));
     fill(this.summary, summaryItems(job));
+    if (this.results.isConnected) this.showResultFiles(job.result_files || []);
     this.charts.forEach((c) => c.finished(TERMINAL.includes(job.status)));
     (job.warnings || []).forEach((w) => this.mark(w));
     const spec = dump(job.training || {}, { lineWidth: 100 });
@@ -119,6 +131,31 @@ class JobPage {
     return this.act(button, "cancel");
   }
 
+  /** Delete (an ended job's checkpoints, result files, events, samples): asks again inline before it does. */
+  deleteButton() {
+    const actions = () => this.head.querySelector("#job-actions");
+    const ask = h("button", { type: "button", class: "danger", id: "delete", onclick: () => fill(actions(),
+      h("span", { class: "confirm-text", id: "delete-confirm-text" },
+        "Delete its checkpoints, final model, result files, events and samples? The job stays listed with its usage."),
+      h("button", { type: "button", class: "secondary", id: "delete-keep", onclick: () => this.render() }, "Keep"),
+      h("button", { type: "button", class: "danger", id: "delete-confirm", onclick: (e) => this.remove(e.target) },
+        "Delete")) }, "Delete job");
+    return ask;
+  }
+
+  async remove(button) {
+    button.disabled = true;
+    try {
+      await api(`/v1/fine_tuning/jobs/${encodeURIComponent(this.jobId)}`, { method: "DELETE" });
+      leaveNotice(`Deleted what job ${this.jobId} kept (checkpoints, final model, result files, events, samples); `
+                  + "it stays listed with its usage.");
+      location.hash = "#/jobs";
+    } catch (err) {
+      this.render();
+      this.summary.prepend(errorBox(err));
+    }
+  }
+
   onEvent(event) {
     if (event.type === "metrics" && event.data) {
       this.store.add(event.data);
@@ -130,6 +167,10 @@ class JobPage {
     if (event.level === "warn" && code && typeof event.data.step === "number") this.mark(event.data);
     if (code === "checkpoint_saved" || (status && TERMINAL.includes(status))) this.soon("checkpoints", () => this.loadCheckpoints());
     if (status) this.soon("job", () => this.refresh());
+    // A sampling step's record (recorder.on_samples), or the end (its last samples are in by then).
+    if (!this.samplesCard.hidden && (event.data?.["samples/length"] !== undefined || (status && TERMINAL.includes(status)))) {
+      this.soon("samples", () => this.samples.load());
+    }
   }
 
   /** Mark a warning ({code, step}) on the charts, once per code and step. */
@@ -190,33 +231,54 @@ class JobPage {
         { title: "Loss", cell: (c) => num(c.metrics?.loss) },
         { title: "Created", cell: (c) => dateTime(c.created_at) },
         { title: "Size", class: "right", cell: (c) => bytes(c.bytes) },
-        { title: "", class: "right", cell: (c) => this.downloadButton(c) },
+        { title: "", class: "right", cell: (c) => downloadButton(c.download_url, `${c.id}.tar`, c.id) },
       ], items, { empty: "No checkpoint yet.", rowAttrs: (c) => ({ dataset: { checkpoint: c.id } }) }));
     } catch (err) {
       fill(this.checkpoints, errorBox(err));
     }
   }
 
-  downloadButton(ckpt) {
-    const button = h("button", { type: "button", class: "secondary small", dataset: { download: ckpt.id },
-                                 onclick: async () => {
-      button.disabled = true;
-      try {
-        const how = await download(ckpt.download_url, `${ckpt.id}.tar`, (got, total) => {
-          button.textContent = total ? `${Math.floor((100 * got) / total)}%` : `${bytes(got)}…`;
-        });
-        // A link is saved by the browser's own downloads, which show its progress.
-        button.textContent = how === "link" ? "Download started" : "Downloaded";
-        button.dataset.via = how;
-      } catch (err) {
-        button.textContent = "Download failed";
-        button.title = err.message;
-      } finally {
-        button.disabled = false;
-      }
-    } }, "Download");
-    return button;
+  /** The job's result_files (file ids, written when it succeeds) by name, format and size, to download. */
+  async showResultFiles(ids) {
+    const key = ids.join(",");
+    if (key === this.resultsShown) return;
+    this.resultsShown = key;
+    if (!ids.length) {
+      const why = TERMINAL.includes(this.job.status) ? "None: a job that succeeds writes them." : "None yet: written when the job succeeds.";
+      return fill(this.results, h("p", { class: "muted" }, why));
+    }
+    const files = await Promise.all(ids.map((id) => api(`/v1/files/${encodeURIComponent(id)}`).catch((err) => ({ id, err }))));
+    if (this.signal.aborted || this.resultsShown !== key) return;
+    fill(this.results, table([
+      { title: "File", cell: (f) => (f.err ? h("span", { class: "mono muted" }, f.id) : h("span", { class: "mono" }, f.filename)) },
+      { title: "Format", cell: (f) => f.format || "" },
+      { title: "Size", class: "right", cell: (f) => bytes(f.bytes) },
+      { title: "", class: "right", cell: (f) => (f.err ? h("span", { class: "muted", title: f.err.message }, f.err.status === 404 ? "deleted" : "unavailable")
+        : downloadButton(`/v1/files/${encodeURIComponent(f.id)}/content`, f.filename, f.id)) },
+    ], files, { rowAttrs: (f) => ({ dataset: { resultFile: f.id } }) }));
   }
+}
+
+/** A Download button for a content route (`path`), saved as `filename`, showing its progress. */
+function downloadButton(path, filename, id) {
+  const button = h("button", { type: "button", class: "secondary small", dataset: { download: id },
+                               onclick: async () => {
+    button.disabled = true;
+    try {
+      const how = await download(path, filename, (got, total) => {
+        button.textContent = total ? `${Math.floor((100 * got) / total)}%` : `${bytes(got)}…`;
+      });
+      // A link is saved by the browser's own downloads, which show its progress.
+      button.textContent = how === "link" ? "Download started" : "Downloaded";
+      button.dataset.via = how;
+    } catch (err) {
+      button.textContent = "Download failed";
+      button.title = err.message;
+    } finally {
+      button.disabled = false;
+    }
+  } }, "Download");
+  return button;
 }
 
 function summaryItems(job) {

@@ -1,7 +1,7 @@
 // #/jobs: the team's jobs (the admin's: every team's), newest first, refreshed every few seconds.
 
 import { listAll } from "../api.js";
-import { badge, card, errorBox, fill, h, table } from "../dom.js";
+import { badge, card, errorBox, fill, h, table, takeNotice } from "../dom.js";
 import { ago, dateTime, jobDuration, modelName } from "../format.js";
 
 const STATUSES = ["queued", "running", "paused", "succeeded", "failed", "cancelled"];
@@ -17,7 +17,7 @@ export function jobsView(main, [status]) {
     "Show more");
   fill(main, h("div", { class: "page-head" }, h("h1", {}, "Jobs"),
     h("div", { class: "actions" }, filter, h("a", { class: "button primary", href: "#/new" }, "New job"))),
-  card(null, list, more));
+  takeNotice(), card(null, list, more));
 
   async function load() {
     clearTimeout(timer);

@@ -313,7 +313,10 @@ class FilePicker {
 
   setFiles(files) {
     const chosen = this.select.value;
-    fill(this.select, this.select.options[0], files.map((f) => option(f)));
+    // A file uploaded while the list was on its way is not in it: its option stays (and stays chosen).
+    const listed = new Set(files.map((f) => f.id));
+    const uploaded = [...this.select.options].slice(1).filter((o) => !listed.has(o.value));
+    fill(this.select, this.select.options[0], files.map((f) => option(f)), uploaded);
     this.select.value = chosen;
   }
 
