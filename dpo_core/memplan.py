@@ -3,8 +3,9 @@
 The budget is spec.max_memory, else 90% of the device (`device_budget`). The bytes of a choice come from
 dpo_core.estimate.micro_batch_memory, the model pre-flight shows too. The rule (`plan`):
 
-1. The run must fit the budget, and recompute as little as it can: the fewest checkpointed layers first,
-   then the largest micro batch at that count.
+1. The run must fit the budget (its predicted peak within PLAN_PERCENT of it: `room`),
+   and recompute as little as it can: the fewest checkpointed layers first, then the largest micro batch
+   at that count.
 2. But a micro batch is not cut below what keeps the device busy (`busy_rows`: on CUDA about BUSY_TOKENS
    tokens, or the whole batch when it is smaller; on a CPU one row) while checkpointing more layers would
    keep it there: a GPU running half-empty matrices loses more than the recompute (a third of a forward
@@ -31,6 +32,11 @@ from dpo_core.estimate import GIB, ModelFacts, micro_batch_memory, shape_of_repo
 from dpo_core.spec import TrainingSpec
 
 BUDGET_SHARE = 0.9  # of the device's memory, when max_memory is not set
+# The plan's predicted peak stays within this share of the budget. The rest is headroom for what the memory
+# model does not count (the allocator's fragmentation and caching, kernels' temporary buffers, the Python
+# heap): a CPU run's peak RSS has come out up to 10% above its prediction. In percent, so that the share
+# of a budget is exact integer arithmetic.
+PLAN_PERCENT = 90
 BUSY_TOKENS = 8192  # tokens of a micro batch that keep a GPU's matrix units busy (rows x padded width)
 
 
@@ -106,18 +112,23 @@ def plan(spec: TrainingSpec, facts: ModelFacts, device: str, budget: int, worklo
     def made(rows: int, k: int) -> MemoryPlan:
         return MemoryPlan(rows, k, facts.layers, cost(rows, k), budget, rows * workload.tokens_per_row)
 
-    busy = busy_rows(device, workload, most)
+    busy, room = busy_rows(device, workload, most), room_bytes(budget)
     for k in layers:  # rules 1 and 2: the fewest layers that keep a busy micro batch
-        rows = _largest([r for r in sizes if r >= busy], lambda r: cost(r, k) <= budget)
+        rows = _largest([r for r in sizes if r >= busy], lambda r: cost(r, k) <= room)
         if rows is not None:
             return made(rows, k)
     # Rule 3: the largest micro batch any layer count fits, at the fewest layers (max keeps the first of ties).
-    found = [(rows, -k) for k in layers if (rows := _largest(sizes, lambda r: cost(r, k) <= budget))]
+    found = [(rows, -k) for k in layers if (rows := _largest(sizes, lambda r: cost(r, k) <= room))]
     if found:
         rows, k = max(found)
         return made(rows, -k)
     least = min((made(sizes[-1], k) for k in layers), key=lambda p: p.predicted_bytes)
     raise TrainingError(_nothing_fits(spec, least, device), code="memory_budget")
+
+
+def room_bytes(budget: int) -> int:
+    """What a plan's predicted peak may take of `budget`: PLAN_PERCENT of it."""
+    return budget * PLAN_PERCENT // 100
 
 
 def _largest(sizes: list[int], fits) -> int | None:
@@ -150,7 +161,8 @@ def _nothing_fits(spec: TrainingSpec, least: MemoryPlan, device: str) -> str:
     return (f"the run does not fit its memory budget: micro batch {least.micro_batch} with "
             f"{least.checkpointed_layers} of {least.layers} layers checkpointed{given} needs about "
             f"{least.predicted_bytes / GIB:.2f} GiB ({least.predicted_bytes:,} bytes), over the "
-            f"{least.budget_bytes / GIB:.2f} GiB ({least.budget_bytes:,} bytes) budget; "
+            f"{PLAN_PERCENT}% of the {least.budget_bytes / GIB:.2f} GiB ({least.budget_bytes:,} bytes) budget that a "
+            "plan may fill; "
             + "; or ".join(changes))
 
 

@@ -29,19 +29,26 @@ def _spec(**fields) -> TrainingSpec:
     return TrainingSpec(model="m", train_file="t.jsonl", batch_size=8, logprob_chunk_size=1000, **fields)
 
 
-def _plan(device: str, budget: int, **fields) -> tuple[int, int]:
+def _budget(room: int) -> int:
+    """The smallest budget whose share a plan may fill (memplan.room_bytes) is `room`."""
+    return -(-room * 100 // memplan.PLAN_PERCENT)
+
+
+def _plan(device: str, room: int, **fields) -> tuple[int, int]:
+    budget = _budget(room)
+    assert memplan.room_bytes(budget) == room and memplan.room_bytes(budget - 1) < room
     got = memplan.plan(_spec(**fields), FACTS, device, budget, ROW)
-    assert got.predicted_bytes <= budget
+    assert got.predicted_bytes <= room
     return got.micro_batch, got.checkpointed_layers
 
 
 def test_the_worked_bytes_are_the_estimates():
     every = memplan.plan(_spec(gradient_checkpointing=True, micro_batch_size=2), FACTS, "cpu", 10**12, ROW)
     assert every.predicted_bytes == FIXED["cpu"] + 2 * PER_ROW[4]
-    for k in (0, 1, 2, 3):  # a budget made for 8 rows at k layers is met exactly, at k
-        budget = FIXED["cuda"] + 8 * PER_ROW[k]
-        got = memplan.plan(_spec(), FACTS, "cuda", budget, ROW)
-        assert (got.checkpointed_layers, got.predicted_bytes, got.tokens_per_micro_batch) == (k, budget, 8000)
+    for k in (0, 1, 2, 3):  # room made for 8 rows at k layers is filled exactly, at k
+        room = FIXED["cuda"] + 8 * PER_ROW[k]
+        got = memplan.plan(_spec(), FACTS, "cuda", _budget(room), ROW)
+        assert (got.checkpointed_layers, got.predicted_bytes, got.tokens_per_micro_batch) == (k, room, 8000)
 
 
 def test_a_run_that_fits_keeps_every_activation_and_the_whole_batch():
