@@ -7,7 +7,7 @@ The data at each length are bench_trainer's, with prompt and completion lengths 
 so a step at 2048 holds about four times the tokens of a step at 512. Each length trains in its own
 process and the processes take their steps in turn (see bench_trainer.py for how time, tokens and
 memory are measured). Memory is
-given as the whole process's peak (ru_maxrss) and as the part above the resident size at the first step
+given as the whole process's peak (VmHWM) and as the part above the resident size at the first step
 (the model, its reference copy and the imports are there already; what is added is per-step working memory).
 """
 from __future__ import annotations

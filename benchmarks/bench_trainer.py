@@ -7,7 +7,7 @@
 Both contenders train the bench-20m Llama (32k vocabulary) on the same pairs, in the same order, with the
 same batch size (no accumulation), max_length, learning rate, beta, steps and precision; everything else
 is each trainer's default (TRL's DPOConfig turns gradient checkpointing on; --checkpointing-rows adds
-each with the other's setting). Every contender is a fresh process, so peak resident memory (ru_maxrss)
+each with the other's setting). Every contender is a fresh process, so peak resident memory (VmHWM)
 belongs to one contender. By default the processes of a round are alive together and take their steps
 in turn (TRL step 1, ours step 1, ..., TRL step 2, ...), so load from other users of the machine falls on
 all of them alike; --sequential runs them one after another instead. Tokens are the non-padding tokens of

@@ -5,7 +5,7 @@
 The job names the contender ("trl" or "dpo_core"), the model, the data file (already in training
 order) and the shared hyperparameters. The process trains, then prints one line `RESULT <json>`:
 how long each optimizer step took (wall clock and process CPU time), the loss of each step, the
-seconds spent precomputing reference log-probs, and resident memory (ru_maxrss: the peak over the
+seconds spent precomputing reference log-probs, and resident memory (VmHWM: the peak over the
 whole process, model loading included). Only the steps are timed, so loading is left out; tokens
 are counted by the caller, from the data.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -233,6 +232,12 @@ def run_dpo_core(job: Job, clock: Clock) -> None:
     train(spec, Timer())
 
 
+def _peak_rss() -> int:
+    """This process's own peak RSS: VmHWM, as ru_maxrss carries the benchmark process's peak over the exec."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def main() -> None:
     job = Job(**json.loads(sys.argv[1]))
     import torch
@@ -245,7 +250,7 @@ def main() -> None:
         contender=job.contender,
         threads=torch.get_num_threads(),
         rss_after_imports=rss_after_imports,
-        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux reports KiB
+        peak_rss=_peak_rss(),
         peak_gpu=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0,
         code=sys.modules["dpo_core"].__file__ if "dpo_core" in sys.modules else sys.modules["trl"].__file__,
     )

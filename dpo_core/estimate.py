@@ -465,7 +465,17 @@ def seconds(plan: dict, calibration: list[dict], device: str, gpu_type: str | No
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """This process's peak resident memory: Linux's VmHWM, the high-water mark of this program's own memory.
+    Not ru_maxrss there: it carries over an exec, so a process started by a larger one (a worker's training
+    process, a test's child) would report its parent's peak when that is higher. Elsewhere ru_maxrss
+    (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

@@ -90,15 +90,17 @@ def test_a_planned_run_checkpoints_layers_and_gives_the_same_losses(tiny_model, 
     assert "1 of 2 layers checkpointed" in message and data["checkpointed_layers"] == 1
 
 
-# A training process on one thread: prints its plan and its peak RSS (ru_maxrss, KiB on Linux).
+# A training process on one thread: prints its plan and its own peak RSS (VmHWM: ru_maxrss would carry the
+# pytest process's peak over the exec).
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 torch.set_num_threads(1)
 import dpo_core
+from dpo_core.estimate import peak_rss_bytes
 from dpo_core.spec import TrainingSpec
 result = dpo_core.train(TrainingSpec.model_validate_json(sys.argv[1]))
-print(json.dumps({"plan": result.memory_plan, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"plan": result.memory_plan, "rss": peak_rss_bytes()}))
 """
 
 
