@@ -34,8 +34,8 @@ from dpo_core.spec import TrainingSpec
 BUDGET_SHARE = 0.9  # of the device's memory, when max_memory is not set
 # The plan's predicted peak stays within this share of the budget. The rest is headroom for what the memory
 # model does not count (the allocator's fragmentation and caching, kernels' temporary buffers, the Python
-# heap): a CPU run's peak RSS has come out up to 10% above its prediction. In percent, so that the share
-# of a budget is exact integer arithmetic.
+# heap): the estimate has come out up to 5% below a CPU run's peak RSS (docs/performance.md, Estimates
+# against runs). In percent, so that the share of a budget is exact integer arithmetic.
 PLAN_PERCENT = 90
 BUSY_TOKENS = 8192  # tokens of a micro batch that keep a GPU's matrix units busy (rows x padded width)
 
