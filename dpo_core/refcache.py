@@ -78,7 +78,21 @@ def _fingerprint(directory: Path) -> list:
 
     paths = sorted(p for p in directory.iterdir() if p.is_file())
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        return [[p.name, digest] for p, digest in zip(paths, pool.map(_file_sha256, paths))]
+        return [[p.name, digest] for p, digest in zip(paths, pool.map(_known_sha256, paths))]
+
+
+# sha256 of files this process has hashed, by (path, inode, size, mtime_ns, ctime_ns): a service worker
+# keys the cache before a run and the run keys it again, and a model's weights are read once. A file
+# written again, or a new file in its place, changes its ctime_ns.
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _known_sha256(path: Path) -> str:
+    info = path.stat()
+    ident = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    if ident not in _DIGESTS:
+        _DIGESTS[ident] = _file_sha256(path)
+    return _DIGESTS[ident]
 
 
 def _file_sha256(path: str | Path) -> str:
